@@ -1,0 +1,37 @@
+// Row kernels behind linear(): one stored row against up to kMaxBatch activation rows,
+// and the transposed accumulate. A scalar version (kernels.cpp side) and an AVX-512 one
+// (linear_avx512.cpp), chosen at run time. Internal to backend/cpu.
+#pragma once
+#include <cstdint>
+#include <string>
+
+namespace dsv3::cpu {
+
+constexpr int kMaxBatch = 8;
+
+// acc[j] += sum_k w[k] * x[j * ldx + k] for j < nb, k < len.  w in BF16 / FP8 codes.
+// FP8 results are in units of the code's value (caller multiplies by the block scale).
+using RowDotFn = void (*)(const void* w, const float* x, int64_t ldx, int nb, int64_t len, float* acc);
+// y[k] += a * w[k] for k < len.
+using AxpyFn = void (*)(float a, const void* w, float* y, int64_t len);
+// out[k] = w[k] as float (FP8: the code's value, unscaled).
+using ConvertFn = void (*)(const void* w, float* out, int64_t len);
+
+struct RowKernels {
+  RowDotFn dot_bf16, dot_fp8;
+  AxpyFn axpy_bf16, axpy_fp8;
+  ConvertFn convert_bf16, convert_fp8;
+  const char* name;
+};
+
+const RowKernels& scalar_kernels();
+bool avx512_available();
+const RowKernels& avx512_kernels();  // only valid if avx512_available()
+const RowKernels& active_kernels();
+
+// C[m, n] (ldc) (+)= A[m, k] * op(B) with op(B) = B^T ([n, k], ldb) if trans_b, else B ([k, n]).
+void sgemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb,
+           bool trans_b, float* c, int64_t ldc, bool accumulate = false);
+std::string blas_info();
+
+}  // namespace dsv3::cpu

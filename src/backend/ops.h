@@ -1,0 +1,52 @@
+// The operations the model calls. This header is the seam between model math and the
+// machine: the model never sees BLAS, SIMD or threads. Implemented in backend/cpu/.
+// Depends on core only.
+#pragma once
+#include <cstdint>
+#include <string>
+
+#include "core/dtype.h"
+
+namespace dsv3 {
+
+constexpr int64_t kFp8Block = 128;  // DeepSeek-V3 weight_block_size [128, 128]
+
+// A weight matrix as stored, [rows = out_features, cols = in_features], row-major, in its
+// checkpoint dtype (F32, BF16, F16 or F8_E4M3). FP8 carries scale_inv (float32,
+// [ceil(rows/128), ceil(cols/128)]): W[i, j] = e4m3(code[i, j]) * scale_inv[i/128, j/128].
+struct Mat {
+  DType dtype = DType::f32;
+  int64_t rows = 0, cols = 0;
+  const uint8_t* data = nullptr;     // points at stored row `row0`
+  const float* scale_inv = nullptr;  // the whole matrix's scales (FP8 only)
+  int64_t row0 = 0;                  // first stored row of this view (selects scale rows)
+  int64_t scale_cols = 0;            // ceil(stored cols / 128)
+
+  Mat row_slice(int64_t first, int64_t count) const;  // rows [first, first + count)
+  size_t row_bytes() const { return size_t(cols) * dtype_size(dtype); }
+  size_t bytes() const { return row_bytes() * size_t(rows); }
+};
+
+// y[n, w.rows] = x[n, w.cols] * W^T   (a Linear layer; y overwritten)
+void linear(const float* x, int64_t n, const Mat& w, float* y);
+// y[n, w.cols] = x[n, w.rows] * W     (the transposed product; y overwritten)
+void linear_t(const float* x, int64_t n, const Mat& w, float* y);
+// The scalar double-precision twins of linear / linear_t: the numerical reference.
+void linear_reference(const float* x, int64_t n, const Mat& w, float* y);
+void linear_t_reference(const float* x, int64_t n, const Mat& w, float* y);
+// W[first .. first+count) as float32 [count, cols].
+void dequantize_rows(const Mat& w, int64_t first, int64_t count, float* out);
+
+// out[i] = x[i] / sqrt(mean(x[i]^2) + eps) * weight, for n rows of dim (out may alias x).
+void rmsnorm(const float* x, int64_t n, int64_t dim, const float* weight, float eps, float* out);
+// Numerically stable softmax of one row in place.
+void softmax(float* x, int64_t n);
+// gate[i] = silu(gate[i]) * up[i]  (SwiGLU, §2 of the DeepSeek-V3 report uses SiLU gates)
+void silu_mul(float* gate, const float* up, int64_t n);
+// out[i, :] = table[ids[i], :] as float32.
+void embedding(const Mat& table, const int32_t* ids, int64_t n, float* out);
+
+// A one-line description of the CPU kernels in use (SIMD level, BLAS core, threads).
+std::string backend_info();
+
+}  // namespace dsv3

@@ -1,0 +1,13 @@
+// The dsv3 subcommands; each registers its flags and its action on the CLI11 app.
+#pragma once
+
+namespace CLI {
+class App;
+}
+
+namespace dsv3::cli {
+
+void add_generate(CLI::App& app);
+void add_logits(CLI::App& app);
+
+}  // namespace dsv3::cli

@@ -1,0 +1,26 @@
+// dsv3: train, run and serve DeepSeek-V3-architecture models. Subcommands live in
+// cmd_*.cpp; this file parses and reports errors (exit 1 with "dsv3: error: ...").
+#include <CLI/CLI.hpp>
+#include <cstdio>
+
+#include "cli/commands.h"
+#include "core/error.h"
+
+int main(int argc, char** argv) {
+  CLI::App app{"dsv3: a C++ engine for DeepSeek-V3-architecture models"};
+  app.require_subcommand(1);
+  dsv3::cli::add_generate(app);
+  dsv3::cli::add_logits(app);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e);
+  } catch (const dsv3::Error& e) {
+    std::fprintf(stderr, "dsv3: error: %s\n", e.what());
+    return 1;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "dsv3: internal error: %s\n", e.what());
+    return 2;
+  }
+  return 0;
+}

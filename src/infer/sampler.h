@@ -1,0 +1,29 @@
+// Picks the next token from logits: greedy (temperature 0), or temperature with top-k and
+// top-p (nucleus) filtering, from a seeded generator so runs repeat. Uses core only.
+#pragma once
+#include <cstdint>
+#include <random>
+#include <utility>
+#include <vector>
+
+namespace dsv3 {
+
+struct SamplingParams {
+  float temperature = 0.0f;  // 0: greedy (argmax; lowest id on ties)
+  int64_t top_k = 0;         // 0: no limit
+  float top_p = 1.0f;        // 1: no limit
+  uint64_t seed = 0;
+};
+
+class Sampler {
+ public:
+  explicit Sampler(const SamplingParams& p);  // throws Error on out-of-range parameters
+  int32_t sample(const float* logits, int64_t vocab);  // throws Error on non-finite logits
+
+ private:
+  SamplingParams p_;
+  std::mt19937_64 rng_;
+  std::vector<std::pair<float, int32_t>> candidates_;
+};
+
+}  // namespace dsv3

@@ -1,0 +1,24 @@
+// Decoupled RoPE for MLA (§2.1.1) with YaRN frequency correction (§4.3, arXiv 2309.00071).
+// Uses core only.
+#pragma once
+#include <cstdint>
+#include <vector>
+
+#include "model/config.h"
+
+namespace dsv3 {
+
+struct Rope {
+  std::vector<float> inv_freq;  // (qk_rope_head_dim / 2), float32 as in DeepSeek's code
+  float cos_sin_scale = 1;      // YaRN mscale(factor, mscale) / mscale(factor, mscale_all_dim)
+
+  static Rope from_config(const ModelConfig& c);
+  // Rotates consecutive pairs (x[2i], x[2i+1]) of x (qk_rope_head_dim values) to position pos.
+  void apply(float* x, int64_t pos) const;
+};
+
+// The attention softmax scale: 1/sqrt(qk_head_dim), times mscale(factor, mscale_all_dim)^2
+// under YaRN.
+float softmax_scale(const ModelConfig& c);
+
+}  // namespace dsv3

@@ -1,0 +1,18 @@
+// The DeepSeekMoE router (§2.1.2): affinities s = sigmoid(u W_g^T) (V3) or softmax (V2);
+// top-k experts chosen on s + b, where the bias b (e_score_correction_bias, moved by the
+// auxiliary-loss-free balancing rule) only selects; optionally limited to the topk_group
+// best of n_group expert groups; gate weights are the chosen s, normalised if
+// norm_topk_prob, times routed_scaling_factor. Uses core only.
+#pragma once
+#include <cstdint>
+
+#include "model/config.h"
+
+namespace dsv3 {
+
+// logits: [n, n_routed_experts] = u W_g^T; bias: n_routed_experts values or nullptr.
+// Writes expert ids [n, k] (best first) and their gate weights [n, k].
+void route(const ModelConfig& c, const float* logits, int64_t n, const float* bias, int32_t* experts,
+           float* weights);
+
+}  // namespace dsv3

@@ -1,0 +1,71 @@
+// The model's forward pass (see transformer.h).
+#include "model/transformer.h"
+
+#include <cstring>
+
+#include "backend/ops.h"
+#include "core/error.h"
+
+namespace dsv3 {
+
+KvCache::KvCache(const ModelConfig& c, int64_t capacity) : capacity_(capacity) {
+  latent_.resize(size_t(c.num_hidden_layers));
+  k_pe_.resize(size_t(c.num_hidden_layers));
+  for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
+    latent_[size_t(i)].resize(size_t(capacity * c.kv_lora_rank));
+    k_pe_[size_t(i)].resize(size_t(capacity * c.qk_rope_head_dim));
+  }
+}
+
+size_t KvCache::bytes() const {
+  size_t b = 0;
+  for (size_t i = 0; i < latent_.size(); ++i) b += (latent_[i].size() + k_pe_[i].size()) * sizeof(float);
+  return b;
+}
+
+Transformer::Transformer(const std::string& dir)
+    : config_(ModelConfig::load(dir + "/config.json")),
+      checkpoint_(std::make_unique<Checkpoint>(dir)),
+      weights_(load_weights(config_, *checkpoint_)),
+      rope_(Rope::from_config(config_)) {}
+
+void Transformer::forward(const int32_t* tokens, int64_t n, KvCache& cache, float* logits, bool all_rows,
+                          ForwardTrace* trace) {
+  const ModelConfig& c = config_;
+  const int64_t dim = c.hidden_size, start = cache.length();
+  if (n <= 0) fail("forward: no tokens");
+  if (start + n > cache.capacity())
+    fail("context full: ", start + n, " positions needed, the KV cache holds ", cache.capacity());
+  for (int64_t i = 0; i < n; ++i)
+    if (tokens[i] < 0 || tokens[i] >= c.vocab_size)
+      fail("token id ", tokens[i], " at index ", i, " is out of range [0, ", c.vocab_size, ")");
+  arena_.reset();
+  const MlaContext mla{c, rope_, softmax_scale(c), attn_form};
+
+  float* h = arena_.alloc(size_t(n * dim));     // the residual stream
+  float* xn = arena_.alloc(size_t(n * dim));    // its normalised copy
+  float* delta = arena_.alloc(size_t(n * dim));  // a sub-layer's output
+  embedding(weights_.embed_tokens, tokens, n, h);
+  if (trace) trace->layer_out.clear();
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+    const LayerWeights& w = weights_.layers[size_t(l)];
+    rmsnorm(h, n, dim, w.input_layernorm.data(), c.rms_norm_eps, xn);
+    mla_forward(mla, w.self_attn, xn, n, start, cache.layer(l), arena_, delta);
+    for (int64_t i = 0; i < n * dim; ++i) h[i] += delta[i];
+    rmsnorm(h, n, dim, w.post_attention_layernorm.data(), c.rms_norm_eps, xn);
+    if (w.is_moe) moe_forward(c, w.moe, xn, n, arena_, delta, trace ? &trace->routing[l] : nullptr);
+    else mlp_forward(w.mlp, xn, n, arena_, delta);
+    for (int64_t i = 0; i < n * dim; ++i) h[i] += delta[i];
+    if (trace) trace->layer_out.emplace_back(h, h + n * dim);
+  }
+  cache.advance(n);
+  rmsnorm(h, n, dim, weights_.norm.data(), c.rms_norm_eps, xn);
+  if (trace) {
+    trace->prenorm_hidden.assign(h, h + n * dim);
+    trace->hidden.assign(xn, xn + n * dim);
+  }
+  if (all_rows) linear(xn, n, weights_.lm_head, logits);
+  else linear(xn + (n - 1) * dim, 1, weights_.lm_head, logits);
+}
+
+}  // namespace dsv3

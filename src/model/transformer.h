@@ -1,0 +1,64 @@
+// The DeepSeek-V3 model: embedding, decoder blocks (x += MLA(norm(x)); x += FFN(norm(x))),
+// final norm and output head, over a latent KV cache. Loads a Hugging Face checkpoint
+// folder. Uses backend, io and the other model files.
+#pragma once
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/arena.h"
+#include "io/checkpoint.h"
+#include "model/mla.h"
+#include "model/moe.h"
+#include "model/rope.h"
+#include "model/weights.h"
+
+namespace dsv3 {
+
+// Per layer, per position: kv_lora_rank + qk_rope_head_dim floats (MLA's compressed cache).
+class KvCache {
+ public:
+  KvCache(const ModelConfig& c, int64_t capacity);
+  int64_t capacity() const { return capacity_; }
+  int64_t length() const { return length_; }  // positions filled
+  void clear() { length_ = 0; }
+  LayerKvCache layer(int64_t i) { return {latent_[size_t(i)].data(), k_pe_[size_t(i)].data()}; }
+  void advance(int64_t n) { length_ += n; }
+  size_t bytes() const;
+
+ private:
+  int64_t capacity_ = 0, length_ = 0;
+  std::vector<std::vector<float>> latent_, k_pe_;
+};
+
+// Intermediate results of one forward pass, for parity tests against the goldens.
+struct ForwardTrace {
+  std::vector<std::vector<float>> layer_out;  // residual stream after each layer [n, hidden]
+  std::vector<float> prenorm_hidden, hidden;  // before / after model.norm [n, hidden]
+  std::map<int64_t, Routing> routing;         // per MoE layer
+};
+
+class Transformer {
+ public:
+  explicit Transformer(const std::string& model_dir);  // throws Error naming the file at fault
+
+  const ModelConfig& config() const { return config_; }
+  const ModelWeights& weights() const { return weights_; }
+  AttnForm attn_form = AttnForm::absorbed;
+
+  // Runs tokens[0..n) at positions cache.length() .. +n, appending to the cache. Writes
+  // float32 logits [n, vocab] if all_rows, else only the last position's [vocab].
+  void forward(const int32_t* tokens, int64_t n, KvCache& cache, float* logits, bool all_rows,
+               ForwardTrace* trace = nullptr);
+
+ private:
+  ModelConfig config_;
+  std::unique_ptr<Checkpoint> checkpoint_;  // owns the mapped files the weights point into
+  ModelWeights weights_;
+  Rope rope_;
+  Arena arena_;
+};
+
+}  // namespace dsv3

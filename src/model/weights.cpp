@@ -1,0 +1,160 @@
+// The tensor list and the loader (see weights.h).
+#include "model/weights.h"
+
+#include <cmath>
+#include <cstring>
+#include <set>
+
+#include "core/error.h"
+#include "io/checkpoint.h"
+
+namespace dsv3 {
+
+namespace {
+
+struct Lister {
+  const ModelConfig& c;
+  const std::function<void(const TensorSlot&)>& fn;
+
+  void mat(const std::string& name, Mat& m, int64_t rows, int64_t cols, bool quantizable) {
+    fn(TensorSlot{name, {rows, cols}, &m, nullptr, quantizable});
+  }
+  void vec(const std::string& name, Vec& v, int64_t n) { fn(TensorSlot{name, {n}, nullptr, &v, false}); }
+
+  void mlp(const std::string& p, MlpWeights& w, int64_t inter) {
+    mat(p + "gate_proj.weight", w.gate_proj, inter, c.hidden_size, true);
+    mat(p + "up_proj.weight", w.up_proj, inter, c.hidden_size, true);
+    mat(p + "down_proj.weight", w.down_proj, c.hidden_size, inter, true);
+  }
+
+  void layer(const std::string& p, int64_t index, LayerWeights& w) {
+    const int64_t h = c.num_attention_heads;
+    vec(p + "input_layernorm.weight", w.input_layernorm, c.hidden_size);
+    const std::string a = p + "self_attn.";
+    if (c.q_lora_rank > 0) {
+      mat(a + "q_a_proj.weight", w.self_attn.q_a_proj, c.q_lora_rank, c.hidden_size, true);
+      vec(a + "q_a_layernorm.weight", w.self_attn.q_a_layernorm, c.q_lora_rank);
+      mat(a + "q_b_proj.weight", w.self_attn.q_b_proj, h * c.qk_head_dim(), c.q_lora_rank, true);
+    } else {
+      mat(a + "q_proj.weight", w.self_attn.q_proj, h * c.qk_head_dim(), c.hidden_size, true);
+    }
+    mat(a + "kv_a_proj_with_mqa.weight", w.self_attn.kv_a_proj_with_mqa, c.kv_lora_rank + c.qk_rope_head_dim,
+        c.hidden_size, true);
+    vec(a + "kv_a_layernorm.weight", w.self_attn.kv_a_layernorm, c.kv_lora_rank);
+    mat(a + "kv_b_proj.weight", w.self_attn.kv_b_proj, h * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank, true);
+    mat(a + "o_proj.weight", w.self_attn.o_proj, c.hidden_size, h * c.v_head_dim, true);
+    vec(p + "post_attention_layernorm.weight", w.post_attention_layernorm, c.hidden_size);
+    w.is_moe = c.is_moe_layer(index);
+    if (!w.is_moe) {
+      mlp(p + "mlp.", w.mlp, c.intermediate_size);
+      return;
+    }
+    mat(p + "mlp.gate.weight", w.moe.gate, c.n_routed_experts, c.hidden_size, false);
+    if (c.topk_method == TopkMethod::noaux_tc)
+      vec(p + "mlp.gate.e_score_correction_bias", w.moe.e_score_correction_bias, c.n_routed_experts);
+    w.moe.experts.resize(size_t(c.n_routed_experts));
+    for (int64_t e = 0; e < c.n_routed_experts; ++e)
+      mlp(p + "mlp.experts." + std::to_string(e) + ".", w.moe.experts[size_t(e)], c.moe_intermediate_size);
+    if (c.n_shared_experts > 0)
+      mlp(p + "mlp.shared_experts.", w.moe.shared_experts, c.n_shared_experts * c.moe_intermediate_size);
+  }
+};
+
+}  // namespace
+
+void for_each_tensor(const ModelConfig& c, ModelWeights& w, const std::function<void(const TensorSlot&)>& fn) {
+  Lister l{c, fn};
+  w.layers.resize(size_t(c.num_hidden_layers));
+  w.mtp.resize(size_t(c.num_nextn_predict_layers));
+  l.mat("model.embed_tokens.weight", w.embed_tokens, c.vocab_size, c.hidden_size, false);
+  for (int64_t i = 0; i < c.num_hidden_layers; ++i)
+    l.layer("model.layers." + std::to_string(i) + ".", i, w.layers[size_t(i)]);
+  l.vec("model.norm.weight", w.norm, c.hidden_size);
+  if (!c.tie_word_embeddings) l.mat("lm_head.weight", w.lm_head, c.vocab_size, c.hidden_size, false);
+  for (int64_t k = 0; k < c.num_nextn_predict_layers; ++k) {
+    const int64_t index = c.num_hidden_layers + k;
+    const std::string p = "model.layers." + std::to_string(index) + ".";
+    MtpWeights& m = w.mtp[size_t(k)];
+    l.mat(p + "embed_tokens.weight", m.embed_tokens, c.vocab_size, c.hidden_size, false);
+    l.vec(p + "enorm.weight", m.enorm, c.hidden_size);
+    l.vec(p + "hnorm.weight", m.hnorm, c.hidden_size);
+    l.mat(p + "eh_proj.weight", m.eh_proj, c.hidden_size, 2 * c.hidden_size, false);
+    l.layer(p, index, m.block);
+    l.vec(p + "shared_head.norm.weight", m.shared_head_norm, c.hidden_size);
+    l.mat(p + "shared_head.head.weight", m.shared_head_head, c.vocab_size, c.hidden_size, false);
+  }
+}
+
+namespace {
+
+float element_as_float(const TensorView& v, int64_t i) {
+  uint16_t h;
+  switch (v.dtype) {
+    case DType::f32: {
+      float f;
+      std::memcpy(&f, v.data + 4 * i, 4);
+      return f;
+    }
+    case DType::bf16: std::memcpy(&h, v.data + 2 * i, 2); return bf16_to_f32(h);
+    case DType::f16: std::memcpy(&h, v.data + 2 * i, 2); return f16_to_f32(h);
+    default: return NAN;
+  }
+}
+
+}  // namespace
+
+ModelWeights load_weights(const ModelConfig& c, const Checkpoint& ckpt) {
+  ModelWeights w;
+  std::set<std::string> used;
+  // Every scale is copied into w.fp8_scales; reserve so the Mats' pointers stay valid.
+  w.fp8_scales.reserve(ckpt.names().size());
+  for_each_tensor(c, w, [&](const TensorSlot& s) {
+    const TensorView* v = ckpt.find(s.name);
+    if (!v) fail(ckpt.dir(), ": tensor ", s.name, " is missing");
+    const std::string where = cat(ckpt.file_of(s.name), ": tensor ", s.name);
+    if (v->shape != s.shape)
+      fail(where, ": shape ", shape_str(v->shape), " but config.json implies ", shape_str(s.shape));
+    used.insert(s.name);
+    if (s.vec) {
+      if (v->dtype != DType::f32 && v->dtype != DType::bf16 && v->dtype != DType::f16)
+        fail(where, ": dtype ", dtype_name(v->dtype), " is not supported for this tensor (F32, BF16, F16)");
+      s.vec->resize(size_t(v->numel()));
+      for (int64_t i = 0; i < v->numel(); ++i) (*s.vec)[size_t(i)] = element_as_float(*v, i);
+      return;
+    }
+    Mat& m = *s.mat;
+    m = Mat{v->dtype, s.shape[0], s.shape[1], v->data, nullptr, 0, 0};
+    if (v->dtype == DType::f8_e4m3) {
+      if (!s.fp8_quantizable) fail(where, ": F8_E4M3 is not expected for this tensor (stored in BF16 in DeepSeek-V3)");
+      if (!c.fp8_weights) fail(where, ": is F8_E4M3 but config.json has no fp8 quantization_config");
+      const std::string sname = s.name + "_scale_inv";
+      const TensorView* sv = ckpt.find(sname);
+      if (!sv) fail(ckpt.dir(), ": tensor ", sname, " is missing (FP8 weight ", s.name, " needs it)");
+      const std::string swhere = cat(ckpt.file_of(sname), ": tensor ", sname);
+      const std::vector<int64_t> sshape = {(s.shape[0] + kFp8Block - 1) / kFp8Block,
+                                           (s.shape[1] + kFp8Block - 1) / kFp8Block};
+      if (sv->shape != sshape) fail(swhere, ": shape ", shape_str(sv->shape), " but ", s.name, " needs ", shape_str(sshape));
+      if (sv->dtype != DType::f32) fail(swhere, ": dtype ", dtype_name(sv->dtype), ", expected F32");
+      Vec scales(size_t(sv->numel()));
+      for (int64_t i = 0; i < sv->numel(); ++i) {
+        scales[size_t(i)] = element_as_float(*sv, i);
+        if (!std::isfinite(scales[size_t(i)]) || scales[size_t(i)] <= 0)
+          fail(swhere, ": block ", i / sshape[1], ",", i % sshape[1], " has scale ", scales[size_t(i)],
+               "; scales must be finite and positive");
+      }
+      w.fp8_scales.push_back(std::move(scales));
+      m.scale_inv = w.fp8_scales.back().data();
+      m.scale_cols = sshape[1];
+      used.insert(sname);
+    } else if (v->dtype != DType::bf16 && v->dtype != DType::f32 && v->dtype != DType::f16) {
+      fail(where, ": dtype ", dtype_name(v->dtype), " is not supported (F32, BF16, F16, F8_E4M3)");
+    }
+  });
+  if (c.tie_word_embeddings) w.lm_head = w.embed_tokens;
+  for (const std::string& name : ckpt.names())
+    if (!used.count(name))
+      fail(ckpt.file_of(name), ": unexpected tensor ", name, " (not part of the model config.json describes)");
+  return w;
+}
+
+}  // namespace dsv3
