@@ -78,8 +78,11 @@ SafetensorsHeader parse_safetensors(const uint8_t* data, size_t size, const std:
     uint64_t numel = 1;
     for (const json& d : *sh) {
       v.shape.push_back(checked_dim(d, what, name));
-      numel *= uint64_t(v.shape.back());
-      if (numel > (1ull << 50)) fail(what, ": tensor ", name, ": shape ", shape_str(v.shape), " is too large");
+      const uint64_t dim = uint64_t(v.shape.back());
+      // Checked before multiplying: numel * dim could wrap around 2^64 (to 0, say).
+      if (dim != 0 && numel > (1ull << 50) / dim)
+        fail(what, ": tensor ", name, ": shape ", shape_str(v.shape), " is too large");
+      numel *= dim;
     }
     const uint64_t begin = (*off)[0].get<uint64_t>(), end = (*off)[1].get<uint64_t>();
     if (begin > end) fail(what, ": tensor ", name, ": data_offsets [", begin, ", ", end, "] are reversed");
@@ -93,7 +96,7 @@ SafetensorsHeader parse_safetensors(const uint8_t* data, size_t size, const std:
     v.data = base + begin;
     v.nbytes = size_t(expect);
     auto [pos, inserted] = out.tensors.emplace(name, std::move(v));
-    spans.push_back({begin, end, &pos->first});
+    if (begin != end) spans.push_back({begin, end, &pos->first});  // empty tensors overlap nothing
   }
   std::sort(spans.begin(), spans.end(), [](const Span& a, const Span& b) { return a.begin < b.begin; });
   for (size_t i = 1; i < spans.size(); ++i)

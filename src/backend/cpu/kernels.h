@@ -9,9 +9,10 @@ namespace dsv3::cpu {
 
 constexpr int kMaxBatch = 8;
 
-// acc[j] += sum_k w[k] * x[j * ldx + k] for j < nb, k < len.  w in BF16 / FP8 codes.
-// FP8 results are in units of the code's value (caller multiplies by the block scale).
-using RowDotFn = void (*)(const void* w, const float* x, int64_t ldx, int nb, int64_t len, float* acc);
+// acc[j] += sum_k W[k] * x[j * ldx + k] for j < nb, k < len, with W one stored row:
+// BF16 values, or FP8 codes times scales[k / 128] (the row's 128-column block scales).
+using RowDotFn = void (*)(const void* w, const float* scales, const float* x, int64_t ldx, int nb, int64_t len,
+                          float* acc);
 // y[k] += a * w[k] for k < len.
 using AxpyFn = void (*)(float a, const void* w, float* y, int64_t len);
 // out[k] = w[k] as float (FP8: the code's value, unscaled).

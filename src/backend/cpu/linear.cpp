@@ -43,7 +43,7 @@ inline float load_bf16(const uint8_t* p, int64_t k) {
   return bf16_to_f32(h);
 }
 
-void dot_bf16_scalar(const void* wv, const float* x, int64_t ldx, int nb, int64_t len, float* acc) {
+void dot_bf16_scalar(const void* wv, const float*, const float* x, int64_t ldx, int nb, int64_t len, float* acc) {
   const uint8_t* w = static_cast<const uint8_t*>(wv);
   for (int j = 0; j < nb; ++j) {
     float s = 0;
@@ -51,12 +51,17 @@ void dot_bf16_scalar(const void* wv, const float* x, int64_t ldx, int nb, int64_
     acc[j] += s;
   }
 }
-void dot_fp8_scalar(const void* wv, const float* x, int64_t ldx, int nb, int64_t len, float* acc) {
+void dot_fp8_scalar(const void* wv, const float* scales, const float* x, int64_t ldx, int nb, int64_t len,
+                    float* acc) {
   const uint8_t* w = static_cast<const uint8_t*>(wv);
   for (int j = 0; j < nb; ++j) {
-    float s = 0;
-    for (int64_t k = 0; k < len; ++k) s += fp8_table[w[k]] * x[j * ldx + k];
-    acc[j] += s;
+    float total = 0;
+    for (int64_t c0 = 0; c0 < len; c0 += kFp8Block) {
+      float s = 0;
+      for (int64_t k = c0; k < std::min(len, c0 + kFp8Block); ++k) s += fp8_table[w[k]] * x[j * ldx + k];
+      total += s * scales[c0 / kFp8Block];
+    }
+    acc[j] += total;
   }
 }
 void axpy_bf16_scalar(float a, const void* wv, float* y, int64_t len) {
@@ -138,14 +143,9 @@ void row_dot(const cpu::RowKernels& k, const Mat& w, int64_t r, const float* x, 
   const uint8_t* row = w.data + size_t(r) * w.row_bytes();
   for (int j = 0; j < nb; ++j) acc[j] = 0;
   switch (w.dtype) {
-    case DType::bf16: k.dot_bf16(row, x, w.cols, nb, w.cols, acc); return;
+    case DType::bf16: k.dot_bf16(row, nullptr, x, w.cols, nb, w.cols, acc); return;
     case DType::f8_e4m3:
-      for (int64_t b = 0, c0 = 0; c0 < w.cols; ++b, c0 += kFp8Block) {
-        float part[kMaxBatch] = {};
-        k.dot_fp8(row + c0, x + c0, w.cols, nb, std::min(kFp8Block, w.cols - c0), part);
-        const float s = scale_at(w, r, b);
-        for (int j = 0; j < nb; ++j) acc[j] += part[j] * s;
-      }
+      k.dot_fp8(row, w.scale_inv + ((w.row0 + r) / kFp8Block) * w.scale_cols, x, w.cols, nb, w.cols, acc);
       return;
     default:
       for (int j = 0; j < nb; ++j) {

@@ -6,6 +6,8 @@
 // decode 16 codes. NaN codes (0x7f/0xff) are not special-cased: checkpoints have none.
 #include <immintrin.h>
 
+#include <algorithm>
+
 #include "backend/cpu/kernels.h"
 
 #define DSV3_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,f16c,fma")))
@@ -48,34 +50,76 @@ DSV3_AVX512 inline __m512 load_w_masked(const uint8_t* w, int64_t k, __mmask16 m
   else return load_bf16_masked(reinterpret_cast<const uint16_t*>(w) + k, m);
 }
 
-template <int NB, bool kFp8>
-DSV3_AVX512 inline void dot_rows(const uint8_t* w, const float* x, int64_t ldx, int64_t len, float* acc) {
+template <int NB>
+DSV3_AVX512 inline void dot_rows_bf16(const uint8_t* w, const float* x, int64_t ldx, int64_t len, float* acc) {
   __m512 s[NB];
   for (int j = 0; j < NB; ++j) s[j] = _mm512_setzero_ps();
   int64_t k = 0;
   for (; k + 16 <= len; k += 16) {
-    __m512 wv = load_w<kFp8>(w, k);
+    __m512 wv = load_w<false>(w, k);
     for (int j = 0; j < NB; ++j) s[j] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + j * ldx + k), s[j]);
   }
   if (k < len) {
     __mmask16 m = __mmask16((1u << (len - k)) - 1);
-    __m512 wv = load_w_masked<kFp8>(w, k, m);
+    __m512 wv = load_w_masked<false>(w, k, m);
     for (int j = 0; j < NB; ++j) s[j] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(m, x + j * ldx + k), s[j]);
   }
-  const float unit = kFp8 ? 256.0f : 1.0f;
-  for (int j = 0; j < NB; ++j) acc[j] += _mm512_reduce_add_ps(s[j]) * unit;
+  for (int j = 0; j < NB; ++j) acc[j] += _mm512_reduce_add_ps(s[j]);
+}
+
+// FP8: 32 codes per step decoded in 16-bit lanes, fp16 = (c + (c & 0x80)) << 7, i.e. the
+// sign moves to bit 15 and the magnitude to bits 14..7; each 128-column block's partial
+// sums stay in vectors and are scaled once, so no horizontal sum per block.
+template <int NB>
+DSV3_AVX512 inline void dot_rows_fp8(const uint8_t* w, const float* scales, const float* x, int64_t ldx,
+                                     int64_t len, float* acc) {
+  __m512 total[NB];
+  for (int j = 0; j < NB; ++j) total[j] = _mm512_setzero_ps();
+  const __m512i sign = _mm512_set1_epi16(0x80);
+  for (int64_t c0 = 0; c0 < len; c0 += 128) {
+    const int64_t end = std::min<int64_t>(len, c0 + 128);
+    __m512 part[NB];
+    for (int j = 0; j < NB; ++j) part[j] = _mm512_setzero_ps();
+    int64_t k = c0;
+    for (; k + 32 <= end; k += 32) {
+      __m512i c = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k)));
+      __m512i h = _mm512_slli_epi16(_mm512_add_epi16(c, _mm512_and_si512(c, sign)), 7);
+      __m512 lo = _mm512_cvtph_ps(_mm512_castsi512_si256(h));
+      __m512 hi = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(h, 1));
+      for (int j = 0; j < NB; ++j) {
+        part[j] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(x + j * ldx + k), part[j]);
+        part[j] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(x + j * ldx + k + 16), part[j]);
+      }
+    }
+    for (; k < end; k += 16) {
+      const int64_t left = std::min<int64_t>(16, end - k);
+      __mmask16 m = __mmask16((1u << left) - 1);
+      __m512 wv = load_fp8_masked(w + k, m);
+      for (int j = 0; j < NB; ++j) part[j] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(m, x + j * ldx + k), part[j]);
+    }
+    const __m512 scale = _mm512_set1_ps(scales[c0 / 128] * 256.0f);
+    for (int j = 0; j < NB; ++j) total[j] = _mm512_fmadd_ps(part[j], scale, total[j]);
+  }
+  for (int j = 0; j < NB; ++j) acc[j] += _mm512_reduce_add_ps(total[j]);
 }
 
 template <bool kFp8>
-DSV3_AVX512 void dot(const void* wv, const float* x, int64_t ldx, int nb, int64_t len, float* acc) {
+DSV3_AVX512 void dot(const void* wv, const float* scales, const float* x, int64_t ldx, int nb, int64_t len,
+                     float* acc) {
   const uint8_t* w = static_cast<const uint8_t*>(wv);
   while (nb > 0) {  // batches of up to 4 activation rows keep the accumulators in registers
     int b = nb >= 4 ? 4 : nb;
     switch (b) {
-      case 4: dot_rows<4, kFp8>(w, x, ldx, len, acc); break;
-      case 3: dot_rows<3, kFp8>(w, x, ldx, len, acc); break;
-      case 2: dot_rows<2, kFp8>(w, x, ldx, len, acc); break;
-      default: dot_rows<1, kFp8>(w, x, ldx, len, acc); break;
+#define DSV3_CASE(B)                                                              \
+  case B:                                                                         \
+    if constexpr (kFp8) dot_rows_fp8<B>(w, scales, x, ldx, len, acc);             \
+    else dot_rows_bf16<B>(w, x, ldx, len, acc);                                   \
+    break;
+      DSV3_CASE(4)
+      DSV3_CASE(3)
+      DSV3_CASE(2)
+      DSV3_CASE(1)
+#undef DSV3_CASE
     }
     x += b * ldx;
     acc += b;

@@ -1,0 +1,217 @@
+// Decode speed against the machine's memory bandwidth, for BF16 and FP8 weights.
+// Builds a random ~0.5B-parameter DeepSeek-V3-shaped checkpoint (MLA, 1 dense + MoE
+// layers with 1 shared and 4-of-32 routed experts) in both formats, measures the read
+// bandwidth of this machine in the same run, and prints decode tok/s, the weight bytes
+// read per decoded token, and the achieved weight bandwidth as a fraction of the
+// measured one. FP8 checkpoints keep embeddings, lm_head, norms and the router in BF16,
+// as DeepSeek-V3's do, so the FP8/BF16 speedup should equal the ratio of bytes read.
+//   bench_decode [--tokens N] [--dir DIR]
+#include <immintrin.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include "infer/generate.h"
+#include "io/safetensors.h"
+#include "model/transformer.h"
+
+namespace fs = std::filesystem;
+using namespace dsv3;
+
+namespace {
+
+const char* kConfig = R"({
+  "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
+  "vocab_size": 32000, "hidden_size": 1536, "intermediate_size": 4096, "moe_intermediate_size": 512,
+  "num_hidden_layers": 6, "num_attention_heads": 12, "num_key_value_heads": 12,
+  "q_lora_rank": 384, "kv_lora_rank": 256, "qk_nope_head_dim": 64, "qk_rope_head_dim": 32, "v_head_dim": 64,
+  "n_routed_experts": 32, "n_shared_experts": 1, "num_experts_per_tok": 4, "first_k_dense_replace": 1,
+  "moe_layer_freq": 1, "n_group": 4, "topk_group": 2, "scoring_func": "sigmoid", "topk_method": "noaux_tc",
+  "norm_topk_prob": true, "routed_scaling_factor": 2.5, "num_nextn_predict_layers": 0,
+  "max_position_embeddings": 4096, "rope_theta": 10000, "rms_norm_eps": 1e-6, "rope_scaling": null,
+  "bos_token_id": 0, "eos_token_id": 1, "tie_word_embeddings": false, "hidden_act": "silu")";
+
+struct Rng {  // xorshift64*: fast enough for half a billion weights
+  uint64_t s;
+  uint64_t next() {
+    s ^= s >> 12, s ^= s << 25, s ^= s >> 27;
+    return s * 2685821657736338717ull;
+  }
+  float normal() {  // sum of uniforms: shape does not matter here, only scale
+    float u = 0;
+    for (int i = 0; i < 4; ++i) u += float(next() >> 40) / float(1 << 24);
+    return (u - 2.0f) * 1.7f;
+  }
+};
+
+// Writes a random checkpoint of the benchmark config; FP8 quantizes the projections.
+void write_checkpoint(const std::string& dir, bool fp8) {
+  fs::create_directories(dir);
+  std::string cfg = kConfig;
+  cfg += fp8 ? R"(, "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128]}})"
+             : "}";
+  std::ofstream(dir + "/config.json") << cfg;
+  ModelConfig c = ModelConfig::parse(cfg, "bench config");
+  ModelWeights w;
+  std::vector<std::vector<uint8_t>> storage;
+  std::vector<TensorToWrite> tensors;
+  Rng rng{0x9e3779b97f4a7c15ull};
+  for_each_tensor(c, w, [&](const TensorSlot& s) {
+    const int64_t n = s.shape.size() == 2 ? s.shape[0] * s.shape[1] : s.shape[0];
+    const bool quantize = fp8 && s.fp8_quantizable;
+    if (s.vec) {  // norms ~1, router bias ~0
+      storage.emplace_back(size_t(n) * 4);
+      float* f = reinterpret_cast<float*>(storage.back().data());
+      const bool bias = s.name.find("e_score_correction_bias") != std::string::npos;
+      for (int64_t i = 0; i < n; ++i) f[i] = bias ? 0.0f : 1.0f;
+      tensors.push_back({s.name, DType::f32, s.shape, storage.back().data()});
+      return;
+    }
+    if (quantize) {
+      storage.emplace_back(size_t(n));
+      for (auto& b : storage.back()) {
+        b = uint8_t(rng.next() >> 56);
+        if ((b & 0x7f) == 0x7f) b = 0x7e;
+      }
+      tensors.push_back({s.name, DType::f8_e4m3, s.shape, storage.back().data()});
+      const std::vector<int64_t> sshape = {(s.shape[0] + 127) / 128, (s.shape[1] + 127) / 128};
+      storage.emplace_back(size_t(sshape[0] * sshape[1]) * 4);
+      float* f = reinterpret_cast<float*>(storage.back().data());
+      for (int64_t i = 0; i < sshape[0] * sshape[1]; ++i) f[i] = 2e-4f;
+      tensors.push_back({s.name + "_scale_inv", DType::f32, sshape, storage.back().data()});
+    } else {
+      storage.emplace_back(size_t(n) * 2);
+      uint16_t* h = reinterpret_cast<uint16_t*>(storage.back().data());
+      for (int64_t i = 0; i < n; ++i) h[i] = f32_to_bf16(0.02f * rng.normal());
+      tensors.push_back({s.name, DType::bf16, s.shape, storage.back().data()});
+    }
+  });
+  write_safetensors(dir + "/model.safetensors", tensors);
+}
+
+// Bytes of weights one decoded token reads: every dense matrix, the shared and the k
+// routed experts of each MoE layer, the router, the lm_head, one embedding row.
+double bytes_per_token(const Transformer& m) {
+  const ModelConfig& c = m.config();
+  const ModelWeights& w = m.weights();
+  double b = double(w.embed_tokens.row_bytes()) + double(w.lm_head.bytes());
+  auto mlp = [](const MlpWeights& e) { return double(e.gate_proj.bytes() + e.up_proj.bytes() + e.down_proj.bytes()); };
+  for (const LayerWeights& l : w.layers) {
+    const MlaWeights& a = l.self_attn;
+    b += double(a.q_a_proj.bytes() + a.q_b_proj.bytes() + a.q_proj.bytes() + a.kv_a_proj_with_mqa.bytes() +
+                a.kv_b_proj.bytes() + a.o_proj.bytes());
+    if (l.is_moe) b += double(l.moe.gate.bytes()) + mlp(l.moe.shared_experts) + double(c.num_experts_per_tok) * mlp(l.moe.experts[0]);
+    else b += mlp(l.mlp);
+  }
+  return b;
+}
+
+// Parameters of the checkpoint (FP8 scales not counted).
+double param_count(const std::string& dir) {
+  SafetensorsFile f(dir + "/model.safetensors");
+  double n = 0;
+  for (const auto& [name, v] : f.tensors())
+    if (name.find("_scale_inv") == std::string::npos) n += double(v.numel());
+  return n;
+}
+
+// Read bandwidth of this machine: all threads sum a 1 GiB buffer, best of 5.
+__attribute__((target("avx512f"))) double measure_bandwidth() {
+  const size_t n = size_t(1) << 28;  // floats
+  std::vector<float> buf(n);
+#pragma omp parallel for
+  for (size_t i = 0; i < n; ++i) buf[i] = float(i & 7);
+  double best = 0;
+  for (int rep = 0; rep < 5; ++rep) {
+    auto t0 = std::chrono::steady_clock::now();
+    float total = 0;
+#pragma omp parallel reduction(+ : total)
+    {
+      __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+#pragma omp for schedule(static)
+      for (size_t i = 0; i < n; i += 64) {
+        a0 = _mm512_add_ps(a0, _mm512_loadu_ps(&buf[i]));
+        a1 = _mm512_add_ps(a1, _mm512_loadu_ps(&buf[i + 16]));
+        a2 = _mm512_add_ps(a2, _mm512_loadu_ps(&buf[i + 32]));
+        a3 = _mm512_add_ps(a3, _mm512_loadu_ps(&buf[i + 48]));
+      }
+      total += _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+    }
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    if (total == -1) std::puts("");  // keep the sum alive
+    best = std::max(best, double(n) * 4 / s);
+  }
+  return best;
+}
+
+struct Result {
+  double tok_s, bytes;
+};
+
+Result run_decode(const std::string& dir, int tokens) {
+  Transformer m(dir);
+  std::vector<int32_t> prompt;
+  for (int i = 0; i < 64; ++i) prompt.push_back(int32_t(2 + i * 37 % 31000));
+  GenerateOptions opt;
+  opt.max_tokens = 16;  // warm-up: maps the pages and settles the threads
+  opt.stop_at_eos = false;
+  generate(m, prompt, opt);
+  opt.max_tokens = tokens + 1;
+  double best = 0;
+  for (int rep = 0; rep < 3; ++rep) {
+    GenerateResult r = generate(m, prompt, opt);
+    best = std::max(best, double(r.decode_steps) / r.decode_seconds);
+  }
+  return {best, bytes_per_token(m)};
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  int tokens = 64;
+  std::string dir = (fs::temp_directory_path() / "dsv3-bench-decode").string();
+  for (int i = 1; i < argc; ++i) {
+    std::string a = argv[i];
+    if (a == "--tokens" && i + 1 < argc) tokens = std::atoi(argv[++i]);
+    else if (a == "--dir" && i + 1 < argc) dir = argv[++i];
+    else {
+      std::fprintf(stderr, "usage: bench_decode [--tokens N] [--dir DIR]\n");
+      return 1;
+    }
+  }
+  std::printf("dsv3 decode benchmark: %s\n", backend_info().c_str());
+  for (bool fp8 : {false, true}) {
+    const std::string d = dir + (fp8 ? "/fp8" : "/bf16");
+    if (!fs::exists(d + "/model.safetensors")) {
+      std::printf("writing random %s checkpoint to %s ...\n", fp8 ? "FP8" : "BF16", d.c_str());
+      std::fflush(stdout);
+      write_checkpoint(d, fp8);
+    }
+  }
+  // Bandwidth is measured right before and after each decode run and the higher figure
+  // kept, so a busy moment of the machine cannot flatter the ratio.
+  std::printf("%-6s %10s %14s %12s %10s %14s %12s\n", "format", "params", "bytes/token", "decode tok/s", "GB/s",
+              "measured GB/s", "of measured");
+  Result res[2];
+  for (int f = 0; f < 2; ++f) {
+    const std::string d = dir + (f ? "/fp8" : "/bf16");
+    double bw = measure_bandwidth();
+    res[f] = run_decode(d, tokens);
+    bw = std::max(bw, measure_bandwidth());
+    const double params = param_count(d);
+    std::printf("%-6s %9.0fM %13.1fM %12.1f %10.1f %14.1f %11.1f%%\n", f ? "FP8" : "BF16", params / 1e6,
+                res[f].bytes / 1e6, res[f].tok_s, res[f].bytes * res[f].tok_s / 1e9, bw / 1e9,
+                100 * res[f].bytes * res[f].tok_s / bw);
+  }
+  std::printf("\nFP8 / BF16 decode speedup: %.2fx; ratio of bytes read per token: %.2fx\n", res[1].tok_s / res[0].tok_s,
+              res[0].bytes / res[1].bytes);
+  return 0;
+}
