@@ -5,8 +5,11 @@
 // read per decoded token, and the achieved weight bandwidth as a fraction of the
 // measured one. FP8 checkpoints keep embeddings, lm_head, norms and the router in BF16,
 // as DeepSeek-V3's do, so the FP8/BF16 speedup should equal the ratio of bytes read.
-//   bench_decode [--tokens N] [--dir DIR]
+//   bench_decode [--tokens N] [--rounds R] [--dir DIR]
 #include <immintrin.h>
+// GCC 12 warns inside its own intrinsics headers (_mm512_undefined_*): false positives.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #include <omp.h>
 
 #include <algorithm>
@@ -123,67 +126,71 @@ double param_count(const std::string& dir) {
   return n;
 }
 
-// Read bandwidth of this machine: all threads sum a 1 GiB buffer, best of 5.
-__attribute__((target("avx512f"))) double measure_bandwidth() {
-  const size_t n = size_t(1) << 28;  // floats
-  std::vector<float> buf(n);
+// Read bandwidth of this machine: all threads sum a 512 MiB buffer, best of `passes`.
+class Bandwidth {
+ public:
+  Bandwidth() : buf_(size_t(1) << 27) {
 #pragma omp parallel for
-  for (size_t i = 0; i < n; ++i) buf[i] = float(i & 7);
-  double best = 0;
-  for (int rep = 0; rep < 5; ++rep) {
-    auto t0 = std::chrono::steady_clock::now();
-    float total = 0;
-#pragma omp parallel reduction(+ : total)
-    {
-      __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-#pragma omp for schedule(static)
-      for (size_t i = 0; i < n; i += 64) {
-        a0 = _mm512_add_ps(a0, _mm512_loadu_ps(&buf[i]));
-        a1 = _mm512_add_ps(a1, _mm512_loadu_ps(&buf[i + 16]));
-        a2 = _mm512_add_ps(a2, _mm512_loadu_ps(&buf[i + 32]));
-        a3 = _mm512_add_ps(a3, _mm512_loadu_ps(&buf[i + 48]));
-      }
-      total += _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
-    }
-    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    if (total == -1) std::puts("");  // keep the sum alive
-    best = std::max(best, double(n) * 4 / s);
+    for (size_t i = 0; i < buf_.size(); ++i) buf_[i] = float(i & 7);
   }
-  return best;
-}
+  __attribute__((target("avx512f"))) double measure(int passes) {
+    double best = 0;
+    const size_t n = buf_.size();
+    const float* p = buf_.data();
+    for (int rep = 0; rep < passes; ++rep) {
+      auto t0 = std::chrono::steady_clock::now();
+      float total = 0;
+#pragma omp parallel reduction(+ : total)
+      {
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+#pragma omp for schedule(static)
+        for (size_t i = 0; i < n; i += 64) {
+          a0 = _mm512_add_ps(a0, _mm512_loadu_ps(p + i));
+          a1 = _mm512_add_ps(a1, _mm512_loadu_ps(p + i + 16));
+          a2 = _mm512_add_ps(a2, _mm512_loadu_ps(p + i + 32));
+          a3 = _mm512_add_ps(a3, _mm512_loadu_ps(p + i + 48));
+        }
+        total += _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+      }
+      const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      if (total == -1) std::puts("");  // keeps the sum alive
+      best = std::max(best, double(n) * 4 / s);
+    }
+    return best;
+  }
 
-struct Result {
-  double tok_s, bytes;
+ private:
+  std::vector<float> buf_;
 };
 
-Result run_decode(const std::string& dir, int tokens) {
-  Transformer m(dir);
+// Decode tok/s of one generation of `tokens` tokens after a fixed 64-token prompt.
+double decode_tok_s(Transformer& m, int tokens) {
   std::vector<int32_t> prompt;
   for (int i = 0; i < 64; ++i) prompt.push_back(int32_t(2 + i * 37 % 31000));
   GenerateOptions opt;
-  opt.max_tokens = 16;  // warm-up: maps the pages and settles the threads
-  opt.stop_at_eos = false;
-  generate(m, prompt, opt);
   opt.max_tokens = tokens + 1;
-  double best = 0;
-  for (int rep = 0; rep < 3; ++rep) {
-    GenerateResult r = generate(m, prompt, opt);
-    best = std::max(best, double(r.decode_steps) / r.decode_seconds);
-  }
-  return {best, bytes_per_token(m)};
+  opt.stop_at_eos = false;
+  GenerateResult r = generate(m, prompt, opt);
+  return double(r.decode_steps) / r.decode_seconds;
+}
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
-  int tokens = 64;
+  int tokens = 64, rounds = 7;
   std::string dir = (fs::temp_directory_path() / "dsv3-bench-decode").string();
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     if (a == "--tokens" && i + 1 < argc) tokens = std::atoi(argv[++i]);
+    else if (a == "--rounds" && i + 1 < argc) rounds = std::max(1, std::atoi(argv[++i]));
     else if (a == "--dir" && i + 1 < argc) dir = argv[++i];
     else {
-      std::fprintf(stderr, "usage: bench_decode [--tokens N] [--dir DIR]\n");
+      std::fprintf(stderr, "usage: bench_decode [--tokens N] [--rounds R] [--dir DIR]\n");
       return 1;
     }
   }
@@ -196,22 +203,41 @@ int main(int argc, char** argv) {
       write_checkpoint(d, fp8);
     }
   }
-  // Bandwidth is measured right before and after each decode run and the higher figure
-  // kept, so a busy moment of the machine cannot flatter the ratio.
-  std::printf("%-6s %10s %14s %12s %10s %14s %12s\n", "format", "params", "bytes/token", "decode tok/s", "GB/s",
-              "measured GB/s", "of measured");
-  Result res[2];
+  // The machine is shared and its memory bandwidth moves from moment to moment, so each
+  // round measures the bandwidth right before and after each format's decode run and keeps
+  // the higher figure (the machine's limit at that moment); the ratios are taken per round,
+  // and the medians over the rounds are reported with their range.
+  Transformer models[2] = {Transformer(dir + "/bf16"), Transformer(dir + "/fp8")};
+  double bytes[2], params[2];
   for (int f = 0; f < 2; ++f) {
-    const std::string d = dir + (f ? "/fp8" : "/bf16");
-    double bw = measure_bandwidth();
-    res[f] = run_decode(d, tokens);
-    bw = std::max(bw, measure_bandwidth());
-    const double params = param_count(d);
-    std::printf("%-6s %9.0fM %13.1fM %12.1f %10.1f %14.1f %11.1f%%\n", f ? "FP8" : "BF16", params / 1e6,
-                res[f].bytes / 1e6, res[f].tok_s, res[f].bytes * res[f].tok_s / 1e9, bw / 1e9,
-                100 * res[f].bytes * res[f].tok_s / bw);
+    bytes[f] = bytes_per_token(models[f]);
+    params[f] = param_count(dir + (f ? "/fp8" : "/bf16"));
+    decode_tok_s(models[f], 16);  // warm-up: maps the pages, settles the threads
   }
-  std::printf("\nFP8 / BF16 decode speedup: %.2fx; ratio of bytes read per token: %.2fx\n", res[1].tok_s / res[0].tok_s,
-              res[0].bytes / res[1].bytes);
+  Bandwidth bandwidth;
+  std::vector<double> tok_s[2], bw[2], ratio[2], speedup;
+  for (int round = 0; round < rounds; ++round) {
+    for (int f = 0; f < 2; ++f) {
+      const double before = bandwidth.measure(2);
+      const double t = decode_tok_s(models[f], tokens);
+      const double b = std::max(before, bandwidth.measure(2));
+      tok_s[f].push_back(t);
+      bw[f].push_back(b);
+      ratio[f].push_back(bytes[f] * t / b);
+    }
+    speedup.push_back(tok_s[1].back() / tok_s[0].back());
+  }
+  std::printf("%d rounds of %d decoded tokens per format; medians (min - max)\n\n", rounds, tokens);
+  std::printf("%-6s %8s %12s %22s %16s %22s\n", "format", "params", "bytes/token", "decode tok/s", "measured GB/s",
+              "weight GB/s / measured");
+  for (int f = 0; f < 2; ++f) {
+    auto [tmin, tmax] = std::minmax_element(tok_s[f].begin(), tok_s[f].end());
+    auto [rmin, rmax] = std::minmax_element(ratio[f].begin(), ratio[f].end());
+    std::printf("%-6s %7.0fM %11.1fM %8.1f (%5.1f - %5.1f) %16.1f %8.1f%% (%4.1f - %4.1f)\n", f ? "FP8" : "BF16",
+                params[f] / 1e6, bytes[f] / 1e6, median(tok_s[f]), *tmin, *tmax, median(bw[f]) / 1e9,
+                100 * median(ratio[f]), 100 * *rmin, 100 * *rmax);
+  }
+  std::printf("\nFP8 / BF16 decode speedup: %.2fx (per-round median); ratio of bytes read per token: %.2fx\n",
+              median(speedup), bytes[0] / bytes[1]);
   return 0;
 }

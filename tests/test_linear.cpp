@@ -138,8 +138,8 @@ TEST(RowKernels, Avx512MatchesScalar) {
       const auto x = random_vec(size_t(len * 5), 9);
       float a[5] = {}, b[5] = {};
       const bool fp8 = dtype == DType::f8_e4m3;
-      (fp8 ? fast.dot_fp8 : fast.dot_bf16)(w.bytes.data(), w.scales.data(), x.data(), len, 5, len, a);
-      (fp8 ? slow.dot_fp8 : slow.dot_bf16)(w.bytes.data(), w.scales.data(), x.data(), len, 5, len, b);
+      (fp8 ? fast.dot_fp8 : fast.dot_bf16)(w.bytes.data(), x.data(), len, 5, len, a);
+      (fp8 ? slow.dot_fp8 : slow.dot_bf16)(w.bytes.data(), x.data(), len, 5, len, b);
       for (int j = 0; j < 5; ++j) EXPECT_NEAR(a[j], b[j], 1e-4f * (std::abs(b[j]) + 1)) << len;
       std::vector<float> ya(static_cast<size_t>(len), 1.0f), yb(ya), ca(static_cast<size_t>(len)), cb(ca);
       (fp8 ? fast.axpy_fp8 : fast.axpy_bf16)(0.5f, w.bytes.data(), ya.data(), len);

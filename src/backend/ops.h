@@ -29,6 +29,16 @@ struct Mat {
 
 // y[n, w.rows] = x[n, w.cols] * W^T   (a Linear layer; y overwritten)
 void linear(const float* x, int64_t n, const Mat& w, float* y);
+// Several independent linear() products run as one parallel pass over all their rows (a
+// grouped GEMM: the active experts of an MoE layer, or projections sharing an input), so
+// that small products do not each pay for a fork and a join.
+struct LinearJob {
+  const float* x;
+  int64_t n;
+  Mat w;
+  float* y;
+};
+void linear_batch(const LinearJob* jobs, size_t count);
 // y[n, w.cols] = x[n, w.rows] * W     (the transposed product; y overwritten)
 void linear_t(const float* x, int64_t n, const Mat& w, float* y);
 // The scalar double-precision twins of linear / linear_t: the numerical reference.

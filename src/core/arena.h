@@ -17,7 +17,7 @@ class Arena {
     n = (n + 15) & ~size_t(15);
     if (blocks_.empty() || used_ + n > blocks_.back().size) {
       size_t size = std::max(n, blocks_.empty() ? size_t(1) << 16 : blocks_.back().size * 2);
-      blocks_.push_back({std::make_unique<float[]>(size + 16), size});
+      blocks_.push_back({std::unique_ptr<float[]>(new float[size + 16]), size});  // uninitialised
       used_ = 0;
     }
     float* base = blocks_.back().data.get();
@@ -37,7 +37,7 @@ class Arena {
     if (blocks_.size() > 1) {
       size_t size = total_;
       blocks_.clear();
-      blocks_.push_back({std::make_unique<float[]>(size + 16), size});
+      blocks_.push_back({std::unique_ptr<float[]>(new float[size + 16]), size});
     }
     used_ = 0;
     total_ = 0;

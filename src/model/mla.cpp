@@ -38,18 +38,20 @@ void mla_forward(const MlaContext& ctx, const MlaWeights& w, const float* x, int
   const int64_t C = c.kv_lora_rank, QK = D + R, T = start_pos + n;
 
   // Queries: q = W_uq(norm(W_dq x)) with the low-rank path, else q = W_q x.  [n, H*QK]
+  // Latent and shared RoPE key: [c_kv ; k_pe] = W_dkv x (computed with the query's
+  // down-projection, which reads the same x). The cache keeps norm(c_kv) and rope(k_pe).
   float* q = arena.alloc(size_t(n * H * QK));
+  float* kv = arena.alloc(size_t(n * (C + R)));
   if (c.q_lora_rank > 0) {
     float* cq = arena.alloc(size_t(n * c.q_lora_rank));
-    linear(x, n, w.q_a_proj, cq);
+    const LinearJob down[2] = {{x, n, w.q_a_proj, cq}, {x, n, w.kv_a_proj_with_mqa, kv}};
+    linear_batch(down, 2);
     rmsnorm(cq, n, c.q_lora_rank, w.q_a_layernorm.data(), c.rms_norm_eps, cq);
     linear(cq, n, w.q_b_proj, q);
   } else {
-    linear(x, n, w.q_proj, q);
+    const LinearJob proj[2] = {{x, n, w.q_proj, q}, {x, n, w.kv_a_proj_with_mqa, kv}};
+    linear_batch(proj, 2);
   }
-  // Latent and shared RoPE key: [c_kv ; k_pe] = W_dkv x.  Cache norm(c_kv) and rope(k_pe).
-  float* kv = arena.alloc(size_t(n * (C + R)));
-  linear(x, n, w.kv_a_proj_with_mqa, kv);
   for (int64_t t = 0; t < n; ++t) {
     const int64_t pos = start_pos + t;
     rmsnorm(kv + t * (C + R), 1, C, w.kv_a_layernorm.data(), c.rms_norm_eps, cache.latent + pos * C);
@@ -62,41 +64,52 @@ void mla_forward(const MlaContext& ctx, const MlaWeights& w, const float* x, int
   if (ctx.form == AttnForm::absorbed) {
     // q_lat[t, h] = W_uk^T q_nope[t, h]  (C values): scores are then q_lat . c_kv + q_pe . k_pe
     float* q_lat = arena.alloc(size_t(n * H * C));
-    float* qn = arena.alloc(size_t(n * std::max(D, C)));
-    float* ql = arena.alloc(size_t(n * C));
+    float* qn = arena.alloc(size_t(H * n * std::max(D, C)));  // per-head scratch
+    float* ql = arena.alloc(size_t(H * n * std::max(C, V)));
+    // Heads are independent: for a few tokens (decode) each head's small product runs on
+    // its own thread; for many tokens the products themselves are threaded.
+#pragma omp parallel for schedule(static) if (n <= 8 && H > 1)
     for (int64_t h = 0; h < H; ++h) {
-      gather_cols(q, n, H * QK, h * QK, D, qn);
-      linear_t(qn, n, w.kv_b_proj.row_slice(h * (D + V), D), ql);
-      scatter_cols(ql, n, H * C, h * C, C, q_lat);
+      float* qn_h = qn + h * n * std::max(D, C);
+      float* ql_h = ql + h * n * std::max(C, V);
+      gather_cols(q, n, H * QK, h * QK, D, qn_h);
+      linear_t(qn_h, n, w.kv_b_proj.row_slice(h * (D + V), D), ql_h);
+      scatter_cols(ql_h, n, H * C, h * C, C, q_lat);
     }
+    // Attention in the latent space. Every head attends to the same cached latents, so the
+    // (token, head) pairs are the rows of one product: scores [n*H, T] = q_lat c_kv^T +
+    // q_pe k_pe^T, then o_lat [n*H, C] = softmax(scores) c_kv. Query rows are taken in
+    // chunks so the score matrix stays bounded for long prompts.
     float* o_lat = arena.alloc(size_t(n * H * C));
-#pragma omp parallel
-    {
-      std::vector<float> p(static_cast<size_t>(T));
-#pragma omp for schedule(dynamic, 1) collapse(2)
-      for (int64_t t = 0; t < n; ++t)
-        for (int64_t h = 0; h < H; ++h) {
-          const int64_t visible = start_pos + t + 1;
-          const float* qh = q_lat + (t * H + h) * C;
-          const float* qp = q + (t * H + h) * QK + D;
-          for (int64_t j = 0; j < visible; ++j)
-            p[size_t(j)] = (dot(qh, cache.latent + j * C, C) + dot(qp, cache.k_pe + j * R, R)) * ctx.softmax_scale;
-          softmax(p.data(), visible);
-          float* ol = o_lat + (t * H + h) * C;
-          std::fill(ol, ol + C, 0.0f);
-          for (int64_t j = 0; j < visible; ++j) {
-            const float pj = p[size_t(j)];
-            const float* lj = cache.latent + j * C;
-            for (int64_t k = 0; k < C; ++k) ol[k] += pj * lj[k];
-          }
-        }
+    const Mat latents{DType::f32, T, C, reinterpret_cast<const uint8_t*>(cache.latent), nullptr, 0, 0};
+    const Mat rope_keys{DType::f32, T, R, reinterpret_cast<const uint8_t*>(cache.k_pe), nullptr, 0, 0};
+    const int64_t chunk = std::max<int64_t>(1, (int64_t(1) << 22) / (H * T));  // tokens per chunk
+    float* scores = arena.alloc(size_t(std::min(chunk, n) * H * T));
+    float* scores_pe = arena.alloc(size_t(std::min(chunk, n) * H * T));
+    float* q_pe = arena.alloc(size_t(std::min(chunk, n) * H * R));
+    for (int64_t t0 = 0; t0 < n; t0 += chunk) {
+      const int64_t nt = std::min(chunk, n - t0), rows = nt * H;
+      for (int64_t i = 0; i < rows; ++i) std::memcpy(q_pe + i * R, q + (t0 * H + i) * QK + D, size_t(R) * 4);
+      linear(q_lat + t0 * H * C, rows, latents, scores);
+      linear(q_pe, rows, rope_keys, scores_pe);
+#pragma omp parallel for schedule(static) if (rows * T > 65536)
+      for (int64_t i = 0; i < rows; ++i) {
+        const int64_t visible = start_pos + t0 + i / H + 1;  // causal: positions 0 .. own
+        float* s = scores + i * T;
+        for (int64_t j = 0; j < visible; ++j) s[j] = (s[j] + scores_pe[i * T + j]) * ctx.softmax_scale;
+        softmax(s, visible);
+        std::fill(s + visible, s + T, 0.0f);
+      }
+      linear_t(scores, rows, latents, o_lat + t0 * H * C);
     }
     // o[t, h] = W_uv o_lat[t, h]
-    float* ov = arena.alloc(size_t(n * V));
+#pragma omp parallel for schedule(static) if (n <= 8 && H > 1)
     for (int64_t h = 0; h < H; ++h) {
-      gather_cols(o_lat, n, H * C, h * C, C, qn);
-      linear(qn, n, w.kv_b_proj.row_slice(h * (D + V) + D, V), ov);
-      scatter_cols(ov, n, H * V, h * V, V, o);
+      float* ol_h = qn + h * n * std::max(D, C);
+      float* ov_h = ql + h * n * std::max(C, V);
+      gather_cols(o_lat, n, H * C, h * C, C, ol_h);
+      linear(ol_h, n, w.kv_b_proj.row_slice(h * (D + V) + D, V), ov_h);
+      scatter_cols(ov_h, n, H * V, h * V, V, o);
     }
   } else {
     // Expand every cached latent to per-head k_nope and v: [T, H*(D+V)].

@@ -3,9 +3,12 @@
 // mis-detects some AVX-512 CPUs as "Prescott" (about 5x slower sgemm). Linking it normally
 // would load it before main(); loading it here lets every program of the project (the CLI,
 // the tests, the benchmarks) pick the right core without the user exporting anything.
-// An OPENBLAS_CORETYPE the user set is respected.
+// An OPENBLAS_CORETYPE naming a core below this CPU's vector ISA (say "Haswell", AVX2, on an
+// AVX-512 CPU: half the sgemm speed, measured) is overridden and the override reported in
+// backend_info(); DSV3_BLAS_CORETYPE forces any core.
 #include <dlfcn.h>
 
+#include <cctype>
 #include <cstdlib>
 #include <mutex>
 #include <string>
@@ -25,22 +28,48 @@ constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;  // CBLAS enum valu
 
 struct Blas {
   CblasSgemm sgemm = nullptr;
-  std::string core, config;
+  std::string core, config, note;
 };
 
-const char* core_type_for_this_cpu() {
+// 3: AVX-512, 2: AVX2 + FMA, 1: older.
+int cpu_isa_rank() {
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) return "SkylakeX";
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return "Haswell";
-  return nullptr;  // let OpenBLAS decide
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) return 3;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 2;
+  return 1;
+}
+
+int core_isa_rank(std::string core) {
+  for (char& ch : core) ch = char(std::tolower(static_cast<unsigned char>(ch)));
+  for (const char* c : {"skylakex", "cooperlake", "sapphirerapids"})
+    if (core == c) return 3;
+  for (const char* c : {"haswell", "zen", "skylake", "broadwell", "excavator"})
+    if (core == c) return 2;
+  return 1;
+}
+
+// Sets OPENBLAS_CORETYPE before the library loads; returns a note on what was decided.
+std::string choose_core_type() {
+  if (const char* forced = std::getenv("DSV3_BLAS_CORETYPE")) {
+    setenv("OPENBLAS_CORETYPE", forced, 1);
+    return std::string("DSV3_BLAS_CORETYPE=") + forced;
+  }
+  const int rank = cpu_isa_rank();
+  const char* best = rank == 3 ? "SkylakeX" : rank == 2 ? "Haswell" : nullptr;
+  const char* set = std::getenv("OPENBLAS_CORETYPE");
+  if (set && *set && core_isa_rank(set) >= rank) return std::string("OPENBLAS_CORETYPE=") + set;
+  if (!best) return "detected by OpenBLAS";
+  std::string note = std::string("chosen for this CPU");
+  if (set && *set) note = std::string("OPENBLAS_CORETYPE=") + set + " overridden: below this CPU's ISA";
+  setenv("OPENBLAS_CORETYPE", best, 1);
+  return note;
 }
 
 const Blas& blas() {
   static Blas b;
   static std::once_flag once;
   std::call_once(once, [] {
-    if (!std::getenv("OPENBLAS_CORETYPE"))
-      if (const char* core = core_type_for_this_cpu()) setenv("OPENBLAS_CORETYPE", core, 0);
+    b.note = choose_core_type();
     void* h = dlopen("libopenblas.so.0", RTLD_NOW | RTLD_LOCAL);
     if (!h) h = dlopen("libopenblas.so", RTLD_NOW | RTLD_LOCAL);
     if (!h) fail("OpenBLAS not found (libopenblas.so.0): run scripts/setup.sh");
@@ -63,7 +92,7 @@ void sgemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const f
 
 std::string blas_info() {
   const Blas& b = blas();
-  return "OpenBLAS core " + b.core + " (" + b.config + ")";
+  return "OpenBLAS core " + b.core + " (" + b.note + ")";
 }
 
 }  // namespace dsv3::cpu

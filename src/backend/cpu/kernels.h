@@ -9,10 +9,9 @@ namespace dsv3::cpu {
 
 constexpr int kMaxBatch = 8;
 
-// acc[j] += sum_k W[k] * x[j * ldx + k] for j < nb, k < len, with W one stored row:
-// BF16 values, or FP8 codes times scales[k / 128] (the row's 128-column block scales).
-using RowDotFn = void (*)(const void* w, const float* scales, const float* x, int64_t ldx, int nb, int64_t len,
-                          float* acc);
+// acc[j] += sum_k W[k] * x[j * ldx + k] for j < nb, k < len, with W one stored row of
+// BF16 values or of FP8 codes (their values: the caller folds the block scales into x).
+using RowDotFn = void (*)(const void* w, const float* x, int64_t ldx, int nb, int64_t len, float* acc);
 // y[k] += a * w[k] for k < len.
 using AxpyFn = void (*)(float a, const void* w, float* y, int64_t len);
 // out[k] = w[k] as float (FP8: the code's value, unscaled).

@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 #include "backend/cpu/kernels.h"
@@ -43,7 +44,7 @@ inline float load_bf16(const uint8_t* p, int64_t k) {
   return bf16_to_f32(h);
 }
 
-void dot_bf16_scalar(const void* wv, const float*, const float* x, int64_t ldx, int nb, int64_t len, float* acc) {
+void dot_bf16_scalar(const void* wv, const float* x, int64_t ldx, int nb, int64_t len, float* acc) {
   const uint8_t* w = static_cast<const uint8_t*>(wv);
   for (int j = 0; j < nb; ++j) {
     float s = 0;
@@ -51,17 +52,12 @@ void dot_bf16_scalar(const void* wv, const float*, const float* x, int64_t ldx, 
     acc[j] += s;
   }
 }
-void dot_fp8_scalar(const void* wv, const float* scales, const float* x, int64_t ldx, int nb, int64_t len,
-                    float* acc) {
+void dot_fp8_scalar(const void* wv, const float* x, int64_t ldx, int nb, int64_t len, float* acc) {
   const uint8_t* w = static_cast<const uint8_t*>(wv);
   for (int j = 0; j < nb; ++j) {
-    float total = 0;
-    for (int64_t c0 = 0; c0 < len; c0 += kFp8Block) {
-      float s = 0;
-      for (int64_t k = c0; k < std::min(len, c0 + kFp8Block); ++k) s += fp8_table[w[k]] * x[j * ldx + k];
-      total += s * scales[c0 / kFp8Block];
-    }
-    acc[j] += total;
+    float s = 0;
+    for (int64_t k = 0; k < len; ++k) s += fp8_table[w[k]] * x[j * ldx + k];
+    acc[j] += s;
   }
 }
 void axpy_bf16_scalar(float a, const void* wv, float* y, int64_t len) {
@@ -80,8 +76,13 @@ void convert_fp8_scalar(const void* wv, float* out, int64_t len) {
 }  // namespace
 
 const RowKernels& scalar_kernels() {
-  static const RowKernels k{dot_bf16_scalar,  dot_fp8_scalar,      axpy_bf16_scalar, axpy_fp8_scalar,
-                            convert_bf16_scalar, convert_fp8_scalar, "scalar"};
+  static const RowKernels k{dot_bf16_scalar,
+                            dot_fp8_scalar,
+                            axpy_bf16_scalar,
+                            axpy_fp8_scalar,
+                            convert_bf16_scalar,
+                            convert_fp8_scalar,
+                            "scalar"};
   return k;
 }
 
@@ -138,15 +139,36 @@ double element(const Mat& w, int64_t r, int64_t c) {
   }
 }
 
+// x with an FP8 matrix's column-block scales folded in: x'[j, c] = x[j, c] * scale[rb, c/128]
+// for the 128-row block rb. Rows of one block share their scales, so each thread rescales
+// its copy of x once per 128 rows, and the row kernel accumulates a whole row without
+// stopping at block boundaries.
+struct ScaledX {
+  const Mat* w = nullptr;
+  const float* x = nullptr;
+  int64_t block = -1;
+  std::vector<float> values;
+
+  const float* get(const Mat& m, const float* xin, int nb, int64_t r) {
+    const int64_t rb = (m.row0 + r) / kFp8Block;
+    if (w == &m && x == xin && block == rb) return values.data();
+    w = &m, x = xin, block = rb;
+    values.resize(size_t(nb * m.cols));
+    const float* s = m.scale_inv + rb * m.scale_cols;
+    for (int j = 0; j < nb; ++j)
+      for (int64_t c = 0; c < m.cols; ++c) values[size_t(j * m.cols + c)] = xin[j * m.cols + c] * s[c / kFp8Block];
+    return values.data();
+  }
+};
+
 // One stored row r against nb rows of x: acc[j] = sum_k W[r, k] x[j, k].
-void row_dot(const cpu::RowKernels& k, const Mat& w, int64_t r, const float* x, int nb, float* acc) {
+void row_dot(const cpu::RowKernels& k, const Mat& w, int64_t r, const float* x, int nb, ScaledX& scaled,
+             float* acc) {
   const uint8_t* row = w.data + size_t(r) * w.row_bytes();
   for (int j = 0; j < nb; ++j) acc[j] = 0;
   switch (w.dtype) {
-    case DType::bf16: k.dot_bf16(row, nullptr, x, w.cols, nb, w.cols, acc); return;
-    case DType::f8_e4m3:
-      k.dot_fp8(row, w.scale_inv + ((w.row0 + r) / kFp8Block) * w.scale_cols, x, w.cols, nb, w.cols, acc);
-      return;
+    case DType::bf16: k.dot_bf16(row, x, w.cols, nb, w.cols, acc); return;
+    case DType::f8_e4m3: k.dot_fp8(row, scaled.get(w, x, nb, r), w.cols, nb, w.cols, acc); return;
     default:
       for (int j = 0; j < nb; ++j) {
         double s = 0;
@@ -156,12 +178,62 @@ void row_dot(const cpu::RowKernels& k, const Mat& w, int64_t r, const float* x, 
   }
 }
 
+// This thread's float32 panel for dequantized rows: grown as needed, never freed or zeroed,
+// so that prefill does not map, zero and unmap fresh pages for every product.
+float* panel_buffer(size_t n) {
+  thread_local std::unique_ptr<float[]> buf;
+  thread_local size_t capacity = 0;
+  if (n > capacity) {
+    buf.reset(new float[n]);
+    capacity = n;
+  }
+  return buf.get();
+}
+
 // Rows of a float32 panel for sgemm: enough that sgemm runs efficiently, few enough that
 // the panel stays in cache (about 2 MiB), a multiple of the FP8 block.
 int64_t panel_rows(const Mat& w) {
   int64_t r = (int64_t(2) << 20) / std::max<int64_t>(1, w.cols * 4);
   r = std::max<int64_t>(kFp8Block, r / kFp8Block * kFp8Block);
   return std::min(r, w.rows);
+}
+
+// The small-batch path of linear() and linear_batch(): every job's rows are cut into
+// tiles of at most 16 rows that never cross a 128-row FP8 block (so a tile needs one
+// rescaled x), and threads share out the tiles of all jobs.
+void linear_rowwise(const LinearJob* jobs, size_t count) {
+  struct Tile {
+    const LinearJob* job;
+    int64_t first, rows;
+  };
+  std::vector<Tile> tiles;
+  int64_t work = 0;
+  for (size_t i = 0; i < count; ++i) {
+    const Mat& w = jobs[i].w;
+    work += w.rows * w.cols;
+    for (int64_t r = 0; r < w.rows;) {
+      int64_t end = std::min(w.rows, r + 16);
+      if (w.dtype == DType::f8_e4m3) end = std::min(end, (w.row0 + r) / kFp8Block * kFp8Block + kFp8Block - w.row0);
+      tiles.push_back({&jobs[i], r, end - r});
+      r = end;
+    }
+  }
+  const cpu::RowKernels& k = cpu::active_kernels();
+#pragma omp parallel if (work > 32768)
+  {
+    ScaledX scaled;
+    float acc[kMaxBatch];
+#pragma omp for schedule(static)
+    for (size_t t = 0; t < tiles.size(); ++t) {
+      const Tile& tile = tiles[t];
+      const LinearJob& j = *tile.job;
+      const Mat& w = j.w;
+      for (int64_t r = tile.first; r < tile.first + tile.rows; ++r) {
+        row_dot(k, w, r, j.x, int(j.n), scaled, acc);
+        for (int64_t b = 0; b < j.n; ++b) j.y[b * w.rows + r] = acc[b];
+      }
+    }
+  }
 }
 
 }  // namespace
@@ -193,41 +265,55 @@ void dequantize_rows(const Mat& w, int64_t first, int64_t count, float* out) {
 void linear(const float* x, int64_t n, const Mat& w, float* y) {
   check_dtype(w);
   if (n == 0 || w.rows == 0) return;
+  if (w.dtype == DType::f32) {  // float32 weights or activations (the attention cache): BLAS as is
+    cpu::sgemm(n, w.rows, w.cols, x, w.cols, reinterpret_cast<const float*>(w.data), w.cols, true, y, w.rows);
+    return;
+  }
   if (n > kMaxBatch) {
-    if (w.dtype == DType::f32) {
-      cpu::sgemm(n, w.rows, w.cols, x, w.cols, reinterpret_cast<const float*>(w.data), w.cols, true, y, w.rows);
-      return;
-    }
     const int64_t panel = panel_rows(w);
-    std::vector<float> buf(static_cast<size_t>(panel * w.cols));
+    float* buf = panel_buffer(size_t(panel * w.cols));
     for (int64_t r0 = 0; r0 < w.rows; r0 += panel) {
       const int64_t nr = std::min(panel, w.rows - r0);
-      dequantize_rows(w, r0, nr, buf.data());
-      cpu::sgemm(n, nr, w.cols, x, w.cols, buf.data(), w.cols, true, y + r0, w.rows);
+      dequantize_rows(w, r0, nr, buf);
+      cpu::sgemm(n, nr, w.cols, x, w.cols, buf, w.cols, true, y + r0, w.rows);
     }
     return;
   }
-  const cpu::RowKernels& k = cpu::active_kernels();
-  const int nb = int(n);
-#pragma omp parallel for schedule(static) if (w.rows * w.cols > 32768)
-  for (int64_t r = 0; r < w.rows; ++r) {
-    float acc[kMaxBatch];
-    row_dot(k, w, r, x, nb, acc);
-    for (int j = 0; j < nb; ++j) y[j * w.rows + r] = acc[j];
+  const LinearJob job{x, n, w, y};
+  linear_rowwise(&job, 1);
+}
+
+void linear_batch(const LinearJob* jobs, size_t count) {
+  // Jobs the row kernels take (few activation rows, BF16 / FP8) share one parallel pass;
+  // the others run one by one.
+  std::vector<LinearJob> rowwise;
+  for (size_t i = 0; i < count; ++i) {
+    const LinearJob& j = jobs[i];
+    check_dtype(j.w);
+    if (j.n > 0 && j.n <= kMaxBatch && (j.w.dtype == DType::bf16 || j.w.dtype == DType::f8_e4m3))
+      rowwise.push_back(j);
+    else
+      linear(j.x, j.n, j.w, j.y);
   }
+  if (!rowwise.empty()) linear_rowwise(rowwise.data(), rowwise.size());
 }
 
 void linear_t(const float* x, int64_t n, const Mat& w, float* y) {
   check_dtype(w);
   if (n == 0 || w.cols == 0) return;
+  if (w.dtype == DType::f32) {
+    if (w.rows == 0) std::fill(y, y + n * w.cols, 0.0f);
+    else cpu::sgemm(n, w.cols, w.rows, x, w.rows, reinterpret_cast<const float*>(w.data), w.cols, false, y, w.cols);
+    return;
+  }
   if (n > kMaxBatch || (w.dtype != DType::bf16 && w.dtype != DType::f8_e4m3)) {
     const int64_t panel = panel_rows(w);
-    std::vector<float> buf(static_cast<size_t>(std::min(panel, std::max<int64_t>(w.rows, 1)) * w.cols));
+    float* buf = panel_buffer(size_t(std::min(panel, std::max<int64_t>(w.rows, 1)) * w.cols));
     if (w.rows == 0) std::fill(y, y + n * w.cols, 0.0f);
     for (int64_t r0 = 0; r0 < w.rows; r0 += panel) {
       const int64_t nr = std::min(panel, w.rows - r0);
-      dequantize_rows(w, r0, nr, buf.data());
-      cpu::sgemm(n, w.cols, nr, x + r0, w.rows, buf.data(), w.cols, false, y, w.cols, r0 > 0);
+      dequantize_rows(w, r0, nr, buf);
+      cpu::sgemm(n, w.cols, nr, x + r0, w.rows, buf, w.cols, false, y, w.cols, r0 > 0);
     }
     return;
   }
