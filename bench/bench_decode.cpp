@@ -70,7 +70,7 @@ void write_checkpoint(const std::string& dir, bool fp8) {
   for_each_tensor(c, w, [&](const TensorSlot& s) {
     const int64_t n = s.shape.size() == 2 ? s.shape[0] * s.shape[1] : s.shape[0];
     const bool quantize = fp8 && s.fp8_quantizable;
-    if (s.vec) {  // norms ~1, router bias ~0
+    if (s.shape.size() == 1) {  // norms ~1, router bias ~0
       storage.emplace_back(size_t(n) * 4);
       float* f = reinterpret_cast<float*>(storage.back().data());
       const bool bias = s.name.find("e_score_correction_bias") != std::string::npos;

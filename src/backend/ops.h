@@ -12,7 +12,7 @@ namespace dsv3 {
 constexpr int64_t kFp8Block = 128;  // DeepSeek-V3 weight_block_size [128, 128]
 
 // A weight matrix as stored, [rows = out_features, cols = in_features], row-major, in its
-// checkpoint dtype (F32, BF16, F16 or F8_E4M3). FP8 carries scale_inv (float32,
+// checkpoint dtype (F32, BF16, F16 or F8_E4M3); a vector (a norm's weight) is one row. FP8 carries scale_inv (float32,
 // [ceil(rows/128), ceil(cols/128)]): W[i, j] = e4m3(code[i, j]) * scale_inv[i/128, j/128].
 struct Mat {
   DType dtype = DType::f32;
@@ -23,6 +23,13 @@ struct Mat {
   int64_t scale_cols = 0;            // ceil(stored cols / 128)
 
   Mat row_slice(int64_t first, int64_t count) const;  // rows [first, first + count)
+  // The elements of a float32 / float64 matrix (owned storage: norms, training tensors).
+  template <typename T>
+  const T* as() const {
+    return reinterpret_cast<const T*>(data);
+  }
+  const float* f32() const { return as<float>(); }
+  int64_t numel() const { return rows * cols; }
   size_t row_bytes() const { return size_t(cols) * dtype_size(dtype); }
   size_t bytes() const { return row_bytes() * size_t(rows); }
 };

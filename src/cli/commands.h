@@ -9,5 +9,6 @@ namespace dsv3::cli {
 
 void add_generate(CLI::App& app);
 void add_logits(CLI::App& app);
+void add_grads(CLI::App& app);
 
 }  // namespace dsv3::cli

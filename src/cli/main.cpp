@@ -11,6 +11,7 @@ int main(int argc, char** argv) {
   app.require_subcommand(1);
   dsv3::cli::add_generate(app);
   dsv3::cli::add_logits(app);
+  dsv3::cli::add_grads(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -46,7 +46,7 @@ void mla_forward(const MlaContext& ctx, const MlaWeights& w, const float* x, int
     float* cq = arena.alloc(size_t(n * c.q_lora_rank));
     const LinearJob down[2] = {{x, n, w.q_a_proj, cq}, {x, n, w.kv_a_proj_with_mqa, kv}};
     linear_batch(down, 2);
-    rmsnorm(cq, n, c.q_lora_rank, w.q_a_layernorm.data(), c.rms_norm_eps, cq);
+    rmsnorm(cq, n, c.q_lora_rank, w.q_a_layernorm.f32(), c.rms_norm_eps, cq);
     linear(cq, n, w.q_b_proj, q);
   } else {
     const LinearJob proj[2] = {{x, n, w.q_proj, q}, {x, n, w.kv_a_proj_with_mqa, kv}};
@@ -54,7 +54,7 @@ void mla_forward(const MlaContext& ctx, const MlaWeights& w, const float* x, int
   }
   for (int64_t t = 0; t < n; ++t) {
     const int64_t pos = start_pos + t;
-    rmsnorm(kv + t * (C + R), 1, C, w.kv_a_layernorm.data(), c.rms_norm_eps, cache.latent + pos * C);
+    rmsnorm(kv + t * (C + R), 1, C, w.kv_a_layernorm.f32(), c.rms_norm_eps, cache.latent + pos * C);
     std::memcpy(cache.k_pe + pos * R, kv + t * (C + R) + C, size_t(R) * 4);
     ctx.rope.apply(cache.k_pe + pos * R, pos);
     for (int64_t h = 0; h < H; ++h) ctx.rope.apply(q + (t * H + h) * QK + D, pos);

@@ -29,7 +29,7 @@ void moe_forward(const ModelConfig& c, const MoeWeights& w, const float* x, int6
   Routing& r = routing ? *routing : local;
   r.experts.resize(size_t(n * k));
   r.weights.resize(size_t(n * k));
-  route(c, logits, n, w.e_score_correction_bias.empty() ? nullptr : w.e_score_correction_bias.data(), r.experts.data(),
+  route(c, logits, n, w.e_score_correction_bias.data ? w.e_score_correction_bias.f32() : nullptr, r.experts.data(),
         r.weights.data());
 
   // Tokens grouped by expert: slots[e] lists the (token * k + j) routed to expert e.

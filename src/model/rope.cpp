@@ -55,6 +55,20 @@ void Rope::apply(float* x, int64_t pos) const {
   }
 }
 
+template <typename T>
+void Rope::rotate(T* x, int64_t pos, bool inverse) const {
+  for (size_t i = 0; i < inv_freq.size(); ++i) {
+    const float angle = float(pos) * inv_freq[i];
+    const T c = T(std::cos(double(angle))) * T(cos_sin_scale);
+    const T s = T(std::sin(double(angle))) * T(inverse ? -cos_sin_scale : cos_sin_scale);
+    const T a = x[2 * i], b = x[2 * i + 1];
+    x[2 * i] = a * c - b * s;
+    x[2 * i + 1] = a * s + b * c;
+  }
+}
+template void Rope::rotate<float>(float*, int64_t, bool) const;
+template void Rope::rotate<double>(double*, int64_t, bool) const;
+
 float softmax_scale(const ModelConfig& c) {
   double scale = 1.0 / std::sqrt(double(c.qk_head_dim()));
   const YarnScaling& y = c.rope_scaling;

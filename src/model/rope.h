@@ -15,6 +15,9 @@ struct Rope {
   static Rope from_config(const ModelConfig& c);
   // Rotates consecutive pairs (x[2i], x[2i+1]) of x (qk_rope_head_dim values) to position pos.
   void apply(float* x, int64_t pos) const;
+  // The same for float or double; inverse rotates back (the transpose: RoPE's backward).
+  template <typename T>
+  void rotate(T* x, int64_t pos, bool inverse) const;
 };
 
 // The attention softmax scale: 1/sqrt(qk_head_dim), times mscale(factor, mscale_all_dim)^2

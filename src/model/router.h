@@ -11,8 +11,12 @@
 namespace dsv3 {
 
 // logits: [n, n_routed_experts] = u W_g^T; bias: n_routed_experts values or nullptr.
-// Writes expert ids [n, k] (best first) and their gate weights [n, k].
-void route(const ModelConfig& c, const float* logits, int64_t n, const float* bias, int32_t* experts,
-           float* weights);
+// Writes expert ids [n, k] (best first) and their gate weights [n, k]. T: float or double.
+template <typename T>
+void route(const ModelConfig& c, const T* logits, int64_t n, const T* bias, int32_t* experts, T* weights);
+
+// The affinities s of one token: sigmoid(logits) or softmax(logits) over the experts.
+template <typename T>
+void router_scores(const ModelConfig& c, const T* logits, T* s);
 
 }  // namespace dsv3

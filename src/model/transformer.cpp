@@ -49,17 +49,17 @@ void Transformer::forward(const int32_t* tokens, int64_t n, KvCache& cache, floa
   if (trace) trace->layer_out.clear();
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
     const LayerWeights& w = weights_.layers[size_t(l)];
-    rmsnorm(h, n, dim, w.input_layernorm.data(), c.rms_norm_eps, xn);
+    rmsnorm(h, n, dim, w.input_layernorm.f32(), c.rms_norm_eps, xn);
     mla_forward(mla, w.self_attn, xn, n, start, cache.layer(l), arena_, delta);
     for (int64_t i = 0; i < n * dim; ++i) h[i] += delta[i];
-    rmsnorm(h, n, dim, w.post_attention_layernorm.data(), c.rms_norm_eps, xn);
+    rmsnorm(h, n, dim, w.post_attention_layernorm.f32(), c.rms_norm_eps, xn);
     if (w.is_moe) moe_forward(c, w.moe, xn, n, arena_, delta, trace ? &trace->routing[l] : nullptr);
     else mlp_forward(w.mlp, xn, n, arena_, delta);
     for (int64_t i = 0; i < n * dim; ++i) h[i] += delta[i];
     if (trace) trace->layer_out.emplace_back(h, h + n * dim);
   }
   cache.advance(n);
-  rmsnorm(h, n, dim, weights_.norm.data(), c.rms_norm_eps, xn);
+  rmsnorm(h, n, dim, weights_.norm.f32(), c.rms_norm_eps, xn);
   if (trace) {
     trace->prenorm_hidden.assign(h, h + n * dim);
     trace->hidden.assign(xn, xn + n * dim);

@@ -3,6 +3,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <algorithm>
 #include <set>
 
 #include "core/error.h"
@@ -15,11 +16,14 @@ namespace {
 struct Lister {
   const ModelConfig& c;
   const std::function<void(const TensorSlot&)>& fn;
+  bool in_mtp = false;
 
   void mat(const std::string& name, Mat& m, int64_t rows, int64_t cols, bool quantizable) {
-    fn(TensorSlot{name, {rows, cols}, &m, nullptr, quantizable});
+    fn(TensorSlot{name, {rows, cols}, &m, quantizable, true, in_mtp});
   }
-  void vec(const std::string& name, Vec& v, int64_t n) { fn(TensorSlot{name, {n}, nullptr, &v, false}); }
+  void vec(const std::string& name, Mat& v, int64_t n, bool trainable = true) {
+    fn(TensorSlot{name, {n}, &v, false, trainable, in_mtp});
+  }
 
   void mlp(const std::string& p, MlpWeights& w, int64_t inter) {
     mat(p + "gate_proj.weight", w.gate_proj, inter, c.hidden_size, true);
@@ -51,7 +55,7 @@ struct Lister {
     }
     mat(p + "mlp.gate.weight", w.moe.gate, c.n_routed_experts, c.hidden_size, false);
     if (c.topk_method == TopkMethod::noaux_tc)
-      vec(p + "mlp.gate.e_score_correction_bias", w.moe.e_score_correction_bias, c.n_routed_experts);
+      vec(p + "mlp.gate.e_score_correction_bias", w.moe.e_score_correction_bias, c.n_routed_experts, false);
     w.moe.experts.resize(size_t(c.n_routed_experts));
     for (int64_t e = 0; e < c.n_routed_experts; ++e)
       mlp(p + "mlp.experts." + std::to_string(e) + ".", w.moe.experts[size_t(e)], c.moe_intermediate_size);
@@ -71,6 +75,7 @@ void for_each_tensor(const ModelConfig& c, ModelWeights& w, const std::function<
     l.layer("model.layers." + std::to_string(i) + ".", i, w.layers[size_t(i)]);
   l.vec("model.norm.weight", w.norm, c.hidden_size);
   if (!c.tie_word_embeddings) l.mat("lm_head.weight", w.lm_head, c.vocab_size, c.hidden_size, false);
+  l.in_mtp = true;
   for (int64_t k = 0; k < c.num_nextn_predict_layers; ++k) {
     const int64_t index = c.num_hidden_layers + k;
     const std::string p = "model.layers." + std::to_string(index) + ".";
@@ -103,11 +108,31 @@ float element_as_float(const TensorView& v, int64_t i) {
 
 }  // namespace
 
+std::vector<TensorSlot> list_tensors(const ModelConfig& c, ModelWeights& w) {
+  std::vector<TensorSlot> out;
+  for_each_tensor(c, w, [&](const TensorSlot& s) { out.push_back(s); });
+  return out;
+}
+
+namespace {
+
+// Owned storage of n elements of dtype t, zeroed, kept alive by w.
+uint8_t* own(ModelWeights& w, DType t, int64_t n) {
+  const size_t bytes = size_t(n) * dtype_size(t);
+  w.storage.push_back(std::make_unique<uint8_t[]>(std::max<size_t>(bytes, 1)));
+  std::memset(w.storage.back().get(), 0, bytes);
+  return w.storage.back().get();
+}
+
+Mat shape_mat(const TensorSlot& s) {
+  return s.shape.size() == 1 ? Mat{DType::f32, 1, s.shape[0]} : Mat{DType::f32, s.shape[0], s.shape[1]};
+}
+
+}  // namespace
+
 ModelWeights load_weights(const ModelConfig& c, const Checkpoint& ckpt) {
   ModelWeights w;
   std::set<std::string> used;
-  // Every scale is copied into w.fp8_scales; reserve so the Mats' pointers stay valid.
-  w.fp8_scales.reserve(ckpt.names().size());
   for_each_tensor(c, w, [&](const TensorSlot& s) {
     const TensorView* v = ckpt.find(s.name);
     if (!v) fail(ckpt.dir(), ": tensor ", s.name, " is missing");
@@ -115,15 +140,18 @@ ModelWeights load_weights(const ModelConfig& c, const Checkpoint& ckpt) {
     if (v->shape != s.shape)
       fail(where, ": shape ", shape_str(v->shape), " but config.json implies ", shape_str(s.shape));
     used.insert(s.name);
-    if (s.vec) {
+    Mat& m = *s.mat;
+    m = shape_mat(s);
+    if (s.shape.size() == 1) {  // vectors: converted to float32 once
       if (v->dtype != DType::f32 && v->dtype != DType::bf16 && v->dtype != DType::f16)
         fail(where, ": dtype ", dtype_name(v->dtype), " is not supported for this tensor (F32, BF16, F16)");
-      s.vec->resize(size_t(v->numel()));
-      for (int64_t i = 0; i < v->numel(); ++i) (*s.vec)[size_t(i)] = element_as_float(*v, i);
+      float* f = reinterpret_cast<float*>(own(w, DType::f32, v->numel()));
+      for (int64_t i = 0; i < v->numel(); ++i) f[i] = element_as_float(*v, i);
+      m.data = reinterpret_cast<const uint8_t*>(f);
       return;
     }
-    Mat& m = *s.mat;
-    m = Mat{v->dtype, s.shape[0], s.shape[1], v->data, nullptr, 0, 0};
+    m.dtype = v->dtype;
+    m.data = v->data;
     if (v->dtype == DType::f8_e4m3) {
       if (!s.fp8_quantizable) fail(where, ": F8_E4M3 is not expected for this tensor (stored in BF16 in DeepSeek-V3)");
       if (!c.fp8_weights) fail(where, ": is F8_E4M3 but config.json has no fp8 quantization_config");
@@ -135,15 +163,14 @@ ModelWeights load_weights(const ModelConfig& c, const Checkpoint& ckpt) {
                                            (s.shape[1] + kFp8Block - 1) / kFp8Block};
       if (sv->shape != sshape) fail(swhere, ": shape ", shape_str(sv->shape), " but ", s.name, " needs ", shape_str(sshape));
       if (sv->dtype != DType::f32) fail(swhere, ": dtype ", dtype_name(sv->dtype), ", expected F32");
-      Vec scales(size_t(sv->numel()));
+      float* scales = reinterpret_cast<float*>(own(w, DType::f32, sv->numel()));
       for (int64_t i = 0; i < sv->numel(); ++i) {
-        scales[size_t(i)] = element_as_float(*sv, i);
-        if (!std::isfinite(scales[size_t(i)]) || scales[size_t(i)] <= 0)
-          fail(swhere, ": block ", i / sshape[1], ",", i % sshape[1], " has scale ", scales[size_t(i)],
+        scales[i] = element_as_float(*sv, i);
+        if (!std::isfinite(scales[i]) || scales[i] <= 0)
+          fail(swhere, ": block ", i / sshape[1], ",", i % sshape[1], " has scale ", scales[i],
                "; scales must be finite and positive");
       }
-      w.fp8_scales.push_back(std::move(scales));
-      m.scale_inv = w.fp8_scales.back().data();
+      m.scale_inv = scales;
       m.scale_cols = sshape[1];
       used.insert(sname);
     } else if (v->dtype != DType::bf16 && v->dtype != DType::f32 && v->dtype != DType::f16) {
@@ -155,6 +182,37 @@ ModelWeights load_weights(const ModelConfig& c, const Checkpoint& ckpt) {
     if (!used.count(name))
       fail(ckpt.file_of(name), ": unexpected tensor ", name, " (not part of the model config.json describes)");
   return w;
+}
+
+ModelWeights allocate_weights(const ModelConfig& c, DType dtype) {
+  if (dtype != DType::f32 && dtype != DType::f64) fail("allocate_weights: F32 or F64 only");
+  ModelWeights w;
+  for_each_tensor(c, w, [&](const TensorSlot& s) {
+    Mat& m = *s.mat;
+    m = shape_mat(s);
+    m.dtype = dtype;
+    m.data = own(w, dtype, m.numel());
+  });
+  if (c.tie_word_embeddings) w.lm_head = w.embed_tokens;
+  return w;
+}
+
+void convert_weights(const ModelConfig& c, const ModelWeights& src, ModelWeights& dst) {
+  std::vector<TensorSlot> from = list_tensors(c, const_cast<ModelWeights&>(src));
+  std::vector<TensorSlot> to = list_tensors(c, dst);
+  std::vector<float> row;
+  for (size_t i = 0; i < from.size(); ++i) {
+    const Mat& a = *from[i].mat;
+    const Mat& b = *to[i].mat;
+    row.resize(size_t(a.cols));
+    for (int64_t r = 0; r < a.rows; ++r) {
+      dequantize_rows(a, r, 1, row.data());
+      if (b.dtype == DType::f64)
+        for (int64_t k = 0; k < a.cols; ++k) mutable_data<double>(b)[r * a.cols + k] = row[size_t(k)];
+      else
+        std::memcpy(mutable_data<float>(b) + r * a.cols, row.data(), size_t(a.cols) * 4);
+    }
+  }
 }
 
 }  // namespace dsv3

@@ -22,12 +22,15 @@ namespace {
 
 using CblasSgemm = void (*)(int order, int trans_a, int trans_b, int m, int n, int k, float alpha,
                             const float* a, int lda, const float* b, int ldb, float beta, float* c, int ldc);
+using CblasDgemm = void (*)(int order, int trans_a, int trans_b, int m, int n, int k, double alpha,
+                            const double* a, int lda, const double* b, int ldb, double beta, double* c, int ldc);
 using CharFn = char* (*)();
 
 constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;  // CBLAS enum values
 
 struct Blas {
   CblasSgemm sgemm = nullptr;
+  CblasDgemm dgemm = nullptr;
   std::string core, config, note;
 };
 
@@ -74,7 +77,8 @@ const Blas& blas() {
     if (!h) h = dlopen("libopenblas.so", RTLD_NOW | RTLD_LOCAL);
     if (!h) fail("OpenBLAS not found (libopenblas.so.0): run scripts/setup.sh");
     b.sgemm = reinterpret_cast<CblasSgemm>(dlsym(h, "cblas_sgemm"));
-    if (!b.sgemm) fail("OpenBLAS: cblas_sgemm not found");
+    b.dgemm = reinterpret_cast<CblasDgemm>(dlsym(h, "cblas_dgemm"));
+    if (!b.sgemm || !b.dgemm) fail("OpenBLAS: cblas_sgemm / cblas_dgemm not found");
     if (auto f = reinterpret_cast<CharFn>(dlsym(h, "openblas_get_corename"))) b.core = f();
     if (auto f = reinterpret_cast<CharFn>(dlsym(h, "openblas_get_config"))) b.config = f();
   });
@@ -88,6 +92,22 @@ void sgemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const f
   if (m == 0 || n == 0) return;
   blas().sgemm(kRowMajor, kNoTrans, trans_b ? kTrans : kNoTrans, int(m), int(n), int(k), 1.0f, a, int(lda), b,
                int(ldb), accumulate ? 1.0f : 0.0f, c, int(ldc));
+}
+
+template <>
+void gemm<float>(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
+                 const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  blas().sgemm(kRowMajor, trans_a ? kTrans : kNoTrans, trans_b ? kTrans : kNoTrans, int(m), int(n), int(k), 1.0f, a,
+               int(lda), b, int(ldb), beta, c, int(ldc));
+}
+
+template <>
+void gemm<double>(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const double* a, int64_t lda,
+                  const double* b, int64_t ldb, double beta, double* c, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  blas().dgemm(kRowMajor, trans_a ? kTrans : kNoTrans, trans_b ? kTrans : kNoTrans, int(m), int(n), int(k), 1.0, a,
+               int(lda), b, int(ldb), beta, c, int(ldc));
 }
 
 std::string blas_info() {

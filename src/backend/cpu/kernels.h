@@ -33,5 +33,9 @@ const RowKernels& active_kernels();
 void sgemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb,
            bool trans_b, float* c, int64_t ldc, bool accumulate = false);
 std::string blas_info();
+// C[m, n] = alpha-free op(A) op(B) + beta C, row-major; op transposes when asked. float or double.
+template <typename T>
+void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b,
+          int64_t ldb, T beta, T* c, int64_t ldc);
 
 }  // namespace dsv3::cpu

@@ -1,0 +1,128 @@
+// Training operations of the CPU backend (see backend/train_ops.h): products through
+// OpenBLAS (sgemm / dgemm), element-wise loops with OpenMP.
+#include "backend/train_ops.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include "backend/cpu/kernels.h"
+
+namespace dsv3 {
+
+template <typename T>
+void matmul(const T* x, const T* w, T* y, int64_t n, int64_t in, int64_t out) {
+  cpu::gemm<T>(false, true, n, out, in, x, in, w, in, T(0), y, out);
+}
+template <typename T>
+void matmul_dx(const T* dy, const T* w, T* dx, int64_t n, int64_t in, int64_t out, bool accumulate) {
+  cpu::gemm<T>(false, false, n, in, out, dy, out, w, in, accumulate ? T(1) : T(0), dx, in);
+}
+template <typename T>
+void matmul_dw(const T* dy, const T* x, T* dw, int64_t n, int64_t in, int64_t out) {
+  cpu::gemm<T>(true, false, out, in, n, dy, out, x, in, T(1), dw, in);
+}
+
+template <typename T>
+void rmsnorm_forward(const T* x, const T* w, T* y, T* inv_rms, int64_t n, int64_t dim, double eps) {
+#pragma omp parallel for schedule(static) if (n * dim > 65536)
+  for (int64_t i = 0; i < n; ++i) {
+    const T* xi = x + i * dim;
+    double ss = 0;
+    for (int64_t k = 0; k < dim; ++k) ss += double(xi[k]) * double(xi[k]);
+    const T r = T(1.0 / std::sqrt(ss / double(dim) + eps));
+    inv_rms[i] = r;
+    for (int64_t k = 0; k < dim; ++k) y[i * dim + k] = xi[k] * r * w[k];
+  }
+}
+
+// y = x r w with r = (mean(x^2) + eps)^-1/2:  dx = r (dy w) - x r^3 mean((dy w) x),  dw = sum dy x r.
+template <typename T>
+void rmsnorm_backward(const T* dy, const T* x, const T* w, const T* inv_rms, T* dx, T* dw, int64_t n, int64_t dim) {
+  for (int64_t i = 0; i < n; ++i) {
+    const T* xi = x + i * dim;
+    const T* gi = dy + i * dim;
+    const T r = inv_rms[i];
+    double dot = 0;
+    for (int64_t k = 0; k < dim; ++k) dot += double(gi[k] * w[k]) * double(xi[k]);
+    const T c = T(dot / double(dim)) * r * r * r;
+    for (int64_t k = 0; k < dim; ++k) {
+      dx[i * dim + k] += r * gi[k] * w[k] - xi[k] * c;
+      dw[k] += gi[k] * xi[k] * r;
+    }
+  }
+}
+
+template <typename T>
+void swiglu_forward(const T* a, const T* b, T* h, int64_t count) {
+#pragma omp parallel for schedule(static) if (count > 65536)
+  for (int64_t i = 0; i < count; ++i) h[i] = a[i] / (T(1) + std::exp(-a[i])) * b[i];
+}
+
+// silu(a) = a s(a);  silu'(a) = s(a) (1 + a (1 - s(a))).
+template <typename T>
+void swiglu_backward(const T* dh, const T* a, const T* b, T* da, T* db, int64_t count) {
+#pragma omp parallel for schedule(static) if (count > 65536)
+  for (int64_t i = 0; i < count; ++i) {
+    const T s = T(1) / (T(1) + std::exp(-a[i]));
+    da[i] = dh[i] * b[i] * s * (T(1) + a[i] * (T(1) - s));
+    db[i] = dh[i] * a[i] * s;
+  }
+}
+
+template <typename T>
+void softmax_forward(T* p, int64_t len) {
+  if (len <= 0) return;
+  const T mx = *std::max_element(p, p + len);
+  T sum = 0;
+  for (int64_t j = 0; j < len; ++j) sum += (p[j] = std::exp(p[j] - mx));
+  for (int64_t j = 0; j < len; ++j) p[j] /= sum;
+}
+
+template <typename T>
+void softmax_backward(const T* p, const T* dp, T* ds, int64_t len) {
+  T dot = 0;
+  for (int64_t j = 0; j < len; ++j) dot += p[j] * dp[j];
+  for (int64_t j = 0; j < len; ++j) ds[j] = p[j] * (dp[j] - dot);
+}
+
+template <typename T>
+double cross_entropy(const T* logits, const int32_t* targets, int64_t n, int64_t vocab, T* dlogits, double scale) {
+  int64_t count = 0;
+  for (int64_t i = 0; i < n; ++i) count += targets[i] >= 0;
+  double total = 0;
+#pragma omp parallel for schedule(static) reduction(+ : total) if (n * vocab > 65536)
+  for (int64_t i = 0; i < n; ++i) {
+    const T* z = logits + i * vocab;
+    T* dz = dlogits ? dlogits + i * vocab : nullptr;
+    if (targets[i] < 0) {
+      if (dz) std::fill(dz, dz + vocab, T(0));
+      continue;
+    }
+    const T mx = *std::max_element(z, z + vocab);
+    double sum = 0;
+    for (int64_t v = 0; v < vocab; ++v) sum += std::exp(double(z[v] - mx));
+    total += std::log(sum) + double(mx) - double(z[targets[i]]);
+    if (dz) {
+      const double k = scale / double(std::max<int64_t>(count, 1));
+      for (int64_t v = 0; v < vocab; ++v) dz[v] = T(std::exp(double(z[v] - mx)) / sum * k);
+      dz[targets[i]] -= T(k);
+    }
+  }
+  return count ? total / double(count) : 0.0;
+}
+
+#define DSV3_INSTANTIATE(T)                                                                                   \
+  template void matmul<T>(const T*, const T*, T*, int64_t, int64_t, int64_t);                                 \
+  template void matmul_dx<T>(const T*, const T*, T*, int64_t, int64_t, int64_t, bool);                        \
+  template void matmul_dw<T>(const T*, const T*, T*, int64_t, int64_t, int64_t);                              \
+  template void rmsnorm_forward<T>(const T*, const T*, T*, T*, int64_t, int64_t, double);                     \
+  template void rmsnorm_backward<T>(const T*, const T*, const T*, const T*, T*, T*, int64_t, int64_t);        \
+  template void swiglu_forward<T>(const T*, const T*, T*, int64_t);                                           \
+  template void swiglu_backward<T>(const T*, const T*, const T*, T*, T*, int64_t);                            \
+  template void softmax_forward<T>(T*, int64_t);                                                              \
+  template void softmax_backward<T>(const T*, const T*, T*, int64_t);                                         \
+  template double cross_entropy<T>(const T*, const int32_t*, int64_t, int64_t, T*, double);
+DSV3_INSTANTIATE(float)
+DSV3_INSTANTIATE(double)
+
+}  // namespace dsv3

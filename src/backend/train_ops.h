@@ -1,0 +1,47 @@
+// Operations of training: dense products and the element-wise forward/backward pairs,
+// for float (training) and double (finite-difference gradient checks). Dense row-major
+// arrays; backward functions say which outputs they overwrite and which they accumulate.
+// Implemented in backend/cpu/train_ops.cpp. Depends on core only.
+#pragma once
+#include <cstdint>
+
+namespace dsv3 {
+
+// y[n, out] = x[n, in] w[out, in]^T                       (y overwritten)
+template <typename T>
+void matmul(const T* x, const T* w, T* y, int64_t n, int64_t in, int64_t out);
+// dx[n, in] (+)= dy[n, out] w[out, in]                     (accumulated if accumulate)
+template <typename T>
+void matmul_dx(const T* dy, const T* w, T* dx, int64_t n, int64_t in, int64_t out, bool accumulate);
+// dw[out, in] += dy[n, out]^T x[n, in]                     (accumulated)
+template <typename T>
+void matmul_dw(const T* dy, const T* x, T* dw, int64_t n, int64_t in, int64_t out);
+
+// y = x / rms(x) * w per row; inv_rms[i] = 1 / sqrt(mean(x_i^2) + eps) saved for backward.
+template <typename T>
+void rmsnorm_forward(const T* x, const T* w, T* y, T* inv_rms, int64_t n, int64_t dim, double eps);
+// dx (accumulated) and dw (accumulated) from dy.
+template <typename T>
+void rmsnorm_backward(const T* dy, const T* x, const T* w, const T* inv_rms, T* dx, T* dw, int64_t n, int64_t dim);
+
+// h = silu(a) * b
+template <typename T>
+void swiglu_forward(const T* a, const T* b, T* h, int64_t count);
+// da, db (overwritten) from dh.
+template <typename T>
+void swiglu_backward(const T* dh, const T* a, const T* b, T* da, T* db, int64_t count);
+
+// Row-wise softmax in place over the first `len` entries of a row.
+template <typename T>
+void softmax_forward(T* p, int64_t len);
+// ds (overwritten) = p * (dp - sum(p * dp)), over len entries.
+template <typename T>
+void softmax_backward(const T* p, const T* dp, T* ds, int64_t len);
+
+// Mean cross-entropy of rows whose target >= 0 (target < 0: ignored). Writes dlogits =
+// (softmax - onehot) * scale / count into dlogits (overwritten; ignored rows get 0) when
+// dlogits is given; returns the mean loss.
+template <typename T>
+double cross_entropy(const T* logits, const int32_t* targets, int64_t n, int64_t vocab, T* dlogits, double scale = 1);
+
+}  // namespace dsv3

@@ -1,0 +1,137 @@
+// MLP and MoE forward and backward for training (see moe_train.h).
+#include "model/moe_train.h"
+
+#include <cstring>
+
+#include "backend/train_ops.h"
+#include "model/router.h"
+
+namespace dsv3 {
+
+template <typename T>
+void mlp_train_forward(const MlpWeights& w, const T* x, int64_t m, MlpActivations<T>& act, T* out) {
+  const int64_t inter = w.gate_proj.rows, dim = w.gate_proj.cols;
+  act.a.resize(size_t(m * inter)), act.b.resize(size_t(m * inter)), act.h.resize(size_t(m * inter));
+  matmul(x, w.gate_proj.as<T>(), act.a.data(), m, dim, inter);
+  matmul(x, w.up_proj.as<T>(), act.b.data(), m, dim, inter);
+  swiglu_forward(act.a.data(), act.b.data(), act.h.data(), m * inter);
+  matmul(act.h.data(), w.down_proj.as<T>(), out, m, inter, dim);
+}
+
+template <typename T>
+void mlp_train_backward(const MlpWeights& w, const T* x, int64_t m, const MlpActivations<T>& act, const T* dout,
+                        MlpWeights& g, T* dx) {
+  const int64_t inter = w.gate_proj.rows, dim = w.gate_proj.cols;
+  std::vector<T> dh(static_cast<size_t>(m * inter)), da(dh.size()), db(dh.size());
+  matmul_dw(dout, act.h.data(), mutable_data<T>(g.down_proj), m, inter, dim);
+  matmul_dx(dout, w.down_proj.as<T>(), dh.data(), m, inter, dim, false);
+  swiglu_backward(dh.data(), act.a.data(), act.b.data(), da.data(), db.data(), m * inter);
+  matmul_dw(da.data(), x, mutable_data<T>(g.gate_proj), m, dim, inter);
+  matmul_dw(db.data(), x, mutable_data<T>(g.up_proj), m, dim, inter);
+  matmul_dx(da.data(), w.gate_proj.as<T>(), dx, m, dim, inter, true);
+  matmul_dx(db.data(), w.up_proj.as<T>(), dx, m, dim, inter, true);
+}
+
+template <typename T>
+void moe_train_forward(const ModelConfig& c, const MoeWeights& w, const T* x, int64_t N, MoeActivations<T>& a, T* out) {
+  const int64_t E = c.n_routed_experts, k = c.num_experts_per_tok, dim = c.hidden_size;
+  a.logits.resize(size_t(N * E)), a.experts.resize(size_t(N * k)), a.weights.resize(size_t(N * k));
+  matmul(x, w.gate.as<T>(), a.logits.data(), N, dim, E);
+  route(c, a.logits.data(), N, w.e_score_correction_bias.data ? w.e_score_correction_bias.as<T>() : nullptr,
+        a.experts.data(), a.weights.data());
+  // Shared experts see every token; routed experts their own tokens, weighted by g.
+  if (c.n_shared_experts > 0) {
+    a.shared_out.resize(size_t(N * dim));
+    mlp_train_forward(w.shared_experts, x, N, a.shared, a.shared_out.data());
+    std::memcpy(out, a.shared_out.data(), size_t(N * dim) * sizeof(T));
+  } else {
+    std::fill(out, out + N * dim, T(0));
+  }
+  a.slots.assign(size_t(E), {});
+  for (int64_t i = 0; i < N * k; ++i) a.slots[size_t(a.experts[size_t(i)])].push_back(i);
+  a.xe.assign(size_t(E), {}), a.ye.assign(size_t(E), {}), a.expert.assign(size_t(E), {});
+  for (int64_t e = 0; e < E; ++e) {
+    const auto& s = a.slots[size_t(e)];
+    if (s.empty()) continue;
+    const int64_t m = int64_t(s.size());
+    auto& xe = a.xe[size_t(e)];
+    auto& ye = a.ye[size_t(e)];
+    xe.resize(size_t(m * dim)), ye.resize(size_t(m * dim));
+    for (int64_t i = 0; i < m; ++i) std::memcpy(&xe[size_t(i * dim)], x + (s[size_t(i)] / k) * dim, size_t(dim) * sizeof(T));
+    mlp_train_forward(w.experts[size_t(e)], xe.data(), m, a.expert[size_t(e)], ye.data());
+    for (int64_t i = 0; i < m; ++i) {
+      const T gw = a.weights[size_t(s[size_t(i)])];
+      T* o = out + (s[size_t(i)] / k) * dim;
+      for (int64_t d = 0; d < dim; ++d) o[d] += gw * ye[size_t(i * dim + d)];
+    }
+  }
+}
+
+template <typename T>
+void moe_train_backward(const ModelConfig& c, const MoeWeights& w, const T* x, int64_t N, const MoeActivations<T>& a,
+                        const T* dout, MoeWeights& g, T* dx) {
+  const int64_t E = c.n_routed_experts, k = c.num_experts_per_tok, dim = c.hidden_size;
+  if (c.n_shared_experts > 0) mlp_train_backward(w.shared_experts, x, N, a.shared, dout, g.shared_experts, dx);
+
+  // Routed experts: d(expert out) = g_j dout; d(g_j) = dout . expert out.
+  std::vector<T> dweight(static_cast<size_t>(N * k), T(0));
+  for (int64_t e = 0; e < E; ++e) {
+    const auto& s = a.slots[size_t(e)];
+    if (s.empty()) continue;
+    const int64_t m = int64_t(s.size());
+    const auto& ye = a.ye[size_t(e)];
+    std::vector<T> dye(static_cast<size_t>(m * dim)), dxe(static_cast<size_t>(m * dim), T(0));
+    for (int64_t i = 0; i < m; ++i) {
+      const int64_t slot = s[size_t(i)], t = slot / k;
+      const T gw = a.weights[size_t(slot)];
+      T dot = 0;
+      for (int64_t d = 0; d < dim; ++d) {
+        dye[size_t(i * dim + d)] = gw * dout[t * dim + d];
+        dot += dout[t * dim + d] * ye[size_t(i * dim + d)];
+      }
+      dweight[size_t(slot)] = dot;
+    }
+    mlp_train_backward(w.experts[size_t(e)], a.xe[size_t(e)].data(), m, a.expert[size_t(e)], dye.data(),
+                       g.experts[size_t(e)], dxe.data());
+    for (int64_t i = 0; i < m; ++i) {
+      T* d = dx + (s[size_t(i)] / k) * dim;
+      for (int64_t j = 0; j < dim; ++j) d[j] += dxe[size_t(i * dim + j)];
+    }
+  }
+
+  // Gate weights g_j = scale * s_j (/ sum of the chosen s if normalised), s = score(logits).
+  std::vector<T> dlogits(static_cast<size_t>(N * E), T(0)), s(static_cast<size_t>(E)), ds(static_cast<size_t>(E));
+  const T scale = T(c.routed_scaling_factor);
+  const bool normalised = c.norm_topk_prob && k > 1;
+  for (int64_t t = 0; t < N; ++t) {
+    router_scores(c, &a.logits[size_t(t * E)], s.data());
+    std::fill(ds.begin(), ds.end(), T(0));
+    const int32_t* chosen = &a.experts[size_t(t * k)];
+    const T* dw = &dweight[size_t(t * k)];
+    T sum = 0, dot = 0;
+    for (int64_t j = 0; j < k; ++j) sum += s[size_t(chosen[j])], dot += dw[j] * s[size_t(chosen[j])];
+    for (int64_t j = 0; j < k; ++j)  // d g_j / d s_m = scale (delta_jm / sum - s_j / sum^2)
+      ds[size_t(chosen[j])] += normalised ? scale * (dw[j] / sum - dot / (sum * sum)) : scale * dw[j];
+    T* dl = &dlogits[size_t(t * E)];
+    if (c.scoring_func == ScoreFunc::sigmoid) {
+      for (int64_t e = 0; e < E; ++e) dl[e] = ds[size_t(e)] * s[size_t(e)] * (T(1) - s[size_t(e)]);
+    } else {
+      softmax_backward(s.data(), ds.data(), dl, E);
+    }
+  }
+  matmul_dw(dlogits.data(), x, mutable_data<T>(g.gate), N, dim, E);
+  matmul_dx(dlogits.data(), w.gate.as<T>(), dx, N, dim, E, true);
+}
+
+#define DSV3_INSTANTIATE(T)                                                                                       \
+  template void mlp_train_forward<T>(const MlpWeights&, const T*, int64_t, MlpActivations<T>&, T*);              \
+  template void mlp_train_backward<T>(const MlpWeights&, const T*, int64_t, const MlpActivations<T>&, const T*,  \
+                                      MlpWeights&, T*);                                                           \
+  template void moe_train_forward<T>(const ModelConfig&, const MoeWeights&, const T*, int64_t, MoeActivations<T>&, \
+                                     T*);                                                                         \
+  template void moe_train_backward<T>(const ModelConfig&, const MoeWeights&, const T*, int64_t,                   \
+                                      const MoeActivations<T>&, const T*, MoeWeights&, T*);
+DSV3_INSTANTIATE(float)
+DSV3_INSTANTIATE(double)
+
+}  // namespace dsv3

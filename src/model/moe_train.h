@@ -1,0 +1,46 @@
+// SwiGLU MLP and DeepSeekMoE for training (§2.1.2): forwards that save what the backwards
+// need, and the backwards, in mirror order. Expert selection is piecewise constant and is
+// not differentiated; gradients reach the router (gate.weight and the input) through the
+// gate weights of the chosen experts: with sigmoid scores through each s_j and the sum that
+// normalises them, with softmax scores through the softmax over all experts. The
+// e_score_correction_bias only selects and gets no gradient. Uses backend/train_ops.h only.
+#pragma once
+#include <cstdint>
+#include <vector>
+
+#include "model/weights.h"
+
+namespace dsv3 {
+
+template <typename T>
+struct MlpActivations {
+  std::vector<T> a, b, h;  // gate_proj x, up_proj x, silu(a) * b: [m, inter]
+};
+
+// out[m, hidden] = down(silu(gate(x)) * up(x))  (overwritten)
+template <typename T>
+void mlp_train_forward(const MlpWeights& w, const T* x, int64_t m, MlpActivations<T>& act, T* out);
+// Weight gradients accumulated into g; input gradient accumulated into dx.
+template <typename T>
+void mlp_train_backward(const MlpWeights& w, const T* x, int64_t m, const MlpActivations<T>& act, const T* dout,
+                        MlpWeights& g, T* dx);
+
+template <typename T>
+struct MoeActivations {
+  std::vector<T> logits;                   // [N, E] = x W_g^T
+  std::vector<int32_t> experts;            // [N, k] chosen experts
+  std::vector<T> weights;                  // [N, k] their gate weights
+  std::vector<std::vector<int64_t>> slots;  // per expert: the (token * k + j) routed to it
+  std::vector<std::vector<T>> xe, ye;      // per expert: gathered inputs, outputs [m_e, hidden]
+  std::vector<MlpActivations<T>> expert;   // per expert
+  MlpActivations<T> shared;
+  std::vector<T> shared_out;               // [N, hidden]
+};
+
+template <typename T>
+void moe_train_forward(const ModelConfig& c, const MoeWeights& w, const T* x, int64_t N, MoeActivations<T>& a, T* out);
+template <typename T>
+void moe_train_backward(const ModelConfig& c, const MoeWeights& w, const T* x, int64_t N, const MoeActivations<T>& a,
+                        const T* dout, MoeWeights& g, T* dx);
+
+}  // namespace dsv3
