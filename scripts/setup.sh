@@ -9,6 +9,7 @@ packages=(
   libopenblas0-openmp libopenblas-openmp-dev   # sgemm for prefill (loaded at run time)
   nlohmann-json3-dev                           # config.json, safetensors headers
   libcli11-dev                                 # command-line flags
+  libpcre2-dev zlib1g-dev                      # tokenizer regexes (PCRE2 JIT), .gz corpora
   libgtest-dev libgmock-dev libbenchmark-dev   # tests and benchmarks
 )
 missing=()

@@ -10,25 +10,14 @@
 #include <cstdio>
 #include <filesystem>
 
+#include "cli_util.h"
 #include "golden_util.h"
 
 namespace dsv3 {
 namespace {
 
-struct CliResult {
-  int status;
-  std::string out;  // stdout and stderr together
-};
-
-CliResult run(const std::string& args) {
-  const std::string cmd = std::string(DSV3_BINARY) + " " + args + " 2>&1";
-  FILE* p = popen(cmd.c_str(), "r");
-  std::string out;
-  std::array<char, 4096> buf{};
-  while (size_t n = fread(buf.data(), 1, buf.size(), p)) out.append(buf.data(), n);
-  int status = pclose(p);
-  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, out};
-}
+using test::CliResult;
+using test::run;
 
 std::string ids_arg(const std::vector<int32_t>& ids) {
   std::string s = "\"";

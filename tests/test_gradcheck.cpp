@@ -59,7 +59,7 @@ ModelConfig tiny_config(bool q_lora, bool sigmoid) {
     "rope_scaling": {"type": "yarn", "factor": 4, "original_max_position_embeddings": 4, "beta_fast": 32,
                      "beta_slow": 1, "mscale": 0.8, "mscale_all_dim": 0.8},
     "first_k_dense_replace": 1, "n_routed_experts": 8, "num_experts_per_tok": 3, "n_shared_experts": 1,
-    "num_nextn_predict_layers": 0, "rms_norm_eps": 1e-6, )";
+    "num_nextn_predict_layers": 1, "rms_norm_eps": 1e-6, )";
   j += q_lora ? R"("q_lora_rank": 14, )" : R"("q_lora_rank": null, )";
   j += sigmoid ? R"("scoring_func": "sigmoid", "topk_method": "noaux_tc", "n_group": 4, "topk_group": 2,
                     "norm_topk_prob": true, "routed_scaling_factor": 2.5})"
@@ -190,17 +190,23 @@ TEST_P(ModuleGradCheck, MlaMlpMoe) {
   }
 }
 
+// The whole model with DeepSeek-V3's full objective: next-token loss, the MTP module (its
+// embedding and head shared with the main model) and the sequence-wise balance loss.
 TEST_P(ModuleGradCheck, WholeModel) {
   const auto [q_lora, sigmoid] = GetParam();
   const ModelConfig c = tiny_config(q_lora, sigmoid);
   ModelWeights w = random_weights(c), g = allocate_weights(c, DType::f64);
+  tie_mtp_shared(w);
+  tie_mtp_shared(g);
   const int64_t B = 2, S = 7;
   std::vector<int32_t> tokens(B * S), targets(B * S);
   for (auto& t : tokens) t = int32_t(rng() % uint32_t(c.vocab_size));
   for (int64_t i = 0; i < B * S; ++i) targets[size_t(i)] = (i % S == S - 1) ? -1 : tokens[size_t(i + 1)];
-  TrainingPass<double> pass(c);
+  TrainingPass<double> pass(c, {.mtp_weight = 0.3, .alpha = 0.05});
   auto loss = [&] { return pass.forward(w, tokens.data(), targets.data(), B, S); };
   loss();
+  EXPECT_GT(pass.mtp_loss(), 0);
+  EXPECT_GT(pass.balance_loss(), 0);
   pass.backward(w, g);
   const auto params = list_tensors(c, w), grads = list_tensors(c, g);
   for (size_t i = 0; i < params.size(); ++i) {

@@ -103,8 +103,8 @@ TEST_P(LinearVsReference, ForwardAndTransposed) {
 
 // A row slice that starts inside an FP8 block must pick that block's scales.
 TEST_P(LinearVsReference, RowSlice) {
-  const auto [dtype, s] = GetParam();
-  if (s.rows < 40) GTEST_SKIP();
+  const auto [dtype, shape] = GetParam();
+  const Shape s{std::max<int64_t>(shape.rows, 200), shape.cols, shape.n};  // room for a slice inside a block
   RandomMat w = random_mat(dtype, s.rows, s.cols, 3);
   const Mat slice = w.mat.row_slice(s.rows / 3, s.rows / 2);
   const auto x = random_vec(size_t(s.n * s.cols), 5);

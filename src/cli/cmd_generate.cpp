@@ -9,6 +9,8 @@
 #include "cli/commands.h"
 #include "core/error.h"
 #include "infer/generate.h"
+#include "tokenizer/tokenizer.h"
+#include "tokenizer/tokenizer_config.h"
 
 namespace dsv3::cli {
 
@@ -24,12 +26,40 @@ struct GenerateFlags {
   int threads = 0;
 };
 
+// The length of the longest prefix of s that does not end inside a UTF-8 sequence (text
+// is streamed token by token, and a character may span tokens).
+size_t complete_utf8(const std::string& s) {
+  size_t n = s.size();
+  for (size_t back = 1; back <= 3 && back <= n; ++back) {
+    const unsigned char ch = static_cast<unsigned char>(s[n - back]);
+    if ((ch & 0xC0) == 0x80) continue;  // continuation byte
+    const size_t need = ch >= 0xF0 ? 4 : ch >= 0xE0 ? 3 : ch >= 0xC0 ? 2 : 1;
+    return need > back ? n - back : n;
+  }
+  return n;
+}
+
 void run(const GenerateFlags& f) {
   set_threads(f.threads);
   if (f.prompt.empty() == f.prompt_ids.empty()) fail("give exactly one of --prompt and --prompt-ids");
-  if (!f.prompt.empty())
-    fail("--prompt needs the tokenizer, which dsv3 does not implement yet; pass token ids with --prompt-ids");
-  std::vector<int32_t> prompt = parse_ids(f.prompt_ids, "--prompt-ids");
+  std::unique_ptr<Tokenizer> tokenizer;
+  std::vector<int32_t> prompt;
+  if (!f.prompt.empty()) {
+    const std::string path = f.model + "/tokenizer.json";
+    if (!std::filesystem::exists(path)) fail(f.model, ": no tokenizer.json, needed for --prompt (or pass --prompt-ids)");
+    tokenizer = std::make_unique<Tokenizer>(path);
+    const std::string config_path = f.model + "/tokenizer_config.json";
+    if (std::filesystem::exists(config_path)) {
+      const TokenizerConfig tc = load_tokenizer_config(config_path);
+      if (tc.add_bos_token && tc.bos_token)
+        if (auto bos = tokenizer->token_id(*tc.bos_token)) prompt.push_back(*bos);
+    }
+    const auto ids = tokenizer->encode(f.prompt);
+    prompt.insert(prompt.end(), ids.begin(), ids.end());
+    if (prompt.empty()) fail("--prompt: the prompt encodes to no tokens");
+  } else {
+    prompt = parse_ids(f.prompt_ids, "--prompt-ids");
+  }
   Transformer model(f.model);
   if (f.attn == "naive") model.attn_form = AttnForm::naive;
   for (size_t i = 0; i < prompt.size(); ++i)
@@ -44,14 +74,30 @@ void run(const GenerateFlags& f) {
   opt.sampling.seed = f.seed >= 0 ? uint64_t(f.seed)
                                   : uint64_t(std::chrono::steady_clock::now().time_since_epoch().count());
   bool first = true;
+  std::vector<int32_t> generated;
+  size_t printed = 0;
+  if (tokenizer && !f.output_ids) std::printf("%s", f.prompt.c_str());
   GenerateResult r = generate(model, prompt, opt, [&](int32_t id) {
     if (f.output_ids) return;
-    std::printf(first ? "%d" : " %d", id);  // ids until the tokenizer lands
+    if (tokenizer) {  // stream the text, holding back an unfinished UTF-8 character
+      generated.push_back(id);
+      const std::string text = tokenizer->decode(generated, true);
+      const size_t ready = complete_utf8(text);
+      if (ready > printed) std::fwrite(text.data() + printed, 1, ready - printed, stdout), printed = ready;
+    } else {
+      std::printf(first ? "%d" : " %d", id);
+    }
     std::fflush(stdout);
     first = false;
   });
   if (f.output_ids) std::printf("%s\n", ids_json(r.tokens).c_str());
-  else std::printf("\n");
+  else {
+    if (tokenizer) {
+      const std::string text = tokenizer->decode(generated, true);
+      if (text.size() > printed) std::fwrite(text.data() + printed, 1, text.size() - printed, stdout);
+    }
+    std::printf("\n");
+  }
   std::fflush(stdout);
   std::fprintf(stderr, "prefill: %zu tokens in %.3f s (%.1f tok/s) | decode: %ld tokens in %.3f s (%.1f tok/s)%s\n",
                prompt.size(), r.prefill_seconds, double(prompt.size()) / std::max(r.prefill_seconds, 1e-9),
@@ -66,7 +112,7 @@ void add_generate(CLI::App& app) {
   auto f = std::make_shared<GenerateFlags>();
   CLI::App* cmd = app.add_subcommand("generate", "Generate a continuation from a Hugging Face DeepSeek-V3 checkpoint");
   cmd->add_option("--model,-m", f->model, "checkpoint folder (config.json + safetensors)")->required()->check(CLI::ExistingDirectory);
-  cmd->add_option("--prompt,-p", f->prompt, "prompt text (needs the tokenizer)");
+  cmd->add_option("--prompt,-p", f->prompt, "prompt text (encoded with the folder's tokenizer.json)");
   cmd->add_option("--prompt-ids", f->prompt_ids, "prompt as token ids: \"1 2 3\"");
   cmd->add_option("--max-tokens,-n", f->max_tokens, "tokens to generate")->capture_default_str();
   cmd->add_option("--temperature", f->temperature, "sampling temperature; 0 = greedy")->capture_default_str();

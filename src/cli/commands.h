@@ -9,6 +9,13 @@ namespace dsv3::cli {
 
 void add_generate(CLI::App& app);
 void add_logits(CLI::App& app);
+void add_tokenize(CLI::App& app);
+void add_detokenize(CLI::App& app);
+void add_template(CLI::App& app);
+void add_data(CLI::App& app);
+void add_train_tokenizer(CLI::App& app);
 void add_grads(CLI::App& app);
+void add_train(CLI::App& app);
+void add_cost(CLI::App& app);
 
 }  // namespace dsv3::cli

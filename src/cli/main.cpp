@@ -11,7 +11,14 @@ int main(int argc, char** argv) {
   app.require_subcommand(1);
   dsv3::cli::add_generate(app);
   dsv3::cli::add_logits(app);
+  dsv3::cli::add_tokenize(app);
+  dsv3::cli::add_detokenize(app);
+  dsv3::cli::add_template(app);
+  dsv3::cli::add_data(app);
+  dsv3::cli::add_train_tokenizer(app);
   dsv3::cli::add_grads(app);
+  dsv3::cli::add_train(app);
+  dsv3::cli::add_cost(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

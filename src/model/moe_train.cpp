@@ -33,7 +33,8 @@ void mlp_train_backward(const MlpWeights& w, const T* x, int64_t m, const MlpAct
 }
 
 template <typename T>
-void moe_train_forward(const ModelConfig& c, const MoeWeights& w, const T* x, int64_t N, MoeActivations<T>& a, T* out) {
+double moe_train_forward(const ModelConfig& c, const MoeWeights& w, const T* x, int64_t N, MoeActivations<T>& a, T* out,
+                         const BalanceLoss& balance) {
   const int64_t E = c.n_routed_experts, k = c.num_experts_per_tok, dim = c.hidden_size;
   a.logits.resize(size_t(N * E)), a.experts.resize(size_t(N * k)), a.weights.resize(size_t(N * k));
   matmul(x, w.gate.as<T>(), a.logits.data(), N, dim, E);
@@ -65,6 +66,29 @@ void moe_train_forward(const ModelConfig& c, const MoeWeights& w, const T* x, in
       for (int64_t d = 0; d < dim; ++d) o[d] += gw * ye[size_t(i * dim + d)];
     }
   }
+  a.balance_f.clear();
+  if (balance.alpha <= 0) return 0;
+  const int64_t S = balance.seq_len > 0 ? balance.seq_len : N, n_seq = N / S;
+  a.balance_f.assign(size_t(n_seq * E), T(0));
+  std::vector<T> s(static_cast<size_t>(E));
+  double loss = 0;
+  for (int64_t b = 0; b < n_seq; ++b) {
+    T* f = &a.balance_f[size_t(b * E)];
+    std::vector<double> P(static_cast<size_t>(E), 0.0), count(static_cast<size_t>(E), 0.0);
+    for (int64_t t = b * S; t < (b + 1) * S; ++t) {
+      router_scores(c, &a.logits[size_t(t * E)], s.data());
+      double sum = 0;
+      for (int64_t e = 0; e < E; ++e) sum += double(s[size_t(e)]);
+      for (int64_t e = 0; e < E; ++e) P[size_t(e)] += double(s[size_t(e)]) / sum / double(S);
+      for (int64_t j = 0; j < k; ++j) count[size_t(a.experts[size_t(t * k + j)])] += 1;
+    }
+    for (int64_t e = 0; e < E; ++e) {
+      const double fi = double(E) / double(k * S) * count[size_t(e)];
+      loss += balance.alpha * fi * P[size_t(e)] / double(n_seq);
+      f[e] = T(balance.alpha * fi / double(S * n_seq));  // d loss / d s'_{e,t}
+    }
+  }
+  return loss;
 }
 
 template <typename T>
@@ -112,6 +136,14 @@ void moe_train_backward(const ModelConfig& c, const MoeWeights& w, const T* x, i
     for (int64_t j = 0; j < k; ++j) sum += s[size_t(chosen[j])], dot += dw[j] * s[size_t(chosen[j])];
     for (int64_t j = 0; j < k; ++j)  // d g_j / d s_m = scale (delta_jm / sum - s_j / sum^2)
       ds[size_t(chosen[j])] += normalised ? scale * (dw[j] / sum - dot / (sum * sum)) : scale * dw[j];
+    if (!a.balance_f.empty()) {  // balance loss: s' = s / sum(s);  d/ds_m = (g_m - sum_i g_i s'_i) / sum(s)
+      const int64_t n_seq = int64_t(a.balance_f.size()) / E, S = N / n_seq;
+      const T* gb = &a.balance_f[size_t((t / S) * E)];
+      T all = 0, gs = 0;
+      for (int64_t e = 0; e < E; ++e) all += s[size_t(e)];
+      for (int64_t e = 0; e < E; ++e) gs += gb[e] * s[size_t(e)] / all;
+      for (int64_t e = 0; e < E; ++e) ds[size_t(e)] += (gb[e] - gs) / all;
+    }
     T* dl = &dlogits[size_t(t * E)];
     if (c.scoring_func == ScoreFunc::sigmoid) {
       for (int64_t e = 0; e < E; ++e) dl[e] = ds[size_t(e)] * s[size_t(e)] * (T(1) - s[size_t(e)]);
@@ -127,8 +159,8 @@ void moe_train_backward(const ModelConfig& c, const MoeWeights& w, const T* x, i
   template void mlp_train_forward<T>(const MlpWeights&, const T*, int64_t, MlpActivations<T>&, T*);              \
   template void mlp_train_backward<T>(const MlpWeights&, const T*, int64_t, const MlpActivations<T>&, const T*,  \
                                       MlpWeights&, T*);                                                           \
-  template void moe_train_forward<T>(const ModelConfig&, const MoeWeights&, const T*, int64_t, MoeActivations<T>&, \
-                                     T*);                                                                         \
+  template double moe_train_forward<T>(const ModelConfig&, const MoeWeights&, const T*, int64_t,                   \
+                                       MoeActivations<T>&, T*, const BalanceLoss&);                               \
   template void moe_train_backward<T>(const ModelConfig&, const MoeWeights&, const T*, int64_t,                   \
                                       const MoeActivations<T>&, const T*, MoeWeights&, T*);
 DSV3_INSTANTIATE(float)

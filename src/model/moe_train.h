@@ -35,10 +35,22 @@ struct MoeActivations {
   std::vector<MlpActivations<T>> expert;   // per expert
   MlpActivations<T> shared;
   std::vector<T> shared_out;               // [N, hidden]
+  std::vector<T> balance_f;                // [N / seq_len, E]: alpha * f_i / (seq_len * sequences)
 };
 
+// The complementary sequence-wise balance loss (§2.1.2, eq. 17-20): for each sequence of
+// seq_len tokens, alpha * sum_i f_i P_i with f_i = E / (K seq_len) * (tokens choosing
+// expert i) and P_i the mean over the sequence of the normalised affinity s_i / sum_j s_j;
+// averaged over the sequences. alpha = 0 turns it off.
+struct BalanceLoss {
+  int64_t seq_len = 0;  // 0: the whole batch is one sequence
+  double alpha = 0;
+};
+
+// Returns the balance loss (0 if off).
 template <typename T>
-void moe_train_forward(const ModelConfig& c, const MoeWeights& w, const T* x, int64_t N, MoeActivations<T>& a, T* out);
+double moe_train_forward(const ModelConfig& c, const MoeWeights& w, const T* x, int64_t N, MoeActivations<T>& a, T* out,
+                         const BalanceLoss& balance = {});
 template <typename T>
 void moe_train_backward(const ModelConfig& c, const MoeWeights& w, const T* x, int64_t N, const MoeActivations<T>& a,
                         const T* dout, MoeWeights& g, T* dx);

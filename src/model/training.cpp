@@ -1,6 +1,6 @@
 // The training pass (see training.h). Forward:
 //   h = embed(tokens); per layer: h += MLA(norm1(h)); h += FFN(norm2(h));
-//   logits = lm_head(norm(h)); loss = mean CE.
+//   logits = lm_head(norm(h)); MTP depths from h; loss.
 // Backward walks the same steps in reverse; dh is the gradient of the residual stream.
 #include "model/training.h"
 
@@ -12,7 +12,44 @@
 namespace dsv3 {
 
 template <typename T>
-TrainingPass<T>::TrainingPass(const ModelConfig& c) : c_(c), rope_(Rope::from_config(c)) {}
+TrainingPass<T>::TrainingPass(const ModelConfig& c, const TrainingLoss& loss)
+    : c_(c), loss_(loss), rope_(Rope::from_config(c)) {}
+
+template <typename T>
+double TrainingPass<T>::block_forward(const LayerWeights& lw, LayerActivations<T>& a, std::vector<T>& h) {
+  const int64_t N = B_ * S_, dim = c_.hidden_size;
+  std::vector<T> delta(static_cast<size_t>(N * dim));
+  a.h_in = h;
+  a.inv1.resize(size_t(N)), a.xn1.resize(size_t(N * dim));
+  rmsnorm_forward(h.data(), lw.input_layernorm.as<T>(), a.xn1.data(), a.inv1.data(), N, dim, c_.rms_norm_eps);
+  mla_train_forward(c_, rope_, lw.self_attn, a.xn1.data(), B_, S_, a.mla, delta.data());
+  for (int64_t i = 0; i < N * dim; ++i) h[size_t(i)] += delta[size_t(i)];
+  a.h_mid = h;
+  a.inv2.resize(size_t(N)), a.xn2.resize(size_t(N * dim));
+  rmsnorm_forward(h.data(), lw.post_attention_layernorm.as<T>(), a.xn2.data(), a.inv2.data(), N, dim, c_.rms_norm_eps);
+  double balance = 0;
+  if (lw.is_moe) balance = moe_train_forward(c_, lw.moe, a.xn2.data(), N, a.moe, delta.data(), {S_, loss_.alpha});
+  else mlp_train_forward(lw.mlp, a.xn2.data(), N, a.mlp, delta.data());
+  for (int64_t i = 0; i < N * dim; ++i) h[size_t(i)] += delta[size_t(i)];
+  return balance;
+}
+
+template <typename T>
+void TrainingPass<T>::block_backward(const LayerWeights& lw, LayerWeights& lg, const LayerActivations<T>& a,
+                                     std::vector<T>& dh) {
+  const int64_t N = B_ * S_, dim = c_.hidden_size;
+  std::vector<T> dxn(static_cast<size_t>(N * dim), T(0));
+  // h_out = h_mid + FFN(norm2(h_mid))
+  if (lw.is_moe) moe_train_backward(c_, lw.moe, a.xn2.data(), N, a.moe, dh.data(), lg.moe, dxn.data());
+  else mlp_train_backward(lw.mlp, a.xn2.data(), N, a.mlp, dh.data(), lg.mlp, dxn.data());
+  rmsnorm_backward(dxn.data(), a.h_mid.data(), lw.post_attention_layernorm.as<T>(), a.inv2.data(), dh.data(),
+                   mutable_data<T>(lg.post_attention_layernorm), N, dim);
+  // h_mid = h_in + MLA(norm1(h_in))
+  std::fill(dxn.begin(), dxn.end(), T(0));
+  mla_train_backward(c_, rope_, lw.self_attn, a.xn1.data(), B_, S_, a.mla, dh.data(), lg.self_attn, dxn.data());
+  rmsnorm_backward(dxn.data(), a.h_in.data(), lw.input_layernorm.as<T>(), a.inv1.data(), dh.data(),
+                   mutable_data<T>(lg.input_layernorm), N, dim);
+}
 
 template <typename T>
 double TrainingPass<T>::forward(const ModelWeights& w, const int32_t* tokens, const int32_t* targets, int64_t B,
@@ -25,62 +62,109 @@ double TrainingPass<T>::forward(const ModelWeights& w, const int32_t* tokens, co
   }
   B_ = B, S_ = S;
   tokens_.assign(tokens, tokens + N);
-  std::vector<T> h(static_cast<size_t>(N * dim)), delta(static_cast<size_t>(N * dim));
+  std::vector<T> h(static_cast<size_t>(N * dim));
   const T* embed = w.embed_tokens.as<T>();
   for (int64_t t = 0; t < N; ++t) std::memcpy(&h[size_t(t * dim)], embed + tokens[t] * dim, size_t(dim) * sizeof(T));
 
+  balance_loss_ = 0;
   layers_.resize(size_t(c_.num_hidden_layers));
-  for (int64_t l = 0; l < c_.num_hidden_layers; ++l) {
-    const LayerWeights& lw = w.layers[size_t(l)];
-    LayerActivations<T>& a = layers_[size_t(l)];
-    a.h_in = h;
-    a.inv1.resize(size_t(N)), a.xn1.resize(size_t(N * dim));
-    rmsnorm_forward(h.data(), lw.input_layernorm.as<T>(), a.xn1.data(), a.inv1.data(), N, dim, c_.rms_norm_eps);
-    mla_train_forward(c_, rope_, lw.self_attn, a.xn1.data(), B, S, a.mla, delta.data());
-    for (int64_t i = 0; i < N * dim; ++i) h[size_t(i)] += delta[size_t(i)];
-    a.h_mid = h;
-    a.inv2.resize(size_t(N)), a.xn2.resize(size_t(N * dim));
-    rmsnorm_forward(h.data(), lw.post_attention_layernorm.as<T>(), a.xn2.data(), a.inv2.data(), N, dim, c_.rms_norm_eps);
-    if (lw.is_moe) moe_train_forward(c_, lw.moe, a.xn2.data(), N, a.moe, delta.data());
-    else mlp_train_forward(lw.mlp, a.xn2.data(), N, a.mlp, delta.data());
-    for (int64_t i = 0; i < N * dim; ++i) h[size_t(i)] += delta[size_t(i)];
-  }
+  for (int64_t l = 0; l < c_.num_hidden_layers; ++l) balance_loss_ += block_forward(w.layers[size_t(l)], layers_[size_t(l)], h);
   h_last_ = h;
   inv_final_.resize(size_t(N)), xn_final_.resize(size_t(N * dim));
   rmsnorm_forward(h.data(), w.norm.as<T>(), xn_final_.data(), inv_final_.data(), N, dim, c_.rms_norm_eps);
   logits_.resize(size_t(N * vocab)), dlogits_.resize(size_t(N * vocab));
   matmul(xn_final_.data(), w.lm_head.as<T>(), logits_.data(), N, dim, vocab);
-  return cross_entropy(logits_.data(), targets, N, vocab, dlogits_.data());
+  main_loss_ = cross_entropy(logits_.data(), targets, N, vocab, dlogits_.data());
+
+  // MTP depths k = 1..D: predict the token k+1 ahead of each position (§2.2).
+  const int64_t D = loss_.mtp_weight > 0 ? c_.num_nextn_predict_layers : 0;
+  mtp_.resize(size_t(D));
+  mtp_loss_ = 0;
+  for (int64_t k = 1; k <= D; ++k) {
+    const MtpWeights& mw = w.mtp[size_t(k - 1)];
+    MtpActivations<T>& a = mtp_[size_t(k - 1)];
+    a.targets.assign(size_t(N), -1);
+    a.e.resize(size_t(N * dim));
+    for (int64_t t = 0; t < N; ++t) {
+      const int64_t i = t % S;
+      const int32_t tok = i + k < S ? tokens[t + k] : tokens[t];  // beyond the window: ignored below
+      if (i + k < S) a.targets[size_t(t)] = targets[t + k];
+      std::memcpy(&a.e[size_t(t * dim)], mw.embed_tokens.as<T>() + tok * dim, size_t(dim) * sizeof(T));
+    }
+    a.h_prev = h;
+    a.e_inv.resize(size_t(N)), a.en.resize(size_t(N * dim)), a.h_inv.resize(size_t(N)), a.hn.resize(size_t(N * dim));
+    rmsnorm_forward(a.e.data(), mw.enorm.as<T>(), a.en.data(), a.e_inv.data(), N, dim, c_.rms_norm_eps);
+    rmsnorm_forward(a.h_prev.data(), mw.hnorm.as<T>(), a.hn.data(), a.h_inv.data(), N, dim, c_.rms_norm_eps);
+    a.cat.resize(size_t(N * 2 * dim));
+    for (int64_t t = 0; t < N; ++t) {
+      std::memcpy(&a.cat[size_t(t * 2 * dim)], &a.en[size_t(t * dim)], size_t(dim) * sizeof(T));
+      std::memcpy(&a.cat[size_t(t * 2 * dim + dim)], &a.hn[size_t(t * dim)], size_t(dim) * sizeof(T));
+    }
+    matmul(a.cat.data(), mw.eh_proj.as<T>(), h.data(), N, 2 * dim, dim);
+    balance_loss_ += block_forward(mw.block, a.block, h);  // an MoE layer like the others
+    a.h_out = h;
+    a.inv_out.resize(size_t(N)), a.xn_out.resize(size_t(N * dim));
+    rmsnorm_forward(h.data(), mw.shared_head_norm.as<T>(), a.xn_out.data(), a.inv_out.data(), N, dim, c_.rms_norm_eps);
+    a.logits.resize(size_t(N * vocab)), a.dlogits.resize(size_t(N * vocab));
+    matmul(a.xn_out.data(), mw.shared_head_head.as<T>(), a.logits.data(), N, dim, vocab);
+    mtp_loss_ += cross_entropy(a.logits.data(), a.targets.data(), N, vocab, a.dlogits.data(),
+                               loss_.mtp_weight / double(D)) / double(D);
+  }
+  return main_loss_ + loss_.mtp_weight * mtp_loss_ + balance_loss_;
 }
 
 template <typename T>
 void TrainingPass<T>::backward(const ModelWeights& w, ModelWeights& g) {
   const int64_t N = B_ * S_, dim = c_.hidden_size, vocab = c_.vocab_size;
   std::vector<T> dxn(static_cast<size_t>(N * dim)), dh(static_cast<size_t>(N * dim), T(0));
-  // logits = norm(h) lm_head^T
+  // MTP depths, last first: dh carries d h^{k} back to depth k-1, and at the end to h^0.
+  for (int64_t k = int64_t(mtp_.size()); k >= 1; --k) {
+    const MtpWeights& mw = w.mtp[size_t(k - 1)];
+    MtpWeights& mg = g.mtp[size_t(k - 1)];
+    const MtpActivations<T>& a = mtp_[size_t(k - 1)];
+    matmul_dw(a.dlogits.data(), a.xn_out.data(), mutable_data<T>(mg.shared_head_head), N, dim, vocab);
+    matmul_dx(a.dlogits.data(), mw.shared_head_head.as<T>(), dxn.data(), N, dim, vocab, false);
+    rmsnorm_backward(dxn.data(), a.h_out.data(), mw.shared_head_norm.as<T>(), a.inv_out.data(), dh.data(),
+                     mutable_data<T>(mg.shared_head_norm), N, dim);
+    block_backward(mw.block, mg.block, a.block, dh);
+    std::vector<T> dcat(static_cast<size_t>(N * 2 * dim)), den(static_cast<size_t>(N * dim)),
+        dhn(static_cast<size_t>(N * dim)), de(static_cast<size_t>(N * dim), T(0));
+    matmul_dw(dh.data(), a.cat.data(), mutable_data<T>(mg.eh_proj), N, 2 * dim, dim);
+    matmul_dx(dh.data(), mw.eh_proj.as<T>(), dcat.data(), N, 2 * dim, dim, false);
+    for (int64_t t = 0; t < N; ++t) {
+      std::memcpy(&den[size_t(t * dim)], &dcat[size_t(t * 2 * dim)], size_t(dim) * sizeof(T));
+      std::memcpy(&dhn[size_t(t * dim)], &dcat[size_t(t * 2 * dim + dim)], size_t(dim) * sizeof(T));
+    }
+    rmsnorm_backward(den.data(), a.e.data(), mw.enorm.as<T>(), a.e_inv.data(), de.data(), mutable_data<T>(mg.enorm), N,
+                     dim);
+    T* dembed = mutable_data<T>(mg.embed_tokens);
+    for (int64_t t = 0; t < N; ++t) {
+      const int64_t i = t % S_;
+      const int32_t tok = i + k < S_ ? tokens_[size_t(t + k)] : tokens_[size_t(t)];
+      for (int64_t d = 0; d < dim; ++d) dembed[tok * dim + d] += de[size_t(t * dim + d)];
+    }
+    std::fill(dh.begin(), dh.end(), T(0));
+    rmsnorm_backward(dhn.data(), a.h_prev.data(), mw.hnorm.as<T>(), a.h_inv.data(), dh.data(), mutable_data<T>(mg.hnorm),
+                     N, dim);
+  }
+  // logits = norm(h) lm_head^T; dh already holds what the MTP modules send back to h^0.
   matmul_dw(dlogits_.data(), xn_final_.data(), mutable_data<T>(g.lm_head), N, dim, vocab);
   matmul_dx(dlogits_.data(), w.lm_head.as<T>(), dxn.data(), N, dim, vocab, false);
   rmsnorm_backward(dxn.data(), h_last_.data(), w.norm.as<T>(), inv_final_.data(), dh.data(), mutable_data<T>(g.norm), N,
                    dim);
-  for (int64_t l = c_.num_hidden_layers - 1; l >= 0; --l) {
-    const LayerWeights& lw = w.layers[size_t(l)];
-    LayerWeights& lg = g.layers[size_t(l)];
-    const LayerActivations<T>& a = layers_[size_t(l)];
-    // h_out = h_mid + FFN(norm2(h_mid))
-    std::fill(dxn.begin(), dxn.end(), T(0));
-    if (lw.is_moe) moe_train_backward(c_, lw.moe, a.xn2.data(), N, a.moe, dh.data(), lg.moe, dxn.data());
-    else mlp_train_backward(lw.mlp, a.xn2.data(), N, a.mlp, dh.data(), lg.mlp, dxn.data());
-    rmsnorm_backward(dxn.data(), a.h_mid.data(), lw.post_attention_layernorm.as<T>(), a.inv2.data(), dh.data(),
-                     mutable_data<T>(lg.post_attention_layernorm), N, dim);
-    // h_mid = h_in + MLA(norm1(h_in))
-    std::fill(dxn.begin(), dxn.end(), T(0));
-    mla_train_backward(c_, rope_, lw.self_attn, a.xn1.data(), B_, S_, a.mla, dh.data(), lg.self_attn, dxn.data());
-    rmsnorm_backward(dxn.data(), a.h_in.data(), lw.input_layernorm.as<T>(), a.inv1.data(), dh.data(),
-                     mutable_data<T>(lg.input_layernorm), N, dim);
-  }
+  for (int64_t l = c_.num_hidden_layers - 1; l >= 0; --l)
+    block_backward(w.layers[size_t(l)], g.layers[size_t(l)], layers_[size_t(l)], dh);
   T* dembed = mutable_data<T>(g.embed_tokens);
   for (int64_t t = 0; t < N; ++t)
     for (int64_t d = 0; d < dim; ++d) dembed[tokens_[size_t(t)] * dim + d] += dh[size_t(t * dim + d)];
+}
+
+template <typename T>
+std::vector<std::vector<int64_t>> TrainingPass<T>::expert_loads() const {
+  std::vector<std::vector<int64_t>> out(layers_.size());
+  for (size_t l = 0; l < layers_.size(); ++l)
+    for (const auto& slots : layers_[l].moe.slots) out[l].push_back(int64_t(slots.size()));
+  return out;
 }
 
 template class TrainingPass<float>;

@@ -1,8 +1,19 @@
-// One training pass of the main model over B sequences of S tokens: the forward saves the
-// activations, the backward turns the mean next-token cross-entropy into gradients of every
-// parameter, block by block in mirror order of the forward (llm.c style). T is float
-// (training) or double (gradient checks); weights and gradients come from
-// allocate_weights with T's dtype. The MTP modules are not run here yet.
+// One training pass over B sequences of S tokens: the forward saves the activations, the
+// backward turns the loss into gradients of every parameter, block by block in mirror
+// order of the forward (llm.c style). The loss is DeepSeek-V3's (§2.2, §2.1.2):
+//   mean next-token cross-entropy
+//   + mtp_weight / D * sum over the D MTP depths of their cross-entropy (predicting the
+//     token k+1 ahead at depth k)
+//   + the complementary sequence-wise balance loss of every MoE layer (alpha), the MTP
+//     modules' included.
+// With mtp_weight = alpha = 0 it is the plain next-token loss (dsv3 grads).
+// The MTP module at depth k takes hnorm(h^{k-1}), where h^0 is the main model's residual
+// stream after its last block and BEFORE its final norm (the module normalises it with its
+// own hnorm, and the paper's output head, norm included, sits after that representation),
+// and enorm of the embedding of token i+k, concatenated as [enorm(emb); hnorm(h)] as in
+// the released weights, projected by eh_proj, then one transformer block, shared_head.norm
+// and the output head shared with the main model.
+// T is float (training) or double (gradient checks).
 #pragma once
 #include <cstdint>
 #include <vector>
@@ -22,25 +33,51 @@ struct LayerActivations {
 };
 
 template <typename T>
+struct MtpActivations {  // one depth
+  std::vector<int32_t> targets;          // [N], -1 where the token k+1 ahead is outside the window
+  std::vector<T> e, e_inv, en;           // embedding of token i+k, enorm
+  std::vector<T> h_prev, h_inv, hn;      // h^{k-1}, hnorm
+  std::vector<T> cat;                    // [N, 2*hidden] = [en ; hn]
+  std::vector<T> h_out;                  // after the block
+  LayerActivations<T> block;
+  std::vector<T> inv_out, xn_out, logits, dlogits;
+};
+
+struct TrainingLoss {
+  double mtp_weight = 0;  // lambda (the paper: 0.3, then 0.1)
+  double alpha = 0;       // sequence-wise balance factor (the paper: 0.0001)
+};
+
+template <typename T>
 class TrainingPass {
  public:
-  explicit TrainingPass(const ModelConfig& c);
+  explicit TrainingPass(const ModelConfig& c, const TrainingLoss& loss = {});
 
-  // Mean cross-entropy over the positions whose target is >= 0. tokens, targets: [B*S].
+  // The total loss (see above). tokens, targets: [B*S]; target -1 = ignored.
   double forward(const ModelWeights& w, const int32_t* tokens, const int32_t* targets, int64_t B, int64_t S);
   // Gradients of the last forward's loss, accumulated into g.
   void backward(const ModelWeights& w, ModelWeights& g);
 
+  double main_loss() const { return main_loss_; }
+  double mtp_loss() const { return mtp_loss_; }          // mean over depths, unweighted
+  double balance_loss() const { return balance_loss_; }  // summed over layers, with alpha
   const std::vector<T>& logits() const { return logits_; }  // [B*S, vocab]
-  const std::vector<LayerActivations<T>>& layers() const { return layers_; }
+  // Tokens routed to each expert of each main-model layer in the last forward (empty: dense).
+  std::vector<std::vector<int64_t>> expert_loads() const;
 
  private:
+  double block_forward(const LayerWeights& lw, LayerActivations<T>& a, std::vector<T>& h);
+  void block_backward(const LayerWeights& lw, LayerWeights& lg, const LayerActivations<T>& a, std::vector<T>& dh);
+
   const ModelConfig& c_;
+  TrainingLoss loss_;
   Rope rope_;
   int64_t B_ = 0, S_ = 0;
   std::vector<int32_t> tokens_;
   std::vector<LayerActivations<T>> layers_;
+  std::vector<MtpActivations<T>> mtp_;
   std::vector<T> h_last_, inv_final_, xn_final_, logits_, dlogits_;
+  double main_loss_ = 0, mtp_loss_ = 0, balance_loss_ = 0;
 };
 
 }  // namespace dsv3

@@ -184,6 +184,13 @@ ModelWeights load_weights(const ModelConfig& c, const Checkpoint& ckpt) {
   return w;
 }
 
+void tie_mtp_shared(ModelWeights& w) {
+  for (MtpWeights& m : w.mtp) {
+    m.embed_tokens = w.embed_tokens;
+    m.shared_head_head = w.lm_head;
+  }
+}
+
 ModelWeights allocate_weights(const ModelConfig& c, DType dtype) {
   if (dtype != DType::f32 && dtype != DType::f64) fail("allocate_weights: F32 or F64 only");
   ModelWeights w;

@@ -95,6 +95,11 @@ ModelWeights allocate_weights(const ModelConfig& c, DType dtype);
 // dst (from allocate_weights) = src converted element by element (FP8 dequantized).
 void convert_weights(const ModelConfig& c, const ModelWeights& src, ModelWeights& dst);
 
+// Points every MTP module's embedding and output head at the main model's: in training they
+// are one tensor each (§2.2: shared embedding and output head); checkpoints still store
+// the copies under the MTP layer's names, as DeepSeek-V3's do.
+void tie_mtp_shared(ModelWeights& w);
+
 // The mutable elements of an owned float32 / float64 tensor.
 template <typename T>
 T* mutable_data(const Mat& m) {

@@ -10,7 +10,8 @@ namespace dsv3::cpu {
 constexpr int kMaxBatch = 8;
 
 // acc[j] += sum_k W[k] * x[j * ldx + k] for j < nb, k < len, with W one stored row of
-// BF16 values or of FP8 codes (their values: the caller folds the block scales into x).
+// BF16 values, float32 values, or FP8 codes (their values: the caller folds the block
+// scales into x).
 using RowDotFn = void (*)(const void* w, const float* x, int64_t ldx, int nb, int64_t len, float* acc);
 // y[k] += a * w[k] for k < len.
 using AxpyFn = void (*)(float a, const void* w, float* y, int64_t len);
@@ -18,7 +19,7 @@ using AxpyFn = void (*)(float a, const void* w, float* y, int64_t len);
 using ConvertFn = void (*)(const void* w, float* out, int64_t len);
 
 struct RowKernels {
-  RowDotFn dot_bf16, dot_fp8;
+  RowDotFn dot_bf16, dot_fp8, dot_f32;
   AxpyFn axpy_bf16, axpy_fp8;
   ConvertFn convert_bf16, convert_fp8;
   const char* name;

@@ -60,6 +60,18 @@ void dot_fp8_scalar(const void* wv, const float* x, int64_t ldx, int nb, int64_t
     acc[j] += s;
   }
 }
+void dot_f32_scalar(const void* wv, const float* x, int64_t ldx, int nb, int64_t len, float* acc) {
+  const uint8_t* w = static_cast<const uint8_t*>(wv);
+  for (int j = 0; j < nb; ++j) {
+    float s = 0;
+    for (int64_t k = 0; k < len; ++k) {
+      float v;
+      std::memcpy(&v, w + 4 * k, 4);
+      s += v * x[j * ldx + k];
+    }
+    acc[j] += s;
+  }
+}
 void axpy_bf16_scalar(float a, const void* wv, float* y, int64_t len) {
   for (int64_t k = 0; k < len; ++k) y[k] += a * load_bf16(static_cast<const uint8_t*>(wv), k);
 }
@@ -78,6 +90,7 @@ void convert_fp8_scalar(const void* wv, float* out, int64_t len) {
 const RowKernels& scalar_kernels() {
   static const RowKernels k{dot_bf16_scalar,
                             dot_fp8_scalar,
+                            dot_f32_scalar,
                             axpy_bf16_scalar,
                             axpy_fp8_scalar,
                             convert_bf16_scalar,
@@ -168,6 +181,7 @@ void row_dot(const cpu::RowKernels& k, const Mat& w, int64_t r, const float* x, 
   for (int j = 0; j < nb; ++j) acc[j] = 0;
   switch (w.dtype) {
     case DType::bf16: k.dot_bf16(row, x, w.cols, nb, w.cols, acc); return;
+    case DType::f32: k.dot_f32(row, x, w.cols, nb, w.cols, acc); return;
     case DType::f8_e4m3: k.dot_fp8(row, scaled.get(w, x, nb, r), w.cols, nb, w.cols, acc); return;
     default:
       for (int j = 0; j < nb; ++j) {
@@ -265,7 +279,7 @@ void dequantize_rows(const Mat& w, int64_t first, int64_t count, float* out) {
 void linear(const float* x, int64_t n, const Mat& w, float* y) {
   check_dtype(w);
   if (n == 0 || w.rows == 0) return;
-  if (w.dtype == DType::f32) {  // float32 weights or activations (the attention cache): BLAS as is
+  if (w.dtype == DType::f32 && (n > kMaxBatch || w.cols < 64)) {  // BLAS as is (e.g. the attention cache)
     cpu::sgemm(n, w.rows, w.cols, x, w.cols, reinterpret_cast<const float*>(w.data), w.cols, true, y, w.rows);
     return;
   }
@@ -290,7 +304,8 @@ void linear_batch(const LinearJob* jobs, size_t count) {
   for (size_t i = 0; i < count; ++i) {
     const LinearJob& j = jobs[i];
     check_dtype(j.w);
-    if (j.n > 0 && j.n <= kMaxBatch && (j.w.dtype == DType::bf16 || j.w.dtype == DType::f8_e4m3))
+    if (j.n > 0 && j.n <= kMaxBatch &&
+        (j.w.dtype == DType::bf16 || j.w.dtype == DType::f8_e4m3 || (j.w.dtype == DType::f32 && j.w.cols >= 64)))
       rowwise.push_back(j);
     else
       linear(j.x, j.n, j.w, j.y);

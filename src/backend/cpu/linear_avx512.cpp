@@ -119,6 +119,24 @@ DSV3_AVX512 inline void dot_rows_fp8(const uint8_t* w, const float* x, int64_t l
     acc[j] += 256.0f * _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a[j], b[j]), _mm512_add_ps(a2[j], b2[j])));
 }
 
+// Float32 rows: like BF16 without the conversion.
+DSV3_AVX512 void dot_f32(const void* wv, const float* x, int64_t ldx, int nb, int64_t len, float* acc) {
+  const float* w = static_cast<const float*>(wv);
+  for (int j = 0; j < nb; ++j) {
+    __m512 s0 = _mm512_setzero_ps(), s1 = s0;
+    int64_t k = 0;
+    for (; k + 32 <= len; k += 32) {
+      s0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k), _mm512_loadu_ps(x + j * ldx + k), s0);
+      s1 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k + 16), _mm512_loadu_ps(x + j * ldx + k + 16), s1);
+    }
+    for (; k < len; k += 16) {
+      const __mmask16 m = __mmask16(len - k >= 16 ? 0xffff : (1u << (len - k)) - 1);
+      s0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, w + k), _mm512_maskz_loadu_ps(m, x + j * ldx + k), s0);
+    }
+    acc[j] += _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+  }
+}
+
 template <bool kFp8>
 DSV3_AVX512 void dot(const void* wv, const float* x, int64_t ldx, int nb, int64_t len, float* acc) {
   const uint8_t* w = static_cast<const uint8_t*>(wv);
@@ -196,7 +214,7 @@ bool avx512_available() {
 }
 
 const RowKernels& avx512_kernels() {
-  static const RowKernels k{dot<false>, dot<true>, axpy_bf16, axpy_fp8, convert_bf16, convert_fp8, "avx512"};
+  static const RowKernels k{dot<false>, dot<true>, dot_f32, axpy_bf16, axpy_fp8, convert_bf16, convert_fp8, "avx512"};
   return k;
 }
 

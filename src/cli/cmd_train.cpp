@@ -1,0 +1,209 @@
+// dsv3 train: train a DeepSeek-V3-architecture model from token shards (dsv3 data) with
+// the paper's recipe; live progress, metrics.csv, loss.svg and checkpoints in RUN_DIR.
+#include <fcntl.h>
+#include <sys/file.h>
+#include <unistd.h>
+
+#include <CLI/CLI.hpp>
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <memory>
+#include <sstream>
+
+#include "cli/args.h"
+#include "cli/commands.h"
+#include "core/error.h"
+#include "cost/cost.h"
+#include "data/shard.h"
+#include "train/plot.h"
+#include "train/trainer.h"
+
+namespace dsv3::cli {
+
+namespace {
+
+namespace fs = std::filesystem;
+
+struct TrainFlags {
+  std::string config, data, out, tokenizer;
+  TrainOptions opt;
+  double warmup_frac = 0.05, decay_start_frac = 0.6;
+  bool resume = false, fp32_moments = false;
+  int threads = 0;
+};
+
+std::string read_text(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) fail(path, ": cannot open");
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+// Every shard PREFIX-*.bin of dir, sorted.
+std::vector<std::unique_ptr<ShardReader>> open_shards(const std::string& dir, const std::string& prefix) {
+  std::vector<std::string> paths;
+  for (const auto& e : fs::directory_iterator(dir)) {
+    const std::string name = e.path().filename().string();
+    if (name.rfind(prefix + "-", 0) == 0 && e.path().extension() == ".bin") paths.push_back(e.path().string());
+  }
+  std::sort(paths.begin(), paths.end());
+  std::vector<std::unique_ptr<ShardReader>> out;
+  for (const auto& p : paths) out.push_back(std::make_unique<ShardReader>(p));
+  return out;
+}
+
+std::string duration(double s) {
+  char buf[32];
+  const long t = long(s);
+  if (t >= 3600) std::snprintf(buf, sizeof(buf), "%ld:%02ld:%02ld", t / 3600, t / 60 % 60, t % 60);
+  else std::snprintf(buf, sizeof(buf), "%02ld:%02ld", t / 60, t % 60);
+  return buf;
+}
+
+void run(TrainFlags& f) {
+  set_threads(f.threads);
+  const std::string config_json = read_text(f.config);
+  if (!fs::is_directory(f.data)) fail("--data: ", f.data, " is not a folder of token shards");
+  auto train_shards = open_shards(f.data, "train"), val_shards = open_shards(f.data, "val");
+  if (train_shards.empty()) fail("--data: ", f.data, " has no train-*.bin shards (make them with dsv3 data)");
+  const ModelConfig c = ModelConfig::parse(config_json, f.config);
+  std::vector<std::span<const uint32_t>> train, val;
+  for (const auto* list : {&train_shards, &val_shards})
+    for (const auto& s : *list)
+      if (s->header().vocab_size > uint32_t(c.vocab_size))
+        fail(s->path(), ": token ids up to ", s->header().vocab_size, " but the model's vocab_size is ", c.vocab_size);
+  for (const auto& s : train_shards) train.push_back(s->tokens());
+  for (const auto& s : val_shards) val.push_back(s->tokens());
+
+  TrainOptions& o = f.opt;
+  o.adamw.bf16_moments = !f.fp32_moments;
+  // The tokenizer goes into every checkpoint: --tokenizer, else the one dsv3 data used.
+  std::string tok = f.tokenizer;
+  if (tok.empty() && fs::exists(f.data + "/data.json")) {
+    const std::string summary = read_text(f.data + "/data.json");
+    const auto key = summary.find("\"tokenizer\"");
+    if (key != std::string::npos) {
+      const auto a = summary.find('"', summary.find(':', key) + 1), b = summary.find('"', a + 1);
+      if (a != std::string::npos && b != std::string::npos) tok = summary.substr(a + 1, b - a - 1);
+    }
+  }
+  if (!tok.empty()) {
+    for (const char* name : {"tokenizer.json", "tokenizer_config.json"})
+      if (fs::exists(tok + "/" + name)) o.extras.files.push_back(tok + "/" + name);
+    if (o.extras.files.empty()) fail("--tokenizer: ", tok, " has no tokenizer.json");
+  }
+  o.schedule.warmup_steps = int64_t(double(o.steps) * f.warmup_frac);
+  o.schedule.decay_start = int64_t(double(o.steps) * f.decay_start_frac);
+  o.schedule.decay_end = o.steps;
+  fs::create_directories(f.out);
+  // One trainer per run folder: a second one would interleave checkpoints and metrics.
+  const int lock = ::open((f.out + "/.lock").c_str(), O_CREAT | O_RDWR | O_CLOEXEC, 0644);
+  if (lock < 0 || ::flock(lock, LOCK_EX | LOCK_NB) != 0)
+    fail(f.out, " is in use by another dsv3 train (", f.out, "/.lock is held)");
+  Trainer trainer(config_json, o, train, val, f.out);
+  const bool resumed = f.resume && trainer.resume();
+  if (f.resume && !resumed) std::fprintf(stderr, "no checkpoint in %s: starting from scratch\n", f.out.c_str());
+  if (!resumed && latest_checkpoint(f.out))
+    fail(f.out, " already holds checkpoints; pass --resume to continue, or choose another --out");
+
+  int64_t params = 0;
+  for (const TensorSlot& s : list_tensors(c, const_cast<ModelWeights&>(trainer.params())))
+    if (!s.mtp) params += s.mat->numel();
+  std::fprintf(stderr, "dsv3 train: %.2fM parameters (main model), %ld steps of %ld x %ld tokens, %zu train shards%s\n",
+               double(params) / 1e6, long(o.steps), long(o.batch), long(o.seq), train_shards.size(),
+               resumed ? cat(", resumed at step ", trainer.state().step).c_str() : "");
+
+  const std::string csv_path = f.out + "/metrics.csv";
+  std::ofstream csv(csv_path, resumed ? std::ios::app : std::ios::trunc);
+  if (!resumed) csv << "step,tokens,batch,loss,mtp_loss,val_loss,lr,grad_norm,tokens_per_s,max_vio\n";
+  Curve train_curve{"train loss", "#1f77b4", {}}, val_curve{"validation loss", "#d62728", {}};
+  const bool tty = isatty(STDERR_FILENO);
+  const auto start = std::chrono::steady_clock::now();
+  const int64_t first_step = trainer.state().step;
+  double smooth = -1;
+  trainer.run([&](const StepMetrics& m) {
+    smooth = smooth < 0 ? m.loss : 0.9 * smooth + 0.1 * m.loss;
+    char line[512];
+    std::snprintf(line, sizeof(line), "%ld,%ld,%ld,%.6f,%.6f,%s,%.6g,%.4f,%.1f,%.4f\n", long(m.step), long(m.tokens),
+                  long(m.batch), m.loss, m.mtp_loss, m.val_loss >= 0 ? cat(m.val_loss).c_str() : "", m.lr, m.grad_norm,
+                  m.tokens_per_s, m.max_vio);
+    csv << line << std::flush;
+    train_curve.points.push_back({double(m.step), smooth});
+    if (m.val_loss >= 0) val_curve.points.push_back({double(m.step), m.val_loss});
+    const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    const double eta = elapsed / double(m.step - first_step) * double(o.steps - m.step);
+    const int width = 24, filled = int(double(width) * double(m.step) / double(o.steps));
+    std::string bar = std::string(size_t(filled), '#') + std::string(size_t(width - filled), '.');
+    std::snprintf(line, sizeof(line),
+                  "step %ld/%ld [%s] loss %.4f%s | mtp %.3f | lr %.2e | gnorm %.2f | %.0f tok/s | maxvio %.2f | ETA %s",
+                  long(m.step), long(o.steps), bar.c_str(), smooth,
+                  m.val_loss >= 0 ? cat(" val ", std::to_string(m.val_loss).substr(0, 6)).c_str() : "", m.mtp_loss, m.lr,
+                  m.grad_norm, m.tokens_per_s, m.max_vio, duration(eta).c_str());
+    if (tty) std::fprintf(stderr, "\r%s\033[K%s", line, m.step == o.steps || m.val_loss >= 0 ? "\n" : "");
+    else if (m.step % std::max<int64_t>(o.log_every, 1) == 0 || m.step == o.steps || m.val_loss >= 0)
+      std::fprintf(stderr, "%s\n", line);
+    if (m.val_loss >= 0 || m.step == o.steps)
+      write_svg_plot(f.out + "/loss.svg", "dsv3 training loss", {train_curve, val_curve});
+  });
+  // dsv3 cost's accounting applied to this run's measured throughput.
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  const int64_t trained = trainer.state().step - first_step;
+  if (trained > 0 && seconds > 0) {
+    const ModelCount count = count_model(c, o.seq, fs::path(f.config).stem().string());
+    const double tok_s = double(trained) * double(o.batch) * double(o.seq) / seconds;
+    const double hours_per_t = 1e12 / tok_s / 3600;
+    std::fprintf(stderr,
+                 "cost: %.1f MFLOP per token to train (6 x %.2fM active matmul weights + attention at seq %ld + MTP); "
+                 "measured %.0f tok/s = %.1f GFLOP/s here; 1T tokens at this rate: %.3g machine-hours = $%.3g at "
+                 "$2/hour\n",
+                 count.train_flops_per_token / 1e6, double(count.matmul_params) / 1e6, long(o.seq), tok_s,
+                 tok_s * count.train_flops_per_token / 1e9, hours_per_t, 2 * hours_per_t);
+  }
+  const auto last = latest_checkpoint(f.out);
+  std::fprintf(stderr, "done: %ld steps, %ld tokens in %s; checkpoint %s; metrics %s, plot %s/loss.svg\n",
+               long(trainer.state().step), long(trainer.state().tokens),
+               duration(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count()).c_str(),
+               last ? last->c_str() : "(none)", csv_path.c_str(), f.out.c_str());
+}
+
+}  // namespace
+
+void add_train(CLI::App& app) {
+  auto f = std::make_shared<TrainFlags>();
+  CLI::App* cmd = app.add_subcommand("train", "Train a DeepSeek-V3-architecture model from token shards");
+  cmd->add_option("--config,-c", f->config, "model config.json")->required()->check(CLI::ExistingFile);
+  cmd->add_option("--data,-d", f->data, "folder of token shards from dsv3 data (train-*.bin, val-*.bin)")->required();
+  cmd->add_option("--out,-o", f->out, "run folder: checkpoints, metrics.csv, loss.svg")->required();
+  cmd->add_option("--tokenizer", f->tokenizer, "tokenizer folder copied into checkpoints (default: the one in DATA/data.json)");
+  TrainOptions& o = f->opt;
+  cmd->add_option("--steps", o.steps, "optimizer steps")->capture_default_str();
+  cmd->add_option("--batch", o.batch, "sequences per step (after the ramp)")->capture_default_str();
+  cmd->add_option("--seq", o.seq, "tokens per sequence")->capture_default_str();
+  cmd->add_option("--lr", o.schedule.lr, "peak learning rate (the paper: 2.2e-4)")->capture_default_str();
+  cmd->add_option("--min-lr", o.schedule.min_lr, "learning rate after the cosine decay")->capture_default_str();
+  cmd->add_option("--warmup", f->warmup_frac, "warmup, as a fraction of the steps")->capture_default_str();
+  cmd->add_option("--decay-start", f->decay_start_frac, "start of the cosine decay, fraction of the steps")->capture_default_str();
+  cmd->add_option("--batch-start", o.schedule.batch_start, "batch size at step 0 of the ramp (0: no ramp)");
+  cmd->add_option("--batch-ramp", o.schedule.batch_ramp_steps, "steps of the batch-size ramp");
+  cmd->add_option("--gamma", o.gamma, "bias update speed of aux-loss-free balancing")->capture_default_str();
+  cmd->add_option("--alpha", o.alpha, "sequence-wise balance loss factor")->capture_default_str();
+  cmd->add_option("--mtp-weight", o.mtp_weight, "MTP loss weight lambda (0: no MTP)")->capture_default_str();
+  cmd->add_option("--clip", o.clip, "gradient norm clip (0: off)")->capture_default_str();
+  cmd->add_option("--weight-decay", o.adamw.weight_decay, "AdamW weight decay")->capture_default_str();
+  cmd->add_option("--init-std", o.init_std, "initialisation std")->capture_default_str();
+  cmd->add_option("--eval-every", o.eval_every, "validation loss every N steps (0: never)")->capture_default_str();
+  cmd->add_option("--eval-batches", o.eval_batches, "validation batches")->capture_default_str();
+  cmd->add_option("--save-every", o.save_every, "checkpoint every N steps (and at the end)")->capture_default_str();
+  cmd->add_option("--keep", o.keep, "checkpoints kept")->capture_default_str();
+  cmd->add_option("--log-every", o.log_every, "log line every N steps when not on a terminal")->capture_default_str();
+  cmd->add_option("--seed", o.seed, "seed of initialisation and data order")->capture_default_str();
+  cmd->add_flag("--resume", f->resume, "continue from the newest checkpoint in --out");
+  cmd->add_flag("--fp32-moments", f->fp32_moments, "AdamW moments in float32 (default BF16, as the paper)");
+  cmd->add_option("--threads,-t", f->threads, "CPU threads (default: all)");
+  cmd->callback([f] { run(*f); });
+}
+
+}  // namespace dsv3::cli

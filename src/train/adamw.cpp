@@ -1,0 +1,127 @@
+// AdamW and gradient clipping (see adamw.h).
+#include "train/adamw.h"
+
+#include <cmath>
+#include <set>
+
+#include "core/dtype.h"
+#include "core/error.h"
+
+namespace dsv3 {
+
+namespace {
+
+// The trainable tensors, each storage once (the MTP module shares the embedding and the
+// output head with the main model: one tensor, two names).
+ModelWeights tied_shape(const ModelConfig& c) {
+  ModelWeights w = allocate_weights(c, DType::f32);
+  tie_mtp_shared(w);
+  return w;
+}
+
+std::vector<TensorSlot> unique_trainable(const ModelConfig& c, ModelWeights& w) {
+  std::vector<TensorSlot> out;
+  std::set<const uint8_t*> seen;
+  for (const TensorSlot& s : list_tensors(c, w))
+    if (s.trainable && seen.insert(s.mat->data).second) out.push_back(s);
+  return out;
+}
+
+}  // namespace
+
+AdamW::AdamW(const ModelConfig& c, const AdamWConfig& cfg) : cfg_(cfg) {
+  ModelWeights shape = tied_shape(c);
+  for (const TensorSlot& s : unique_trainable(c, shape)) {
+    Moments m;
+    const size_t n = size_t(s.mat->numel());
+    if (cfg.bf16_moments) m.m16.assign(n, 0), m.v16.assign(n, 0);
+    else m.m32.assign(n, 0.0f), m.v32.assign(n, 0.0f);
+    moments_.push_back(std::move(m));
+  }
+}
+
+void AdamW::update(const ModelConfig& c, ModelWeights& params, const ModelWeights& grads, double lr, int64_t step) {
+  const auto p = unique_trainable(c, params);
+  const auto g = unique_trainable(c, const_cast<ModelWeights&>(grads));
+  if (p.size() != moments_.size() || g.size() != p.size()) fail("AdamW: parameter list changed");
+  const double bc1 = 1 - std::pow(cfg_.beta1, double(step)), bc2 = 1 - std::pow(cfg_.beta2, double(step));
+  const float b1 = float(cfg_.beta1), b2 = float(cfg_.beta2), eps = float(cfg_.eps);
+  for (size_t t = 0; t < p.size(); ++t) {
+    float* w = mutable_data<float>(*p[t].mat);
+    const float* gr = g[t].mat->as<float>();
+    Moments& m = moments_[t];
+    const int64_t n = p[t].mat->numel();
+    const bool decay = p[t].shape.size() == 2;  // matrices decay; norm weights do not
+    const float step_lr = float(lr), decay_factor = decay ? float(1 - lr * cfg_.weight_decay) : 1.0f;
+    const float inv_bc1 = float(1 / bc1), inv_sqrt_bc2 = float(1 / std::sqrt(bc2));
+#pragma omp parallel for schedule(static) if (n > 65536)
+    for (int64_t i = 0; i < n; ++i) {
+      float mi, vi;
+      if (cfg_.bf16_moments) mi = bf16_to_f32(m.m16[size_t(i)]), vi = bf16_to_f32(m.v16[size_t(i)]);
+      else mi = m.m32[size_t(i)], vi = m.v32[size_t(i)];
+      mi = b1 * mi + (1 - b1) * gr[i];
+      vi = b2 * vi + (1 - b2) * gr[i] * gr[i];
+      if (cfg_.bf16_moments) m.m16[size_t(i)] = f32_to_bf16(mi), m.v16[size_t(i)] = f32_to_bf16(vi);
+      else m.m32[size_t(i)] = mi, m.v32[size_t(i)] = vi;
+      w[i] = w[i] * decay_factor - step_lr * (mi * inv_bc1) / (std::sqrt(vi) * inv_sqrt_bc2 + eps);
+    }
+  }
+}
+
+std::vector<AdamW::NamedTensor> AdamW::state(const ModelConfig& c) const {
+  ModelWeights shape = tied_shape(c);
+  const auto slots = unique_trainable(c, shape);
+  std::vector<NamedTensor> out;
+  for (size_t t = 0; t < slots.size(); ++t) {
+    const Moments& m = moments_[t];
+    NamedTensor em{"exp_avg." + slots[t].name, slots[t].shape, {}}, ev{"exp_avg_sq." + slots[t].name, slots[t].shape, {}};
+    const size_t n = size_t(slots[t].mat->numel());
+    em.values.resize(n), ev.values.resize(n);
+    for (size_t i = 0; i < n; ++i) {
+      em.values[i] = cfg_.bf16_moments ? bf16_to_f32(m.m16[i]) : m.m32[i];
+      ev.values[i] = cfg_.bf16_moments ? bf16_to_f32(m.v16[i]) : m.v32[i];
+    }
+    out.push_back(std::move(em));
+    out.push_back(std::move(ev));
+  }
+  return out;
+}
+
+void AdamW::load_state(const ModelConfig& c, const std::vector<NamedTensor>& tensors) {
+  ModelWeights shape = tied_shape(c);
+  const auto slots = unique_trainable(c, shape);
+  if (tensors.size() != 2 * slots.size()) fail("optimizer state: ", tensors.size(), " tensors, expected ", 2 * slots.size());
+  for (size_t t = 0; t < slots.size(); ++t) {
+    const NamedTensor& em = tensors[2 * t];
+    const NamedTensor& ev = tensors[2 * t + 1];
+    if (em.name != "exp_avg." + slots[t].name || ev.name != "exp_avg_sq." + slots[t].name)
+      fail("optimizer state: found ", em.name, ", expected exp_avg.", slots[t].name);
+    const size_t n = size_t(slots[t].mat->numel());
+    if (em.values.size() != n || ev.values.size() != n) fail("optimizer state: ", em.name, " has the wrong size");
+    Moments& m = moments_[t];
+    for (size_t i = 0; i < n; ++i) {
+      if (cfg_.bf16_moments) m.m16[i] = f32_to_bf16(em.values[i]), m.v16[i] = f32_to_bf16(ev.values[i]);
+      else m.m32[i] = em.values[i], m.v32[i] = ev.values[i];
+    }
+  }
+}
+
+double clip_grad_norm(const ModelConfig& c, ModelWeights& grads, double max_norm) {
+  const auto g = unique_trainable(c, grads);
+  double ss = 0;
+  for (const TensorSlot& s : g) {
+    const float* x = s.mat->as<float>();
+    for (int64_t i = 0; i < s.mat->numel(); ++i) ss += double(x[i]) * x[i];
+  }
+  const double norm = std::sqrt(ss);
+  if (max_norm > 0 && norm > max_norm) {
+    const float k = float(max_norm / (norm + 1e-6));
+    for (const TensorSlot& s : g) {
+      float* x = mutable_data<float>(*s.mat);
+      for (int64_t i = 0; i < s.mat->numel(); ++i) x[i] *= k;
+    }
+  }
+  return norm;
+}
+
+}  // namespace dsv3

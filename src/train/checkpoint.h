@@ -1,0 +1,44 @@
+// Training checkpoints in the Hugging Face DeepSeek-V3 layout, so that dsv3 generate and
+// transformers load them: RUN/checkpoint-NNNNNNN/{config.json, model.safetensors (every
+// tensor under its HF name, float32; the MTP module as layer num_hidden_layers with its
+// copies of the embedding and head), optimizer.safetensors (AdamW moments),
+// trainer_state.json (step, tokens, data position)}. A checkpoint is written into a
+// temporary folder, each file fsynced, then renamed into place: a crash, even kill -9 in
+// the middle, leaves the previous checkpoints intact. Uses model, io and train/adamw.
+#pragma once
+#include <cstdint>
+#include <optional>
+#include <string>
+
+#include "train/adamw.h"
+#include "train/batch_sampler.h"
+
+namespace dsv3 {
+
+struct TrainerState {
+  int64_t step = 0;    // optimizer steps done
+  int64_t tokens = 0;  // tokens trained on
+  BatchSampler::Position data;
+  uint64_t seed = 0;
+};
+
+// Files copied verbatim into every checkpoint (the tokenizer, so a checkpoint is a complete
+// Hugging Face model folder).
+struct CheckpointExtras {
+  std::vector<std::string> files;
+};
+
+// Writes checkpoint `state.step` into run_dir and deletes all but the newest `keep`.
+// config_json is written as config.json verbatim. Returns the checkpoint's folder.
+std::string save_checkpoint(const std::string& run_dir, const std::string& config_json, const ModelConfig& c,
+                            const ModelWeights& params, const AdamW& opt, const TrainerState& state, int keep,
+                            const CheckpointExtras& extras = {});
+
+// The newest complete checkpoint folder of run_dir, if any (unfinished ones are ignored).
+std::optional<std::string> latest_checkpoint(const std::string& run_dir);
+
+// Restores params, optimizer moments and state from a checkpoint folder; the checkpoint's
+// config.json must describe the same model as c. Throws Error naming what is wrong.
+TrainerState load_checkpoint(const std::string& dir, const ModelConfig& c, ModelWeights& params, AdamW& opt);
+
+}  // namespace dsv3

@@ -1,0 +1,121 @@
+// The training loop (see trainer.h).
+#include "train/trainer.h"
+
+#include <chrono>
+#include <cstring>
+#include <random>
+#include <set>
+
+#include "core/error.h"
+#include "train/balance.h"
+
+namespace dsv3 {
+
+void init_weights(const ModelConfig& c, ModelWeights& w, double std, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> normal(0.0f, float(std));
+  tie_mtp_shared(w);
+  std::set<const uint8_t*> done;
+  for (const TensorSlot& s : list_tensors(c, w)) {
+    if (!done.insert(s.mat->data).second) continue;
+    float* p = mutable_data<float>(*s.mat);
+    const bool vector = s.shape.size() == 1;
+    for (int64_t i = 0; i < s.mat->numel(); ++i) p[i] = vector ? (s.trainable ? 1.0f : 0.0f) : normal(rng);
+  }
+}
+
+namespace {
+
+void zero(const ModelConfig& c, ModelWeights& g) {
+  std::set<const uint8_t*> done;
+  for (const TensorSlot& s : list_tensors(c, g))
+    if (done.insert(s.mat->data).second) std::memset(mutable_data<float>(*s.mat), 0, size_t(s.mat->numel()) * 4);
+}
+
+}  // namespace
+
+Trainer::Trainer(const std::string& config_json, const TrainOptions& opt, std::vector<std::span<const uint32_t>> train,
+                 std::vector<std::span<const uint32_t>> val, const std::string& run_dir)
+    : config_json_(config_json),
+      c_(ModelConfig::parse(config_json, run_dir + ": config")),
+      opt_(opt),
+      run_dir_(run_dir),
+      params_(allocate_weights(c_, DType::f32)),
+      grads_(allocate_weights(c_, DType::f32)),
+      adamw_(c_, opt.adamw),
+      pass_(c_, {opt.mtp_weight, opt.alpha}),
+      train_(std::move(train), opt.seq, opt.seed),
+      val_(std::move(val)) {
+  if (opt_.batch <= 0 || opt_.seq <= 0 || opt_.steps < 0) fail("batch, seq and steps must be positive");
+  if (opt_.seq > c_.max_position_embeddings) fail("seq ", opt_.seq, " exceeds max_position_embeddings");
+  opt_.schedule.batch = opt_.batch;
+  init_weights(c_, params_, opt_.init_std, opt_.seed);
+  tie_mtp_shared(grads_);
+  state_.seed = opt_.seed;
+}
+
+bool Trainer::resume() {
+  const auto dir = latest_checkpoint(run_dir_);
+  if (!dir) return false;
+  state_ = load_checkpoint(*dir, c_, params_, adamw_);
+  tie_mtp_shared(params_);
+  train_.seek(state_.data);
+  return true;
+}
+
+StepMetrics Trainer::step() {
+  const auto t0 = std::chrono::steady_clock::now();
+  const int64_t step = state_.step + 1, B = opt_.schedule.batch_at(step), S = opt_.seq;
+  inputs_.resize(size_t(B * S)), targets_.resize(size_t(B * S));
+  train_.next_batch(B, inputs_.data(), targets_.data());
+  zero(c_, grads_);
+  StepMetrics m;
+  pass_.forward(params_, inputs_.data(), targets_.data(), B, S);
+  m.loss = pass_.main_loss();
+  m.mtp_loss = pass_.mtp_loss();
+  pass_.backward(params_, grads_);
+  m.grad_norm = clip_grad_norm(c_, grads_, opt_.clip);
+  m.lr = opt_.schedule.lr_at(step);
+  adamw_.update(c_, params_, grads_, m.lr, step);
+  const auto vio = update_balance_bias(c_, params_, pass_.expert_loads(), opt_.gamma);
+  for (double v : vio) m.max_vio = std::max(m.max_vio, v);
+  state_.step = step;
+  state_.tokens += B * S;
+  state_.data = train_.position();
+  m.step = step, m.tokens = state_.tokens, m.batch = B;
+  m.tokens_per_s = double(B * S) / std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  return m;
+}
+
+double Trainer::validation_loss() {
+  if (val_.empty()) return -1;
+  // The first eval_batches * batch windows of the validation stream, always the same.
+  BatchSampler v(val_, opt_.seq, 0);
+  const int64_t n = std::min(opt_.eval_batches * opt_.batch, v.windows());
+  std::vector<int32_t> in(size_t(opt_.seq)), tg(size_t(opt_.seq));
+  double total = 0;
+  TrainingPass<float> pass(c_);  // the next-token loss alone
+  for (int64_t i = 0; i < n; ++i) {
+    v.next_batch(1, in.data(), tg.data());
+    total += pass.forward(params_, in.data(), tg.data(), 1, opt_.seq);
+  }
+  return n ? total / double(n) : -1;
+}
+
+std::string Trainer::save() {
+  return save_checkpoint(run_dir_, config_json_, c_, params_, adamw_, state_, opt_.keep, opt_.extras);
+}
+
+void Trainer::run(const std::function<void(const StepMetrics&)>& on_step) {
+  while (state_.step < opt_.steps) {
+    StepMetrics m = step();
+    if (!std::isfinite(m.loss)) fail("step ", m.step, ": the loss is ", m.loss, "; stopping (the last checkpoint is intact)");
+    if (opt_.eval_every > 0 && (m.step % opt_.eval_every == 0 || m.step == opt_.steps)) m.val_loss = validation_loss();
+    // Report before saving: a crash in between repeats this step on resume (its metrics
+    // line appears twice) rather than losing it.
+    if (on_step) on_step(m);
+    if (opt_.save_every > 0 && (m.step % opt_.save_every == 0 || m.step == opt_.steps)) save();
+  }
+}
+
+}  // namespace dsv3

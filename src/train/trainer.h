@@ -1,0 +1,80 @@
+// The training loop of DeepSeek-V3 models (§4.2 recipe, scaled by flags): batches from
+// token shards, forward/backward, gradient clipping, AdamW, the auxiliary-loss-free bias
+// update, validation loss, metrics (CSV and an SVG plot) and checkpoints with exact resume.
+// Uses model, data and the train/ parts.
+#pragma once
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "model/training.h"
+#include "train/adamw.h"
+#include "train/batch_sampler.h"
+#include "train/checkpoint.h"
+#include "train/schedule.h"
+
+namespace dsv3 {
+
+struct TrainOptions {
+  int64_t steps = 1000;
+  int64_t batch = 8, seq = 128;  // sequences per step (after the ramp), tokens per sequence
+  Schedule schedule;             // lr / batch schedules (batch overrides schedule.batch)
+  AdamWConfig adamw;
+  double clip = 1.0;        // global gradient-norm clip (the paper: 1.0)
+  double gamma = 0.001;     // bias update speed of aux-loss-free balancing (the paper: 0.001)
+  double alpha = 0.0001;    // sequence-wise balance loss factor (the paper: 0.0001)
+  double mtp_weight = 0.3;  // lambda, the MTP loss weight (the paper: 0.3, then 0.1)
+  double init_std = 0.006;  // the paper's initialisation
+  int64_t eval_every = 100, eval_batches = 8, save_every = 200, log_every = 10;
+  int keep = 3;             // checkpoints kept
+  uint64_t seed = 1234;
+  CheckpointExtras extras;  // files copied into every checkpoint (tokenizer)
+};
+
+struct StepMetrics {
+  int64_t step = 0, tokens = 0, batch = 0;
+  double loss = 0, mtp_loss = 0, lr = 0, grad_norm = 0, tokens_per_s = 0, max_vio = 0;  // loss: next-token CE
+  double val_loss = -1;  // when evaluated at this step
+};
+
+class Trainer {
+ public:
+  // config_json: the text of config.json (written into every checkpoint).
+  Trainer(const std::string& config_json, const TrainOptions& opt, std::vector<std::span<const uint32_t>> train,
+          std::vector<std::span<const uint32_t>> val, const std::string& run_dir);
+
+  // Continues from the newest checkpoint of run_dir; false if there is none.
+  bool resume();
+  // Runs until opt.steps; on_step sees every step's metrics.
+  void run(const std::function<void(const StepMetrics&)>& on_step);
+  // One optimizer step.
+  StepMetrics step();
+  double validation_loss();
+  std::string save();  // checkpoint now
+
+  const ModelConfig& config() const { return c_; }
+  const TrainerState& state() const { return state_; }
+  const ModelWeights& params() const { return params_; }
+
+ private:
+  std::string config_json_;
+  ModelConfig c_;
+  TrainOptions opt_;
+  std::string run_dir_;
+  ModelWeights params_, grads_;
+  AdamW adamw_;
+  TrainingPass<float> pass_;
+  BatchSampler train_;
+  std::vector<std::span<const uint32_t>> val_;
+  TrainerState state_;
+  std::vector<int32_t> inputs_, targets_;
+};
+
+// Random initial weights: matrices N(0, std^2), norm weights 1, router biases 0; the MTP
+// modules share the embedding and the output head with the main model.
+void init_weights(const ModelConfig& c, ModelWeights& w, double std, uint64_t seed);
+
+}  // namespace dsv3

@@ -1,0 +1,250 @@
+// The training loop: exact resume (also after kill -9 through the CLI), unfinished and
+// corrupt checkpoints, checkpoints that inference loads, and auxiliary-loss-free balancing.
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <filesystem>
+#include <fstream>
+#include <random>
+
+#include "core/error.h"
+#include "golden_util.h"
+#include "io/safetensors.h"
+#include "model/transformer.h"
+#include "train/trainer.h"
+
+namespace dsv3 {
+namespace {
+
+namespace fs = std::filesystem;
+
+const char* kConfig = R"({"vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "moe_intermediate_size": 16,
+  "num_hidden_layers": 2, "num_attention_heads": 2, "qk_nope_head_dim": 8, "qk_rope_head_dim": 4, "v_head_dim": 8,
+  "kv_lora_rank": 16, "q_lora_rank": 16, "max_position_embeddings": 128, "rope_theta": 10000,
+  "first_k_dense_replace": 1, "n_routed_experts": 8, "num_experts_per_tok": 2, "n_shared_experts": 1,
+  "n_group": 2, "topk_group": 1, "scoring_func": "sigmoid", "topk_method": "noaux_tc", "norm_topk_prob": true,
+  "routed_scaling_factor": 2.5, "num_nextn_predict_layers": 1, "rms_norm_eps": 1e-6, "bos_token_id": 0,
+  "eos_token_id": 1})";
+
+// A learnable stream: short repeated phrases separated by EOS.
+std::vector<uint32_t> corpus(size_t n, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::vector<uint32_t> out;
+  while (out.size() < n) {
+    const uint32_t start = 2 + rng() % 50;
+    for (uint32_t k = 0; k < 3 + rng() % 6; ++k) out.push_back(2 + (start + 3 * k) % 62);
+    out.push_back(1);
+  }
+  out.resize(n);
+  return out;
+}
+
+class TrainerTest : public testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = testing::TempDir() + "/trainer_" + testing::UnitTest::GetInstance()->current_test_info()->name();
+    fs::remove_all(dir_);
+    fs::create_directories(dir_);
+    train_ = corpus(20000, 1);
+    val_ = corpus(2000, 2);
+    opt_.steps = 8, opt_.batch = 4, opt_.seq = 16, opt_.eval_every = 0, opt_.save_every = 0;
+    opt_.schedule.lr = 3e-3, opt_.schedule.min_lr = 3e-4, opt_.schedule.warmup_steps = 2;
+    opt_.schedule.decay_start = 4, opt_.schedule.decay_end = 8;
+  }
+  void TearDown() override { fs::remove_all(dir_); }
+  std::unique_ptr<Trainer> make(const std::string& run) {
+    return std::make_unique<Trainer>(kConfig, opt_, std::vector<std::span<const uint32_t>>{train_},
+                                     std::vector<std::span<const uint32_t>>{val_}, run);
+  }
+  std::string dir_;
+  std::vector<uint32_t> train_, val_;
+  TrainOptions opt_;
+};
+
+TEST_F(TrainerTest, ResumeIsBitExact) {
+  std::vector<double> straight;
+  auto a = make(dir_ + "/a");
+  for (int i = 0; i < 8; ++i) straight.push_back(a->step().loss);
+  EXPECT_LT(straight.back(), straight.front());
+
+  auto b = make(dir_ + "/b");
+  for (int i = 0; i < 4; ++i) EXPECT_EQ(b->step().loss, straight[size_t(i)]);
+  b->save();
+  b.reset();
+  auto c = make(dir_ + "/b");
+  ASSERT_TRUE(c->resume());
+  EXPECT_EQ(c->state().step, 4);
+  for (int i = 4; i < 8; ++i) EXPECT_EQ(c->step().loss, straight[size_t(i)]) << "step " << i + 1;
+  // The weights end identical too.
+  const auto pa = list_tensors(c->config(), const_cast<ModelWeights&>(a->params()));
+  const auto pc = list_tensors(c->config(), const_cast<ModelWeights&>(c->params()));
+  for (size_t t = 0; t < pa.size(); ++t)
+    ASSERT_EQ(0, std::memcmp(pa[t].mat->data, pc[t].mat->data, size_t(pa[t].mat->numel()) * 4)) << pa[t].name;
+}
+
+TEST_F(TrainerTest, UnfinishedCheckpointsAreIgnoredAndOldOnesPruned) {
+  opt_.keep = 2;
+  auto t = make(dir_);
+  for (int s = 1; s <= 3; ++s) {
+    t->step();
+    t->save();
+  }
+  EXPECT_FALSE(fs::exists(dir_ + "/checkpoint-0000001"));  // keep = 2
+  // A save killed half way leaves a temporary folder; a folder without trainer_state.json
+  // is not a checkpoint either.
+  fs::create_directories(dir_ + "/.checkpoint-0000004.tmp");
+  std::ofstream(dir_ + "/.checkpoint-0000004.tmp/model.safetensors") << "partial";
+  fs::create_directories(dir_ + "/checkpoint-0000005");
+  EXPECT_EQ(latest_checkpoint(dir_).value(), dir_ + "/checkpoint-0000003");
+  auto r = make(dir_);
+  ASSERT_TRUE(r->resume());
+  EXPECT_EQ(r->state().step, 3);
+}
+
+TEST_F(TrainerTest, BadCheckpointsAreRefused) {
+  auto t = make(dir_);
+  t->step();
+  const std::string ck = t->save();
+  {  // truncated weights
+    fs::copy(ck, dir_ + "/bad1", fs::copy_options::recursive);
+    fs::resize_file(dir_ + "/bad1/model.safetensors", 100);
+    ModelWeights p = allocate_weights(t->config(), DType::f32);
+    AdamW opt(t->config(), {});
+    EXPECT_THROW(load_checkpoint(dir_ + "/bad1", t->config(), p, opt), Error);
+  }
+  {  // another model's config
+    fs::copy(ck, dir_ + "/bad2", fs::copy_options::recursive);
+    std::string cfg = kConfig;
+    cfg.replace(cfg.find("\"hidden_size\": 32"), 17, "\"hidden_size\": 48");
+    std::ofstream(dir_ + "/bad2/config.json") << cfg;
+    ModelWeights p = allocate_weights(t->config(), DType::f32);
+    AdamW opt(t->config(), {});
+    try {
+      load_checkpoint(dir_ + "/bad2", t->config(), p, opt);
+      FAIL();
+    } catch (const Error& e) {
+      EXPECT_THAT(e.what(), testing::HasSubstr("describes a different model"));
+    }
+  }
+  {  // trainer state not JSON
+    fs::copy(ck, dir_ + "/bad3", fs::copy_options::recursive);
+    std::ofstream(dir_ + "/bad3/trainer_state.json") << "{step: 1";
+    ModelWeights p = allocate_weights(t->config(), DType::f32);
+    AdamW opt(t->config(), {});
+    EXPECT_THROW(load_checkpoint(dir_ + "/bad3", t->config(), p, opt), Error);
+  }
+}
+
+// What training saves is what inference runs: same logits as the training forward.
+TEST_F(TrainerTest, CheckpointLoadsForInference) {
+  auto t = make(dir_);
+  for (int i = 0; i < 3; ++i) t->step();
+  const std::string ck = t->save();
+  Transformer m(ck);
+  std::vector<int32_t> tokens = {5, 9, 14, 20, 1, 7, 3, 11};
+  std::vector<int32_t> targets(tokens.size(), -1);
+  TrainingPass<float> pass(t->config());
+  pass.forward(t->params(), tokens.data(), targets.data(), 1, int64_t(tokens.size()));
+  KvCache cache(m.config(), int64_t(tokens.size()));
+  std::vector<float> logits(tokens.size() * 64);
+  m.forward(tokens.data(), int64_t(tokens.size()), cache, logits.data(), true);
+  EXPECT_LE(test::max_abs_diff(logits.data(), pass.logits().data(), logits.size()), 1e-4f * test::max_abs(logits));
+  // Its MTP module is stored as layer num_hidden_layers, with the shared embedding copied.
+  SafetensorsFile f(ck + "/model.safetensors");
+  ASSERT_NE(f.find("model.layers.2.eh_proj.weight"), nullptr);
+  EXPECT_EQ(0, std::memcmp(f.find("model.layers.2.embed_tokens.weight")->data, f.find("model.embed_tokens.weight")->data,
+                           f.find("model.embed_tokens.weight")->nbytes));
+}
+
+// §2.2: with lambda > 0 the MTP module learns to predict two tokens ahead.
+TEST_F(TrainerTest, MtpLossFalls) {
+  opt_.steps = 40;
+  opt_.schedule.decay_start = opt_.schedule.decay_end = 0;
+  auto t = make(dir_);
+  std::vector<double> mtp;
+  for (int i = 0; i < opt_.steps; ++i) mtp.push_back(t->step().mtp_loss);
+  EXPECT_GT(mtp.front(), 0);
+  EXPECT_LT((mtp[35] + mtp[36] + mtp[37] + mtp[38] + mtp[39]) / 5, 0.8 * (mtp[0] + mtp[1] + mtp[2] + mtp[3] + mtp[4]) / 5);
+}
+
+// §2.1.2: the bias update drives the expert load toward balance.
+TEST_F(TrainerTest, BalancingLowersMaxVio) {
+  opt_.steps = 60, opt_.batch = 8;
+  opt_.schedule.decay_start = opt_.schedule.decay_end = 0;
+  auto tail_vio = [&](double gamma, double* early) {
+    opt_.gamma = gamma;
+    auto t = make(dir_ + "/g" + std::to_string(gamma));
+    std::vector<double> vio;
+    for (int i = 0; i < opt_.steps; ++i) vio.push_back(t->step().max_vio);
+    *early = (vio[0] + vio[1] + vio[2] + vio[3] + vio[4]) / 5;
+    double s = 0;
+    for (size_t i = vio.size() - 10; i < vio.size(); ++i) s += vio[i];
+    return s / 10;
+  };
+  double early0, early1;
+  const double without = tail_vio(0.0, &early0), with = tail_vio(0.01, &early1);
+  EXPECT_LT(with, without);
+  EXPECT_LT(with, early1);  // falls over the run
+}
+
+// The CLI killed with SIGKILL at some moment, then resumed, reproduces an uninterrupted run.
+TEST_F(TrainerTest, KillNineThenResumeThroughTheCli) {
+  const std::string data = dir_ + "/shards";
+  fs::create_directories(data);
+  auto write_shard = [](const std::string& path, const std::vector<uint32_t>& tokens) {
+    std::ofstream out(path, std::ios::binary);
+    const char magic[8] = {'D', 'S', 'V', '3', 'T', 'O', 'K', 'S'};
+    const uint32_t words[4] = {1, 32, 64, 0};
+    const uint64_t n = tokens.size();
+    out.write(magic, 8);
+    out.write(reinterpret_cast<const char*>(words), 16);
+    out.write(reinterpret_cast<const char*>(&n), 8);
+    out.write(reinterpret_cast<const char*>(tokens.data()), std::streamsize(n * 4));
+  };
+  write_shard(data + "/train-00000.bin", train_);
+  write_shard(data + "/val-00000.bin", val_);
+  std::ofstream(dir_ + "/config.json") << kConfig;
+  const std::string args = std::string(DSV3_BINARY) + " train -c " + dir_ + "/config.json -d " + data +
+                           " --steps 150 --batch 4 --seq 16 --save-every 2 --eval-every 0 -t 1 --lr 3e-3 -o ";
+  auto losses = [](const std::string& csv) {  // step -> loss, the last line of each step
+    std::map<int, std::string> out;
+    std::ifstream in(csv);
+    std::string line;
+    std::getline(in, line);
+    while (std::getline(in, line)) {
+      const auto c1 = line.find(','), c2 = line.find(',', c1 + 1), c3 = line.find(',', c2 + 1), c4 = line.find(',', c3 + 1);
+      out[std::stoi(line.substr(0, c1))] = line.substr(c3 + 1, c4 - c3 - 1);  // the loss column
+    }
+    return out;
+  };
+  ASSERT_EQ(0, WEXITSTATUS(std::system((args + dir_ + "/straight > /dev/null 2>&1").c_str())));
+  const auto want = losses(dir_ + "/straight/metrics.csv");
+  ASSERT_EQ(want.size(), 150u);
+
+  const pid_t pid = fork();
+  if (pid == 0) {
+    execl("/bin/sh", "sh", "-c", ("exec " + args + dir_ + "/killed > /dev/null 2>&1").c_str(), nullptr);
+    _exit(127);
+  }
+  // Kill as soon as a checkpoint exists: the run is then still going (asserted below), and
+  // the kill may land anywhere, also in the middle of writing the next checkpoint.
+  for (int i = 0; i < 20000 && !latest_checkpoint(dir_ + "/killed"); ++i) usleep(200);
+  kill(pid, SIGKILL);  // sh -c "exec ..." became the trainer itself
+  waitpid(pid, nullptr, 0);
+  const auto last = latest_checkpoint(dir_ + "/killed");
+  ASSERT_TRUE(last.has_value());
+  EXPECT_LT(losses(dir_ + "/killed/metrics.csv").size(), 150u) << "the kill came after the run had finished";
+  const int rc = WEXITSTATUS(std::system((args + dir_ + "/killed --resume > " + dir_ + "/resume.log 2>&1").c_str()));
+  std::ifstream log(dir_ + "/resume.log");
+  const std::string log_text((std::istreambuf_iterator<char>(log)), std::istreambuf_iterator<char>());
+  ASSERT_EQ(rc, 0) << log_text;
+  const auto got = losses(dir_ + "/killed/metrics.csv");
+  ASSERT_EQ(got.size(), 150u);
+  for (const auto& [step, loss] : want) EXPECT_EQ(got.at(step), loss) << "step " << step;
+}
+
+}  // namespace
+}  // namespace dsv3
