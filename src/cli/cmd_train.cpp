@@ -6,6 +6,7 @@
 
 #include <CLI/CLI.hpp>
 #include <chrono>
+#include <cstring>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -118,19 +119,29 @@ void run(TrainFlags& f) {
 
   const std::string csv_path = f.out + "/metrics.csv";
   std::ofstream csv(csv_path, resumed ? std::ios::app : std::ios::trunc);
-  if (!resumed) csv << "step,tokens,batch,loss,mtp_loss,val_loss,lr,grad_norm,tokens_per_s,max_vio\n";
+  if (!resumed) {  // max_vio is the largest of the per-layer max_vio_L columns
+    csv << "step,tokens,batch,loss,mtp_loss,val_loss,lr,grad_norm,tokens_per_s,max_vio";
+    for (int64_t l = 0; l < c.num_hidden_layers; ++l)
+      if (c.is_moe_layer(l)) csv << ",max_vio_" << l;
+    csv << "\n";
+  }
   Curve train_curve{"train loss", "#1f77b4", {}}, val_curve{"validation loss", "#d62728", {}};
   const bool tty = isatty(STDERR_FILENO);
   const auto start = std::chrono::steady_clock::now();
   const int64_t first_step = trainer.state().step;
-  double smooth = -1;
+  double smooth = -1, step_seconds = 0;
+  int64_t step_tokens = 0;
   trainer.run([&](const StepMetrics& m) {
+    step_seconds += double(m.batch * o.seq) / m.tokens_per_s;  // the steps alone: no eval, no saving
+    step_tokens += m.batch * o.seq;
     smooth = smooth < 0 ? m.loss : 0.9 * smooth + 0.1 * m.loss;
     char line[512];
     std::snprintf(line, sizeof(line), "%ld,%ld,%ld,%.6f,%.6f,%s,%.6g,%.4f,%.1f,%.4f\n", long(m.step), long(m.tokens),
                   long(m.batch), m.loss, m.mtp_loss, m.val_loss >= 0 ? cat(m.val_loss).c_str() : "", m.lr, m.grad_norm,
                   m.tokens_per_s, m.max_vio);
-    csv << line << std::flush;
+    csv << std::string(line, std::strlen(line) - 1);  // without the newline
+    for (double v : m.max_vio_layers) csv << "," << v;
+    csv << "\n" << std::flush;
     train_curve.points.push_back({double(m.step), smooth});
     if (m.val_loss >= 0) val_curve.points.push_back({double(m.step), m.val_loss});
     const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
@@ -149,11 +160,9 @@ void run(TrainFlags& f) {
       write_svg_plot(f.out + "/loss.svg", "dsv3 training loss", {train_curve, val_curve});
   });
   // dsv3 cost's accounting applied to this run's measured throughput.
-  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  const int64_t trained = trainer.state().step - first_step;
-  if (trained > 0 && seconds > 0) {
+  if (step_tokens > 0 && step_seconds > 0) {
     const ModelCount count = count_model(c, o.seq, fs::path(f.config).stem().string());
-    const double tok_s = double(trained) * double(o.batch) * double(o.seq) / seconds;
+    const double tok_s = double(step_tokens) / step_seconds;
     const double hours_per_t = 1e12 / tok_s / 3600;
     std::fprintf(stderr,
                  "cost: %.1f MFLOP per token to train (6 x %.2fM active matmul weights + attention at seq %ld + MTP); "

@@ -77,8 +77,8 @@ StepMetrics Trainer::step() {
   m.grad_norm = clip_grad_norm(c_, grads_, opt_.clip);
   m.lr = opt_.schedule.lr_at(step);
   adamw_.update(c_, params_, grads_, m.lr, step);
-  const auto vio = update_balance_bias(c_, params_, pass_.expert_loads(), opt_.gamma);
-  for (double v : vio) m.max_vio = std::max(m.max_vio, v);
+  m.max_vio_layers = update_balance_bias(c_, params_, pass_.expert_loads(), opt_.gamma);
+  for (double v : m.max_vio_layers) m.max_vio = std::max(m.max_vio, v);
   state_.step = step;
   state_.tokens += B * S;
   state_.data = train_.position();

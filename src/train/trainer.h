@@ -38,6 +38,7 @@ struct StepMetrics {
   int64_t step = 0, tokens = 0, batch = 0;
   double loss = 0, mtp_loss = 0, lr = 0, grad_norm = 0, tokens_per_s = 0, max_vio = 0;  // loss: next-token CE
   double val_loss = -1;  // when evaluated at this step
+  std::vector<double> max_vio_layers;  // MaxVio of each MoE layer of the main model, in order
 };
 
 class Trainer {
