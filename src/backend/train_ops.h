@@ -17,6 +17,10 @@ void matmul_dx(const T* dy, const T* w, T* dx, int64_t n, int64_t in, int64_t ou
 template <typename T>
 void matmul_dw(const T* dy, const T* x, T* dw, int64_t n, int64_t in, int64_t out);
 
+// y[i] += x[i] (residual adds), threaded.
+template <typename T>
+void add_to(T* y, const T* x, int64_t n);
+
 // y = x / rms(x) * w per row; inv_rms[i] = 1 / sqrt(mean(x_i^2) + eps) saved for backward.
 template <typename T>
 void rmsnorm_forward(const T* x, const T* w, T* y, T* inv_rms, int64_t n, int64_t dim, double eps);

@@ -58,12 +58,15 @@ void mla_train_forward(const ModelConfig& c, const Rope& rope, const MlaWeights&
   std::vector<T> kv(static_cast<size_t>(N * (C + R)));
   matmul(x, W<T>(w.kv_a_proj_with_mqa), kv.data(), N, dim, C + R);
   a.c.resize(size_t(N * C)), a.c_inv.resize(size_t(N)), a.c_norm.resize(size_t(N * C)), a.k_pe.resize(size_t(N * R));
+  std::vector<double> cos, sin;
+  rope.table(S, cos, sin);
+#pragma omp parallel for schedule(static) if (N * H * R > 32768)
   for (int64_t t = 0; t < N; ++t) {
-    const int64_t pos = t % S;
+    const size_t pos = size_t(t % S) * size_t(R / 2);
     std::memcpy(&a.c[size_t(t * C)], &kv[size_t(t * (C + R))], size_t(C) * sizeof(T));
     std::memcpy(&a.k_pe[size_t(t * R)], &kv[size_t(t * (C + R) + C)], size_t(R) * sizeof(T));
-    rope.rotate(&a.k_pe[size_t(t * R)], pos, false);
-    for (int64_t h = 0; h < H; ++h) rope.rotate(&a.q[size_t((t * H + h) * QK + D)], pos, false);
+    rope.rotate(&a.k_pe[size_t(t * R)], &cos[pos], &sin[pos], false);
+    for (int64_t h = 0; h < H; ++h) rope.rotate(&a.q[size_t((t * H + h) * QK + D)], &cos[pos], &sin[pos], false);
   }
   rmsnorm_forward(a.c.data(), W<T>(w.kv_a_layernorm), a.c_norm.data(), a.c_inv.data(), N, C, c.rms_norm_eps);
   // Per-head keys and values from the latent: [k_nope ; v] = W_ukv norm(c_kv).
@@ -154,15 +157,19 @@ void mla_train_backward(const ModelConfig& c, const Rope& rope, const MlaWeights
   }
   // RoPE is a rotation: its backward rotates the gradient back.
   std::vector<T> dkv(static_cast<size_t>(N * (C + R)), T(0));
+  std::vector<double> cos, sin;
+  rope.table(S, cos, sin);
+#pragma omp parallel for schedule(static) if (N * H * R > 32768)
   for (int64_t t = 0; t < N; ++t) {
     const int64_t b = t / S, i = t % S;
+    const size_t pos = size_t(i) * size_t(R / 2);
     T* dk = &dkv[size_t(t * (C + R) + C)];
     for (int64_t h = 0; h < H; ++h) {
       const T* src = &dkpe_heads[size_t(((b * H + h) * S + i) * R)];
       for (int64_t r = 0; r < R; ++r) dk[r] += src[r];
-      rope.rotate(&dq[size_t((t * H + h) * QK + D)], i, true);
+      rope.rotate(&dq[size_t((t * H + h) * QK + D)], &cos[pos], &sin[pos], true);
     }
-    rope.rotate(dk, i, true);
+    rope.rotate(dk, &cos[pos], &sin[pos], true);
   }
   // [k_nope ; v] = W_ukv c_norm;  c_norm = kv_a_layernorm(c)
   std::vector<T> dc_norm(static_cast<size_t>(N * C)), dc(static_cast<size_t>(N * C), T(0));

@@ -18,6 +18,19 @@ struct Rope {
   // The same for float or double; inverse rotates back (the transpose: RoPE's backward).
   template <typename T>
   void rotate(T* x, int64_t pos, bool inverse) const;
+  // cos and sin (cos_sin_scale applied) of positions [0, n): [n, qk_rope_head_dim / 2] each,
+  // so a training pass computes them once per sequence length, not per token and head.
+  void table(int64_t n, std::vector<double>& cos, std::vector<double>& sin) const;
+  // rotate() with a row of such a table.
+  template <typename T>
+  void rotate(T* x, const double* cos, const double* sin, bool inverse) const {
+    for (size_t i = 0; i < inv_freq.size(); ++i) {
+      const T c = T(cos[i]), s = T(inverse ? -sin[i] : sin[i]);
+      const T a = x[2 * i], b = x[2 * i + 1];
+      x[2 * i] = a * c - b * s;
+      x[2 * i + 1] = a * s + b * c;
+    }
+  }
 };
 
 // The attention softmax scale: 1/sqrt(qk_head_dim), times mscale(factor, mscale_all_dim)^2

@@ -23,14 +23,14 @@ double TrainingPass<T>::block_forward(const LayerWeights& lw, LayerActivations<T
   a.inv1.resize(size_t(N)), a.xn1.resize(size_t(N * dim));
   rmsnorm_forward(h.data(), lw.input_layernorm.as<T>(), a.xn1.data(), a.inv1.data(), N, dim, c_.rms_norm_eps);
   mla_train_forward(c_, rope_, lw.self_attn, a.xn1.data(), B_, S_, a.mla, delta.data());
-  for (int64_t i = 0; i < N * dim; ++i) h[size_t(i)] += delta[size_t(i)];
+  add_to(h.data(), delta.data(), N * dim);
   a.h_mid = h;
   a.inv2.resize(size_t(N)), a.xn2.resize(size_t(N * dim));
   rmsnorm_forward(h.data(), lw.post_attention_layernorm.as<T>(), a.xn2.data(), a.inv2.data(), N, dim, c_.rms_norm_eps);
   double balance = 0;
   if (lw.is_moe) balance = moe_train_forward(c_, lw.moe, a.xn2.data(), N, a.moe, delta.data(), {S_, loss_.alpha});
   else mlp_train_forward(lw.mlp, a.xn2.data(), N, a.mlp, delta.data());
-  for (int64_t i = 0; i < N * dim; ++i) h[size_t(i)] += delta[size_t(i)];
+  add_to(h.data(), delta.data(), N * dim);
   return balance;
 }
 
@@ -161,9 +161,11 @@ void TrainingPass<T>::backward(const ModelWeights& w, ModelWeights& g) {
 
 template <typename T>
 std::vector<std::vector<int64_t>> TrainingPass<T>::expert_loads() const {
-  std::vector<std::vector<int64_t>> out(layers_.size());
+  std::vector<std::vector<int64_t>> out(layers_.size() + mtp_.size());
   for (size_t l = 0; l < layers_.size(); ++l)
     for (const auto& slots : layers_[l].moe.slots) out[l].push_back(int64_t(slots.size()));
+  for (size_t k = 0; k < mtp_.size(); ++k)
+    for (const auto& slots : mtp_[k].block.moe.slots) out[layers_.size() + k].push_back(int64_t(slots.size()));
   return out;
 }
 

@@ -62,7 +62,8 @@ class TrainingPass {
   double mtp_loss() const { return mtp_loss_; }          // mean over depths, unweighted
   double balance_loss() const { return balance_loss_; }  // summed over layers, with alpha
   const std::vector<T>& logits() const { return logits_; }  // [B*S, vocab]
-  // Tokens routed to each expert of each main-model layer in the last forward (empty: dense).
+  // Tokens routed to each expert of each layer in the last forward (empty: dense): the main
+  // model's layers, then the MTP modules' blocks (empty if the MTP loss is off).
   std::vector<std::vector<int64_t>> expert_loads() const;
 
  private:

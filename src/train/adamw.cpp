@@ -1,6 +1,7 @@
 // AdamW and gradient clipping (see adamw.h).
 #include "train/adamw.h"
 
+#include <algorithm>
 #include <cmath>
 #include <set>
 
@@ -40,22 +41,43 @@ AdamW::AdamW(const ModelConfig& c, const AdamWConfig& cfg) : cfg_(cfg) {
   }
 }
 
+namespace {
+
+// A piece of one tensor: updates run as one parallel loop over the pieces of all tensors,
+// so the many small tensors (norms, experts) use every thread too.
+struct Piece {
+  size_t tensor;
+  int64_t begin, end;
+};
+
+std::vector<Piece> pieces(const std::vector<TensorSlot>& slots) {
+  constexpr int64_t kPiece = 16384;
+  std::vector<Piece> out;
+  for (size_t t = 0; t < slots.size(); ++t)
+    for (int64_t b = 0; b < slots[t].mat->numel(); b += kPiece)
+      out.push_back({t, b, std::min(slots[t].mat->numel(), b + kPiece)});
+  return out;
+}
+
+}  // namespace
+
 void AdamW::update(const ModelConfig& c, ModelWeights& params, const ModelWeights& grads, double lr, int64_t step) {
   const auto p = unique_trainable(c, params);
   const auto g = unique_trainable(c, const_cast<ModelWeights&>(grads));
   if (p.size() != moments_.size() || g.size() != p.size()) fail("AdamW: parameter list changed");
   const double bc1 = 1 - std::pow(cfg_.beta1, double(step)), bc2 = 1 - std::pow(cfg_.beta2, double(step));
-  const float b1 = float(cfg_.beta1), b2 = float(cfg_.beta2), eps = float(cfg_.eps);
-  for (size_t t = 0; t < p.size(); ++t) {
-    float* w = mutable_data<float>(*p[t].mat);
-    const float* gr = g[t].mat->as<float>();
-    Moments& m = moments_[t];
-    const int64_t n = p[t].mat->numel();
-    const bool decay = p[t].shape.size() == 2;  // matrices decay; norm weights do not
-    const float step_lr = float(lr), decay_factor = decay ? float(1 - lr * cfg_.weight_decay) : 1.0f;
-    const float inv_bc1 = float(1 / bc1), inv_sqrt_bc2 = float(1 / std::sqrt(bc2));
-#pragma omp parallel for schedule(static) if (n > 65536)
-    for (int64_t i = 0; i < n; ++i) {
+  const float b1 = float(cfg_.beta1), b2 = float(cfg_.beta2), eps = float(cfg_.eps), step_lr = float(lr);
+  const float inv_bc1 = float(1 / bc1), inv_sqrt_bc2 = float(1 / std::sqrt(bc2));
+  const auto work = pieces(p);
+#pragma omp parallel for schedule(dynamic, 8)
+  for (size_t q = 0; q < work.size(); ++q) {
+    const Piece& pc = work[q];
+    float* w = mutable_data<float>(*p[pc.tensor].mat);
+    const float* gr = g[pc.tensor].mat->as<float>();
+    Moments& m = moments_[pc.tensor];
+    const bool decay = p[pc.tensor].shape.size() == 2;  // matrices decay; norm weights do not
+    const float decay_factor = decay ? float(1 - lr * cfg_.weight_decay) : 1.0f;
+    for (int64_t i = pc.begin; i < pc.end; ++i) {
       float mi, vi;
       if (cfg_.bf16_moments) mi = bf16_to_f32(m.m16[size_t(i)]), vi = bf16_to_f32(m.v16[size_t(i)]);
       else mi = m.m32[size_t(i)], vi = m.v32[size_t(i)];
@@ -108,20 +130,41 @@ void AdamW::load_state(const ModelConfig& c, const std::vector<NamedTensor>& ten
 
 double clip_grad_norm(const ModelConfig& c, ModelWeights& grads, double max_norm) {
   const auto g = unique_trainable(c, grads);
-  double ss = 0;
-  for (const TensorSlot& s : g) {
-    const float* x = s.mat->as<float>();
-    for (int64_t i = 0; i < s.mat->numel(); ++i) ss += double(x[i]) * x[i];
+  const auto work = pieces(g);
+  // Per-piece sums added in a fixed order, so the norm does not depend on the threads.
+  std::vector<double> part(work.size());
+#pragma omp parallel for schedule(dynamic, 8)
+  for (size_t q = 0; q < work.size(); ++q) {
+    const float* x = g[work[q].tensor].mat->as<float>();
+    double ss = 0;
+    for (int64_t i = work[q].begin; i < work[q].end; ++i) ss += double(x[i]) * x[i];
+    part[q] = ss;
   }
+  double ss = 0;
+  for (double v : part) ss += v;
   const double norm = std::sqrt(ss);
   if (max_norm > 0 && norm > max_norm) {
     const float k = float(max_norm / (norm + 1e-6));
-    for (const TensorSlot& s : g) {
-      float* x = mutable_data<float>(*s.mat);
-      for (int64_t i = 0; i < s.mat->numel(); ++i) x[i] *= k;
+#pragma omp parallel for schedule(dynamic, 8)
+    for (size_t q = 0; q < work.size(); ++q) {
+      float* x = mutable_data<float>(*g[work[q].tensor].mat);
+      for (int64_t i = work[q].begin; i < work[q].end; ++i) x[i] *= k;
     }
   }
   return norm;
+}
+
+void zero_grads(const ModelConfig& c, ModelWeights& grads) {
+  std::vector<TensorSlot> all;
+  std::set<const uint8_t*> seen;
+  for (const TensorSlot& s : list_tensors(c, grads))
+    if (seen.insert(s.mat->data).second) all.push_back(s);
+  const auto work = pieces(all);
+#pragma omp parallel for schedule(dynamic, 8)
+  for (size_t q = 0; q < work.size(); ++q) {
+    float* x = mutable_data<float>(*all[work[q].tensor].mat);
+    std::fill(x + work[q].begin, x + work[q].end, 0.0f);
+  }
 }
 
 }  // namespace dsv3

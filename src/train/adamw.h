@@ -46,5 +46,7 @@ class AdamW {
 // Scales grads so that their global L2 norm is at most max_norm (if max_norm > 0);
 // returns the norm before clipping. Tensors shared by several slots count once.
 double clip_grad_norm(const ModelConfig& c, ModelWeights& grads, double max_norm);
+// Sets every gradient (float32) to zero.
+void zero_grads(const ModelConfig& c, ModelWeights& grads);
 
 }  // namespace dsv3

@@ -10,8 +10,10 @@
 
 namespace dsv3 {
 
-// loads[l]: tokens routed to each expert of MoE layer l (empty for dense layers).
-// Updates the biases of params (if gamma > 0); returns MaxVio per MoE layer.
+// loads[l]: tokens routed to each expert of layer l (empty for dense layers), the main
+// model's layers first, then the MTP modules' blocks. Updates the biases of params (if
+// gamma > 0); returns MaxVio per MoE layer of the main model (the MTP blocks are balanced
+// too, not reported).
 std::vector<double> update_balance_bias(const ModelConfig& c, ModelWeights& params,
                                         const std::vector<std::vector<int64_t>>& loads, double gamma);
 

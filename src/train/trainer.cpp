@@ -24,16 +24,6 @@ void init_weights(const ModelConfig& c, ModelWeights& w, double std, uint64_t se
   }
 }
 
-namespace {
-
-void zero(const ModelConfig& c, ModelWeights& g) {
-  std::set<const uint8_t*> done;
-  for (const TensorSlot& s : list_tensors(c, g))
-    if (done.insert(s.mat->data).second) std::memset(mutable_data<float>(*s.mat), 0, size_t(s.mat->numel()) * 4);
-}
-
-}  // namespace
-
 Trainer::Trainer(const std::string& config_json, const TrainOptions& opt, std::vector<std::span<const uint32_t>> train,
                  std::vector<std::span<const uint32_t>> val, const std::string& run_dir)
     : config_json_(config_json),
@@ -68,7 +58,7 @@ StepMetrics Trainer::step() {
   const int64_t step = state_.step + 1, B = opt_.schedule.batch_at(step), S = opt_.seq;
   inputs_.resize(size_t(B * S)), targets_.resize(size_t(B * S));
   train_.next_batch(B, inputs_.data(), targets_.data());
-  zero(c_, grads_);
+  zero_grads(c_, grads_);
   StepMetrics m;
   pass_.forward(params_, inputs_.data(), targets_.data(), B, S);
   m.loss = pass_.main_loss();

@@ -13,6 +13,10 @@ constexpr int kMaxBatch = 8;
 // BF16 values, float32 values, or FP8 codes (their values: the caller folds the block
 // scales into x).
 using RowDotFn = void (*)(const void* w, const float* x, int64_t ldx, int nb, int64_t len, float* acc);
+// One activation row against `rows` consecutive stored rows (decode): y[r] = W[r, :] . x,
+// rows row_bytes apart (FP8: code values; the caller folds the block scales into x). A
+// tile of rows per call keeps per-row overhead out of short rows.
+using RowsDotFn = void (*)(const void* w, size_t row_bytes, int64_t rows, const float* x, int64_t len, float* y);
 // y[k] += a * w[k] for k < len.
 using AxpyFn = void (*)(float a, const void* w, float* y, int64_t len);
 // out[k] = w[k] as float (FP8: the code's value, unscaled).
@@ -20,6 +24,7 @@ using ConvertFn = void (*)(const void* w, float* out, int64_t len);
 
 struct RowKernels {
   RowDotFn dot_bf16, dot_fp8, dot_f32;
+  RowsDotFn rows_bf16, rows_fp8;
   AxpyFn axpy_bf16, axpy_fp8;
   ConvertFn convert_bf16, convert_fp8;
   const char* name;

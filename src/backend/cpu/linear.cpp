@@ -72,6 +72,13 @@ void dot_f32_scalar(const void* wv, const float* x, int64_t ldx, int nb, int64_t
     acc[j] += s;
   }
 }
+template <RowDotFn kDot>
+void rows_scalar(const void* w, size_t row_bytes, int64_t rows, const float* x, int64_t len, float* y) {
+  for (int64_t r = 0; r < rows; ++r) {
+    y[r] = 0;
+    kDot(static_cast<const uint8_t*>(w) + size_t(r) * row_bytes, x, len, 1, len, &y[r]);
+  }
+}
 void axpy_bf16_scalar(float a, const void* wv, float* y, int64_t len) {
   for (int64_t k = 0; k < len; ++k) y[k] += a * load_bf16(static_cast<const uint8_t*>(wv), k);
 }
@@ -91,6 +98,8 @@ const RowKernels& scalar_kernels() {
   static const RowKernels k{dot_bf16_scalar,
                             dot_fp8_scalar,
                             dot_f32_scalar,
+                            rows_scalar<dot_bf16_scalar>,
+                            rows_scalar<dot_fp8_scalar>,
                             axpy_bf16_scalar,
                             axpy_fp8_scalar,
                             convert_bf16_scalar,
@@ -242,9 +251,16 @@ void linear_rowwise(const LinearJob* jobs, size_t count) {
       const Tile& tile = tiles[t];
       const LinearJob& j = *tile.job;
       const Mat& w = j.w;
-      for (int64_t r = tile.first; r < tile.first + tile.rows; ++r) {
-        row_dot(k, w, r, j.x, int(j.n), scaled, acc);
-        for (int64_t b = 0; b < j.n; ++b) j.y[b * w.rows + r] = acc[b];
+      const uint8_t* rows = w.data + size_t(tile.first) * w.row_bytes();
+      if (j.n == 1 && w.dtype == DType::bf16) {
+        k.rows_bf16(rows, w.row_bytes(), tile.rows, j.x, w.cols, j.y + tile.first);
+      } else if (j.n == 1 && w.dtype == DType::f8_e4m3) {
+        k.rows_fp8(rows, w.row_bytes(), tile.rows, scaled.get(w, j.x, 1, tile.first), w.cols, j.y + tile.first);
+      } else {
+        for (int64_t r = tile.first; r < tile.first + tile.rows; ++r) {
+          row_dot(k, w, r, j.x, int(j.n), scaled, acc);
+          for (int64_t b = 0; b < j.n; ++b) j.y[b * w.rows + r] = acc[b];
+        }
       }
     }
   }

@@ -119,6 +119,19 @@ DSV3_AVX512 inline void dot_rows_fp8(const uint8_t* w, const float* x, int64_t l
     acc[j] += 256.0f * _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a[j], b[j]), _mm512_add_ps(a2[j], b2[j])));
 }
 
+// A tile of rows against one activation row, each row one accumulation as above; the
+// loop over rows stays inside, so short rows pay no call or dispatch per row.
+template <bool kFp8>
+DSV3_AVX512 void rows(const void* wv, size_t row_bytes, int64_t nrows, const float* x, int64_t len, float* y) {
+  const uint8_t* w = static_cast<const uint8_t*>(wv);
+  for (int64_t r = 0; r < nrows; ++r) {
+    float acc = 0;
+    if constexpr (kFp8) dot_rows_fp8<1>(w + size_t(r) * row_bytes, x, len, len, &acc);
+    else dot_rows_bf16<1>(w + size_t(r) * row_bytes, x, len, len, &acc);
+    y[r] = acc;
+  }
+}
+
 // Float32 rows: like BF16 without the conversion.
 DSV3_AVX512 void dot_f32(const void* wv, const float* x, int64_t ldx, int nb, int64_t len, float* acc) {
   const float* w = static_cast<const float*>(wv);
@@ -214,7 +227,7 @@ bool avx512_available() {
 }
 
 const RowKernels& avx512_kernels() {
-  static const RowKernels k{dot<false>, dot<true>, dot_f32, axpy_bf16, axpy_fp8, convert_bf16, convert_fp8, "avx512"};
+  static const RowKernels k{dot<false>, dot<true>, dot_f32, rows<false>, rows<true>, axpy_bf16, axpy_fp8, convert_bf16, convert_fp8, "avx512"};
   return k;
 }
 

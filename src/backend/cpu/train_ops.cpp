@@ -2,8 +2,11 @@
 // OpenBLAS (sgemm / dgemm), element-wise loops with OpenMP.
 #include "backend/train_ops.h"
 
+#include <omp.h>
+
 #include <algorithm>
 #include <cmath>
+#include <vector>
 
 #include "backend/cpu/kernels.h"
 
@@ -23,6 +26,12 @@ void matmul_dw(const T* dy, const T* x, T* dw, int64_t n, int64_t in, int64_t ou
 }
 
 template <typename T>
+void add_to(T* y, const T* x, int64_t n) {
+#pragma omp parallel for schedule(static) if (n > 32768)
+  for (int64_t i = 0; i < n; ++i) y[i] += x[i];
+}
+
+template <typename T>
 void rmsnorm_forward(const T* x, const T* w, T* y, T* inv_rms, int64_t n, int64_t dim, double eps) {
 #pragma omp parallel for schedule(static) if (n * dim > 65536)
   for (int64_t i = 0; i < n; ++i) {
@@ -38,18 +47,31 @@ void rmsnorm_forward(const T* x, const T* w, T* y, T* inv_rms, int64_t n, int64_
 // y = x r w with r = (mean(x^2) + eps)^-1/2:  dx = r (dy w) - x r^3 mean((dy w) x),  dw = sum dy x r.
 template <typename T>
 void rmsnorm_backward(const T* dy, const T* x, const T* w, const T* inv_rms, T* dx, T* dw, int64_t n, int64_t dim) {
-  for (int64_t i = 0; i < n; ++i) {
-    const T* xi = x + i * dim;
-    const T* gi = dy + i * dim;
-    const T r = inv_rms[i];
-    double dot = 0;
-    for (int64_t k = 0; k < dim; ++k) dot += double(gi[k] * w[k]) * double(xi[k]);
-    const T c = T(dot / double(dim)) * r * r * r;
-    for (int64_t k = 0; k < dim; ++k) {
-      dx[i * dim + k] += r * gi[k] * w[k] - xi[k] * c;
-      dw[k] += gi[k] * xi[k] * r;
+  // Rows are independent except for dw: each thread sums its rows' share (static schedule),
+  // and the shares are added in thread order, so the result does not depend on timing
+  // (training resumes bit-exactly).
+  const bool threaded = n * dim > 32768;
+  const int threads = threaded ? omp_get_max_threads() : 1;
+  std::vector<T> parts(static_cast<size_t>(threads * dim), T(0));
+#pragma omp parallel num_threads(threads) if (threaded)
+  {
+    T* dw_part = &parts[size_t(omp_get_thread_num()) * size_t(dim)];
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < n; ++i) {
+      const T* xi = x + i * dim;
+      const T* gi = dy + i * dim;
+      const T r = inv_rms[i];
+      double dot = 0;
+      for (int64_t k = 0; k < dim; ++k) dot += double(gi[k] * w[k]) * double(xi[k]);
+      const T c = T(dot / double(dim)) * r * r * r;
+      for (int64_t k = 0; k < dim; ++k) {
+        dx[i * dim + k] += r * gi[k] * w[k] - xi[k] * c;
+        dw_part[k] += gi[k] * xi[k] * r;
+      }
     }
   }
+  for (int t = 0; t < threads; ++t)
+    for (int64_t k = 0; k < dim; ++k) dw[k] += parts[size_t(t) * size_t(dim) + size_t(k)];
 }
 
 template <typename T>
@@ -112,6 +134,7 @@ double cross_entropy(const T* logits, const int32_t* targets, int64_t n, int64_t
 }
 
 #define DSV3_INSTANTIATE(T)                                                                                   \
+  template void add_to<T>(T*, const T*, int64_t);                                                             \
   template void matmul<T>(const T*, const T*, T*, int64_t, int64_t, int64_t);                                 \
   template void matmul_dx<T>(const T*, const T*, T*, int64_t, int64_t, int64_t, bool);                        \
   template void matmul_dw<T>(const T*, const T*, T*, int64_t, int64_t, int64_t);                              \

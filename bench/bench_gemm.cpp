@@ -1,0 +1,83 @@
+// The machine's float32 GEMM peak as the project reaches it: dsv3::matmul<float> (OpenBLAS
+// sgemm, with the core type the backend chooses for this CPU) on square matrices, all
+// threads unless --threads says otherwise, best of several runs. bench/bench_train.sh divides
+// the training throughput by this figure to get MFU. Uses the backend only.
+//   bench_gemm [--threads T] [--runs R] [--sizes 2048,4096]
+#include <omp.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "backend/ops.h"
+#include "backend/train_ops.h"
+
+namespace {
+
+struct Flags {
+  int threads = 0;  // 0: OpenMP's default (all cores)
+  int runs = 5;
+  std::vector<int64_t> sizes = {2048, 4096};
+};
+
+Flags parse(int argc, char** argv) {
+  Flags f;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    const char* v = i + 1 < argc ? argv[i + 1] : nullptr;
+    if (a == "--threads" && v) f.threads = std::atoi(v), ++i;
+    else if (a == "--runs" && v) f.runs = std::max(1, std::atoi(v)), ++i;
+    else if (a == "--sizes" && v) {
+      f.sizes.clear();
+      for (const char* p = v; *p;) {
+        f.sizes.push_back(std::strtoll(p, const_cast<char**>(&p), 10));
+        if (*p == ',') ++p;
+      }
+      ++i;
+    } else {
+      std::fprintf(stderr, "usage: bench_gemm [--threads T] [--runs R] [--sizes 2048,4096]\n");
+      std::exit(1);
+    }
+  }
+  return f;
+}
+
+// Best GFLOP/s of `runs` products y[n, n] = x[n, n] w[n, n]^T, after one untimed warm-up.
+double best_gflops(int64_t n, int runs) {
+  std::vector<float> x(size_t(n * n)), w(size_t(n * n)), y(size_t(n * n));
+  std::mt19937 rng(7);
+  std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+  for (float& v : x) v = u(rng);
+  for (float& v : w) v = u(rng);
+  dsv3::matmul<float>(x.data(), w.data(), y.data(), n, n, n);
+  double best = 0;
+  for (int r = 0; r < runs; ++r) {
+    const auto t0 = std::chrono::steady_clock::now();
+    dsv3::matmul<float>(x.data(), w.data(), y.data(), n, n, n);
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    best = std::max(best, 2.0 * double(n) * double(n) * double(n) / s / 1e9);
+  }
+  return best;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const Flags f = parse(argc, argv);
+  if (f.threads > 0) omp_set_num_threads(f.threads);
+  double peak = 0;
+  for (int64_t n : f.sizes) {
+    const double g = best_gflops(n, f.runs);
+    std::printf("sgemm %ld x %ld x %ld: %.1f GFLOP/s (best of %d)\n", long(n), long(n), long(n), g, f.runs);
+    peak = std::max(peak, g);
+  }
+  // backend_info() after the first product: the BLAS core is known once it is loaded.
+  std::printf("backend: %s\n", dsv3::backend_info().c_str());
+  std::printf("peak: %.1f GFLOP/s fp32 (%d threads)\n", peak, omp_get_max_threads());
+  return 0;
+}
