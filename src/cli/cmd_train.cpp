@@ -11,6 +11,7 @@
 #include <filesystem>
 #include <fstream>
 #include <memory>
+#include <nlohmann/json.hpp>
 #include <sstream>
 
 #include "cli/args.h"
@@ -84,11 +85,12 @@ void run(TrainFlags& f) {
   // The tokenizer goes into every checkpoint: --tokenizer, else the one dsv3 data used.
   std::string tok = f.tokenizer;
   if (tok.empty() && fs::exists(f.data + "/data.json")) {
-    const std::string summary = read_text(f.data + "/data.json");
-    const auto key = summary.find("\"tokenizer\"");
-    if (key != std::string::npos) {
-      const auto a = summary.find('"', summary.find(':', key) + 1), b = summary.find('"', a + 1);
-      if (a != std::string::npos && b != std::string::npos) tok = summary.substr(a + 1, b - a - 1);
+    try {
+      const auto summary = nlohmann::json::parse(read_text(f.data + "/data.json"));
+      if (summary.is_object() && summary.contains("tokenizer") && summary["tokenizer"].is_string())
+        tok = summary["tokenizer"].get<std::string>();
+    } catch (const nlohmann::json::exception& e) {
+      fail(f.data, "/data.json: not valid JSON: ", e.what());
     }
   }
   if (!tok.empty()) {
