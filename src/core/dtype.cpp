@@ -10,7 +10,7 @@ size_t dtype_size(DType t) {
     case DType::f64: case DType::i64: return 8;
     case DType::f32: case DType::i32: return 4;
     case DType::f16: case DType::bf16: case DType::i16: return 2;
-    case DType::f8_e4m3: case DType::i8: case DType::u8: case DType::boolean: return 1;
+    case DType::f8_e4m3: case DType::f8_e5m2: case DType::i8: case DType::u8: case DType::boolean: return 1;
   }
   return 0;
 }
@@ -21,9 +21,9 @@ struct DTypeName {
   std::string_view name;
 };
 constexpr DTypeName kNames[] = {
-    {DType::f32, "F32"}, {DType::f16, "F16"},  {DType::bf16, "BF16"}, {DType::f8_e4m3, "F8_E4M3"},
-    {DType::f64, "F64"}, {DType::i8, "I8"},    {DType::u8, "U8"},     {DType::i16, "I16"},
-    {DType::i32, "I32"}, {DType::i64, "I64"},  {DType::boolean, "BOOL"}};
+    {DType::f32, "F32"}, {DType::f16, "F16"}, {DType::bf16, "BF16"}, {DType::f8_e4m3, "F8_E4M3"},
+    {DType::f8_e5m2, "F8_E5M2"}, {DType::f64, "F64"}, {DType::i8, "I8"}, {DType::u8, "U8"},
+    {DType::i16, "I16"}, {DType::i32, "I32"}, {DType::i64, "I64"}, {DType::boolean, "BOOL"}};
 }  // namespace
 
 std::string_view dtype_name(DType t) {
@@ -60,23 +60,52 @@ float fp8_e4m3_to_f32(uint8_t code) {
   return neg ? -v : v;
 }
 
+float fp8_e5m2_to_f32(uint8_t code) {
+  const bool neg = code & 0x80;
+  const int exp = (code >> 2) & 0x1f, man = code & 0x3;
+  if (exp == 31) return man ? NAN : (neg ? -INFINITY : INFINITY);
+  float v = exp == 0 ? std::ldexp(float(man), -16) : std::ldexp(1.0f + man / 4.0f, exp - 15);
+  return neg ? -v : v;
+}
+
+namespace {
+
+// Round-to-nearest-even of a float into an FP8 format with `man_bits` mantissa bits and
+// exponent bias `bias`, on the float's bits. Returns the magnitude code (exponent field <<
+// man_bits | mantissa), which may exceed the largest finite code: the caller saturates.
+// Normal range: the float's 23-bit mantissa is rounded to man_bits in place (a carry moves
+// into the exponent, as it should), then the exponent is rebiased. Below the smallest
+// normal: the magnitude scaled by 2^(man_bits - emin) (exact: a power of two) is the
+// subnormal code, rounded by nearbyint (ties to even); 2^man_bits is the smallest normal.
+uint32_t fp8_magnitude(uint32_t a, int man_bits, int bias) {
+  const int emin = 1 - bias;
+  if (int(a >> 23) - 127 >= emin) {
+    const int shift = 23 - man_bits;
+    const uint32_t r = (a + ((1u << (shift - 1)) - 1) + ((a >> shift) & 1u)) >> shift;
+    return r - (uint32_t(127 - bias) << man_bits);
+  }
+  return uint32_t(std::nearbyint(std::ldexp(bits_to_f32(a), man_bits - emin)));
+}
+
+}  // namespace
+
 uint8_t f32_to_fp8_e4m3(float f) {
-  if (std::isnan(f)) return 0x7f;
-  const uint8_t sign = std::signbit(f) ? 0x80 : 0x00;
-  double a = std::fabs(double(f));
-  if (a >= 448.0) return sign | 0x7e;  // saturate (e4m3fn has no infinity)
-  // Quantum of the binade holding a: subnormals (a < 2^-6) share the quantum 2^-9.
-  int e = a > 0 ? int(std::floor(std::log2(a))) : -7;
-  if (e < -6) e = -6;
-  const double quantum = std::ldexp(1.0, e - 3);
-  double q = std::nearbyint(a / quantum);  // ties to even under the default rounding mode
-  double v = q * quantum;
-  if (v >= 448.0) return sign | 0x7e;
-  if (v == 0) return sign;
-  int ve = int(std::floor(std::log2(v)));
-  if (ve < -6) return sign | uint8_t(std::lround(v / std::ldexp(1.0, -9)));  // subnormal code
-  int man = int(std::lround((v / std::ldexp(1.0, ve) - 1.0) * 8.0));
-  return sign | uint8_t((ve + 7) << 3) | uint8_t(man);
+  const uint32_t u = f32_to_bits(f), a = u & 0x7fffffffu;
+  if (a > 0x7f800000u) return 0x7f;
+  const uint8_t sign = uint8_t((u >> 24) & 0x80);
+  if (a == 0x7f800000u) return sign | 0x7e;
+  const uint32_t m = fp8_magnitude(a, 3, 7);
+  return sign | uint8_t(m > 0x7e ? 0x7e : m);  // 0x7f would be NaN: saturate to 448
+}
+
+uint8_t f32_to_fp8_e5m2(float f, bool saturate) {
+  const uint32_t u = f32_to_bits(f), a = u & 0x7fffffffu;
+  if (a > 0x7f800000u) return 0x7f;
+  const uint8_t sign = uint8_t((u >> 24) & 0x80);
+  const uint8_t overflow = saturate ? 0x7b : 0x7c;
+  if (a == 0x7f800000u) return sign | overflow;
+  const uint32_t m = fp8_magnitude(a, 2, 15);
+  return sign | uint8_t(m > 0x7b ? overflow : m);
 }
 
 }  // namespace dsv3

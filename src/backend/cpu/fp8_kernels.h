@@ -1,0 +1,29 @@
+// Internal to backend/cpu: the blocked E4M3 x E4M3 kernels behind fp8_gemm (N_C dividing 128,
+// both inputs tiled along K: fp8_gemm checks this first), portable (fp8.cpp) and AVX-512
+// (fp8_avx512.cpp), and the helpers they share with the generic path. Both are tested
+// bit-exactly against fp8_gemm_reference.
+#pragma once
+#include <cstdint>
+
+#include "backend/fp8.h"
+
+namespace dsv3::cpu {
+
+void fp8_gemm_e4m3_portable(const Fp8Tensor& a, const Fp8Tensor& b, float* c, const Fp8GemmOptions& opt);
+void fp8_gemm_e4m3_avx512(const Fp8Tensor& a, const Fp8Tensor& b, float* c, const Fp8GemmOptions& opt);  // needs AVX-512
+
+// The K-tile scales of row r of a tensor tiled along K (ceil(K/128) of them).
+inline const float* fp8_k_scales(const Fp8Tensor& t, int64_t r) {
+  return t.scales.data() + size_t((t.tiling == Fp8Tiling::row_tiles_1x128 ? r : r / kFp8Tile) * t.scale_cols());
+}
+
+// Promotion: c32 + partial * scale in FP32 with two roundings, as on the CUDA cores. The empty
+// asm hides the product from the compiler, which would otherwise fuse the two into an FMA
+// where the target has one (GCC contracts by default), and the kernels would differ.
+inline float fp8_promote(float c32, float partial, float scale) {
+  float p = partial * scale;
+  asm("" : "+x"(p));
+  return c32 + p;
+}
+
+}  // namespace dsv3::cpu
