@@ -170,6 +170,27 @@ TEST_F(TrainerTest, MtpLossFalls) {
   EXPECT_LT((mtp[35] + mtp[36] + mtp[37] + mtp[38] + mtp[39]) / 5, 0.8 * (mtp[0] + mtp[1] + mtp[2] + mtp[3] + mtp[4]) / 5);
 }
 
+// §3.3: the Linear GEMMs in BF16 or in FP8 (E4M3, fine-grained scales, promoted
+// accumulation) train like FP32 on a short run: the loss falls and ends close.
+TEST_F(TrainerTest, Bf16AndFp8GemmsTrainLikeFp32) {
+  opt_.steps = 30;
+  opt_.schedule.decay_start = opt_.schedule.decay_end = 0;
+  auto final_loss = [&](GemmPrecision p) {
+    opt_.linear.precision = p;
+    auto t = make(dir_ + "/p" + std::to_string(int(p)));
+    std::vector<double> loss;
+    for (int i = 0; i < opt_.steps; ++i) loss.push_back(t->step().loss);
+    EXPECT_LT(loss.back(), 0.85 * loss.front());
+    return (loss[27] + loss[28] + loss[29]) / 3;
+  };
+  const double fp32 = final_loss(GemmPrecision::fp32), bf16 = final_loss(GemmPrecision::bf16),
+               fp8 = final_loss(GemmPrecision::fp8);
+  EXPECT_NEAR(bf16, fp32, 0.03 * fp32);
+  EXPECT_NEAR(fp8, fp32, 0.03 * fp32);
+  EXPECT_NE(bf16, fp32);  // the precision really reaches the GEMMs
+  EXPECT_NE(fp8, bf16);
+}
+
 // §2.1.2: the bias update drives the expert load toward balance.
 TEST_F(TrainerTest, BalancingLowersMaxVio) {
   opt_.steps = 60, opt_.batch = 8;

@@ -5,7 +5,32 @@
 #pragma once
 #include <cstdint>
 
+#include "backend/fp8.h"
+
 namespace dsv3 {
+
+// The precision of the GEMMs of Linear layers in training (§3.3): fp32; bf16 (inputs
+// rounded to BF16, FP32 accumulation); fp8 (E4M3 inputs with 1x128 activation tiles and
+// 128x128 weight blocks, the tensor-core accumulator emulated with promotion to FP32 every
+// 128 elements of K). Attention, the router gate, embedding and output head are not Linear
+// GEMMs here and stay in higher precision, as the paper keeps them.
+enum class GemmPrecision { fp32, bf16, fp8 };
+GemmPrecision parse_gemm_precision(const char* name);  // "fp32" | "bf16" | "fp8"
+
+// The three GEMMs of a Linear layer (forward, activation gradient, weight gradient) at one
+// precision; the same contracts as matmul / matmul_dx / matmul_dw below. This is the seam
+// through which precision reaches the model: its math calls these, never a format.
+struct LinearGemm {
+  GemmPrecision precision = GemmPrecision::fp32;
+  Fp8GemmOptions fp8 = kFp8DeepSeek;
+
+  template <typename T>
+  void forward(const T* x, const T* w, T* y, int64_t n, int64_t in, int64_t out) const;
+  template <typename T>
+  void dx(const T* dy, const T* w, T* dx, int64_t n, int64_t in, int64_t out, bool accumulate) const;
+  template <typename T>
+  void dw(const T* dy, const T* x, T* dw, int64_t n, int64_t in, int64_t out) const;
+};
 
 // y[n, out] = x[n, in] w[out, in]^T                       (y overwritten)
 template <typename T>

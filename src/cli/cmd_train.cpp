@@ -29,7 +29,7 @@ namespace {
 namespace fs = std::filesystem;
 
 struct TrainFlags {
-  std::string config, data, out, tokenizer;
+  std::string config, data, out, tokenizer, precision = "fp32";
   TrainOptions opt;
   double warmup_frac = 0.05, decay_start_frac = 0.6;
   bool resume = false, fp32_moments = false;
@@ -82,6 +82,7 @@ void run(TrainFlags& f) {
 
   TrainOptions& o = f.opt;
   o.adamw.bf16_moments = !f.fp32_moments;
+  o.linear.precision = parse_gemm_precision(f.precision.c_str());
   // The tokenizer goes into every checkpoint: --tokenizer, else the one dsv3 data used.
   std::string tok = f.tokenizer;
   if (tok.empty() && fs::exists(f.data + "/data.json")) {
@@ -115,8 +116,8 @@ void run(TrainFlags& f) {
   int64_t params = 0;
   for (const TensorSlot& s : list_tensors(c, const_cast<ModelWeights&>(trainer.params())))
     if (!s.mtp) params += s.mat->numel();
-  std::fprintf(stderr, "dsv3 train: %.2fM parameters (main model), %ld steps of %ld x %ld tokens, %zu train shards%s\n",
-               double(params) / 1e6, long(o.steps), long(o.batch), long(o.seq), train_shards.size(),
+  std::fprintf(stderr, "dsv3 train: %.2fM parameters (main model), %ld steps of %ld x %ld tokens, %s GEMMs, %zu train shards%s\n",
+               double(params) / 1e6, long(o.steps), long(o.batch), long(o.seq), f.precision.c_str(), train_shards.size(),
                resumed ? cat(", resumed at step ", trainer.state().step).c_str() : "");
 
   const std::string csv_path = f.out + "/metrics.csv";
@@ -213,6 +214,10 @@ void add_train(CLI::App& app) {
   cmd->add_option("--seed", o.seed, "seed of initialisation and data order")->capture_default_str();
   cmd->add_flag("--resume", f->resume, "continue from the newest checkpoint in --out");
   cmd->add_flag("--fp32-moments", f->fp32_moments, "AdamW moments in float32 (default BF16, as the paper)");
+  cmd->add_option("--precision", f->precision,
+                  "Linear GEMMs: fp32, bf16, or fp8 (E4M3, 1x128 / 128x128 scales, promoted accumulation; emulated on CPU)")
+      ->check(CLI::IsMember({"fp32", "bf16", "fp8"}))
+      ->capture_default_str();
   cmd->add_option("--threads,-t", f->threads, "CPU threads (default: all)");
   cmd->callback([f] { run(*f); });
 }

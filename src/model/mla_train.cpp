@@ -39,7 +39,7 @@ void scatter(const T* src, int64_t ld, int64_t r0, int64_t S, int64_t col, int64
 
 template <typename T>
 void mla_train_forward(const ModelConfig& c, const Rope& rope, const MlaWeights& w, const T* x, int64_t B, int64_t S,
-                       MlaActivations<T>& a, T* out) {
+                       MlaActivations<T>& a, T* out, const LinearGemm& lin) {
   const int64_t H = c.num_attention_heads, D = c.qk_nope_head_dim, R = c.qk_rope_head_dim, V = c.v_head_dim;
   const int64_t C = c.kv_lora_rank, Lq = c.q_lora_rank, QK = D + R, N = B * S, dim = c.hidden_size;
   const T scale = T(softmax_scale(c));
@@ -48,15 +48,15 @@ void mla_train_forward(const ModelConfig& c, const Rope& rope, const MlaWeights&
   a.q.resize(size_t(N * H * QK));
   if (Lq > 0) {
     a.cq.resize(size_t(N * Lq)), a.cq_inv.resize(size_t(N)), a.cq_norm.resize(size_t(N * Lq));
-    matmul(x, W<T>(w.q_a_proj), a.cq.data(), N, dim, Lq);
+    lin.forward(x, W<T>(w.q_a_proj), a.cq.data(), N, dim, Lq);
     rmsnorm_forward(a.cq.data(), W<T>(w.q_a_layernorm), a.cq_norm.data(), a.cq_inv.data(), N, Lq, c.rms_norm_eps);
-    matmul(a.cq_norm.data(), W<T>(w.q_b_proj), a.q.data(), N, Lq, H * QK);
+    lin.forward(a.cq_norm.data(), W<T>(w.q_b_proj), a.q.data(), N, Lq, H * QK);
   } else {
-    matmul(x, W<T>(w.q_proj), a.q.data(), N, dim, H * QK);
+    lin.forward(x, W<T>(w.q_proj), a.q.data(), N, dim, H * QK);
   }
   // Latent and shared RoPE key: [c_kv ; k_pe] = W_dkv x.
   std::vector<T> kv(static_cast<size_t>(N * (C + R)));
-  matmul(x, W<T>(w.kv_a_proj_with_mqa), kv.data(), N, dim, C + R);
+  lin.forward(x, W<T>(w.kv_a_proj_with_mqa), kv.data(), N, dim, C + R);
   a.c.resize(size_t(N * C)), a.c_inv.resize(size_t(N)), a.c_norm.resize(size_t(N * C)), a.k_pe.resize(size_t(N * R));
   std::vector<double> cos, sin;
   rope.table(S, cos, sin);
@@ -71,7 +71,7 @@ void mla_train_forward(const ModelConfig& c, const Rope& rope, const MlaWeights&
   rmsnorm_forward(a.c.data(), W<T>(w.kv_a_layernorm), a.c_norm.data(), a.c_inv.data(), N, C, c.rms_norm_eps);
   // Per-head keys and values from the latent: [k_nope ; v] = W_ukv norm(c_kv).
   a.kvb.resize(size_t(N * H * (D + V)));
-  matmul(a.c_norm.data(), W<T>(w.kv_b_proj), a.kvb.data(), N, C, H * (D + V));
+  lin.forward(a.c_norm.data(), W<T>(w.kv_b_proj), a.kvb.data(), N, C, H * (D + V));
 
   a.p.assign(size_t(B * H * S * S), T(0));
   a.o.resize(size_t(N * H * V));
@@ -99,20 +99,20 @@ void mla_train_forward(const ModelConfig& c, const Rope& rope, const MlaWeights&
       scatter(oh.data(), H * V, r0, S, h * V, V, a.o.data());
     }
   }
-  matmul(a.o.data(), W<T>(w.o_proj), out, N, H * V, dim);
+  lin.forward(a.o.data(), W<T>(w.o_proj), out, N, H * V, dim);
 }
 
 template <typename T>
 void mla_train_backward(const ModelConfig& c, const Rope& rope, const MlaWeights& w, const T* x, int64_t B, int64_t S,
-                        const MlaActivations<T>& a, const T* dout, MlaWeights& g, T* dx) {
+                        const MlaActivations<T>& a, const T* dout, MlaWeights& g, T* dx, const LinearGemm& lin) {
   const int64_t H = c.num_attention_heads, D = c.qk_nope_head_dim, R = c.qk_rope_head_dim, V = c.v_head_dim;
   const int64_t C = c.kv_lora_rank, Lq = c.q_lora_rank, QK = D + R, N = B * S, dim = c.hidden_size;
   const T scale = T(softmax_scale(c));
 
   // out = o W_o^T
   std::vector<T> d_o(static_cast<size_t>(N * H * V));
-  matmul_dw(dout, a.o.data(), G<T>(g.o_proj), N, H * V, dim);
-  matmul_dx(dout, W<T>(w.o_proj), d_o.data(), N, H * V, dim, false);
+  lin.dw(dout, a.o.data(), G<T>(g.o_proj), N, H * V, dim);
+  lin.dx(dout, W<T>(w.o_proj), d_o.data(), N, H * V, dim, false);
 
   // Attention, per sequence and head. The shared k_pe gets one gradient per head, summed after.
   std::vector<T> dq(static_cast<size_t>(N * H * QK)), dkvb(static_cast<size_t>(N * H * (D + V)));
@@ -173,34 +173,35 @@ void mla_train_backward(const ModelConfig& c, const Rope& rope, const MlaWeights
   }
   // [k_nope ; v] = W_ukv c_norm;  c_norm = kv_a_layernorm(c)
   std::vector<T> dc_norm(static_cast<size_t>(N * C)), dc(static_cast<size_t>(N * C), T(0));
-  matmul_dw(dkvb.data(), a.c_norm.data(), G<T>(g.kv_b_proj), N, C, H * (D + V));
-  matmul_dx(dkvb.data(), W<T>(w.kv_b_proj), dc_norm.data(), N, C, H * (D + V), false);
+  lin.dw(dkvb.data(), a.c_norm.data(), G<T>(g.kv_b_proj), N, C, H * (D + V));
+  lin.dx(dkvb.data(), W<T>(w.kv_b_proj), dc_norm.data(), N, C, H * (D + V), false);
   rmsnorm_backward(dc_norm.data(), a.c.data(), W<T>(w.kv_a_layernorm), a.c_inv.data(), dc.data(),
                    G<T>(g.kv_a_layernorm), N, C);
   for (int64_t t = 0; t < N; ++t) std::memcpy(&dkv[size_t(t * (C + R))], &dc[size_t(t * C)], size_t(C) * sizeof(T));
   // [c ; k_pe] = W_dkv x
-  matmul_dw(dkv.data(), x, G<T>(g.kv_a_proj_with_mqa), N, dim, C + R);
-  matmul_dx(dkv.data(), W<T>(w.kv_a_proj_with_mqa), dx, N, dim, C + R, true);
+  lin.dw(dkv.data(), x, G<T>(g.kv_a_proj_with_mqa), N, dim, C + R);
+  lin.dx(dkv.data(), W<T>(w.kv_a_proj_with_mqa), dx, N, dim, C + R, true);
   // q = W_uq norm(W_dq x)  or  W_q x
   if (Lq > 0) {
     std::vector<T> dcq_norm(static_cast<size_t>(N * Lq)), dcq(static_cast<size_t>(N * Lq), T(0));
-    matmul_dw(dq.data(), a.cq_norm.data(), G<T>(g.q_b_proj), N, Lq, H * QK);
-    matmul_dx(dq.data(), W<T>(w.q_b_proj), dcq_norm.data(), N, Lq, H * QK, false);
+    lin.dw(dq.data(), a.cq_norm.data(), G<T>(g.q_b_proj), N, Lq, H * QK);
+    lin.dx(dq.data(), W<T>(w.q_b_proj), dcq_norm.data(), N, Lq, H * QK, false);
     rmsnorm_backward(dcq_norm.data(), a.cq.data(), W<T>(w.q_a_layernorm), a.cq_inv.data(), dcq.data(),
                      G<T>(g.q_a_layernorm), N, Lq);
-    matmul_dw(dcq.data(), x, G<T>(g.q_a_proj), N, dim, Lq);
-    matmul_dx(dcq.data(), W<T>(w.q_a_proj), dx, N, dim, Lq, true);
+    lin.dw(dcq.data(), x, G<T>(g.q_a_proj), N, dim, Lq);
+    lin.dx(dcq.data(), W<T>(w.q_a_proj), dx, N, dim, Lq, true);
   } else {
-    matmul_dw(dq.data(), x, G<T>(g.q_proj), N, dim, H * QK);
-    matmul_dx(dq.data(), W<T>(w.q_proj), dx, N, dim, H * QK, true);
+    lin.dw(dq.data(), x, G<T>(g.q_proj), N, dim, H * QK);
+    lin.dx(dq.data(), W<T>(w.q_proj), dx, N, dim, H * QK, true);
   }
 }
 
 #define DSV3_INSTANTIATE(T)                                                                                        \
   template void mla_train_forward<T>(const ModelConfig&, const Rope&, const MlaWeights&, const T*, int64_t,         \
-                                     int64_t, MlaActivations<T>&, T*);                                               \
+                                     int64_t, MlaActivations<T>&, T*, const LinearGemm&);                            \
   template void mla_train_backward<T>(const ModelConfig&, const Rope&, const MlaWeights&, const T*, int64_t,        \
-                                      int64_t, const MlaActivations<T>&, const T*, MlaWeights&, T*);
+                                      int64_t, const MlaActivations<T>&, const T*, MlaWeights&, T*,                 \
+                                      const LinearGemm&);
 DSV3_INSTANTIATE(float)
 DSV3_INSTANTIATE(double)
 

@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "backend/train_ops.h"
 #include "model/rope.h"
 #include "model/weights.h"
 
@@ -23,14 +24,15 @@ struct MlaActivations {  // N = B*S rows
   std::vector<T> o;                    // [N, H*V] attention output before o_proj
 };
 
-// out[N, hidden] = MLA(x[N, hidden]) (overwritten).
+// out[N, hidden] = MLA(x[N, hidden]) (overwritten). lin: the precision of the projections'
+// GEMMs (the attention core stays in T).
 template <typename T>
 void mla_train_forward(const ModelConfig& c, const Rope& rope, const MlaWeights& w, const T* x, int64_t B, int64_t S,
-                       MlaActivations<T>& a, T* out);
+                       MlaActivations<T>& a, T* out, const LinearGemm& lin = {});
 
 // From dout: weight gradients accumulated into g, input gradient accumulated into dx.
 template <typename T>
 void mla_train_backward(const ModelConfig& c, const Rope& rope, const MlaWeights& w, const T* x, int64_t B, int64_t S,
-                        const MlaActivations<T>& a, const T* dout, MlaWeights& g, T* dx);
+                        const MlaActivations<T>& a, const T* dout, MlaWeights& g, T* dx, const LinearGemm& lin = {});
 
 }  // namespace dsv3

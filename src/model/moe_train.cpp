@@ -9,32 +9,32 @@
 namespace dsv3 {
 
 template <typename T>
-void mlp_train_forward(const MlpWeights& w, const T* x, int64_t m, MlpActivations<T>& act, T* out) {
+void mlp_train_forward(const MlpWeights& w, const T* x, int64_t m, MlpActivations<T>& act, T* out, const LinearGemm& lin) {
   const int64_t inter = w.gate_proj.rows, dim = w.gate_proj.cols;
   act.a.resize(size_t(m * inter)), act.b.resize(size_t(m * inter)), act.h.resize(size_t(m * inter));
-  matmul(x, w.gate_proj.as<T>(), act.a.data(), m, dim, inter);
-  matmul(x, w.up_proj.as<T>(), act.b.data(), m, dim, inter);
+  lin.forward(x, w.gate_proj.as<T>(), act.a.data(), m, dim, inter);
+  lin.forward(x, w.up_proj.as<T>(), act.b.data(), m, dim, inter);
   swiglu_forward(act.a.data(), act.b.data(), act.h.data(), m * inter);
-  matmul(act.h.data(), w.down_proj.as<T>(), out, m, inter, dim);
+  lin.forward(act.h.data(), w.down_proj.as<T>(), out, m, inter, dim);
 }
 
 template <typename T>
 void mlp_train_backward(const MlpWeights& w, const T* x, int64_t m, const MlpActivations<T>& act, const T* dout,
-                        MlpWeights& g, T* dx) {
+                        MlpWeights& g, T* dx, const LinearGemm& lin) {
   const int64_t inter = w.gate_proj.rows, dim = w.gate_proj.cols;
   std::vector<T> dh(static_cast<size_t>(m * inter)), da(dh.size()), db(dh.size());
-  matmul_dw(dout, act.h.data(), mutable_data<T>(g.down_proj), m, inter, dim);
-  matmul_dx(dout, w.down_proj.as<T>(), dh.data(), m, inter, dim, false);
+  lin.dw(dout, act.h.data(), mutable_data<T>(g.down_proj), m, inter, dim);
+  lin.dx(dout, w.down_proj.as<T>(), dh.data(), m, inter, dim, false);
   swiglu_backward(dh.data(), act.a.data(), act.b.data(), da.data(), db.data(), m * inter);
-  matmul_dw(da.data(), x, mutable_data<T>(g.gate_proj), m, dim, inter);
-  matmul_dw(db.data(), x, mutable_data<T>(g.up_proj), m, dim, inter);
-  matmul_dx(da.data(), w.gate_proj.as<T>(), dx, m, dim, inter, true);
-  matmul_dx(db.data(), w.up_proj.as<T>(), dx, m, dim, inter, true);
+  lin.dw(da.data(), x, mutable_data<T>(g.gate_proj), m, dim, inter);
+  lin.dw(db.data(), x, mutable_data<T>(g.up_proj), m, dim, inter);
+  lin.dx(da.data(), w.gate_proj.as<T>(), dx, m, dim, inter, true);
+  lin.dx(db.data(), w.up_proj.as<T>(), dx, m, dim, inter, true);
 }
 
 template <typename T>
 double moe_train_forward(const ModelConfig& c, const MoeWeights& w, const T* x, int64_t N, MoeActivations<T>& a, T* out,
-                         const BalanceLoss& balance) {
+                         const BalanceLoss& balance, const LinearGemm& lin) {
   const int64_t E = c.n_routed_experts, k = c.num_experts_per_tok, dim = c.hidden_size;
   a.logits.resize(size_t(N * E)), a.experts.resize(size_t(N * k)), a.weights.resize(size_t(N * k));
   matmul(x, w.gate.as<T>(), a.logits.data(), N, dim, E);
@@ -43,7 +43,7 @@ double moe_train_forward(const ModelConfig& c, const MoeWeights& w, const T* x, 
   // Shared experts see every token; routed experts their own tokens, weighted by g.
   if (c.n_shared_experts > 0) {
     a.shared_out.resize(size_t(N * dim));
-    mlp_train_forward(w.shared_experts, x, N, a.shared, a.shared_out.data());
+    mlp_train_forward(w.shared_experts, x, N, a.shared, a.shared_out.data(), lin);
     std::memcpy(out, a.shared_out.data(), size_t(N * dim) * sizeof(T));
   } else {
     std::fill(out, out + N * dim, T(0));
@@ -59,7 +59,7 @@ double moe_train_forward(const ModelConfig& c, const MoeWeights& w, const T* x, 
     auto& ye = a.ye[size_t(e)];
     xe.resize(size_t(m * dim)), ye.resize(size_t(m * dim));
     for (int64_t i = 0; i < m; ++i) std::memcpy(&xe[size_t(i * dim)], x + (s[size_t(i)] / k) * dim, size_t(dim) * sizeof(T));
-    mlp_train_forward(w.experts[size_t(e)], xe.data(), m, a.expert[size_t(e)], ye.data());
+    mlp_train_forward(w.experts[size_t(e)], xe.data(), m, a.expert[size_t(e)], ye.data(), lin);
     for (int64_t i = 0; i < m; ++i) {
       const T gw = a.weights[size_t(s[size_t(i)])];
       T* o = out + (s[size_t(i)] / k) * dim;
@@ -93,9 +93,9 @@ double moe_train_forward(const ModelConfig& c, const MoeWeights& w, const T* x, 
 
 template <typename T>
 void moe_train_backward(const ModelConfig& c, const MoeWeights& w, const T* x, int64_t N, const MoeActivations<T>& a,
-                        const T* dout, MoeWeights& g, T* dx) {
+                        const T* dout, MoeWeights& g, T* dx, const LinearGemm& lin) {
   const int64_t E = c.n_routed_experts, k = c.num_experts_per_tok, dim = c.hidden_size;
-  if (c.n_shared_experts > 0) mlp_train_backward(w.shared_experts, x, N, a.shared, dout, g.shared_experts, dx);
+  if (c.n_shared_experts > 0) mlp_train_backward(w.shared_experts, x, N, a.shared, dout, g.shared_experts, dx, lin);
 
   // Routed experts: d(expert out) = g_j dout; d(g_j) = dout . expert out.
   std::vector<T> dweight(static_cast<size_t>(N * k), T(0));
@@ -116,7 +116,7 @@ void moe_train_backward(const ModelConfig& c, const MoeWeights& w, const T* x, i
       dweight[size_t(slot)] = dot;
     }
     mlp_train_backward(w.experts[size_t(e)], a.xe[size_t(e)].data(), m, a.expert[size_t(e)], dye.data(),
-                       g.experts[size_t(e)], dxe.data());
+                       g.experts[size_t(e)], dxe.data(), lin);
     for (int64_t i = 0; i < m; ++i) {
       T* d = dx + (s[size_t(i)] / k) * dim;
       for (int64_t j = 0; j < dim; ++j) d[j] += dxe[size_t(i * dim + j)];
@@ -156,13 +156,14 @@ void moe_train_backward(const ModelConfig& c, const MoeWeights& w, const T* x, i
 }
 
 #define DSV3_INSTANTIATE(T)                                                                                       \
-  template void mlp_train_forward<T>(const MlpWeights&, const T*, int64_t, MlpActivations<T>&, T*);              \
+  template void mlp_train_forward<T>(const MlpWeights&, const T*, int64_t, MlpActivations<T>&, T*,               \
+                                     const LinearGemm&);                                                          \
   template void mlp_train_backward<T>(const MlpWeights&, const T*, int64_t, const MlpActivations<T>&, const T*,  \
-                                      MlpWeights&, T*);                                                           \
+                                      MlpWeights&, T*, const LinearGemm&);                                        \
   template double moe_train_forward<T>(const ModelConfig&, const MoeWeights&, const T*, int64_t,                   \
-                                       MoeActivations<T>&, T*, const BalanceLoss&);                               \
+                                       MoeActivations<T>&, T*, const BalanceLoss&, const LinearGemm&);            \
   template void moe_train_backward<T>(const ModelConfig&, const MoeWeights&, const T*, int64_t,                   \
-                                      const MoeActivations<T>&, const T*, MoeWeights&, T*);
+                                      const MoeActivations<T>&, const T*, MoeWeights&, T*, const LinearGemm&);
 DSV3_INSTANTIATE(float)
 DSV3_INSTANTIATE(double)
 

@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "backend/train_ops.h"
 #include "model/weights.h"
 
 namespace dsv3 {
@@ -19,11 +20,12 @@ struct MlpActivations {
 
 // out[m, hidden] = down(silu(gate(x)) * up(x))  (overwritten)
 template <typename T>
-void mlp_train_forward(const MlpWeights& w, const T* x, int64_t m, MlpActivations<T>& act, T* out);
+void mlp_train_forward(const MlpWeights& w, const T* x, int64_t m, MlpActivations<T>& act, T* out,
+                       const LinearGemm& lin = {});
 // Weight gradients accumulated into g; input gradient accumulated into dx.
 template <typename T>
 void mlp_train_backward(const MlpWeights& w, const T* x, int64_t m, const MlpActivations<T>& act, const T* dout,
-                        MlpWeights& g, T* dx);
+                        MlpWeights& g, T* dx, const LinearGemm& lin = {});
 
 template <typename T>
 struct MoeActivations {
@@ -48,11 +50,12 @@ struct BalanceLoss {
 };
 
 // Returns the balance loss (0 if off).
+// lin: the precision of the experts' GEMMs (the router gate stays in T).
 template <typename T>
 double moe_train_forward(const ModelConfig& c, const MoeWeights& w, const T* x, int64_t N, MoeActivations<T>& a, T* out,
-                         const BalanceLoss& balance = {});
+                         const BalanceLoss& balance = {}, const LinearGemm& lin = {});
 template <typename T>
 void moe_train_backward(const ModelConfig& c, const MoeWeights& w, const T* x, int64_t N, const MoeActivations<T>& a,
-                        const T* dout, MoeWeights& g, T* dx);
+                        const T* dout, MoeWeights& g, T* dx, const LinearGemm& lin = {});
 
 }  // namespace dsv3

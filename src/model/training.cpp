@@ -22,14 +22,15 @@ double TrainingPass<T>::block_forward(const LayerWeights& lw, LayerActivations<T
   a.h_in = h;
   a.inv1.resize(size_t(N)), a.xn1.resize(size_t(N * dim));
   rmsnorm_forward(h.data(), lw.input_layernorm.as<T>(), a.xn1.data(), a.inv1.data(), N, dim, c_.rms_norm_eps);
-  mla_train_forward(c_, rope_, lw.self_attn, a.xn1.data(), B_, S_, a.mla, delta.data());
+  mla_train_forward(c_, rope_, lw.self_attn, a.xn1.data(), B_, S_, a.mla, delta.data(), loss_.linear);
   add_to(h.data(), delta.data(), N * dim);
   a.h_mid = h;
   a.inv2.resize(size_t(N)), a.xn2.resize(size_t(N * dim));
   rmsnorm_forward(h.data(), lw.post_attention_layernorm.as<T>(), a.xn2.data(), a.inv2.data(), N, dim, c_.rms_norm_eps);
   double balance = 0;
-  if (lw.is_moe) balance = moe_train_forward(c_, lw.moe, a.xn2.data(), N, a.moe, delta.data(), {S_, loss_.alpha});
-  else mlp_train_forward(lw.mlp, a.xn2.data(), N, a.mlp, delta.data());
+  if (lw.is_moe)
+    balance = moe_train_forward(c_, lw.moe, a.xn2.data(), N, a.moe, delta.data(), {S_, loss_.alpha}, loss_.linear);
+  else mlp_train_forward(lw.mlp, a.xn2.data(), N, a.mlp, delta.data(), loss_.linear);
   add_to(h.data(), delta.data(), N * dim);
   return balance;
 }
@@ -40,13 +41,14 @@ void TrainingPass<T>::block_backward(const LayerWeights& lw, LayerWeights& lg, c
   const int64_t N = B_ * S_, dim = c_.hidden_size;
   std::vector<T> dxn(static_cast<size_t>(N * dim), T(0));
   // h_out = h_mid + FFN(norm2(h_mid))
-  if (lw.is_moe) moe_train_backward(c_, lw.moe, a.xn2.data(), N, a.moe, dh.data(), lg.moe, dxn.data());
-  else mlp_train_backward(lw.mlp, a.xn2.data(), N, a.mlp, dh.data(), lg.mlp, dxn.data());
+  if (lw.is_moe) moe_train_backward(c_, lw.moe, a.xn2.data(), N, a.moe, dh.data(), lg.moe, dxn.data(), loss_.linear);
+  else mlp_train_backward(lw.mlp, a.xn2.data(), N, a.mlp, dh.data(), lg.mlp, dxn.data(), loss_.linear);
   rmsnorm_backward(dxn.data(), a.h_mid.data(), lw.post_attention_layernorm.as<T>(), a.inv2.data(), dh.data(),
                    mutable_data<T>(lg.post_attention_layernorm), N, dim);
   // h_mid = h_in + MLA(norm1(h_in))
   std::fill(dxn.begin(), dxn.end(), T(0));
-  mla_train_backward(c_, rope_, lw.self_attn, a.xn1.data(), B_, S_, a.mla, dh.data(), lg.self_attn, dxn.data());
+  mla_train_backward(c_, rope_, lw.self_attn, a.xn1.data(), B_, S_, a.mla, dh.data(), lg.self_attn, dxn.data(),
+                     loss_.linear);
   rmsnorm_backward(dxn.data(), a.h_in.data(), lw.input_layernorm.as<T>(), a.inv1.data(), dh.data(),
                    mutable_data<T>(lg.input_layernorm), N, dim);
 }
@@ -100,7 +102,7 @@ double TrainingPass<T>::forward(const ModelWeights& w, const int32_t* tokens, co
       std::memcpy(&a.cat[size_t(t * 2 * dim)], &a.en[size_t(t * dim)], size_t(dim) * sizeof(T));
       std::memcpy(&a.cat[size_t(t * 2 * dim + dim)], &a.hn[size_t(t * dim)], size_t(dim) * sizeof(T));
     }
-    matmul(a.cat.data(), mw.eh_proj.as<T>(), h.data(), N, 2 * dim, dim);
+    loss_.linear.forward(a.cat.data(), mw.eh_proj.as<T>(), h.data(), N, 2 * dim, dim);
     balance_loss_ += block_forward(mw.block, a.block, h);  // an MoE layer like the others
     a.h_out = h;
     a.inv_out.resize(size_t(N)), a.xn_out.resize(size_t(N * dim));
@@ -129,8 +131,8 @@ void TrainingPass<T>::backward(const ModelWeights& w, ModelWeights& g) {
     block_backward(mw.block, mg.block, a.block, dh);
     std::vector<T> dcat(static_cast<size_t>(N * 2 * dim)), den(static_cast<size_t>(N * dim)),
         dhn(static_cast<size_t>(N * dim)), de(static_cast<size_t>(N * dim), T(0));
-    matmul_dw(dh.data(), a.cat.data(), mutable_data<T>(mg.eh_proj), N, 2 * dim, dim);
-    matmul_dx(dh.data(), mw.eh_proj.as<T>(), dcat.data(), N, 2 * dim, dim, false);
+    loss_.linear.dw(dh.data(), a.cat.data(), mutable_data<T>(mg.eh_proj), N, 2 * dim, dim);
+    loss_.linear.dx(dh.data(), mw.eh_proj.as<T>(), dcat.data(), N, 2 * dim, dim, false);
     for (int64_t t = 0; t < N; ++t) {
       std::memcpy(&den[size_t(t * dim)], &dcat[size_t(t * 2 * dim)], size_t(dim) * sizeof(T));
       std::memcpy(&dhn[size_t(t * dim)], &dcat[size_t(t * 2 * dim + dim)], size_t(dim) * sizeof(T));

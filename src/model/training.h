@@ -46,6 +46,7 @@ struct MtpActivations {  // one depth
 struct TrainingLoss {
   double mtp_weight = 0;  // lambda (the paper: 0.3, then 0.1)
   double alpha = 0;       // sequence-wise balance factor (the paper: 0.0001)
+  LinearGemm linear;      // precision of the Linear layers' GEMMs (§3.3); fp32 by default
 };
 
 template <typename T>

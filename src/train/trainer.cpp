@@ -33,7 +33,7 @@ Trainer::Trainer(const std::string& config_json, const TrainOptions& opt, std::v
       params_(allocate_weights(c_, DType::f32)),
       grads_(allocate_weights(c_, DType::f32)),
       adamw_(c_, opt.adamw),
-      pass_(c_, {opt.mtp_weight, opt.alpha}),
+      pass_(c_, {opt.mtp_weight, opt.alpha, opt.linear}),
       train_(std::move(train), opt.seq, opt.seed),
       val_(std::move(val)) {
   if (opt_.batch <= 0 || opt_.seq <= 0 || opt_.steps < 0) fail("batch, seq and steps must be positive");

@@ -6,9 +6,12 @@
 
 #include <algorithm>
 #include <cmath>
+#include <string>
 #include <vector>
 
 #include "backend/cpu/kernels.h"
+#include "core/dtype.h"
+#include "core/error.h"
 
 namespace dsv3 {
 
@@ -23,6 +26,56 @@ void matmul_dx(const T* dy, const T* w, T* dx, int64_t n, int64_t in, int64_t ou
 template <typename T>
 void matmul_dw(const T* dy, const T* x, T* dw, int64_t n, int64_t in, int64_t out) {
   cpu::gemm<T>(true, false, out, in, n, dy, out, x, in, T(1), dw, in);
+}
+
+GemmPrecision parse_gemm_precision(const char* name) {
+  const std::string s = name;
+  if (s == "fp32") return GemmPrecision::fp32;
+  if (s == "bf16") return GemmPrecision::bf16;
+  if (s == "fp8") return GemmPrecision::fp8;
+  fail("unknown precision '", s, "' (fp32, bf16 or fp8)");
+}
+
+namespace {
+
+// x rounded to BF16 (round to nearest even), kept as T: what a BF16 tensor core reads.
+template <typename T>
+std::vector<T> to_bf16(const T* x, int64_t n) {
+  std::vector<T> out(static_cast<size_t>(n));
+#pragma omp parallel for schedule(static) if (n > 65536)
+  for (int64_t i = 0; i < n; ++i) out[size_t(i)] = T(bf16_to_f32(f32_to_bf16(float(x[i]))));
+  return out;
+}
+
+}  // namespace
+
+template <typename T>
+void LinearGemm::forward(const T* x, const T* w, T* y, int64_t n, int64_t in, int64_t out) const {
+  switch (precision) {
+    case GemmPrecision::fp32: matmul(x, w, y, n, in, out); return;
+    case GemmPrecision::bf16: matmul(to_bf16(x, n * in).data(), to_bf16(w, out * in).data(), y, n, in, out); return;
+    case GemmPrecision::fp8: matmul_fp8(x, w, y, n, in, out, fp8); return;
+  }
+}
+
+template <typename T>
+void LinearGemm::dx(const T* dy, const T* w, T* dx, int64_t n, int64_t in, int64_t out, bool accumulate) const {
+  switch (precision) {
+    case GemmPrecision::fp32: matmul_dx(dy, w, dx, n, in, out, accumulate); return;
+    case GemmPrecision::bf16:
+      matmul_dx(to_bf16(dy, n * out).data(), to_bf16(w, out * in).data(), dx, n, in, out, accumulate);
+      return;
+    case GemmPrecision::fp8: matmul_dx_fp8(dy, w, dx, n, in, out, accumulate, fp8); return;
+  }
+}
+
+template <typename T>
+void LinearGemm::dw(const T* dy, const T* x, T* dw, int64_t n, int64_t in, int64_t out) const {
+  switch (precision) {
+    case GemmPrecision::fp32: matmul_dw(dy, x, dw, n, in, out); return;
+    case GemmPrecision::bf16: matmul_dw(to_bf16(dy, n * out).data(), to_bf16(x, n * in).data(), dw, n, in, out); return;
+    case GemmPrecision::fp8: matmul_dw_fp8(dy, x, dw, n, in, out, fp8); return;
+  }
 }
 
 template <typename T>
@@ -144,7 +197,10 @@ double cross_entropy(const T* logits, const int32_t* targets, int64_t n, int64_t
   template void swiglu_backward<T>(const T*, const T*, const T*, T*, T*, int64_t);                            \
   template void softmax_forward<T>(T*, int64_t);                                                              \
   template void softmax_backward<T>(const T*, const T*, T*, int64_t);                                         \
-  template double cross_entropy<T>(const T*, const int32_t*, int64_t, int64_t, T*, double);
+  template double cross_entropy<T>(const T*, const int32_t*, int64_t, int64_t, T*, double);              \
+  template void LinearGemm::forward<T>(const T*, const T*, T*, int64_t, int64_t, int64_t) const;             \
+  template void LinearGemm::dx<T>(const T*, const T*, T*, int64_t, int64_t, int64_t, bool) const;            \
+  template void LinearGemm::dw<T>(const T*, const T*, T*, int64_t, int64_t, int64_t) const;
 DSV3_INSTANTIATE(float)
 DSV3_INSTANTIATE(double)
 
