@@ -85,6 +85,51 @@ TEST_F(TrainerTest, ResumeIsBitExact) {
     ASSERT_EQ(0, std::memcmp(pa[t].mat->data, pc[t].mat->data, size_t(pa[t].mat->numel()) * 4)) << pa[t].name;
 }
 
+// A resumed run must read the same batches: another seed, seq or batch is refused.
+TEST_F(TrainerTest, ResumeRefusesOtherSettings) {
+  auto t = make(dir_);
+  t->step();
+  t->save();
+  opt_.seed = 99;
+  try {
+    make(dir_)->resume();
+    FAIL();
+  } catch (const Error& e) {
+    EXPECT_THAT(e.what(), testing::HasSubstr("the run used --seed 1234, this one 99"));
+  }
+  opt_.seed = 1234, opt_.batch = 5;
+  EXPECT_THROW(make(dir_)->resume(), Error);
+}
+
+// Stray folders named like checkpoints (no trainer_state.json) are never counted or pruned
+// in place of real ones, and the checkpoint just written survives keep = 1.
+TEST_F(TrainerTest, PruningKeepsTheNewCheckpoint) {
+  opt_.keep = 1;
+  auto t = make(dir_);
+  t->step();
+  t->save();
+  fs::create_directories(dir_ + "/checkpoint-0000099");  // stray, newer-looking
+  fs::create_directories(dir_ + "/.checkpoint-0000007.tmp");  // left by a crashed save
+  t->step();
+  const std::string ck = t->save();
+  EXPECT_TRUE(fs::exists(ck + "/trainer_state.json"));
+  EXPECT_FALSE(fs::exists(dir_ + "/checkpoint-0000001"));
+  EXPECT_TRUE(fs::exists(dir_ + "/checkpoint-0000099"));  // not ours to delete
+  EXPECT_FALSE(fs::exists(dir_ + "/.checkpoint-0000007.tmp"));
+  EXPECT_EQ(latest_checkpoint(dir_).value(), ck);
+}
+
+TEST_F(TrainerTest, TooShortValidationDataIsRefusedAtTheStart) {
+  opt_.eval_every = 2;
+  val_.resize(10);
+  try {
+    make(dir_);
+    FAIL();
+  } catch (const Error& e) {
+    EXPECT_THAT(e.what(), testing::HasSubstr("the validation data has 10 tokens"));
+  }
+}
+
 TEST_F(TrainerTest, UnfinishedCheckpointsAreIgnoredAndOldOnesPruned) {
   opt_.keep = 2;
   auto t = make(dir_);
@@ -113,7 +158,7 @@ TEST_F(TrainerTest, BadCheckpointsAreRefused) {
     fs::resize_file(dir_ + "/bad1/model.safetensors", 100);
     ModelWeights p = allocate_weights(t->config(), DType::f32);
     AdamW opt(t->config(), {});
-    EXPECT_THROW(load_checkpoint(dir_ + "/bad1", t->config(), p, opt), Error);
+    EXPECT_THROW(load_checkpoint(dir_ + "/bad1", kConfig, t->config(), p, opt), Error);
   }
   {  // another model's config
     fs::copy(ck, dir_ + "/bad2", fs::copy_options::recursive);
@@ -123,10 +168,10 @@ TEST_F(TrainerTest, BadCheckpointsAreRefused) {
     ModelWeights p = allocate_weights(t->config(), DType::f32);
     AdamW opt(t->config(), {});
     try {
-      load_checkpoint(dir_ + "/bad2", t->config(), p, opt);
+      load_checkpoint(dir_ + "/bad2", kConfig, t->config(), p, opt);
       FAIL();
     } catch (const Error& e) {
-      EXPECT_THAT(e.what(), testing::HasSubstr("describes a different model"));
+      EXPECT_THAT(e.what(), testing::HasSubstr("describes a different model than the run's config (field 'hidden_size'"));
     }
   }
   {  // trainer state not JSON
@@ -134,7 +179,21 @@ TEST_F(TrainerTest, BadCheckpointsAreRefused) {
     std::ofstream(dir_ + "/bad3/trainer_state.json") << "{step: 1";
     ModelWeights p = allocate_weights(t->config(), DType::f32);
     AdamW opt(t->config(), {});
-    EXPECT_THROW(load_checkpoint(dir_ + "/bad3", t->config(), p, opt), Error);
+    EXPECT_THROW(load_checkpoint(dir_ + "/bad3", kConfig, t->config(), p, opt), Error);
+  }
+  {  // a field that keeps every shape: still another model
+    fs::copy(ck, dir_ + "/bad4", fs::copy_options::recursive);
+    std::string cfg = kConfig;
+    cfg.replace(cfg.find("\"routed_scaling_factor\": 2.5"), 28, "\"routed_scaling_factor\": 1.0");
+    std::ofstream(dir_ + "/bad4/config.json") << cfg;
+    ModelWeights p = allocate_weights(t->config(), DType::f32);
+    AdamW opt(t->config(), {});
+    try {
+      load_checkpoint(dir_ + "/bad4", kConfig, t->config(), p, opt);
+      FAIL();
+    } catch (const Error& e) {
+      EXPECT_THAT(e.what(), testing::HasSubstr("field 'routed_scaling_factor' differs"));
+    }
   }
 }
 

@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
+#include <cerrno>
 #include <chrono>
 #include <cstring>
 #include <cstdio>
@@ -84,8 +85,9 @@ void run(TrainFlags& f) {
   o.adamw.bf16_moments = !f.fp32_moments;
   o.linear.precision = parse_gemm_precision(f.precision.c_str());
   // The tokenizer goes into every checkpoint: --tokenizer, else the one dsv3 data used.
-  std::string tok = f.tokenizer;
+  std::string tok = f.tokenizer, tok_source = "--tokenizer";
   if (tok.empty() && fs::exists(f.data + "/data.json")) {
+    tok_source = f.data + "/data.json";
     try {
       const auto summary = nlohmann::json::parse(read_text(f.data + "/data.json"));
       if (summary.is_object() && summary.contains("tokenizer") && summary["tokenizer"].is_string())
@@ -97,7 +99,7 @@ void run(TrainFlags& f) {
   if (!tok.empty()) {
     for (const char* name : {"tokenizer.json", "tokenizer_config.json"})
       if (fs::exists(tok + "/" + name)) o.extras.files.push_back(tok + "/" + name);
-    if (o.extras.files.empty()) fail("--tokenizer: ", tok, " has no tokenizer.json");
+    if (o.extras.files.empty()) fail(tok_source, ": tokenizer folder ", tok, " has no tokenizer.json");
   }
   o.schedule.warmup_steps = int64_t(double(o.steps) * f.warmup_frac);
   o.schedule.decay_start = int64_t(double(o.steps) * f.decay_start_frac);
@@ -105,8 +107,8 @@ void run(TrainFlags& f) {
   fs::create_directories(f.out);
   // One trainer per run folder: a second one would interleave checkpoints and metrics.
   const int lock = ::open((f.out + "/.lock").c_str(), O_CREAT | O_RDWR | O_CLOEXEC, 0644);
-  if (lock < 0 || ::flock(lock, LOCK_EX | LOCK_NB) != 0)
-    fail(f.out, " is in use by another dsv3 train (", f.out, "/.lock is held)");
+  if (lock < 0) fail(f.out, "/.lock: cannot create: ", std::strerror(errno));
+  if (::flock(lock, LOCK_EX | LOCK_NB) != 0) fail(f.out, " is in use by another dsv3 train (", f.out, "/.lock is held)");
   Trainer trainer(config_json, o, train, val, f.out);
   const bool resumed = f.resume && trainer.resume();
   if (f.resume && !resumed) std::fprintf(stderr, "no checkpoint in %s: starting from scratch\n", f.out.c_str());
@@ -121,6 +123,32 @@ void run(TrainFlags& f) {
                resumed ? cat(", resumed at step ", trainer.state().step).c_str() : "");
 
   const std::string csv_path = f.out + "/metrics.csv";
+  Curve train_curve{"train loss", "#1f77b4", {}}, val_curve{"validation loss", "#d62728", {}};
+  double smooth = -1, step_seconds = 0;
+  if (resumed && fs::exists(csv_path)) {
+    // Steps after the checkpoint were lost with the crash and run again: keep the rows up to
+    // the checkpoint, and rebuild the curves from them.
+    std::ifstream in(csv_path);
+    std::string header, line, kept;
+    std::getline(in, header);
+    kept = header + "\n";
+    while (std::getline(in, line)) {
+      std::vector<std::string> cols;
+      for (size_t a = 0, b; a <= line.size(); a = b + 1) {
+        b = line.find(',', a);
+        if (b == std::string::npos) b = line.size();
+        cols.push_back(line.substr(a, b - a));
+      }
+      if (cols.size() < 6 || std::atoll(cols[0].c_str()) > trainer.state().step) continue;
+      kept += line + "\n";
+      const double step = std::atof(cols[0].c_str()), loss = std::atof(cols[3].c_str());
+      smooth = smooth < 0 ? loss : 0.9 * smooth + 0.1 * loss;
+      train_curve.points.push_back({step, smooth});
+      if (!cols[5].empty()) val_curve.points.push_back({step, std::atof(cols[5].c_str())});
+    }
+    in.close();
+    std::ofstream(csv_path, std::ios::trunc) << kept;
+  }
   std::ofstream csv(csv_path, resumed ? std::ios::app : std::ios::trunc);
   if (!resumed) {  // max_vio is the largest of the per-layer max_vio_L columns
     csv << "step,tokens,batch,loss,mtp_loss,val_loss,lr,grad_norm,tokens_per_s,max_vio";
@@ -128,11 +156,9 @@ void run(TrainFlags& f) {
       if (c.is_moe_layer(l)) csv << ",max_vio_" << l;
     csv << "\n";
   }
-  Curve train_curve{"train loss", "#1f77b4", {}}, val_curve{"validation loss", "#d62728", {}};
   const bool tty = isatty(STDERR_FILENO);
   const auto start = std::chrono::steady_clock::now();
   const int64_t first_step = trainer.state().step;
-  double smooth = -1, step_seconds = 0;
   int64_t step_tokens = 0;
   trainer.run([&](const StepMetrics& m) {
     step_seconds += double(m.batch * o.seq) / m.tokens_per_s;  // the steps alone: no eval, no saving
@@ -208,8 +234,9 @@ void add_train(CLI::App& app) {
   cmd->add_option("--init-std", o.init_std, "initialisation std")->capture_default_str();
   cmd->add_option("--eval-every", o.eval_every, "validation loss every N steps (0: never)")->capture_default_str();
   cmd->add_option("--eval-batches", o.eval_batches, "validation batches")->capture_default_str();
-  cmd->add_option("--save-every", o.save_every, "checkpoint every N steps (and at the end)")->capture_default_str();
-  cmd->add_option("--keep", o.keep, "checkpoints kept")->capture_default_str();
+  cmd->add_option("--save-every", o.save_every, "checkpoint every N steps and at the end (0: no checkpoints)")
+      ->capture_default_str();
+  cmd->add_option("--keep", o.keep, "checkpoints kept (0: all)")->capture_default_str();
   cmd->add_option("--log-every", o.log_every, "log line every N steps when not on a terminal")->capture_default_str();
   cmd->add_option("--seed", o.seed, "seed of initialisation and data order")->capture_default_str();
   cmd->add_flag("--resume", f->resume, "continue from the newest checkpoint in --out");

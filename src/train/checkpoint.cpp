@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <cerrno>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -33,13 +34,23 @@ void fsync_path(const std::string& path, bool directory) {
   if (rc != 0) fail(path, ": fsync failed");
 }
 
+// Writes and fsyncs on one descriptor, so a full disk is an error here, not an empty file.
 void write_text(const std::string& path, const std::string& text) {
-  {
-    std::ofstream out(path, std::ios::binary);
-    out << text;
-    if (!out) fail(path, ": write failed");
+  const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) fail(path, ": cannot create: ", std::strerror(errno));
+  size_t done = 0;
+  while (done < text.size()) {
+    const ssize_t n = ::write(fd, text.data() + done, text.size() - done);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) {
+      const std::string why = std::strerror(errno);
+      ::close(fd);
+      fail(path, ": write failed: ", why);
+    }
+    done += size_t(n);
   }
-  fsync_path(path, false);
+  const bool synced = ::fsync(fd) == 0;
+  if (::close(fd) != 0 || !synced) fail(path, ": fsync / close failed: ", std::strerror(errno));
 }
 
 std::string read_text(const std::string& path) {
@@ -70,7 +81,13 @@ std::string save_checkpoint(const std::string& run_dir, const std::string& confi
   char name[64];
   std::snprintf(name, sizeof(name), "%s%07ld", kPrefix, long(state.step));
   const std::string final_dir = run_dir + "/" + name, tmp_dir = run_dir + "/." + name + ".tmp";
-  fs::remove_all(tmp_dir);
+  fs::create_directories(run_dir);
+  // Saves that crashed earlier leave .checkpoint-*.tmp folders behind: nothing reads them.
+  for (const auto& e : fs::directory_iterator(run_dir)) {
+    const std::string n = e.path().filename().string();
+    if (e.is_directory() && n.rfind(std::string(".") + kPrefix, 0) == 0 && n.size() > 4 && n.substr(n.size() - 4) == ".tmp")
+      fs::remove_all(e.path());
+  }
   fs::create_directories(tmp_dir);
 
   write_text(tmp_dir + "/config.json", config_json);
@@ -86,7 +103,8 @@ std::string save_checkpoint(const std::string& run_dir, const std::string& confi
   write_safetensors(tmp_dir + "/optimizer.safetensors", opt_tensors,
                     {{"format", "pt"}, {"bf16_moments", opt.config().bf16_moments ? "true" : "false"}});
   const json st = {{"format", "dsv3-trainer-state-1"}, {"step", state.step},          {"tokens", state.tokens},
-                   {"data_epoch", state.data.epoch},    {"data_index", state.data.index}, {"seed", state.seed}};
+                   {"data_epoch", state.data.epoch},    {"data_index", state.data.index}, {"seed", state.seed},
+                   {"seq", state.seq},                  {"batch", state.batch},           {"data_windows", state.data_windows}};
   write_text(tmp_dir + "/trainer_state.json", st.dump(2) + "\n");
   fsync_path(tmp_dir, true);
 
@@ -94,11 +112,17 @@ std::string save_checkpoint(const std::string& run_dir, const std::string& confi
   fs::rename(tmp_dir, final_dir);
   fsync_path(run_dir, true);
 
+  // Keep the newest `keep` complete checkpoints, this one included; never touch folders
+  // that are not complete checkpoints, nor any newer than this one.
   std::vector<std::pair<int64_t, fs::path>> all;
-  for (const auto& e : fs::directory_iterator(run_dir))
-    if (e.is_directory() && step_of(e.path()) >= 0) all.push_back({step_of(e.path()), e.path()});
+  for (const auto& e : fs::directory_iterator(run_dir)) {
+    const int64_t s = step_of(e.path());
+    if (e.is_directory() && s >= 0 && s <= state.step && fs::exists(e.path() / "trainer_state.json"))
+      all.push_back({s, e.path()});
+  }
   std::sort(all.begin(), all.end());
-  for (size_t i = 0; keep > 0 && i + size_t(keep) < all.size(); ++i) fs::remove_all(all[i].second);
+  for (size_t i = 0; keep > 0 && i + size_t(keep) < all.size(); ++i)
+    if (all[i].second != fs::path(final_dir)) fs::remove_all(all[i].second);
   return final_dir;
 }
 
@@ -114,18 +138,34 @@ std::optional<std::string> latest_checkpoint(const std::string& run_dir) {
   return path;
 }
 
-TrainerState load_checkpoint(const std::string& dir, const ModelConfig& c, ModelWeights& params, AdamW& opt) {
-  const ModelConfig saved = ModelConfig::load(dir + "/config.json");
-  if (saved.hidden_size != c.hidden_size || saved.num_hidden_layers != c.num_hidden_layers ||
-      saved.vocab_size != c.vocab_size || saved.n_routed_experts != c.n_routed_experts ||
-      saved.num_nextn_predict_layers != c.num_nextn_predict_layers || saved.kv_lora_rank != c.kv_lora_rank ||
-      saved.q_lora_rank != c.q_lora_rank || saved.num_attention_heads != c.num_attention_heads)
-    fail(dir, "/config.json: describes a different model than the run's config");
+TrainerState load_checkpoint(const std::string& dir, const std::string& config_json, const ModelConfig& c,
+                             ModelWeights& params, AdamW& opt) {
+  // config.json is written verbatim from the run's config: any field that differs (also one
+  // that keeps the shapes, like routed_scaling_factor) means another model.
+  json saved_json, run_json;
+  try {
+    saved_json = json::parse(read_text(dir + "/config.json"));
+    run_json = json::parse(config_json);
+  } catch (const json::exception& e) {
+    fail(dir, "/config.json: not valid JSON: ", e.what());
+  }
+  for (const auto* a : {&saved_json, &run_json}) {
+    const auto* b = a == &saved_json ? &run_json : &saved_json;
+    if (!a->is_object()) fail(dir, "/config.json: not a JSON object");
+    for (auto it = a->begin(); it != a->end(); ++it)
+      if (!b->contains(it.key()) || (*b)[it.key()] != it.value())
+        fail(dir, "/config.json: describes a different model than the run's config (field '", it.key(), "' differs)");
+  }
   Checkpoint ckpt(dir);
   ModelWeights stored = load_weights(c, ckpt);  // validates names, shapes, dtypes
   convert_weights(c, stored, params);
 
   SafetensorsFile f(dir + "/optimizer.safetensors");
+  const auto bf16 = f.metadata().find("bf16_moments");
+  const std::string want = opt.config().bf16_moments ? "true" : "false";
+  if (bf16 != f.metadata().end() && bf16->second != want)
+    fail(f.path(), ": AdamW moments were ", bf16->second == "true" ? "BF16" : "float32",
+         "; resume with the same --fp32-moments setting");
   std::vector<AdamW::NamedTensor> moments;
   for (const auto& m : opt.state(c)) {  // the expected names, in order
     const TensorView* v = f.find(m.name);
@@ -152,6 +192,9 @@ TrainerState load_checkpoint(const std::string& dir, const ModelConfig& c, Model
     s.data.epoch = st.at("data_epoch").get<int64_t>();
     s.data.index = st.at("data_index").get<int64_t>();
     s.seed = st.at("seed").get<uint64_t>();
+    s.seq = st.value("seq", int64_t(0));
+    s.batch = st.value("batch", int64_t(0));
+    s.data_windows = st.value("data_windows", int64_t(0));
   } catch (const json::exception& e) {
     fail(dir, "/trainer_state.json: ", e.what());
   }

@@ -20,6 +20,8 @@ struct TrainerState {
   int64_t tokens = 0;  // tokens trained on
   BatchSampler::Position data;
   uint64_t seed = 0;
+  int64_t seq = 0, batch = 0;  // the run's settings a resume must share (0: unknown)
+  int64_t data_windows = 0;    // windows of the training data: a fingerprint of the data
 };
 
 // Files copied verbatim into every checkpoint (the tokenizer, so a checkpoint is a complete
@@ -38,7 +40,9 @@ std::string save_checkpoint(const std::string& run_dir, const std::string& confi
 std::optional<std::string> latest_checkpoint(const std::string& run_dir);
 
 // Restores params, optimizer moments and state from a checkpoint folder; the checkpoint's
-// config.json must describe the same model as c. Throws Error naming what is wrong.
-TrainerState load_checkpoint(const std::string& dir, const ModelConfig& c, ModelWeights& params, AdamW& opt);
+// config.json must equal config_json field by field (c is its parse). Throws Error naming
+// what is wrong.
+TrainerState load_checkpoint(const std::string& dir, const std::string& config_json, const ModelConfig& c,
+                             ModelWeights& params, AdamW& opt);
 
 }  // namespace dsv3

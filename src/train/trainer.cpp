@@ -2,6 +2,7 @@
 #include "train/trainer.h"
 
 #include <chrono>
+#include <cmath>
 #include <cstring>
 #include <random>
 #include <set>
@@ -41,13 +42,32 @@ Trainer::Trainer(const std::string& config_json, const TrainOptions& opt, std::v
   opt_.schedule.batch = opt_.batch;
   init_weights(c_, params_, opt_.init_std, opt_.seed);
   tie_mtp_shared(grads_);
-  state_.seed = opt_.seed;
+  state_.seed = opt_.seed, state_.seq = opt_.seq, state_.batch = opt_.batch, state_.data_windows = train_.windows();
+  if (opt_.eval_every > 0 && !val_.empty()) {
+    int64_t tokens = 0;
+    for (const auto& v : val_) tokens += int64_t(v.size());
+    if (tokens < opt_.seq + 1)
+      fail("the validation data has ", tokens, " tokens, not enough for one sequence of ", opt_.seq + 1,
+           "; pass --eval-every 0 or hold out more (dsv3 data --val-fraction)");
+  }
 }
 
 bool Trainer::resume() {
   const auto dir = latest_checkpoint(run_dir_);
   if (!dir) return false;
-  state_ = load_checkpoint(*dir, c_, params_, adamw_);
+  const TrainerState saved = load_checkpoint(*dir, config_json_, c_, params_, adamw_);
+  // A resumed run must read the same batches: same seed, shapes and data.
+  auto check = [&](const char* flag, int64_t was, int64_t now) {
+    if (was != 0 && was != now)
+      fail(*dir, ": the run used ", flag, " ", was, ", this one ", now, "; resume with the same ", flag);
+  };
+  check("--seed", int64_t(saved.seed), int64_t(opt_.seed));
+  check("--seq", saved.seq, opt_.seq);
+  check("--batch", saved.batch, opt_.batch);
+  if (saved.data_windows != 0 && saved.data_windows != train_.windows())
+    fail(*dir, ": the run's training data had ", saved.data_windows, " windows, --data now has ", train_.windows(),
+         "; resume with the same data");
+  state_ = saved;
   tie_mtp_shared(params_);
   train_.seek(state_.data);
   return true;
@@ -60,11 +80,15 @@ StepMetrics Trainer::step() {
   train_.next_batch(B, inputs_.data(), targets_.data());
   zero_grads(c_, grads_);
   StepMetrics m;
-  pass_.forward(params_, inputs_.data(), targets_.data(), B, S);
+  const double total = pass_.forward(params_, inputs_.data(), targets_.data(), B, S);
   m.loss = pass_.main_loss();
   m.mtp_loss = pass_.mtp_loss();
   pass_.backward(params_, grads_);
   m.grad_norm = clip_grad_norm(c_, grads_, opt_.clip);
+  // Diverged: stop before the weights are touched, so nothing non-finite is ever saved.
+  if (!std::isfinite(total) || !std::isfinite(m.grad_norm))
+    fail("step ", step, ": the loss is ", total, " and the gradient norm ", m.grad_norm,
+         "; stopping before the update (the last checkpoint is intact)");
   m.lr = opt_.schedule.lr_at(step);
   adamw_.update(c_, params_, grads_, m.lr, step);
   m.max_vio_layers = update_balance_bias(c_, params_, pass_.expert_loads(), opt_.gamma);
@@ -79,7 +103,8 @@ StepMetrics Trainer::step() {
 
 double Trainer::validation_loss() {
   if (val_.empty()) return -1;
-  // The first eval_batches * batch windows of the validation stream, always the same.
+  // eval_batches * batch windows of the validation stream in a fixed order (seed 0): the
+  // same windows at every evaluation. Always the plain next-token loss in float32 GEMMs.
   BatchSampler v(val_, opt_.seq, 0);
   const int64_t n = std::min(opt_.eval_batches * opt_.batch, v.windows());
   std::vector<int32_t> in(size_t(opt_.seq)), tg(size_t(opt_.seq));
@@ -99,7 +124,6 @@ std::string Trainer::save() {
 void Trainer::run(const std::function<void(const StepMetrics&)>& on_step) {
   while (state_.step < opt_.steps) {
     StepMetrics m = step();
-    if (!std::isfinite(m.loss)) fail("step ", m.step, ": the loss is ", m.loss, "; stopping (the last checkpoint is intact)");
     if (opt_.eval_every > 0 && (m.step % opt_.eval_every == 0 || m.step == opt_.steps)) m.val_loss = validation_loss();
     // Report before saving: a crash in between repeats this step on resume (its metrics
     // line appears twice) rather than losing it.
