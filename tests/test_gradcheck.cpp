@@ -202,7 +202,7 @@ TEST_P(ModuleGradCheck, WholeModel) {
   std::vector<int32_t> tokens(B * S), targets(B * S);
   for (auto& t : tokens) t = int32_t(rng() % uint32_t(c.vocab_size));
   for (int64_t i = 0; i < B * S; ++i) targets[size_t(i)] = (i % S == S - 1) ? -1 : tokens[size_t(i + 1)];
-  TrainingPass<double> pass(c, {.mtp_weight = 0.3, .alpha = 0.05});
+  TrainingPass<double> pass(c, {.mtp_weight = 0.3, .alpha = 0.05, .linear = {}});
   auto loss = [&] { return pass.forward(w, tokens.data(), targets.data(), B, S); };
   loss();
   EXPECT_GT(pass.mtp_loss(), 0);

@@ -27,11 +27,6 @@ class Arena {
     total_ += n;
     return p;
   }
-  float* alloc_zero(size_t n) {
-    float* p = alloc(n);
-    std::fill(p, p + n, 0.0f);
-    return p;
-  }
   // Frees everything; if the last pass needed several blocks, the next gets one big one.
   void reset() {
     if (blocks_.size() > 1) {

@@ -55,30 +55,17 @@ void Rope::apply(float* x, int64_t pos) const {
   }
 }
 
-template <typename T>
-void Rope::rotate(T* x, int64_t pos, bool inverse) const {
-  for (size_t i = 0; i < inv_freq.size(); ++i) {
-    const float angle = float(pos) * inv_freq[i];
-    const T c = T(std::cos(double(angle))) * T(cos_sin_scale);
-    const T s = T(std::sin(double(angle))) * T(inverse ? -cos_sin_scale : cos_sin_scale);
-    const T a = x[2 * i], b = x[2 * i + 1];
-    x[2 * i] = a * c - b * s;
-    x[2 * i + 1] = a * s + b * c;
-  }
-}
 void Rope::table(int64_t n, std::vector<double>& cos, std::vector<double>& sin) const {
   const size_t half = inv_freq.size();
   cos.resize(size_t(n) * half), sin.resize(size_t(n) * half);
   for (int64_t pos = 0; pos < n; ++pos)
-    for (size_t i = 0; i < half; ++i) {  // the same float32 angle as rotate()
+    for (size_t i = 0; i < half; ++i) {  // the same float32 angle as apply()
       const float angle = float(pos) * inv_freq[i];
       cos[size_t(pos) * half + i] = double(float(std::cos(double(angle))) * cos_sin_scale);
       sin[size_t(pos) * half + i] = double(float(std::sin(double(angle))) * cos_sin_scale);
     }
 }
 
-template void Rope::rotate<float>(float*, int64_t, bool) const;
-template void Rope::rotate<double>(double*, int64_t, bool) const;
 
 float softmax_scale(const ModelConfig& c) {
   double scale = 1.0 / std::sqrt(double(c.qk_head_dim()));

@@ -15,13 +15,11 @@ struct Rope {
   static Rope from_config(const ModelConfig& c);
   // Rotates consecutive pairs (x[2i], x[2i+1]) of x (qk_rope_head_dim values) to position pos.
   void apply(float* x, int64_t pos) const;
-  // The same for float or double; inverse rotates back (the transpose: RoPE's backward).
-  template <typename T>
-  void rotate(T* x, int64_t pos, bool inverse) const;
   // cos and sin (cos_sin_scale applied) of positions [0, n): [n, qk_rope_head_dim / 2] each,
   // so a training pass computes them once per sequence length, not per token and head.
   void table(int64_t n, std::vector<double>& cos, std::vector<double>& sin) const;
-  // rotate() with a row of such a table.
+  // apply() with a row of such a table, for float or double; inverse rotates back (the
+  // transpose: RoPE's backward).
   template <typename T>
   void rotate(T* x, const double* cos, const double* sin, bool inverse) const {
     for (size_t i = 0; i < inv_freq.size(); ++i) {

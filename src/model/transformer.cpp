@@ -17,12 +17,6 @@ KvCache::KvCache(const ModelConfig& c, int64_t capacity) : capacity_(capacity) {
   }
 }
 
-size_t KvCache::bytes() const {
-  size_t b = 0;
-  for (size_t i = 0; i < latent_.size(); ++i) b += (latent_[i].size() + k_pe_[i].size()) * sizeof(float);
-  return b;
-}
-
 Transformer::Transformer(const std::string& dir)
     : config_(ModelConfig::load(dir + "/config.json")),
       checkpoint_(std::make_unique<Checkpoint>(dir)),

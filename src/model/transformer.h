@@ -26,7 +26,6 @@ class KvCache {
   void clear() { length_ = 0; }
   LayerKvCache layer(int64_t i) { return {latent_[size_t(i)].data(), k_pe_[size_t(i)].data()}; }
   void advance(int64_t n) { length_ += n; }
-  size_t bytes() const;
 
  private:
   int64_t capacity_ = 0, length_ = 0;

@@ -31,9 +31,12 @@ std::vector<TensorSlot> unique_trainable(const ModelConfig& c, ModelWeights& w) 
 }  // namespace
 
 AdamW::AdamW(const ModelConfig& c, const AdamWConfig& cfg) : cfg_(cfg) {
+  // The layout (names, shapes) is recorded once here; state() and load_state() use it.
   ModelWeights shape = tied_shape(c);
   for (const TensorSlot& s : unique_trainable(c, shape)) {
     Moments m;
+    m.name = s.name;
+    m.shape = s.shape;
     const size_t n = size_t(s.mat->numel());
     if (cfg.bf16_moments) m.m16.assign(n, 0), m.v16.assign(n, 0);
     else m.m32.assign(n, 0.0f), m.v32.assign(n, 0.0f);
@@ -90,14 +93,11 @@ void AdamW::update(const ModelConfig& c, ModelWeights& params, const ModelWeight
   }
 }
 
-std::vector<AdamW::NamedTensor> AdamW::state(const ModelConfig& c) const {
-  ModelWeights shape = tied_shape(c);
-  const auto slots = unique_trainable(c, shape);
+std::vector<AdamW::NamedTensor> AdamW::state(const ModelConfig&) const {
   std::vector<NamedTensor> out;
-  for (size_t t = 0; t < slots.size(); ++t) {
-    const Moments& m = moments_[t];
-    NamedTensor em{"exp_avg." + slots[t].name, slots[t].shape, {}}, ev{"exp_avg_sq." + slots[t].name, slots[t].shape, {}};
-    const size_t n = size_t(slots[t].mat->numel());
+  for (const Moments& m : moments_) {
+    NamedTensor em{"exp_avg." + m.name, m.shape, {}}, ev{"exp_avg_sq." + m.name, m.shape, {}};
+    const size_t n = cfg_.bf16_moments ? m.m16.size() : m.m32.size();
     em.values.resize(n), ev.values.resize(n);
     for (size_t i = 0; i < n; ++i) {
       em.values[i] = cfg_.bf16_moments ? bf16_to_f32(m.m16[i]) : m.m32[i];
@@ -109,18 +109,17 @@ std::vector<AdamW::NamedTensor> AdamW::state(const ModelConfig& c) const {
   return out;
 }
 
-void AdamW::load_state(const ModelConfig& c, const std::vector<NamedTensor>& tensors) {
-  ModelWeights shape = tied_shape(c);
-  const auto slots = unique_trainable(c, shape);
-  if (tensors.size() != 2 * slots.size()) fail("optimizer state: ", tensors.size(), " tensors, expected ", 2 * slots.size());
-  for (size_t t = 0; t < slots.size(); ++t) {
+void AdamW::load_state(const ModelConfig&, const std::vector<NamedTensor>& tensors) {
+  if (tensors.size() != 2 * moments_.size())
+    fail("optimizer state: ", tensors.size(), " tensors, expected ", 2 * moments_.size());
+  for (size_t t = 0; t < moments_.size(); ++t) {
+    Moments& m = moments_[t];
     const NamedTensor& em = tensors[2 * t];
     const NamedTensor& ev = tensors[2 * t + 1];
-    if (em.name != "exp_avg." + slots[t].name || ev.name != "exp_avg_sq." + slots[t].name)
-      fail("optimizer state: found ", em.name, ", expected exp_avg.", slots[t].name);
-    const size_t n = size_t(slots[t].mat->numel());
+    if (em.name != "exp_avg." + m.name || ev.name != "exp_avg_sq." + m.name)
+      fail("optimizer state: found ", em.name, ", expected exp_avg.", m.name);
+    const size_t n = cfg_.bf16_moments ? m.m16.size() : m.m32.size();
     if (em.values.size() != n || ev.values.size() != n) fail("optimizer state: ", em.name, " has the wrong size");
-    Moments& m = moments_[t];
     for (size_t i = 0; i < n; ++i) {
       if (cfg_.bf16_moments) m.m16[i] = f32_to_bf16(em.values[i]), m.v16[i] = f32_to_bf16(ev.values[i]);
       else m.m32[i] = em.values[i], m.v32[i] = ev.values[i];

@@ -37,6 +37,8 @@ class AdamW {
  private:
   AdamWConfig cfg_;
   struct Moments {
+    std::string name;             // the parameter's HF name
+    std::vector<int64_t> shape;
     std::vector<uint16_t> m16, v16;  // BF16
     std::vector<float> m32, v32;     // float32
   };
