@@ -17,6 +17,7 @@
 #include "backend/cpu/fp8_kernels.h"
 #include "backend/cpu/kernels.h"
 #include "backend/fp8.h"
+#include "backend/saved_activation.h"
 #include "core/error.h"
 
 namespace dsv3 {
@@ -176,6 +177,20 @@ TEST(Fp8Quantize, OutlierCostsItsTilePrecisionButNothingOverflows) {
       EXPECT_LE(std::fabs(deq[size_t(c)] - x[size_t(c)]), std::ldexp(std::fabs(x[size_t(c)]), -4)) << c;
     }
   expect_within_half_ulp(q, x, "outlier");
+}
+
+TEST(Fp8Quantize, PerTensorScalingGivesEveryTileTheTensorScale) {
+  const int64_t rows = 300, cols = 260;
+  const std::vector<float> x = random_scaled(rows, cols, 3);
+  float amax = 0;
+  for (float v : x) amax = std::max(amax, std::fabs(v));
+  for (Fp8Tiling tiling : kTilings) {
+    const Fp8Tensor q = quantize(x.data(), rows, cols, tiling, Fp8Format::e4m3, Fp8Scaling::per_tensor);
+    const Fp8Tensor fine = quantize(x.data(), rows, cols, tiling, Fp8Format::e4m3);
+    ASSERT_EQ(q.scales.size(), fine.scales.size());  // the same layout
+    for (float s : q.scales) ASSERT_EQ(s, amax / 448.0f);
+    expect_within_half_ulp(q, x, "per-tensor");
+  }
 }
 
 TEST(Fp8Quantize, Fp8SubnormalsAndFloatSubnormals) {
@@ -599,6 +614,130 @@ TEST(MatmulFp8, DoubleInstantiationRoundsInputsToFloat) {
   matmul_fp8(lc.x.data(), lc.w.data(), yf.data(), lc.n, lc.in, lc.out);
   matmul_fp8(x.data(), w.data(), yd.data(), lc.n, lc.in, lc.out);
   for (size_t i = 0; i < yf.size(); ++i) ASSERT_EQ(yd[i], double(yf[i]));
+}
+
+// The outlier problem (§3.3.2): a few tokens with one channel 10^6 times larger than the
+// rest. With one scale per tensor every other value sits 10^6 below the largest code, beyond
+// E4M3's range (448 / 2^-9 = 229376 with subnormals), so it flushes to zero or nearly;
+// 1x128 tiles confine the damage to the outlier's own tile. Measured on the tokens without
+// the outlier.
+TEST(MatmulFp8, FineGrainedScalingSurvivesAnOutlierPerTensorDoesNot) {
+  const int64_t n = 256, in = 512, out = 128;
+  std::vector<float> x = random_normal(size_t(n * in), 50);
+  const std::vector<float> w = random_normal(size_t(out * in), 51, 0.05f);
+  for (int64_t t = 0; t < n; t += 64) x[size_t(t * in + 300)] = 1e6f;
+  auto rel_error = [&](Fp8Scaling scaling) {
+    std::vector<float> y(size_t(n * out));
+    matmul_fp8(x.data(), w.data(), y.data(), n, in, out, kFp8DeepSeek, scaling);
+    double num = 0, den = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      if (i % 64 == 0) continue;  // the outlier tokens
+      for (int64_t j = 0; j < out; ++j) {
+        double exact = 0;
+        for (int64_t k = 0; k < in; ++k) exact += double(x[size_t(i * in + k)]) * w[size_t(j * in + k)];
+        const double d = y[size_t(i * out + j)] - exact;
+        num += d * d, den += exact * exact;
+      }
+    }
+    return std::sqrt(num / den);
+  };
+  const double fine = rel_error(Fp8Scaling::fine_grained), tensor = rel_error(Fp8Scaling::per_tensor);
+  std::printf("relative error beside a 1e6 outlier: fine-grained %.4f, per-tensor %.4f\n", fine, tensor);
+  EXPECT_LT(fine, 0.05);
+  EXPECT_GT(tensor, 0.5);  // most of the signal is gone
+}
+
+// ---- Saved activations (§3.3.3) -------------------------------------------------------------
+
+// Every E5M6 value: 2 signs x 31 exponents x 64 mantissas, as FP16 patterns with the low 4
+// mantissa bits clear; exponent 31 (inf/NaN) is not part of the format.
+std::vector<uint16_t> all_e5m6_codes() {
+  std::vector<uint16_t> codes;
+  for (uint32_t sign : {0u, 0x8000u})
+    for (uint32_t e = 0; e < 31; ++e)
+      for (uint32_t m = 0; m < 64; ++m) codes.push_back(uint16_t(sign | (e << 10) | (m << 4)));
+  return codes;
+}
+
+TEST(E5m6, EveryCodeRoundTripsAndMidpointsRoundToEven) {
+  const std::vector<uint16_t> codes = all_e5m6_codes();
+  ASSERT_EQ(codes.size(), 2u * 31 * 64);
+  for (uint16_t c : codes) {
+    const float v = e5m6_decode(c);
+    ASSERT_TRUE(std::isfinite(v));
+    if (v == 0) continue;  // +0 and -0
+    ASSERT_EQ(e5m6_encode(v), c) << std::hex << c;
+  }
+  EXPECT_EQ(e5m6_encode(0.0f), 0);
+  EXPECT_EQ(e5m6_encode(-0.0f), 0x8000);
+  // Between consecutive positive codes: the midpoint goes to the even one (mantissa bit 4
+  // clear), anything off the midpoint to the nearer one.
+  for (uint32_t i = 0; i + 1 < 31 * 64; ++i) {
+    const uint16_t lo = codes[i], hi = codes[i + 1];
+    const double a = e5m6_decode(lo), b = e5m6_decode(hi), mid = (a + b) / 2;
+    const uint16_t even = (lo & 0x10) == 0 ? lo : hi;
+    ASSERT_EQ(e5m6_encode(float(mid)), even) << a << " .. " << b;
+    ASSERT_EQ(e5m6_encode(std::nextafter(float(mid), 0.0f)), lo) << a;
+    ASSERT_EQ(e5m6_encode(std::nextafter(float(mid), 1e9f)), hi) << b;
+    ASSERT_EQ(e5m6_encode(-float(mid)), uint16_t(even | 0x8000));
+  }
+  // Saturation at 65024 = (2 - 2^-6) 2^15, and below the smallest subnormal 2^-20 / 2: zero.
+  EXPECT_EQ(e5m6_decode(e5m6_encode(kE5m6Max)), kE5m6Max);
+  EXPECT_EQ(e5m6_encode(1e6f), e5m6_encode(kE5m6Max));
+  EXPECT_EQ(e5m6_encode(-1e30f), uint16_t(e5m6_encode(kE5m6Max) | 0x8000));
+  EXPECT_EQ(e5m6_encode(std::ldexp(1.0f, -21)), 0);  // the tie to 0 (even)
+  EXPECT_EQ(e5m6_decode(e5m6_encode(std::ldexp(1.0f, -20))), std::ldexp(1.0f, -20));
+}
+
+TEST(SavedActivation, FormatsRoundTripWithinTheirPrecisionAndReportTheirSize) {
+  const int64_t rows = 70, cols = 300, tiles = 3, count = rows * cols;
+  const std::vector<float> x = random_scaled(rows, cols, 60);
+  SavedActivation<float> full, e4m3, e5m6;
+  full.save(x.data(), rows, cols, SavedFormat::full);
+  e4m3.save(x.data(), rows, cols, SavedFormat::e4m3_1x128);
+  e5m6.save(x.data(), rows, cols, SavedFormat::e5m6_1x128_pow2);
+  EXPECT_EQ(full.load(), x);
+  EXPECT_EQ(full.bytes(), count * 4);
+  EXPECT_EQ(e4m3.bytes(), count + rows * tiles * 4);
+  EXPECT_EQ(e5m6.bytes(), count * 2 + rows * tiles * 4);
+
+  std::vector<float> expected(x.size());
+  dequantize(quantize(x.data(), rows, cols, Fp8Tiling::row_tiles_1x128), expected.data());
+  EXPECT_EQ(e4m3.load(), expected);  // exactly the E4M3 tiles the GEMMs use
+
+  // E5M6: relative error <= 2^-7 (half an ulp of 6 mantissa bits) for every value within
+  // 2^-14 of its tile's max (FP16's normal range below a tile max near 2^15..2^16).
+  const std::vector<float> y = e5m6.load();
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t t = 0; t < tiles; ++t) {
+      float amax = 0;
+      for (int64_t c = t * 128; c < std::min(cols, (t + 1) * 128); ++c) amax = std::max(amax, std::fabs(x[size_t(r * cols + c)]));
+      for (int64_t c = t * 128; c < std::min(cols, (t + 1) * 128); ++c) {
+        const float v = x[size_t(r * cols + c)];
+        if (std::fabs(v) < std::ldexp(amax, -14)) continue;
+        ASSERT_LE(std::fabs(y[size_t(r * cols + c)] - v), std::ldexp(std::fabs(v), -7)) << r << ", " << c;
+      }
+    }
+  // The double instantiation stores the same formats.
+  const std::vector<double> xd(x.begin(), x.end());
+  SavedActivation<double> d;
+  d.save(xd.data(), rows, cols, SavedFormat::e5m6_1x128_pow2);
+  const std::vector<double> yd = d.load();
+  for (size_t i = 0; i < y.size(); ++i) ASSERT_EQ(yd[i], double(y[i]));
+}
+
+TEST(SavedActivation, NonFiniteValuesAreAnError) {
+  std::vector<float> x(256, 1.0f);
+  x[130] = NAN;
+  for (SavedFormat f : {SavedFormat::e4m3_1x128, SavedFormat::e5m6_1x128_pow2}) {
+    SavedActivation<float> s;
+    try {
+      s.save(x.data(), 2, 128, f);
+      ADD_FAILURE() << "no error";
+    } catch (const Error& e) {
+      EXPECT_THAT(e.what(), HasSubstr("non-finite value nan at row 1, column 2"));
+    }
+  }
 }
 
 }  // namespace

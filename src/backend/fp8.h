@@ -26,6 +26,12 @@ enum class Fp8Tiling {
   blocks_128x128,   // one scale per 128x128 block; scales [ceil(rows/128), ceil(cols/128)] (weights)
 };
 
+// Where the scales come from: one per tile (the paper's fine-grained quantisation), or one
+// for the whole tensor (per-tensor scaling, as FP8 recipes before DeepSeek-V3 did; kept for
+// the comparison: one outlier anywhere coarsens every other value). Per-tensor scales are
+// stored in the tiling's layout, every tile holding the tensor's scale, so the GEMM is the same.
+enum class Fp8Scaling { fine_grained, per_tensor };
+
 // A matrix in FP8: codes row-major [rows, cols], float32 scales laid out by `tiling`.
 struct Fp8Tensor {
   int64_t rows = 0, cols = 0;
@@ -45,8 +51,9 @@ struct Fp8Tensor {
 // (~5e-36 for E4M3) gets scale FLT_MIN, so that scales stay normal floats and x / scale
 // never exceeds the format's range. A NaN or +-inf anywhere throws dsv3::Error naming the row
 // and column of the first (row-major) non-finite value: the caller reports it as a divergence.
+// With per_tensor scaling every tile gets the scale of the whole tensor's max|x|.
 Fp8Tensor quantize(const float* x, int64_t rows, int64_t cols, Fp8Tiling tiling,
-                   Fp8Format format = Fp8Format::e4m3);
+                   Fp8Format format = Fp8Format::e4m3, Fp8Scaling scaling = Fp8Scaling::fine_grained);
 // out [rows, cols] = decode(code) * scale (float32 product).
 void dequantize(const Fp8Tensor& t, float* out);
 // The transposed matrix [cols, rows], codes and scales moved, nothing requantised: 1x128
@@ -103,14 +110,15 @@ void fp8_gemm_reference(const Fp8Tensor& a, const Fp8Tensor& b, float* c, const 
 //   Wgrad:  dw[out, in] += dy[n, out]^T x[n, in]          dy and x: tiles along n, i.e. 128x1
 //                                                         tiles in their forward layout
 // y is overwritten; dx accumulated if `accumulate`; dw always accumulated (FP32 master grads).
+// `scaling` applies to both inputs.
 template <typename T>
 void matmul_fp8(const T* x, const T* w, T* y, int64_t n, int64_t in, int64_t out,
-                const Fp8GemmOptions& opt = kFp8DeepSeek);
+                const Fp8GemmOptions& opt = kFp8DeepSeek, Fp8Scaling scaling = Fp8Scaling::fine_grained);
 template <typename T>
 void matmul_dx_fp8(const T* dy, const T* w, T* dx, int64_t n, int64_t in, int64_t out, bool accumulate,
-                   const Fp8GemmOptions& opt = kFp8DeepSeek);
+                   const Fp8GemmOptions& opt = kFp8DeepSeek, Fp8Scaling scaling = Fp8Scaling::fine_grained);
 template <typename T>
 void matmul_dw_fp8(const T* dy, const T* x, T* dw, int64_t n, int64_t in, int64_t out,
-                   const Fp8GemmOptions& opt = kFp8DeepSeek);
+                   const Fp8GemmOptions& opt = kFp8DeepSeek, Fp8Scaling scaling = Fp8Scaling::fine_grained);
 
 }  // namespace dsv3

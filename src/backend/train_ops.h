@@ -4,18 +4,23 @@
 // Implemented in backend/cpu/train_ops.cpp. Depends on core only.
 #pragma once
 #include <cstdint>
+#include <vector>
 
 #include "backend/fp8.h"
+#include "backend/saved_activation.h"
 
 namespace dsv3 {
 
 // The precision of the GEMMs of Linear layers in training (§3.3): fp32; bf16 (inputs
 // rounded to BF16, FP32 accumulation); fp8 (E4M3 inputs with 1x128 activation tiles and
 // 128x128 weight blocks, the tensor-core accumulator emulated with promotion to FP32 every
-// 128 elements of K). Attention, the router gate, embedding and output head are not Linear
-// GEMMs here and stay in higher precision, as the paper keeps them.
-enum class GemmPrecision { fp32, bf16, fp8 };
-GemmPrecision parse_gemm_precision(const char* name);  // "fp32" | "bf16" | "fp8"
+// 128 elements of K); fp8_tensor (the same with one scale per tensor instead of per tile:
+// the comparison that shows what fine-grained scaling buys). Attention, the router gate,
+// embedding and output head are not Linear GEMMs here and stay in higher precision, as the
+// paper keeps them.
+enum class GemmPrecision { fp32, bf16, fp8, fp8_tensor };
+GemmPrecision parse_gemm_precision(const char* name);  // "fp32" | "bf16" | "fp8" | "fp8-tensor"
+const char* gemm_precision_name(GemmPrecision p);
 
 // The three GEMMs of a Linear layer (forward, activation gradient, weight gradient) at one
 // precision; the same contracts as matmul / matmul_dx / matmul_dw below. This is the seam
@@ -30,6 +35,12 @@ struct LinearGemm {
   void dx(const T* dy, const T* w, T* dx, int64_t n, int64_t in, int64_t out, bool accumulate) const;
   template <typename T>
   void dw(const T* dy, const T* x, T* dw, int64_t n, int64_t in, int64_t out) const;
+
+  // The activations the paper caches in low precision for the backward pass (§3.3.3), in FP8
+  // training: the input of the Linear after attention (E5M6, power-of-2 scales) and the inputs
+  // of the SwiGLU in MoE (E4M3, 1x128 tiles). In the other precisions both are kept in full.
+  SavedFormat attention_output_format() const;
+  SavedFormat moe_swiglu_input_format() const;
 };
 
 // y[n, out] = x[n, in] w[out, in]^T                       (y overwritten)

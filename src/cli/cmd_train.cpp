@@ -118,8 +118,9 @@ void run(TrainFlags& f) {
   int64_t params = 0;
   for (const TensorSlot& s : list_tensors(c, const_cast<ModelWeights&>(trainer.params())))
     if (!s.mtp) params += s.mat->numel();
-  std::fprintf(stderr, "dsv3 train: %.2fM parameters (main model), %ld steps of %ld x %ld tokens, %s GEMMs, %zu train shards%s\n",
-               double(params) / 1e6, long(o.steps), long(o.batch), long(o.seq), f.precision.c_str(), train_shards.size(),
+  std::fprintf(stderr, "dsv3 train: %.2fM parameters (main model), %ld steps of %ld x %ld tokens, %s GEMMs%s, %zu train shards%s\n",
+               double(params) / 1e6, long(o.steps), long(o.batch), long(o.seq), f.precision.c_str(),
+               f.precision == "fp32" ? "" : " (validation loss in fp32)", train_shards.size(),
                resumed ? cat(", resumed at step ", trainer.state().step).c_str() : "");
 
   const std::string csv_path = f.out + "/metrics.csv";
@@ -161,6 +162,12 @@ void run(TrainFlags& f) {
   const int64_t first_step = trainer.state().step;
   int64_t step_tokens = 0;
   trainer.run([&](const StepMetrics& m) {
+    if (m.step == first_step + 1)
+      std::fprintf(stderr, "activations held for the backward pass: %.1f MiB (%s)\n",
+                   double(m.activation_bytes) / (1 << 20),
+                   o.linear.attention_output_format() == SavedFormat::full
+                       ? "norms and MLA up-projections recomputed"
+                       : "norms and MLA up-projections recomputed; attention output in E5M6, MoE SwiGLU inputs in FP8");
     step_seconds += double(m.batch * o.seq) / m.tokens_per_s;  // the steps alone: no eval, no saving
     step_tokens += m.batch * o.seq;
     smooth = smooth < 0 ? m.loss : 0.9 * smooth + 0.1 * m.loss;
@@ -242,8 +249,9 @@ void add_train(CLI::App& app) {
   cmd->add_flag("--resume", f->resume, "continue from the newest checkpoint in --out");
   cmd->add_flag("--fp32-moments", f->fp32_moments, "AdamW moments in float32 (default BF16, as the paper)");
   cmd->add_option("--precision", f->precision,
-                  "Linear GEMMs: fp32, bf16, or fp8 (E4M3, 1x128 / 128x128 scales, promoted accumulation; emulated on CPU)")
-      ->check(CLI::IsMember({"fp32", "bf16", "fp8"}))
+                  "Linear GEMMs: fp32, bf16, fp8 (E4M3, 1x128 / 128x128 scales, promoted accumulation; emulated on "
+                  "CPU), or fp8-tensor (fp8 with one scale per tensor, for comparison)")
+      ->check(CLI::IsMember({"fp32", "bf16", "fp8", "fp8-tensor"}))
       ->capture_default_str();
   cmd->add_option("--threads,-t", f->threads, "CPU threads (default: all)");
   cmd->callback([f] { run(*f); });

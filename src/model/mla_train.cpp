@@ -35,6 +35,43 @@ void scatter(const T* src, int64_t ld, int64_t r0, int64_t S, int64_t col, int64
   for (int64_t i = 0; i < S; ++i) std::memcpy(dst + (r0 + i) * ld + col, src + i * width, size_t(width) * sizeof(T));
 }
 
+// What the forward computes from the saved latents and the backward computes again
+// (§3.2.3: RMSNorm and the MLA up-projections are recomputed, not stored).
+template <typename T>
+struct UpProjected {
+  std::vector<T> cq_norm, cq_inv;  // q_a_layernorm(c_q) and its 1/rms (q_lora_rank > 0)
+  std::vector<T> q;                // [N, H*(D+R)], RoPE applied to each head's last R
+  std::vector<T> c_norm, c_inv;    // kv_a_layernorm(c_kv), 1/rms
+  std::vector<T> kvb;              // [N, H*(D+V)]: per head k_nope, v
+};
+
+// q = W_uq norm(c_q) (or W_q x without q_lora_rank), with RoPE; [k_nope ; v] = W_ukv norm(c_kv).
+template <typename T>
+void up_project(const ModelConfig& c, const Rope& rope, const MlaWeights& w, const T* x, int64_t B, int64_t S,
+                const MlaActivations<T>& a, const LinearGemm& lin, UpProjected<T>& u) {
+  const int64_t H = c.num_attention_heads, D = c.qk_nope_head_dim, R = c.qk_rope_head_dim, V = c.v_head_dim;
+  const int64_t C = c.kv_lora_rank, Lq = c.q_lora_rank, QK = D + R, N = B * S, dim = c.hidden_size;
+  u.q.resize(size_t(N * H * QK));
+  if (Lq > 0) {
+    u.cq_inv.resize(size_t(N)), u.cq_norm.resize(size_t(N * Lq));
+    rmsnorm_forward(a.cq.data(), W<T>(w.q_a_layernorm), u.cq_norm.data(), u.cq_inv.data(), N, Lq, c.rms_norm_eps);
+    lin.forward(u.cq_norm.data(), W<T>(w.q_b_proj), u.q.data(), N, Lq, H * QK);
+  } else {
+    lin.forward(x, W<T>(w.q_proj), u.q.data(), N, dim, H * QK);
+  }
+  std::vector<double> cos, sin;
+  rope.table(S, cos, sin);
+#pragma omp parallel for schedule(static) if (N * H * R > 32768)
+  for (int64_t t = 0; t < N; ++t) {
+    const size_t pos = size_t(t % S) * size_t(R / 2);
+    for (int64_t h = 0; h < H; ++h) rope.rotate(&u.q[size_t((t * H + h) * QK + D)], &cos[pos], &sin[pos], false);
+  }
+  u.c_inv.resize(size_t(N)), u.c_norm.resize(size_t(N * C));
+  rmsnorm_forward(a.c.data(), W<T>(w.kv_a_layernorm), u.c_norm.data(), u.c_inv.data(), N, C, c.rms_norm_eps);
+  u.kvb.resize(size_t(N * H * (D + V)));
+  lin.forward(u.c_norm.data(), W<T>(w.kv_b_proj), u.kvb.data(), N, C, H * (D + V));
+}
+
 }  // namespace
 
 template <typename T>
@@ -44,37 +81,27 @@ void mla_train_forward(const ModelConfig& c, const Rope& rope, const MlaWeights&
   const int64_t C = c.kv_lora_rank, Lq = c.q_lora_rank, QK = D + R, N = B * S, dim = c.hidden_size;
   const T scale = T(softmax_scale(c));
 
-  // Queries: q = W_uq norm(W_dq x), or W_q x.
-  a.q.resize(size_t(N * H * QK));
+  // The down-projections: c_q = W_dq x; [c_kv ; k_pe] = W_dkv x, RoPE on k_pe.
   if (Lq > 0) {
-    a.cq.resize(size_t(N * Lq)), a.cq_inv.resize(size_t(N)), a.cq_norm.resize(size_t(N * Lq));
+    a.cq.resize(size_t(N * Lq));
     lin.forward(x, W<T>(w.q_a_proj), a.cq.data(), N, dim, Lq);
-    rmsnorm_forward(a.cq.data(), W<T>(w.q_a_layernorm), a.cq_norm.data(), a.cq_inv.data(), N, Lq, c.rms_norm_eps);
-    lin.forward(a.cq_norm.data(), W<T>(w.q_b_proj), a.q.data(), N, Lq, H * QK);
-  } else {
-    lin.forward(x, W<T>(w.q_proj), a.q.data(), N, dim, H * QK);
   }
-  // Latent and shared RoPE key: [c_kv ; k_pe] = W_dkv x.
   std::vector<T> kv(static_cast<size_t>(N * (C + R)));
   lin.forward(x, W<T>(w.kv_a_proj_with_mqa), kv.data(), N, dim, C + R);
-  a.c.resize(size_t(N * C)), a.c_inv.resize(size_t(N)), a.c_norm.resize(size_t(N * C)), a.k_pe.resize(size_t(N * R));
+  a.c.resize(size_t(N * C)), a.k_pe.resize(size_t(N * R));
   std::vector<double> cos, sin;
   rope.table(S, cos, sin);
-#pragma omp parallel for schedule(static) if (N * H * R > 32768)
   for (int64_t t = 0; t < N; ++t) {
     const size_t pos = size_t(t % S) * size_t(R / 2);
     std::memcpy(&a.c[size_t(t * C)], &kv[size_t(t * (C + R))], size_t(C) * sizeof(T));
     std::memcpy(&a.k_pe[size_t(t * R)], &kv[size_t(t * (C + R) + C)], size_t(R) * sizeof(T));
     rope.rotate(&a.k_pe[size_t(t * R)], &cos[pos], &sin[pos], false);
-    for (int64_t h = 0; h < H; ++h) rope.rotate(&a.q[size_t((t * H + h) * QK + D)], &cos[pos], &sin[pos], false);
   }
-  rmsnorm_forward(a.c.data(), W<T>(w.kv_a_layernorm), a.c_norm.data(), a.c_inv.data(), N, C, c.rms_norm_eps);
-  // Per-head keys and values from the latent: [k_nope ; v] = W_ukv norm(c_kv).
-  a.kvb.resize(size_t(N * H * (D + V)));
-  lin.forward(a.c_norm.data(), W<T>(w.kv_b_proj), a.kvb.data(), N, C, H * (D + V));
+  UpProjected<T> u;
+  up_project(c, rope, w, x, B, S, a, lin, u);
 
   a.p.assign(size_t(B * H * S * S), T(0));
-  a.o.resize(size_t(N * H * V));
+  std::vector<T> o(static_cast<size_t>(N * H * V));
 #pragma omp parallel
   {
     std::vector<T> qn(size_t(S * D)), qp(size_t(S * R)), kn(size_t(S * D)), v(size_t(S * V)), s2(size_t(S * S)),
@@ -83,10 +110,10 @@ void mla_train_forward(const ModelConfig& c, const Rope& rope, const MlaWeights&
     for (int64_t bh = 0; bh < B * H; ++bh) {
       const int64_t b = bh / H, h = bh % H, r0 = b * S;
       T* p = &a.p[size_t(bh * S * S)];
-      gather(a.q.data(), H * QK, r0, S, h * QK, D, qn.data());
-      gather(a.q.data(), H * QK, r0, S, h * QK + D, R, qp.data());
-      gather(a.kvb.data(), H * (D + V), r0, S, h * (D + V), D, kn.data());
-      gather(a.kvb.data(), H * (D + V), r0, S, h * (D + V) + D, V, v.data());
+      gather(u.q.data(), H * QK, r0, S, h * QK, D, qn.data());
+      gather(u.q.data(), H * QK, r0, S, h * QK + D, R, qp.data());
+      gather(u.kvb.data(), H * (D + V), r0, S, h * (D + V), D, kn.data());
+      gather(u.kvb.data(), H * (D + V), r0, S, h * (D + V) + D, V, v.data());
       matmul(qn.data(), kn.data(), p, S, D, S);
       matmul(qp.data(), &a.k_pe[size_t(r0 * R)], s2.data(), S, R, S);
       for (int64_t i = 0; i < S; ++i) {
@@ -96,10 +123,11 @@ void mla_train_forward(const ModelConfig& c, const Rope& rope, const MlaWeights&
         std::fill(row + i + 1, row + S, T(0));  // causal: later positions get no weight
       }
       matmul_dx(p, v.data(), oh.data(), S, V, S, false);  // o = P v
-      scatter(oh.data(), H * V, r0, S, h * V, V, a.o.data());
+      scatter(oh.data(), H * V, r0, S, h * V, V, o.data());
     }
   }
-  lin.forward(a.o.data(), W<T>(w.o_proj), out, N, H * V, dim);
+  lin.forward(o.data(), W<T>(w.o_proj), out, N, H * V, dim);
+  a.o.save(o.data(), N, H * V, lin.attention_output_format());
 }
 
 template <typename T>
@@ -109,9 +137,12 @@ void mla_train_backward(const ModelConfig& c, const Rope& rope, const MlaWeights
   const int64_t C = c.kv_lora_rank, Lq = c.q_lora_rank, QK = D + R, N = B * S, dim = c.hidden_size;
   const T scale = T(softmax_scale(c));
 
+  UpProjected<T> u;  // recomputed
+  up_project(c, rope, w, x, B, S, a, lin, u);
+
   // out = o W_o^T
   std::vector<T> d_o(static_cast<size_t>(N * H * V));
-  lin.dw(dout, a.o.data(), G<T>(g.o_proj), N, H * V, dim);
+  lin.dw(dout, a.o.load().data(), G<T>(g.o_proj), N, H * V, dim);
   lin.dx(dout, W<T>(w.o_proj), d_o.data(), N, H * V, dim, false);
 
   // Attention, per sequence and head. The shared k_pe gets one gradient per head, summed after.
@@ -127,10 +158,10 @@ void mla_train_backward(const ModelConfig& c, const Rope& rope, const MlaWeights
       const int64_t b = bh / H, h = bh % H, r0 = b * S;
       const T* p = &a.p[size_t(bh * S * S)];
       const T* kpe = &a.k_pe[size_t(r0 * R)];
-      gather(a.q.data(), H * QK, r0, S, h * QK, D, qn.data());
-      gather(a.q.data(), H * QK, r0, S, h * QK + D, R, qp.data());
-      gather(a.kvb.data(), H * (D + V), r0, S, h * (D + V), D, kn.data());
-      gather(a.kvb.data(), H * (D + V), r0, S, h * (D + V) + D, V, v.data());
+      gather(u.q.data(), H * QK, r0, S, h * QK, D, qn.data());
+      gather(u.q.data(), H * QK, r0, S, h * QK + D, R, qp.data());
+      gather(u.kvb.data(), H * (D + V), r0, S, h * (D + V), D, kn.data());
+      gather(u.kvb.data(), H * (D + V), r0, S, h * (D + V) + D, V, v.data());
       gather(d_o.data(), H * V, r0, S, h * V, V, doh.data());
       // o = P v:  dP = do v^T,  dv = P^T do
       matmul(doh.data(), v.data(), dp.data(), S, V, S);
@@ -173,9 +204,9 @@ void mla_train_backward(const ModelConfig& c, const Rope& rope, const MlaWeights
   }
   // [k_nope ; v] = W_ukv c_norm;  c_norm = kv_a_layernorm(c)
   std::vector<T> dc_norm(static_cast<size_t>(N * C)), dc(static_cast<size_t>(N * C), T(0));
-  lin.dw(dkvb.data(), a.c_norm.data(), G<T>(g.kv_b_proj), N, C, H * (D + V));
+  lin.dw(dkvb.data(), u.c_norm.data(), G<T>(g.kv_b_proj), N, C, H * (D + V));
   lin.dx(dkvb.data(), W<T>(w.kv_b_proj), dc_norm.data(), N, C, H * (D + V), false);
-  rmsnorm_backward(dc_norm.data(), a.c.data(), W<T>(w.kv_a_layernorm), a.c_inv.data(), dc.data(),
+  rmsnorm_backward(dc_norm.data(), a.c.data(), W<T>(w.kv_a_layernorm), u.c_inv.data(), dc.data(),
                    G<T>(g.kv_a_layernorm), N, C);
   for (int64_t t = 0; t < N; ++t) std::memcpy(&dkv[size_t(t * (C + R))], &dc[size_t(t * C)], size_t(C) * sizeof(T));
   // [c ; k_pe] = W_dkv x
@@ -184,9 +215,9 @@ void mla_train_backward(const ModelConfig& c, const Rope& rope, const MlaWeights
   // q = W_uq norm(W_dq x)  or  W_q x
   if (Lq > 0) {
     std::vector<T> dcq_norm(static_cast<size_t>(N * Lq)), dcq(static_cast<size_t>(N * Lq), T(0));
-    lin.dw(dq.data(), a.cq_norm.data(), G<T>(g.q_b_proj), N, Lq, H * QK);
+    lin.dw(dq.data(), u.cq_norm.data(), G<T>(g.q_b_proj), N, Lq, H * QK);
     lin.dx(dq.data(), W<T>(w.q_b_proj), dcq_norm.data(), N, Lq, H * QK, false);
-    rmsnorm_backward(dcq_norm.data(), a.cq.data(), W<T>(w.q_a_layernorm), a.cq_inv.data(), dcq.data(),
+    rmsnorm_backward(dcq_norm.data(), a.cq.data(), W<T>(w.q_a_layernorm), u.cq_inv.data(), dcq.data(),
                      G<T>(g.q_a_layernorm), N, Lq);
     lin.dw(dcq.data(), x, G<T>(g.q_a_proj), N, dim, Lq);
     lin.dx(dcq.data(), W<T>(w.q_a_proj), dx, N, dim, Lq, true);

@@ -3,6 +3,9 @@
 // expanded per head), causal within each of the B sequences of S tokens; positions start
 // at 0. T is float (training) or double (gradient checks); weights and gradients are Mats
 // of that type. Uses backend/train_ops.h only.
+// What is kept for the backward follows §3.2.3 and §3.3.3: the low-rank latents c_q and c_kv,
+// not their RMSNorms nor the up-projected queries, keys and values (the backward recomputes
+// them), and the attention output in lin.attention_output_format() (E5M6 in FP8 training).
 #pragma once
 #include <cstdint>
 #include <vector>
@@ -15,13 +18,12 @@ namespace dsv3 {
 
 template <typename T>
 struct MlaActivations {  // N = B*S rows
-  std::vector<T> cq, cq_inv, cq_norm;  // q_a_proj output, its 1/rms, the normalised (q_lora_rank > 0)
-  std::vector<T> q;                    // [N, H*(D+R)], RoPE applied to each head's last R
-  std::vector<T> c, c_inv, c_norm;     // latent c_kv [N, C], 1/rms, kv_a_layernorm(c_kv)
-  std::vector<T> k_pe;                 // [N, R] with RoPE
-  std::vector<T> kvb;                  // [N, H*(D+V)]: per head k_nope, v
-  std::vector<T> p;                    // [B, H, S, S] attention probabilities (0 above the diagonal)
-  std::vector<T> o;                    // [N, H*V] attention output before o_proj
+  std::vector<T> cq;     // q_a_proj output c_q [N, Lq] (q_lora_rank > 0)
+  std::vector<T> c;      // latent c_kv [N, C]
+  std::vector<T> k_pe;   // [N, R] with RoPE
+  std::vector<T> p;      // [B, H, S, S] attention probabilities (0 above the diagonal)
+  SavedActivation<T> o;  // [N, H*V] attention output, the input of o_proj
+  int64_t bytes() const { return int64_t((cq.size() + c.size() + k_pe.size() + p.size()) * sizeof(T)) + o.bytes(); }
 };
 
 // out[N, hidden] = MLA(x[N, hidden]) (overwritten). lin: the precision of the projections'

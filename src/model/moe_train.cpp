@@ -8,24 +8,51 @@
 
 namespace dsv3 {
 
+namespace {
+
+// xe[m, dim] = the rows of x of the tokens in an expert's slots (slot = token * k + j).
 template <typename T>
-void mlp_train_forward(const MlpWeights& w, const T* x, int64_t m, MlpActivations<T>& act, T* out, const LinearGemm& lin) {
+void gather_tokens(const T* x, int64_t dim, const std::vector<int64_t>& slots, int64_t k, std::vector<T>& xe) {
+  xe.resize(slots.size() * size_t(dim));
+  for (size_t i = 0; i < slots.size(); ++i)
+    std::memcpy(&xe[i * size_t(dim)], x + (slots[i] / k) * dim, size_t(dim) * sizeof(T));
+}
+
+}  // namespace
+
+template <typename T>
+int64_t MoeActivations<T>::bytes() const {
+  int64_t n = int64_t(logits.size() * sizeof(T) + experts.size() * sizeof(int32_t) + weights.size() * sizeof(T) +
+                      balance_f.size() * sizeof(T)) + shared.bytes();
+  for (const auto& s : slots) n += int64_t(s.size() * sizeof(int64_t));
+  for (const auto& y : ye) n += int64_t(y.size() * sizeof(T));
+  for (const auto& x : expert) n += x.bytes();
+  return n;
+}
+
+template <typename T>
+void mlp_train_forward(const MlpWeights& w, const T* x, int64_t m, MlpActivations<T>& act, T* out, const LinearGemm& lin,
+                       SavedFormat saved) {
   const int64_t inter = w.gate_proj.rows, dim = w.gate_proj.cols;
-  act.a.resize(size_t(m * inter)), act.b.resize(size_t(m * inter)), act.h.resize(size_t(m * inter));
-  lin.forward(x, w.gate_proj.as<T>(), act.a.data(), m, dim, inter);
-  lin.forward(x, w.up_proj.as<T>(), act.b.data(), m, dim, inter);
-  swiglu_forward(act.a.data(), act.b.data(), act.h.data(), m * inter);
-  lin.forward(act.h.data(), w.down_proj.as<T>(), out, m, inter, dim);
+  std::vector<T> a(static_cast<size_t>(m * inter)), b(a.size()), h(a.size());
+  lin.forward(x, w.gate_proj.as<T>(), a.data(), m, dim, inter);
+  lin.forward(x, w.up_proj.as<T>(), b.data(), m, dim, inter);
+  swiglu_forward(a.data(), b.data(), h.data(), m * inter);
+  lin.forward(h.data(), w.down_proj.as<T>(), out, m, inter, dim);
+  act.a.save(a.data(), m, inter, saved);
+  act.b.save(b.data(), m, inter, saved);
 }
 
 template <typename T>
 void mlp_train_backward(const MlpWeights& w, const T* x, int64_t m, const MlpActivations<T>& act, const T* dout,
                         MlpWeights& g, T* dx, const LinearGemm& lin) {
   const int64_t inter = w.gate_proj.rows, dim = w.gate_proj.cols;
-  std::vector<T> dh(static_cast<size_t>(m * inter)), da(dh.size()), db(dh.size());
-  lin.dw(dout, act.h.data(), mutable_data<T>(g.down_proj), m, inter, dim);
+  const std::vector<T> a = act.a.load(), b = act.b.load();
+  std::vector<T> h(a.size()), dh(a.size()), da(a.size()), db(a.size());
+  swiglu_forward(a.data(), b.data(), h.data(), m * inter);  // recomputed from the saved inputs
+  lin.dw(dout, h.data(), mutable_data<T>(g.down_proj), m, inter, dim);
   lin.dx(dout, w.down_proj.as<T>(), dh.data(), m, inter, dim, false);
-  swiglu_backward(dh.data(), act.a.data(), act.b.data(), da.data(), db.data(), m * inter);
+  swiglu_backward(dh.data(), a.data(), b.data(), da.data(), db.data(), m * inter);
   lin.dw(da.data(), x, mutable_data<T>(g.gate_proj), m, dim, inter);
   lin.dw(db.data(), x, mutable_data<T>(g.up_proj), m, dim, inter);
   lin.dx(da.data(), w.gate_proj.as<T>(), dx, m, dim, inter, true);
@@ -41,25 +68,21 @@ double moe_train_forward(const ModelConfig& c, const MoeWeights& w, const T* x, 
   route(c, a.logits.data(), N, w.e_score_correction_bias.data ? w.e_score_correction_bias.as<T>() : nullptr,
         a.experts.data(), a.weights.data());
   // Shared experts see every token; routed experts their own tokens, weighted by g.
-  if (c.n_shared_experts > 0) {
-    a.shared_out.resize(size_t(N * dim));
-    mlp_train_forward(w.shared_experts, x, N, a.shared, a.shared_out.data(), lin);
-    std::memcpy(out, a.shared_out.data(), size_t(N * dim) * sizeof(T));
-  } else {
-    std::fill(out, out + N * dim, T(0));
-  }
+  const SavedFormat saved = lin.moe_swiglu_input_format();
+  if (c.n_shared_experts > 0) mlp_train_forward(w.shared_experts, x, N, a.shared, out, lin, saved);
+  else std::fill(out, out + N * dim, T(0));
   a.slots.assign(size_t(E), {});
   for (int64_t i = 0; i < N * k; ++i) a.slots[size_t(a.experts[size_t(i)])].push_back(i);
-  a.xe.assign(size_t(E), {}), a.ye.assign(size_t(E), {}), a.expert.assign(size_t(E), {});
+  a.ye.assign(size_t(E), {}), a.expert.assign(size_t(E), {});
+  std::vector<T> xe;
   for (int64_t e = 0; e < E; ++e) {
     const auto& s = a.slots[size_t(e)];
     if (s.empty()) continue;
     const int64_t m = int64_t(s.size());
-    auto& xe = a.xe[size_t(e)];
     auto& ye = a.ye[size_t(e)];
-    xe.resize(size_t(m * dim)), ye.resize(size_t(m * dim));
-    for (int64_t i = 0; i < m; ++i) std::memcpy(&xe[size_t(i * dim)], x + (s[size_t(i)] / k) * dim, size_t(dim) * sizeof(T));
-    mlp_train_forward(w.experts[size_t(e)], xe.data(), m, a.expert[size_t(e)], ye.data(), lin);
+    gather_tokens(x, dim, s, k, xe);
+    ye.resize(size_t(m * dim));
+    mlp_train_forward(w.experts[size_t(e)], xe.data(), m, a.expert[size_t(e)], ye.data(), lin, saved);
     for (int64_t i = 0; i < m; ++i) {
       const T gw = a.weights[size_t(s[size_t(i)])];
       T* o = out + (s[size_t(i)] / k) * dim;
@@ -104,7 +127,7 @@ void moe_train_backward(const ModelConfig& c, const MoeWeights& w, const T* x, i
     if (s.empty()) continue;
     const int64_t m = int64_t(s.size());
     const auto& ye = a.ye[size_t(e)];
-    std::vector<T> dye(static_cast<size_t>(m * dim)), dxe(static_cast<size_t>(m * dim), T(0));
+    std::vector<T> dye(static_cast<size_t>(m * dim)), dxe(static_cast<size_t>(m * dim), T(0)), xe;
     for (int64_t i = 0; i < m; ++i) {
       const int64_t slot = s[size_t(i)], t = slot / k;
       const T gw = a.weights[size_t(slot)];
@@ -115,7 +138,8 @@ void moe_train_backward(const ModelConfig& c, const MoeWeights& w, const T* x, i
       }
       dweight[size_t(slot)] = dot;
     }
-    mlp_train_backward(w.experts[size_t(e)], a.xe[size_t(e)].data(), m, a.expert[size_t(e)], dye.data(),
+    gather_tokens(x, dim, s, k, xe);
+    mlp_train_backward(w.experts[size_t(e)], xe.data(), m, a.expert[size_t(e)], dye.data(),
                        g.experts[size_t(e)], dxe.data(), lin);
     for (int64_t i = 0; i < m; ++i) {
       T* d = dx + (s[size_t(i)] / k) * dim;
@@ -156,8 +180,9 @@ void moe_train_backward(const ModelConfig& c, const MoeWeights& w, const T* x, i
 }
 
 #define DSV3_INSTANTIATE(T)                                                                                       \
+  template struct MoeActivations<T>;                                                                             \
   template void mlp_train_forward<T>(const MlpWeights&, const T*, int64_t, MlpActivations<T>&, T*,               \
-                                     const LinearGemm&);                                                          \
+                                     const LinearGemm&, SavedFormat);                                             \
   template void mlp_train_backward<T>(const MlpWeights&, const T*, int64_t, const MlpActivations<T>&, const T*,  \
                                       MlpWeights&, T*, const LinearGemm&);                                        \
   template double moe_train_forward<T>(const ModelConfig&, const MoeWeights&, const T*, int64_t,                   \

@@ -13,31 +13,37 @@
 
 namespace dsv3 {
 
+// The SwiGLU inputs gate_proj x and up_proj x [m, inter]; its output silu(a) * b is
+// recomputed in the backward instead of kept (§3.3.3).
 template <typename T>
 struct MlpActivations {
-  std::vector<T> a, b, h;  // gate_proj x, up_proj x, silu(a) * b: [m, inter]
+  SavedActivation<T> a, b;
+  int64_t bytes() const { return a.bytes() + b.bytes(); }
 };
 
-// out[m, hidden] = down(silu(gate(x)) * up(x))  (overwritten)
+// out[m, hidden] = down(silu(gate(x)) * up(x))  (overwritten). saved: the format the SwiGLU
+// inputs are kept in (the backward then works from those values).
 template <typename T>
 void mlp_train_forward(const MlpWeights& w, const T* x, int64_t m, MlpActivations<T>& act, T* out,
-                       const LinearGemm& lin = {});
-// Weight gradients accumulated into g; input gradient accumulated into dx.
+                       const LinearGemm& lin = {}, SavedFormat saved = SavedFormat::full);
+// Weight gradients accumulated into g; input gradient accumulated into dx. x: the forward's input.
 template <typename T>
 void mlp_train_backward(const MlpWeights& w, const T* x, int64_t m, const MlpActivations<T>& act, const T* dout,
                         MlpWeights& g, T* dx, const LinearGemm& lin = {});
 
+// The experts' inputs are gathered again from x in the backward rather than kept. Experts'
+// SwiGLU inputs are saved in lin.moe_swiglu_input_format() (E4M3 in FP8 training, §3.3.3).
 template <typename T>
 struct MoeActivations {
   std::vector<T> logits;                   // [N, E] = x W_g^T
   std::vector<int32_t> experts;            // [N, k] chosen experts
   std::vector<T> weights;                  // [N, k] their gate weights
   std::vector<std::vector<int64_t>> slots;  // per expert: the (token * k + j) routed to it
-  std::vector<std::vector<T>> xe, ye;      // per expert: gathered inputs, outputs [m_e, hidden]
+  std::vector<std::vector<T>> ye;          // per expert: outputs [m_e, hidden]
   std::vector<MlpActivations<T>> expert;   // per expert
   MlpActivations<T> shared;
-  std::vector<T> shared_out;               // [N, hidden]
   std::vector<T> balance_f;                // [N / seq_len, E]: alpha * f_i / (seq_len * sequences)
+  int64_t bytes() const;
 };
 
 // The complementary sequence-wise balance loss (§2.1.2, eq. 17-20): for each sequence of

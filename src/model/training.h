@@ -13,6 +13,8 @@
 // and enorm of the embedding of token i+k, concatenated as [enorm(emb); hnorm(h)] as in
 // the released weights, projected by eh_proj, then one transformer block, shared_head.norm
 // and the output head shared with the main model.
+// What the forward keeps for the backward follows §3.2.3: RMSNorm outputs are recomputed
+// from their inputs (the residual stream), never stored; see also mla_train.h, moe_train.h.
 // T is float (training) or double (gradient checks).
 #pragma once
 #include <cstdint>
@@ -25,22 +27,23 @@ namespace dsv3 {
 
 template <typename T>
 struct LayerActivations {
-  std::vector<T> h_in, inv1, xn1;   // residual in, input_layernorm
+  std::vector<T> h_in;   // residual in (input_layernorm's input)
   MlaActivations<T> mla;
-  std::vector<T> h_mid, inv2, xn2;  // residual after attention, post_attention_layernorm
-  MlpActivations<T> mlp;            // dense layers
-  MoeActivations<T> moe;            // MoE layers
+  std::vector<T> h_mid;  // residual after attention (post_attention_layernorm's input)
+  MlpActivations<T> mlp;  // dense layers
+  MoeActivations<T> moe;  // MoE layers
+  int64_t bytes() const;
 };
 
 template <typename T>
 struct MtpActivations {  // one depth
-  std::vector<int32_t> targets;          // [N], -1 where the token k+1 ahead is outside the window
-  std::vector<T> e, e_inv, en;           // embedding of token i+k, enorm
-  std::vector<T> h_prev, h_inv, hn;      // h^{k-1}, hnorm
-  std::vector<T> cat;                    // [N, 2*hidden] = [en ; hn]
-  std::vector<T> h_out;                  // after the block
+  std::vector<int32_t> targets;  // [N], -1 where the token k+1 ahead is outside the window
+  std::vector<T> e;              // embedding of token i+k (enorm's input)
+  std::vector<T> h_prev;         // h^{k-1} (hnorm's input)
+  std::vector<T> h_out;          // after the block (shared_head.norm's input)
   LayerActivations<T> block;
-  std::vector<T> inv_out, xn_out, logits, dlogits;
+  std::vector<T> logits, dlogits;
+  int64_t bytes() const;
 };
 
 struct TrainingLoss {
@@ -63,11 +66,17 @@ class TrainingPass {
   double mtp_loss() const { return mtp_loss_; }          // mean over depths, unweighted
   double balance_loss() const { return balance_loss_; }  // summed over layers, with alpha
   const std::vector<T>& logits() const { return logits_; }  // [B*S, vocab]
+  // Memory held for the backward by the last forward (activations, logits and their gradients).
+  int64_t activation_bytes() const;
   // Tokens routed to each expert of each layer in the last forward (empty: dense): the main
   // model's layers, then the MTP modules' blocks (empty if the MTP loss is off).
   std::vector<std::vector<int64_t>> expert_loads() const;
 
  private:
+  struct MtpInput {  // [enorm(emb) ; hnorm(h)] and the two norms' 1/rms
+    std::vector<T> cat, e_inv, h_inv;
+  };
+  MtpInput mtp_input(const MtpWeights& mw, const MtpActivations<T>& a) const;
   double block_forward(const LayerWeights& lw, LayerActivations<T>& a, std::vector<T>& h);
   void block_backward(const LayerWeights& lw, LayerWeights& lg, const LayerActivations<T>& a, std::vector<T>& dh);
 
@@ -78,7 +87,7 @@ class TrainingPass {
   std::vector<int32_t> tokens_;
   std::vector<LayerActivations<T>> layers_;
   std::vector<MtpActivations<T>> mtp_;
-  std::vector<T> h_last_, inv_final_, xn_final_, logits_, dlogits_;
+  std::vector<T> h_last_, logits_, dlogits_;
   double main_loss_ = 0, mtp_loss_ = 0, balance_loss_ = 0;
 };
 

@@ -83,6 +83,7 @@ StepMetrics Trainer::step() {
   const double total = pass_.forward(params_, inputs_.data(), targets_.data(), B, S);
   m.loss = pass_.main_loss();
   m.mtp_loss = pass_.mtp_loss();
+  m.activation_bytes = pass_.activation_bytes();
   pass_.backward(params_, grads_);
   m.grad_norm = clip_grad_norm(c_, grads_, opt_.clip);
   // Diverged: stop before the weights are touched, so nothing non-finite is ever saved.

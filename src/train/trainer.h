@@ -27,7 +27,7 @@ struct TrainOptions {
   double gamma = 0.001;     // bias update speed of aux-loss-free balancing (the paper: 0.001)
   double alpha = 0.0001;    // sequence-wise balance loss factor (the paper: 0.0001)
   double mtp_weight = 0.3;  // lambda, the MTP loss weight (the paper: 0.3, then 0.1)
-  LinearGemm linear;        // precision of the Linear layers' GEMMs: fp32, bf16 or fp8 (§3.3)
+  LinearGemm linear;        // precision of the Linear layers' GEMMs: fp32, bf16, fp8, fp8-tensor (§3.3)
   double init_std = 0.006;  // the paper's initialisation
   int64_t eval_every = 100, eval_batches = 8, save_every = 200, log_every = 10;
   int keep = 3;             // checkpoints kept
@@ -40,6 +40,7 @@ struct StepMetrics {
   double loss = 0, mtp_loss = 0, lr = 0, grad_norm = 0, tokens_per_s = 0, max_vio = 0;  // loss: next-token CE
   double val_loss = -1;  // when evaluated at this step
   std::vector<double> max_vio_layers;  // MaxVio of each MoE layer of the main model, in order
+  int64_t activation_bytes = 0;        // held for the backward pass (TrainingPass::activation_bytes)
 };
 
 class Trainer {

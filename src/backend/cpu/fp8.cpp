@@ -65,7 +65,8 @@ float Fp8Tensor::value(int64_t r, int64_t c) const {
 
 // ---- Quantisation ----------------------------------------------------------------------
 
-Fp8Tensor quantize(const float* x, int64_t rows, int64_t cols, Fp8Tiling tiling, Fp8Format format) {
+Fp8Tensor quantize(const float* x, int64_t rows, int64_t cols, Fp8Tiling tiling, Fp8Format format,
+                   Fp8Scaling scaling) {
   if (rows < 0 || cols < 0) fail("fp8 quantize: negative shape [", rows, ", ", cols, "]");
   Fp8Tensor t;
   t.rows = rows, t.cols = cols, t.tiling = tiling, t.format = format;
@@ -103,6 +104,10 @@ Fp8Tensor quantize(const float* x, int64_t rows, int64_t cols, Fp8Tiling tiling,
         fail("fp8 quantize: non-finite value ", x[i], " at row ", i / cols, ", column ", i % cols, " of a [",
              rows, ", ", cols, "] tensor (", tiling_name(tiling), ")");
 
+  if (scaling == Fp8Scaling::per_tensor) {
+    const float m = t.scales.empty() ? 0.0f : *std::max_element(t.scales.begin(), t.scales.end());
+    std::fill(t.scales.begin(), t.scales.end(), m);
+  }
   const float fmax = fp8_max(format);
   for (float& s : t.scales) s = s == 0 ? 1.0f : std::max(s / fmax, FLT_MIN);
 
@@ -369,9 +374,11 @@ void store(const std::vector<float>& c, T* out, bool accumulate) {
 }  // namespace
 
 template <typename T>
-void matmul_fp8(const T* x, const T* w, T* y, int64_t n, int64_t in, int64_t out, const Fp8GemmOptions& opt) {
-  const Fp8Tensor xq = quantize(AsFloat<T>(x, n * in).p, n, in, Fp8Tiling::row_tiles_1x128);
-  const Fp8Tensor wq = quantize(AsFloat<T>(w, out * in).p, out, in, Fp8Tiling::blocks_128x128);
+void matmul_fp8(const T* x, const T* w, T* y, int64_t n, int64_t in, int64_t out, const Fp8GemmOptions& opt,
+                Fp8Scaling scaling) {
+  constexpr Fp8Format e4m3 = Fp8Format::e4m3;
+  const Fp8Tensor xq = quantize(AsFloat<T>(x, n * in).p, n, in, Fp8Tiling::row_tiles_1x128, e4m3, scaling);
+  const Fp8Tensor wq = quantize(AsFloat<T>(w, out * in).p, out, in, Fp8Tiling::blocks_128x128, e4m3, scaling);
   std::vector<float> c(size_t(n * out));
   fp8_gemm(xq, wq, c.data(), opt);
   store(c, y, false);
@@ -379,29 +386,36 @@ void matmul_fp8(const T* x, const T* w, T* y, int64_t n, int64_t in, int64_t out
 
 template <typename T>
 void matmul_dx_fp8(const T* dy, const T* w, T* dx, int64_t n, int64_t in, int64_t out, bool accumulate,
-                   const Fp8GemmOptions& opt) {
-  const Fp8Tensor dyq = quantize(AsFloat<T>(dy, n * out).p, n, out, Fp8Tiling::row_tiles_1x128);
-  const Fp8Tensor wq = transpose(quantize(AsFloat<T>(w, out * in).p, out, in, Fp8Tiling::blocks_128x128));
+                   const Fp8GemmOptions& opt, Fp8Scaling scaling) {
+  constexpr Fp8Format e4m3 = Fp8Format::e4m3;
+  const Fp8Tensor dyq = quantize(AsFloat<T>(dy, n * out).p, n, out, Fp8Tiling::row_tiles_1x128, e4m3, scaling);
+  const Fp8Tensor wq =
+      transpose(quantize(AsFloat<T>(w, out * in).p, out, in, Fp8Tiling::blocks_128x128, e4m3, scaling));
   std::vector<float> c(size_t(n * in));
   fp8_gemm(dyq, wq, c.data(), opt);
   store(c, dx, accumulate);
 }
 
 template <typename T>
-void matmul_dw_fp8(const T* dy, const T* x, T* dw, int64_t n, int64_t in, int64_t out, const Fp8GemmOptions& opt) {
+void matmul_dw_fp8(const T* dy, const T* x, T* dw, int64_t n, int64_t in, int64_t out, const Fp8GemmOptions& opt,
+                   Fp8Scaling scaling) {
   // Tiles along n: 128x1 in the forward layout, 1x128 once transposed to [out, n] / [in, n].
-  const Fp8Tensor dyq = transpose(quantize(AsFloat<T>(dy, n * out).p, n, out, Fp8Tiling::col_tiles_128x1));
-  const Fp8Tensor xq = transpose(quantize(AsFloat<T>(x, n * in).p, n, in, Fp8Tiling::col_tiles_128x1));
+  constexpr Fp8Format e4m3 = Fp8Format::e4m3;
+  const Fp8Tensor dyq =
+      transpose(quantize(AsFloat<T>(dy, n * out).p, n, out, Fp8Tiling::col_tiles_128x1, e4m3, scaling));
+  const Fp8Tensor xq = transpose(quantize(AsFloat<T>(x, n * in).p, n, in, Fp8Tiling::col_tiles_128x1, e4m3, scaling));
   std::vector<float> c(size_t(out * in));
   fp8_gemm(dyq, xq, c.data(), opt);
   store(c, dw, true);
 }
 
 #define DSV3_INSTANTIATE(T)                                                                                   \
-  template void matmul_fp8<T>(const T*, const T*, T*, int64_t, int64_t, int64_t, const Fp8GemmOptions&);     \
+  template void matmul_fp8<T>(const T*, const T*, T*, int64_t, int64_t, int64_t, const Fp8GemmOptions&,      \
+                              Fp8Scaling);                                                                    \
   template void matmul_dx_fp8<T>(const T*, const T*, T*, int64_t, int64_t, int64_t, bool,                    \
-                                 const Fp8GemmOptions&);                                                      \
-  template void matmul_dw_fp8<T>(const T*, const T*, T*, int64_t, int64_t, int64_t, const Fp8GemmOptions&);
+                                 const Fp8GemmOptions&, Fp8Scaling);                                          \
+  template void matmul_dw_fp8<T>(const T*, const T*, T*, int64_t, int64_t, int64_t, const Fp8GemmOptions&,   \
+                                 Fp8Scaling);
 DSV3_INSTANTIATE(float)
 DSV3_INSTANTIATE(double)
 

@@ -30,10 +30,19 @@ void matmul_dw(const T* dy, const T* x, T* dw, int64_t n, int64_t in, int64_t ou
 
 GemmPrecision parse_gemm_precision(const char* name) {
   const std::string s = name;
-  if (s == "fp32") return GemmPrecision::fp32;
-  if (s == "bf16") return GemmPrecision::bf16;
-  if (s == "fp8") return GemmPrecision::fp8;
-  fail("unknown precision '", s, "' (fp32, bf16 or fp8)");
+  for (GemmPrecision p : {GemmPrecision::fp32, GemmPrecision::bf16, GemmPrecision::fp8, GemmPrecision::fp8_tensor})
+    if (s == gemm_precision_name(p)) return p;
+  fail("unknown precision '", s, "' (fp32, bf16, fp8 or fp8-tensor)");
+}
+
+const char* gemm_precision_name(GemmPrecision p) {
+  switch (p) {
+    case GemmPrecision::fp32: return "fp32";
+    case GemmPrecision::bf16: return "bf16";
+    case GemmPrecision::fp8: return "fp8";
+    case GemmPrecision::fp8_tensor: return "fp8-tensor";
+  }
+  return "?";
 }
 
 namespace {
@@ -55,6 +64,7 @@ void LinearGemm::forward(const T* x, const T* w, T* y, int64_t n, int64_t in, in
     case GemmPrecision::fp32: matmul(x, w, y, n, in, out); return;
     case GemmPrecision::bf16: matmul(to_bf16(x, n * in).data(), to_bf16(w, out * in).data(), y, n, in, out); return;
     case GemmPrecision::fp8: matmul_fp8(x, w, y, n, in, out, fp8); return;
+    case GemmPrecision::fp8_tensor: matmul_fp8(x, w, y, n, in, out, fp8, Fp8Scaling::per_tensor); return;
   }
 }
 
@@ -66,6 +76,9 @@ void LinearGemm::dx(const T* dy, const T* w, T* dx, int64_t n, int64_t in, int64
       matmul_dx(to_bf16(dy, n * out).data(), to_bf16(w, out * in).data(), dx, n, in, out, accumulate);
       return;
     case GemmPrecision::fp8: matmul_dx_fp8(dy, w, dx, n, in, out, accumulate, fp8); return;
+    case GemmPrecision::fp8_tensor:
+      matmul_dx_fp8(dy, w, dx, n, in, out, accumulate, fp8, Fp8Scaling::per_tensor);
+      return;
   }
 }
 
@@ -75,7 +88,17 @@ void LinearGemm::dw(const T* dy, const T* x, T* dw, int64_t n, int64_t in, int64
     case GemmPrecision::fp32: matmul_dw(dy, x, dw, n, in, out); return;
     case GemmPrecision::bf16: matmul_dw(to_bf16(dy, n * out).data(), to_bf16(x, n * in).data(), dw, n, in, out); return;
     case GemmPrecision::fp8: matmul_dw_fp8(dy, x, dw, n, in, out, fp8); return;
+    case GemmPrecision::fp8_tensor: matmul_dw_fp8(dy, x, dw, n, in, out, fp8, Fp8Scaling::per_tensor); return;
   }
+}
+
+SavedFormat LinearGemm::attention_output_format() const {
+  return precision == GemmPrecision::fp8 || precision == GemmPrecision::fp8_tensor ? SavedFormat::e5m6_1x128_pow2
+                                                                                   : SavedFormat::full;
+}
+SavedFormat LinearGemm::moe_swiglu_input_format() const {
+  return precision == GemmPrecision::fp8 || precision == GemmPrecision::fp8_tensor ? SavedFormat::e4m3_1x128
+                                                                                   : SavedFormat::full;
 }
 
 template <typename T>
