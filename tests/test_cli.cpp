@@ -1,5 +1,5 @@
 // The dsv3 program end to end, as outside checkers use it: `dsv3 logits` and
-// `dsv3 generate --output-ids` on every golden checkpoint, and its errors on bad input.
+// `dsv3 generate --output-ids` on every golden checkpoint, `dsv3 plot`, and errors on bad input.
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
@@ -9,6 +9,7 @@
 #include <array>
 #include <cstdio>
 #include <filesystem>
+#include <fstream>
 
 #include "cli_util.h"
 #include "golden_util.h"
@@ -85,6 +86,42 @@ TEST(CliErrors, BadInputNamesTheProblem) {
   r = run("generate --model /nonexistent --prompt-ids 1");
   EXPECT_NE(r.status, 0);
   EXPECT_THAT(r.out, testing::HasSubstr("Directory does not exist"));
+}
+
+// dsv3 plot: the table of final values relative to a baseline, the merged CSV (a step
+// repeated after a resume counts once, with its last value), the SVG, and its errors.
+TEST(CliPlot, ComparesRunsAndNamesBadInput) {
+  const std::filesystem::path dir = std::filesystem::path(testing::TempDir()) / "dsv3_plot";
+  std::filesystem::remove_all(dir);
+  std::filesystem::create_directories(dir / "a");
+  std::filesystem::create_directories(dir / "b");
+  auto write = [](const std::filesystem::path& p, const std::string& text) { std::ofstream(p) << text; };
+  write(dir / "a/metrics.csv", "step,tokens,loss,val_loss\n1,10,5,\n2,20,4,4.5\n3,30,3,\n4,40,2,4.0\n");
+  write(dir / "b/metrics.csv", "step,tokens,loss,val_loss\n2,20,4,4.4\n4,40,2,4.2\n4,40,2,4.1\n");
+  const std::string a = (dir / "a").string(), b = (dir / "b").string();
+  CliResult r = run("plot base=" + a + " " + b + " --baseline base --out " + (dir / "v.svg").string() + " --csv " +
+                    (dir / "v.csv").string());
+  ASSERT_EQ(r.status, 0) << r.out;
+  EXPECT_THAT(r.out, testing::HasSubstr("| base | 4 | 40 | 4.0000 | +0.000% |"));
+  EXPECT_THAT(r.out, testing::HasSubstr("| b | 4 | 40 | 4.1000 | +2.500% |"));
+  std::ifstream csv(dir / "v.csv");
+  const std::string text((std::istreambuf_iterator<char>(csv)), std::istreambuf_iterator<char>());
+  EXPECT_EQ(text, "step,base,b\n2,4.5,4.4\n4,4,4.1\n");
+  EXPECT_TRUE(std::filesystem::file_size(dir / "v.svg") > 500);
+
+  r = run("plot " + a + " --column nope");
+  EXPECT_EQ(r.status, 1);
+  EXPECT_THAT(r.out, testing::HasSubstr("no column 'nope' (it has: step, tokens, loss, val_loss)"));
+  r = run("plot " + a + " " + a);
+  EXPECT_THAT(r.out, testing::HasSubstr("two runs are labelled 'a'"));
+  r = run("plot " + a + " --baseline zzz");
+  EXPECT_THAT(r.out, testing::HasSubstr("--baseline zzz: no run has that label"));
+  r = run("plot " + (dir / "missing").string());
+  EXPECT_THAT(r.out, testing::HasSubstr("dsv3_plot/missing: cannot open"));
+  write(dir / "a/metrics.csv", "step,tokens,loss,val_loss\n1,10,x5,\n");
+  r = run("plot " + a + " --column loss");
+  EXPECT_EQ(r.status, 1);
+  EXPECT_THAT(r.out, testing::HasSubstr("metrics.csv:2: loss 'x5' is not a number"));
 }
 
 }  // namespace

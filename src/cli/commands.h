@@ -17,5 +17,6 @@ void add_train_tokenizer(CLI::App& app);
 void add_grads(CLI::App& app);
 void add_train(CLI::App& app);
 void add_cost(CLI::App& app);
+void add_plot(CLI::App& app);
 
 }  // namespace dsv3::cli
