@@ -52,19 +52,40 @@ void check(const std::string& what, double* p, const double* grad, int64_t n, co
   }
 }
 
-ModelConfig tiny_config(bool q_lora, bool sigmoid) {
+// The routing variants the gradient checks cover: DeepSeek-V3's (sigmoid, noaux_tc groups,
+// normalised top-k), V2's (softmax, greedy or group-limited), and the two other
+// combinations of score function and normalisation.
+enum class Routing { sigmoid_grouped_norm, softmax_greedy, sigmoid_plain, softmax_group_limited_norm };
+
+// mtp_depths: num_nextn_predict_layers.
+ModelConfig tiny_config(bool q_lora, Routing routing, int mtp_depths = 1) {
   std::string j = R"({"vocab_size": 37, "hidden_size": 24, "intermediate_size": 40, "moe_intermediate_size": 12,
     "num_hidden_layers": 2, "num_attention_heads": 2, "qk_nope_head_dim": 8, "qk_rope_head_dim": 4,
     "v_head_dim": 6, "kv_lora_rank": 10, "max_position_embeddings": 64, "rope_theta": 10000,
     "rope_scaling": {"type": "yarn", "factor": 4, "original_max_position_embeddings": 4, "beta_fast": 32,
                      "beta_slow": 1, "mscale": 0.8, "mscale_all_dim": 0.8},
     "first_k_dense_replace": 1, "n_routed_experts": 8, "num_experts_per_tok": 3, "n_shared_experts": 1,
-    "num_nextn_predict_layers": 1, "rms_norm_eps": 1e-6, )";
+    "rms_norm_eps": 1e-6, )";
+  j += R"("num_nextn_predict_layers": )" + std::to_string(mtp_depths) + ", ";
   j += q_lora ? R"("q_lora_rank": 14, )" : R"("q_lora_rank": null, )";
-  j += sigmoid ? R"("scoring_func": "sigmoid", "topk_method": "noaux_tc", "n_group": 4, "topk_group": 2,
-                    "norm_topk_prob": true, "routed_scaling_factor": 2.5})"
-               : R"("scoring_func": "softmax", "topk_method": "greedy", "n_group": 1, "topk_group": 1,
-                    "norm_topk_prob": false, "routed_scaling_factor": 1.0})";
+  switch (routing) {
+    case Routing::sigmoid_grouped_norm:
+      j += R"("scoring_func": "sigmoid", "topk_method": "noaux_tc", "n_group": 4, "topk_group": 2,
+              "norm_topk_prob": true, "routed_scaling_factor": 2.5})";
+      break;
+    case Routing::softmax_greedy:
+      j += R"("scoring_func": "softmax", "topk_method": "greedy", "n_group": 1, "topk_group": 1,
+              "norm_topk_prob": false, "routed_scaling_factor": 1.0})";
+      break;
+    case Routing::sigmoid_plain:
+      j += R"("scoring_func": "sigmoid", "topk_method": "noaux_tc", "n_group": 1, "topk_group": 1,
+              "norm_topk_prob": false, "routed_scaling_factor": 1.5})";
+      break;
+    case Routing::softmax_group_limited_norm:
+      j += R"("scoring_func": "softmax", "topk_method": "group_limited_greedy", "n_group": 4, "topk_group": 2,
+              "norm_topk_prob": true, "routed_scaling_factor": 1.0})";
+      break;
+  }
   return ModelConfig::parse(j, "tiny config");
 }
 
@@ -143,11 +164,11 @@ std::vector<TensorSlot> part_of(const ModelConfig& c, ModelWeights& w, const std
   return out;
 }
 
-class ModuleGradCheck : public testing::TestWithParam<std::tuple<bool, bool>> {};
+class ModuleGradCheck : public testing::TestWithParam<std::tuple<bool, Routing>> {};
 
 TEST_P(ModuleGradCheck, MlaMlpMoe) {
-  const auto [q_lora, sigmoid] = GetParam();
-  const ModelConfig c = tiny_config(q_lora, sigmoid);
+  const auto [q_lora, routing] = GetParam();
+  const ModelConfig c = tiny_config(q_lora, routing);
   ModelWeights w = random_weights(c), g = allocate_weights(c, DType::f64);
   const Rope rope = Rope::from_config(c);
   const int64_t B = 2, S = 6, N = B * S, dim = c.hidden_size;  // S > original context: YaRN active
@@ -177,24 +198,41 @@ TEST_P(ModuleGradCheck, MlaMlpMoe) {
     mlp_train_backward(w.layers[0].mlp, x.data(), N, a, r.data(), g.layers[0].mlp, dx.data());
     check_module("mlp", c, w, g, part_of(c, w, "model.layers.0.mlp."), part_of(c, g, "model.layers.0.mlp."), x, dx, loss);
   }
-  {  // MoE of layer 1
+  {  // MoE of layer 1, with the balance loss over sequences of 4 tokens whose last one is an
+     // MTP placeholder (counted neither in the loss nor in the loads)
     MoeActivations<double> a;
+    const BalanceLoss balance{.seq_len = 4, .alpha = 0.05, .ignored_tail = 1};
+    double balance_loss = 0;
     auto loss = [&] {
-      moe_train_forward(c, w.layers[1].moe, x.data(), N, a, out.data());
-      return dot(out, r);
+      balance_loss = moe_train_forward(c, w.layers[1].moe, x.data(), N, a, out.data(), balance);
+      return dot(out, r) + balance_loss;
     };
     loss();
+    EXPECT_GT(balance_loss, 0);
+    std::vector<int64_t> load(size_t(c.n_routed_experts), 0);
+    for (int64_t t = 0; t < N; ++t)
+      if (t % 4 != 3)
+        for (int64_t j = 0; j < c.num_experts_per_tok; ++j) ++load[size_t(a.experts[size_t(t * c.num_experts_per_tok + j)])];
+    EXPECT_EQ(a.load, load);
     std::fill(dx.begin(), dx.end(), 0.0);
     moe_train_backward(c, w.layers[1].moe, x.data(), N, a, r.data(), g.layers[1].moe, dx.data());
     check_module("moe", c, w, g, part_of(c, w, "model.layers.1.mlp."), part_of(c, g, "model.layers.1.mlp."), x, dx, loss);
+    // The placeholders' routing does not reach the balance loss.
+    const double before = balance_loss;
+    for (int64_t t = 3; t < N; t += 4)
+      for (int64_t d = 0; d < dim; ++d) x[size_t(t * dim + d)] = -x[size_t(t * dim + d)] * 3;
+    loss();
+    EXPECT_EQ(balance_loss, before);
   }
 }
 
 // The whole model with DeepSeek-V3's full objective: next-token loss, the MTP module (its
 // embedding and head shared with the main model) and the sequence-wise balance loss.
 TEST_P(ModuleGradCheck, WholeModel) {
-  const auto [q_lora, sigmoid] = GetParam();
-  const ModelConfig c = tiny_config(q_lora, sigmoid);
+  const auto [q_lora, routing] = GetParam();
+  // Two MTP depths in two of the variants: depth 2 takes depth 1's output.
+  const int depths = routing == Routing::sigmoid_plain || routing == Routing::softmax_group_limited_norm ? 2 : 1;
+  const ModelConfig c = tiny_config(q_lora, routing, depths);
   ModelWeights w = random_weights(c), g = allocate_weights(c, DType::f64);
   tie_mtp_shared(w);
   tie_mtp_shared(g);
@@ -216,11 +254,17 @@ TEST_P(ModuleGradCheck, WholeModel) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Variants, ModuleGradCheck, testing::Combine(testing::Bool(), testing::Bool()),
-                         [](const auto& info) {
-                           return std::string(std::get<0>(info.param) ? "q_lora" : "q_proj") +
-                                  (std::get<1>(info.param) ? "_sigmoid_grouped" : "_softmax_greedy");
-                         });
+std::string variant_name(const testing::TestParamInfo<std::tuple<bool, Routing>>& info) {
+  static const char* kNames[] = {"_sigmoid_grouped_norm", "_softmax_greedy", "_sigmoid_plain",
+                                 "_softmax_group_limited_norm"};
+  return std::string(std::get<0>(info.param) ? "q_lora" : "q_proj") + kNames[int(std::get<1>(info.param))];
+}
+
+INSTANTIATE_TEST_SUITE_P(Variants, ModuleGradCheck,
+                         testing::Combine(testing::Bool(),
+                                          testing::Values(Routing::sigmoid_grouped_norm, Routing::softmax_greedy,
+                                                          Routing::sigmoid_plain, Routing::softmax_group_limited_norm)),
+                         variant_name);
 
 }  // namespace
 }  // namespace dsv3

@@ -4,6 +4,7 @@
 #include <cstring>
 
 #include "backend/train_ops.h"
+#include "core/error.h"
 #include "model/router.h"
 
 namespace dsv3 {
@@ -23,7 +24,7 @@ void gather_tokens(const T* x, int64_t dim, const std::vector<int64_t>& slots, i
 template <typename T>
 int64_t MoeActivations<T>::bytes() const {
   int64_t n = int64_t(logits.size() * sizeof(T) + experts.size() * sizeof(int32_t) + weights.size() * sizeof(T) +
-                      balance_f.size() * sizeof(T)) + shared.bytes();
+                      load.size() * sizeof(int64_t) + balance_f.size() * sizeof(T)) + shared.bytes();
   for (const auto& s : slots) n += int64_t(s.size() * sizeof(int64_t));
   for (const auto& y : ye) n += int64_t(y.size() * sizeof(T));
   for (const auto& x : expert) n += x.bytes();
@@ -89,26 +90,35 @@ double moe_train_forward(const ModelConfig& c, const MoeWeights& w, const T* x, 
       for (int64_t d = 0; d < dim; ++d) o[d] += gw * ye[size_t(i * dim + d)];
     }
   }
+  // Sequences of S tokens, of which the first T count (the rest: MTP placeholders).
+  const int64_t S = balance.seq_len > 0 ? balance.seq_len : N, n_seq = N / S;
+  const int64_t counted = S - balance.ignored_tail;
+  if (N % S != 0 || counted <= 0)
+    fail("balance loss: ", N, " tokens are not whole sequences of ", S, " with ", balance.ignored_tail, " ignored");
+  a.balance = balance;
+  a.load.assign(size_t(E), 0);
+  for (int64_t t = 0; t < N; ++t)
+    if (t % S < counted)
+      for (int64_t j = 0; j < k; ++j) ++a.load[size_t(a.experts[size_t(t * k + j)])];
   a.balance_f.clear();
   if (balance.alpha <= 0) return 0;
-  const int64_t S = balance.seq_len > 0 ? balance.seq_len : N, n_seq = N / S;
   a.balance_f.assign(size_t(n_seq * E), T(0));
   std::vector<T> s(static_cast<size_t>(E));
   double loss = 0;
   for (int64_t b = 0; b < n_seq; ++b) {
     T* f = &a.balance_f[size_t(b * E)];
     std::vector<double> P(static_cast<size_t>(E), 0.0), count(static_cast<size_t>(E), 0.0);
-    for (int64_t t = b * S; t < (b + 1) * S; ++t) {
+    for (int64_t t = b * S; t < b * S + counted; ++t) {
       router_scores(c, &a.logits[size_t(t * E)], s.data());
       double sum = 0;
       for (int64_t e = 0; e < E; ++e) sum += double(s[size_t(e)]);
-      for (int64_t e = 0; e < E; ++e) P[size_t(e)] += double(s[size_t(e)]) / sum / double(S);
+      for (int64_t e = 0; e < E; ++e) P[size_t(e)] += double(s[size_t(e)]) / sum / double(counted);
       for (int64_t j = 0; j < k; ++j) count[size_t(a.experts[size_t(t * k + j)])] += 1;
     }
     for (int64_t e = 0; e < E; ++e) {
-      const double fi = double(E) / double(k * S) * count[size_t(e)];
+      const double fi = double(E) / double(k * counted) * count[size_t(e)];
       loss += balance.alpha * fi * P[size_t(e)] / double(n_seq);
-      f[e] = T(balance.alpha * fi / double(S * n_seq));  // d loss / d s'_{e,t}
+      f[e] = T(balance.alpha * fi / double(counted * n_seq));  // d loss / d s'_{e,t}
     }
   }
   return loss;
@@ -160,8 +170,9 @@ void moe_train_backward(const ModelConfig& c, const MoeWeights& w, const T* x, i
     for (int64_t j = 0; j < k; ++j) sum += s[size_t(chosen[j])], dot += dw[j] * s[size_t(chosen[j])];
     for (int64_t j = 0; j < k; ++j)  // d g_j / d s_m = scale (delta_jm / sum - s_j / sum^2)
       ds[size_t(chosen[j])] += normalised ? scale * (dw[j] / sum - dot / (sum * sum)) : scale * dw[j];
-    if (!a.balance_f.empty()) {  // balance loss: s' = s / sum(s);  d/ds_m = (g_m - sum_i g_i s'_i) / sum(s)
-      const int64_t n_seq = int64_t(a.balance_f.size()) / E, S = N / n_seq;
+    const int64_t S = a.balance.seq_len > 0 ? a.balance.seq_len : N;
+    if (!a.balance_f.empty() && t % S < S - a.balance.ignored_tail) {
+      // balance loss: s' = s / sum(s);  d/ds_m = (g_m - sum_i g_i s'_i) / sum(s)
       const T* gb = &a.balance_f[size_t((t / S) * E)];
       T all = 0, gs = 0;
       for (int64_t e = 0; e < E; ++e) all += s[size_t(e)];

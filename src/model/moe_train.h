@@ -31,6 +31,18 @@ template <typename T>
 void mlp_train_backward(const MlpWeights& w, const T* x, int64_t m, const MlpActivations<T>& act, const T* dout,
                         MlpWeights& g, T* dx, const LinearGemm& lin = {});
 
+// The complementary sequence-wise balance loss (§2.1.2, eq. 17-20): for each sequence of
+// seq_len tokens, alpha * sum_i f_i P_i with f_i = E / (K T) * (tokens choosing expert i)
+// and P_i the mean over the sequence of the normalised affinity s_i / sum_j s_j; averaged
+// over the sequences. alpha = 0 turns it off. T counts a sequence's tokens except its last
+// `ignored_tail`: the positions where MTP depth k feeds a placeholder (k of them), which
+// count neither in this loss nor in the expert loads that drive the bias update.
+struct BalanceLoss {
+  int64_t seq_len = 0;  // 0: the whole batch is one sequence
+  double alpha = 0;
+  int64_t ignored_tail = 0;
+};
+
 // The experts' inputs are gathered again from x in the backward rather than kept. Experts'
 // SwiGLU inputs are saved in lin.moe_swiglu_input_format() (E4M3 in FP8 training, §3.3.3).
 template <typename T>
@@ -39,20 +51,13 @@ struct MoeActivations {
   std::vector<int32_t> experts;            // [N, k] chosen experts
   std::vector<T> weights;                  // [N, k] their gate weights
   std::vector<std::vector<int64_t>> slots;  // per expert: the (token * k + j) routed to it
+  std::vector<int64_t> load;               // per expert: counted tokens routed to it (see BalanceLoss)
   std::vector<std::vector<T>> ye;          // per expert: outputs [m_e, hidden]
   std::vector<MlpActivations<T>> expert;   // per expert
   MlpActivations<T> shared;
-  std::vector<T> balance_f;                // [N / seq_len, E]: alpha * f_i / (seq_len * sequences)
+  BalanceLoss balance;                     // as given to the forward
+  std::vector<T> balance_f;                // [N / seq_len, E]: alpha * f_i / (T * sequences)
   int64_t bytes() const;
-};
-
-// The complementary sequence-wise balance loss (§2.1.2, eq. 17-20): for each sequence of
-// seq_len tokens, alpha * sum_i f_i P_i with f_i = E / (K seq_len) * (tokens choosing
-// expert i) and P_i the mean over the sequence of the normalised affinity s_i / sum_j s_j;
-// averaged over the sequences. alpha = 0 turns it off.
-struct BalanceLoss {
-  int64_t seq_len = 0;  // 0: the whole batch is one sequence
-  double alpha = 0;
 };
 
 // Returns the balance loss (0 if off).

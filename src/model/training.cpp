@@ -4,6 +4,7 @@
 // Backward walks the same steps in reverse; dh is the gradient of the residual stream.
 #include "model/training.h"
 
+#include <algorithm>
 #include <cstring>
 
 #include "backend/train_ops.h"
@@ -46,7 +47,8 @@ int64_t MtpActivations<T>::bytes() const {
 }
 
 template <typename T>
-double TrainingPass<T>::block_forward(const LayerWeights& lw, LayerActivations<T>& a, std::vector<T>& h) {
+double TrainingPass<T>::block_forward(const LayerWeights& lw, LayerActivations<T>& a, std::vector<T>& h,
+                                      int64_t ignored_tail) {
   const int64_t N = B_ * S_, dim = c_.hidden_size;
   std::vector<T> delta(static_cast<size_t>(N * dim));
   a.h_in = h;
@@ -57,7 +59,8 @@ double TrainingPass<T>::block_forward(const LayerWeights& lw, LayerActivations<T
   const Normed<T> xn2(h, lw.post_attention_layernorm, N, dim, c_.rms_norm_eps);
   double balance = 0;
   if (lw.is_moe)
-    balance = moe_train_forward(c_, lw.moe, xn2.y.data(), N, a.moe, delta.data(), {S_, loss_.alpha}, loss_.linear);
+    balance = moe_train_forward(c_, lw.moe, xn2.y.data(), N, a.moe, delta.data(), {S_, loss_.alpha, ignored_tail},
+                                loss_.linear);
   else mlp_train_forward(lw.mlp, xn2.y.data(), N, a.mlp, delta.data(), loss_.linear);
   add_to(h.data(), delta.data(), N * dim);
   return balance;
@@ -123,7 +126,8 @@ double TrainingPass<T>::forward(const ModelWeights& w, const int32_t* tokens, co
     }
     a.h_prev = h;
     loss_.linear.forward(mtp_input(mw, a).cat.data(), mw.eh_proj.as<T>(), h.data(), N, 2 * dim, dim);
-    balance_loss_ += block_forward(mw.block, a.block, h);  // an MoE layer like the others
+    // An MoE layer like the others; its last k positions per sequence hold placeholders.
+    balance_loss_ += block_forward(mw.block, a.block, h, std::min(k, S - 1));
     a.h_out = h;
     a.logits.resize(size_t(N * vocab)), a.dlogits.resize(size_t(N * vocab));
     matmul(Normed<T>(h, mw.shared_head_norm, N, dim, c_.rms_norm_eps).y.data(), mw.shared_head_head.as<T>(),
@@ -209,9 +213,8 @@ template <typename T>
 std::vector<std::vector<int64_t>> TrainingPass<T>::expert_loads() const {
   std::vector<std::vector<int64_t>> out(layers_.size() + mtp_.size());
   for (size_t l = 0; l < layers_.size(); ++l)
-    for (const auto& slots : layers_[l].moe.slots) out[l].push_back(int64_t(slots.size()));
-  for (size_t k = 0; k < mtp_.size(); ++k)
-    for (const auto& slots : mtp_[k].block.moe.slots) out[layers_.size() + k].push_back(int64_t(slots.size()));
+    out[l] = layers_[l].moe.load;
+  for (size_t k = 0; k < mtp_.size(); ++k) out[layers_.size() + k] = mtp_[k].block.moe.load;
   return out;
 }
 

@@ -68,7 +68,8 @@ class TrainingPass {
   const std::vector<T>& logits() const { return logits_; }  // [B*S, vocab]
   // Memory held for the backward by the last forward (activations, logits and their gradients).
   int64_t activation_bytes() const;
-  // Tokens routed to each expert of each layer in the last forward (empty: dense): the main
+  // Tokens routed to each expert of each layer in the last forward (empty: dense), without
+  // the MTP placeholder positions (see BalanceLoss): the main
   // model's layers, then the MTP modules' blocks (empty if the MTP loss is off).
   std::vector<std::vector<int64_t>> expert_loads() const;
 
@@ -77,7 +78,8 @@ class TrainingPass {
     std::vector<T> cat, e_inv, h_inv;
   };
   MtpInput mtp_input(const MtpWeights& mw, const MtpActivations<T>& a) const;
-  double block_forward(const LayerWeights& lw, LayerActivations<T>& a, std::vector<T>& h);
+  // ignored_tail: positions per sequence left out of the balance loss and expert loads.
+  double block_forward(const LayerWeights& lw, LayerActivations<T>& a, std::vector<T>& h, int64_t ignored_tail = 0);
   void block_backward(const LayerWeights& lw, LayerWeights& lg, const LayerActivations<T>& a, std::vector<T>& dh);
 
   const ModelConfig& c_;
