@@ -63,6 +63,14 @@ TEST_F(CheckpointMalformed, IndexNotValidJson) {
   EXPECT_THAT(open_error(ckpt), HasSubstr(index + ": not valid JSON"));
 }
 
+TEST_F(CheckpointMalformed, IndexUnreadable) {
+  const std::string ckpt = copy(kSharded);
+  const std::string index = ckpt + "/" + kIndexFile;
+  fs::remove(index);
+  fs::create_directory(index);
+  EXPECT_THAT(open_error(ckpt), HasSubstr(index + ": is a directory, not an index file"));
+}
+
 TEST_F(CheckpointMalformed, IndexWithoutWeightMap) {
   const std::string ckpt = copy(kSharded);
   const std::string index = ckpt + "/" + kIndexFile;

@@ -158,6 +158,50 @@ TEST_F(SafetensorsMalformed, TensorsOverlap) {
               says("tensors a and b overlap in the data section"));
 }
 
+// The reference library requires the tensors to cover the data section exactly.
+TEST_F(SafetensorsMalformed, GapsAndTrailingBytesInTheDataSection) {
+  EXPECT_THAT(header_error([](json& h) {
+                h["a"]["data_offsets"] = {8, 32};
+                h["a"]["shape"] = {2, 3};
+                h["b"]["data_offsets"] = {32, 40};
+              }, 40),
+              says("8 unused bytes before tensor a in the data section (at 0)"));
+  EXPECT_THAT(header_error([](json& h) { h["b"]["data_offsets"] = {28, 36}; }, 36),
+              says("4 unused bytes before tensor b in the data section (at 24)"));
+  EXPECT_THAT(open_error(image(valid_header(), kValidDataBytes + 3)),
+              says("3 bytes after the last tensor's data (the data section is 35 bytes, the tensors cover 32)"));
+}
+
+TEST_F(SafetensorsMalformed, RepeatedKeys) {
+  const std::string twice = R"({"a": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 24]},
+                               "b": {"dtype": "BF16", "shape": [4], "data_offsets": [24, 32]},
+                               "a": {"dtype": "F32", "shape": [6], "data_offsets": [0, 24]}})";
+  EXPECT_THAT(open_error(image(twice)), says("header has the key 'a' twice"));
+  const std::string inner = R"({"a": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 24], "dtype": "F16"},
+                               "b": {"dtype": "BF16", "shape": [4], "data_offsets": [24, 32]}})";
+  EXPECT_THAT(open_error(image(inner)), says("header has the key 'dtype' twice"));
+}
+
+// A header length that is not a multiple of 8 (some published checkpoints have one) leaves
+// the tensors unaligned: they are still read, from an aligned copy.
+TEST_F(SafetensorsMalformed, UnalignedDataIsReadFromAnAlignedCopy) {
+  std::string header = valid_header().dump();
+  header.append((8 - header.size() % 8) % 8 + 3, ' ');  // 8 + length = 3 mod 8
+  std::string bytes = image(header);
+  for (int i = 0; i < 6; ++i) {  // a = 0.5, 1.5, ... as float32
+    const float v = 0.5f + float(i);
+    std::memcpy(&bytes[8 + header.size() + size_t(i) * 4], &v, 4);
+  }
+  write_bytes(path_, bytes);
+  SafetensorsFile f(path_);
+  const TensorView* a = f.find("a");
+  ASSERT_NE(a, nullptr);
+  EXPECT_EQ(reinterpret_cast<uintptr_t>(a->data) % 4, 0u);
+  EXPECT_EQ(reinterpret_cast<uintptr_t>(f.find("b")->data) % 2, 0u);
+  const float* av = reinterpret_cast<const float*>(a->data);
+  for (int i = 0; i < 6; ++i) EXPECT_EQ(av[i], 0.5f + float(i));
+}
+
 TEST_F(SafetensorsMalformed, MetadataValueNotAString) {
   EXPECT_THAT(header_error([](json& h) { h["__metadata__"]["format"] = 1; }),
               says("__metadata__ value 'format' is not a string"));
@@ -224,6 +268,8 @@ TEST_F(SafetensorsWrite, RoundTripKeepsBytesShapesDtypesAndMetadata) {
   expect_same(f, t[2], 16);
   expect_same(f, t[3], 5);
   EXPECT_EQ(f.metadata(), meta);
+  for (const auto& [name, v] : f.tensors())  // wider elements first: every tensor aligned in place
+    EXPECT_EQ(reinterpret_cast<uintptr_t>(v.data) % dtype_size(v.dtype), 0u) << name;
 
   // The data section starts 8-byte aligned; the header is padded with spaces.
   const std::string bytes = read_bytes(path);

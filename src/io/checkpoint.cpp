@@ -1,6 +1,8 @@
 // Checkpoint folder resolution (see checkpoint.h).
 #include "io/checkpoint.h"
 
+#include <cerrno>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -18,7 +20,9 @@ Checkpoint::Checkpoint(const std::string& dir) : dir_(dir) {
   const std::string index_path = dir + "/model.safetensors.index.json";
   std::map<std::string, std::string> weight_map;  // tensor -> file
   if (fs::exists(index_path)) {
+    if (fs::is_directory(index_path)) fail(index_path, ": is a directory, not an index file");
     std::ifstream in(index_path);
+    if (!in) fail(index_path, ": cannot open: ", std::strerror(errno));
     std::stringstream ss;
     ss << in.rdbuf();
     json idx;

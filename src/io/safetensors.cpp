@@ -8,6 +8,7 @@
 #include <cerrno>
 #include <cstring>
 #include <nlohmann/json.hpp>
+#include <set>
 
 #include "core/error.h"
 
@@ -36,12 +37,25 @@ SafetensorsHeader parse_safetensors(const uint8_t* data, size_t size, const std:
   if (n > kMaxHeaderBytes) fail(what, ": header length ", n, " exceeds the 100 MiB limit");
   if (n > size - 8)
     fail(what, ": header length ", n, " runs past the end of the file (", size, " bytes)");
+  // The JSON library keeps the last of repeated keys; the format allows one entry per name,
+  // so the keys of every object are tracked while parsing and a repeat is an error.
+  std::vector<std::set<std::string>> keys;  // one set per open object
+  std::string repeated;
+  auto track = [&](int /*depth*/, json::parse_event_t event, json& parsed) {
+    if (event == json::parse_event_t::object_start) keys.emplace_back();
+    else if (event == json::parse_event_t::object_end && !keys.empty()) keys.pop_back();
+    else if (event == json::parse_event_t::key && !keys.empty() && !keys.back().insert(parsed.get<std::string>()).second &&
+             repeated.empty())
+      repeated = parsed.get<std::string>();
+    return true;
+  };
   json h;
   try {
-    h = json::parse(data + 8, data + 8 + n);
+    h = json::parse(data + 8, data + 8 + n, track);
   } catch (const json::exception& e) {
     fail(what, ": header is not valid JSON: ", e.what());
   }
+  if (!repeated.empty()) fail(what, ": header has the key '", repeated, "' twice");
   if (!h.is_object()) fail(what, ": header is not a JSON object");
 
   SafetensorsHeader out;
@@ -98,15 +112,42 @@ SafetensorsHeader parse_safetensors(const uint8_t* data, size_t size, const std:
     auto [pos, inserted] = out.tensors.emplace(name, std::move(v));
     if (begin != end) spans.push_back({begin, end, &pos->first});  // empty tensors overlap nothing
   }
+  // The tensors tile the data section exactly, as the reference library requires: no
+  // overlaps, no gaps, nothing after the last one.
   std::sort(spans.begin(), spans.end(), [](const Span& a, const Span& b) { return a.begin < b.begin; });
-  for (size_t i = 1; i < spans.size(); ++i)
-    if (spans[i].begin < spans[i - 1].end)
+  uint64_t pos = 0;
+  for (size_t i = 0; i < spans.size(); ++i) {
+    if (spans[i].begin < pos)
       fail(what, ": tensors ", *spans[i - 1].name, " and ", *spans[i].name, " overlap in the data section");
+    if (spans[i].begin > pos)
+      fail(what, ": ", spans[i].begin - pos, " unused bytes before tensor ", *spans[i].name, " in the data section (at ",
+           pos, ")");
+    pos = spans[i].end;
+  }
+  if (pos != data_size)
+    fail(what, ": ", data_size - pos, " bytes after the last tensor's data (the data section is ", data_size,
+         " bytes, the tensors cover ", pos, ")");
   return out;
 }
 
 SafetensorsFile::SafetensorsFile(const std::string& path)
-    : file_(path), header_(parse_safetensors(file_.data(), file_.size(), path)) {}
+    : file_(path), header_(parse_safetensors(file_.data(), file_.size(), path)) {
+  // A tensor whose bytes do not start at a multiple of its element size (a header length
+  // that is not a multiple of 8 does that; some published checkpoints have one) cannot be
+  // read in place as a typed array. Then the data section is copied once into aligned memory.
+  bool aligned = true;
+  for (const auto& [name, v] : header_.tensors)
+    aligned = aligned && reinterpret_cast<uintptr_t>(v.data) % dtype_size(v.dtype) == 0;
+  if (aligned) return;
+  uint64_t n = 0;
+  for (int i = 7; i >= 0; --i) n = (n << 8) | file_.data()[i];
+  const uint8_t* base = file_.data() + 8 + n;
+  const size_t bytes = file_.size() - 8 - size_t(n);
+  aligned_copy_.resize((bytes + 7) / 8);
+  std::memcpy(aligned_copy_.data(), base, bytes);
+  const uint8_t* copy = reinterpret_cast<const uint8_t*>(aligned_copy_.data());
+  for (auto& [name, v] : header_.tensors) v.data = copy + (v.data - base);
+}
 
 const TensorView* SafetensorsFile::find(const std::string& name) const {
   auto it = header_.tensors.find(name);
@@ -134,8 +175,16 @@ void write_safetensors(const std::string& path, const std::vector<TensorToWrite>
                        const std::map<std::string, std::string>& metadata) {
   json h = json::object();
   if (!metadata.empty()) h["__metadata__"] = metadata;
+  // The data in order of decreasing element size, as the reference library writes it: with
+  // the 8-byte aligned data section, every tensor then starts aligned to its element size.
+  std::vector<const TensorToWrite*> order;
+  for (const auto& t : tensors) order.push_back(&t);
+  std::stable_sort(order.begin(), order.end(), [](const TensorToWrite* a, const TensorToWrite* b) {
+    return dtype_size(a->dtype) > dtype_size(b->dtype);
+  });
   uint64_t offset = 0;
-  for (const auto& t : tensors) {
+  for (const TensorToWrite* tp : order) {
+    const TensorToWrite& t = *tp;
     uint64_t numel = 1;
     for (int64_t d : t.shape) numel *= uint64_t(d);
     const uint64_t bytes = numel * dtype_size(t.dtype);
@@ -152,10 +201,10 @@ void write_safetensors(const std::string& path, const std::vector<TensorToWrite>
     for (int i = 0; i < 8; ++i) len[i] = uint8_t(uint64_t(header.size()) >> (8 * i));
     write_all(fd, len, 8, tmp);
     write_all(fd, header.data(), header.size(), tmp);
-    for (const auto& t : tensors) {
+    for (const TensorToWrite* t : order) {
       uint64_t numel = 1;
-      for (int64_t d : t.shape) numel *= uint64_t(d);
-      write_all(fd, t.data, numel * dtype_size(t.dtype), tmp);
+      for (int64_t d : t->shape) numel *= uint64_t(d);
+      write_all(fd, t->data, numel * dtype_size(t->dtype), tmp);
     }
     if (::fsync(fd) != 0) fail(tmp, ": fsync failed: ", std::strerror(errno));
   } catch (...) {

@@ -19,8 +19,10 @@ struct SafetensorsHeader {
   std::map<std::string, std::string> metadata;
 };
 
-// Parses and validates the header of a safetensors image of `size` bytes at `data`.
-// `what` (usually the path) starts every error message. Throws Error on anything malformed.
+// Parses and validates the header of a safetensors image of `size` bytes at `data`: every
+// field, one entry per name, and tensors that tile the data section exactly (no overlap,
+// gap or trailing bytes). `what` (usually the path) starts every error message. Throws
+// Error on anything malformed. Data pointers may be unaligned (SafetensorsFile fixes that).
 SafetensorsHeader parse_safetensors(const uint8_t* data, size_t size, const std::string& what);
 
 class SafetensorsFile {
@@ -34,6 +36,7 @@ class SafetensorsFile {
  private:
   MappedFile file_;
   SafetensorsHeader header_;
+  std::vector<uint64_t> aligned_copy_;  // the data section, when it cannot be used in place
 };
 
 struct TensorToWrite {
@@ -43,7 +46,9 @@ struct TensorToWrite {
   const void* data = nullptr;  // numel * dtype_size bytes
 };
 
-// Writes path atomically: a crash leaves either the old file or the complete new one.
+// Writes path atomically: a crash leaves either the old file or the complete new one. The
+// header is padded to a multiple of 8 and the data ordered by decreasing element size, so
+// every tensor is aligned.
 void write_safetensors(const std::string& path, const std::vector<TensorToWrite>& tensors,
                        const std::map<std::string, std::string>& metadata = {{"format", "pt"}});
 
