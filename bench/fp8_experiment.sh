@@ -13,8 +13,9 @@ cd "$(dirname "$0")/.."
 STEPS=${STEPS:-1000}
 OUT=${OUT:-out/fp8-experiment}
 DSV3=${DSV3:-build/dsv3}
+THREADS=${THREADS:-0}
 SEED=1234
-[ "$DSV3" = build/dsv3 ] && scripts/setup.sh --target dsv3
+if [ "$DSV3" = build/dsv3 ]; then scripts/setup.sh --target dsv3; fi
 mkdir -p "$OUT"
 
 # The demo's tokenizer and shards (made here if the demo has not run).
@@ -26,19 +27,24 @@ if [ ! -f "$DATA/data.json" ]; then
 fi
 
 train() {  # label precision seed
+  if [ -n "$PICK" ] && [[ " $PICK " != *" $1 "* ]]; then return; fi
   echo "== $1: --precision $2 --seed $3"
-  "$DSV3" train --config configs/tiny-demo.json --data "$DATA" --out "$OUT/$1" --precision "$2" --seed "$3" \
+  "$DSV3" train --threads "$THREADS" --config configs/tiny-demo.json --data "$DATA" --out "$OUT/$1" --precision "$2" --seed "$3" \
     --steps "$STEPS" --batch 8 --seq 128 --lr 2e-3 --min-lr 2e-4 --eval-every 50 --eval-batches 24 \
     --save-every 250 --keep 1 --log-every 100 --resume
 }
+PICK="$*"
 train fp32 fp32 $SEED
 train bf16 bf16 $SEED
 train fp8 fp8 $SEED
 train fp8-tensor fp8-tensor $SEED
 train bf16-seed2 bf16 $((SEED + 1))
 
+for run in fp32 bf16 fp8 fp8-tensor bf16-seed2; do  # all finished?
+  [ "$(tail -1 "$OUT/$run/metrics.csv" 2>/dev/null | cut -d, -f1)" = "$STEPS" ] || exit 0
+done
 "$DSV3" plot fp32="$OUT/fp32" bf16="$OUT/bf16" fp8="$OUT/fp8" fp8-tensor="$OUT/fp8-tensor" \
-  "bf16, other seed=$OUT/bf16-seed2" --column val_loss --baseline bf16 --from-step 100 \
+  bf16-seed2="$OUT/bf16-seed2" --column val_loss --baseline bf16 --from-step 100 \
   --title "validation loss, tiny-demo (5.2M), 8 x 128 tokens per step" \
   --out "$OUT/val_loss.svg" --csv "$OUT/val_loss.csv" | tee "$OUT/table.md"
 echo "curves: $OUT/val_loss.svg  $OUT/val_loss.csv  table: $OUT/table.md"
