@@ -109,6 +109,12 @@ TEST(CliPlot, ComparesRunsAndNamesBadInput) {
   EXPECT_EQ(text, "step,base,b\n2,4.5,4.4\n4,4,4.1\n");
   EXPECT_TRUE(std::filesystem::file_size(dir / "v.svg") > 500);
 
+  // A folder whose name has '=' is a path, not LABEL=PATH.
+  std::filesystem::create_directories(dir / "lr=2");
+  std::filesystem::copy_file(dir / "b/metrics.csv", dir / "lr=2/metrics.csv");
+  r = run("plot " + (dir / "lr=2").string());
+  EXPECT_THAT(r.out, testing::HasSubstr("| lr=2 | 4 | 40 | 4.1000 |"));
+
   r = run("plot " + a + " --column nope");
   EXPECT_EQ(r.status, 1);
   EXPECT_THAT(r.out, testing::HasSubstr("no column 'nope' (it has: step, tokens, loss, val_loss)"));

@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <limits>
 #include <random>
 #include <tuple>
 #include <vector>
@@ -724,6 +725,16 @@ TEST(SavedActivation, FormatsRoundTripWithinTheirPrecisionAndReportTheirSize) {
   d.save(xd.data(), rows, cols, SavedFormat::e5m6_1x128_pow2);
   const std::vector<double> yd = d.load();
   for (size_t i = 0; i < y.size(); ++i) ASSERT_EQ(yd[i], double(y[i]));
+}
+
+// Tiles of tiny values (float subnormals) still get a positive power-of-2 scale.
+TEST(SavedActivation, E5m6TilesOfTinyValues) {
+  std::vector<float> x(256, 0.0f);
+  x[3] = 1e-42f, x[7] = -3e-43f, x[200] = 1e-39f, x[201] = std::numeric_limits<float>::denorm_min();
+  SavedActivation<float> s;
+  s.save(x.data(), 2, 128, SavedFormat::e5m6_1x128_pow2);
+  const std::vector<float> y = s.load();
+  for (int i : {3, 7, 200, 201}) EXPECT_NEAR(y[size_t(i)], x[size_t(i)], std::fabs(x[size_t(i)]) * 0.01) << i;
 }
 
 TEST(SavedActivation, NonFiniteValuesAreAnError) {

@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <functional>
+#include <numeric>
 #include <random>
 
 #include "backend/train_ops.h"
@@ -245,6 +246,12 @@ TEST_P(ModuleGradCheck, WholeModel) {
   loss();
   EXPECT_GT(pass.mtp_loss(), 0);
   EXPECT_GT(pass.balance_loss(), 0);
+  // Expert loads: every token of the MoE layer; at MTP depth d all but the d placeholders.
+  const auto loads = pass.expert_loads();
+  ASSERT_EQ(loads.size(), size_t(c.num_hidden_layers + depths));
+  auto total = [](const std::vector<int64_t>& l) { return std::accumulate(l.begin(), l.end(), int64_t(0)); };
+  EXPECT_EQ(total(loads[1]), B * S * c.num_experts_per_tok);
+  for (int d = 1; d <= depths; ++d) EXPECT_EQ(total(loads[size_t(c.num_hidden_layers + d - 1)]), B * (S - d) * c.num_experts_per_tok);
   pass.backward(w, g);
   const auto params = list_tensors(c, w), grads = list_tensors(c, g);
   for (size_t i = 0; i < params.size(); ++i) {

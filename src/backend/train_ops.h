@@ -14,8 +14,9 @@ namespace dsv3 {
 // The precision of the GEMMs of Linear layers in training (§3.3): fp32; bf16 (inputs
 // rounded to BF16, FP32 accumulation); fp8 (E4M3 inputs with 1x128 activation tiles and
 // 128x128 weight blocks, the tensor-core accumulator emulated with promotion to FP32 every
-// 128 elements of K); fp8_tensor (the same with one scale per tensor instead of per tile:
-// the comparison that shows what fine-grained scaling buys). Attention, the router gate,
+// 128 elements of K); fp8_tensor (the same with one scale per tensor instead of per tile
+// for the GEMM inputs, the activation caches unchanged: the comparison that shows what
+// fine-grained scaling buys). Attention, the router gate,
 // embedding and output head are not Linear GEMMs here and stay in higher precision, as the
 // paper keeps them.
 enum class GemmPrecision { fp32, bf16, fp8, fp8_tensor };

@@ -45,7 +45,11 @@ std::vector<std::string> split_csv(const std::string& line) {
 // "label=path" or "path" (label: the run folder's name); path: a run folder or a CSV.
 Run read_run(const std::string& spec, const std::string& column) {
   Run r;
-  const size_t eq = spec.find('=');
+  // LABEL=PATH, unless the whole spec is a path (a folder named lr=2e-3, say) or the part
+  // before '=' looks like one.
+  size_t eq = spec.find('=');
+  if (eq != std::string::npos && (fs::exists(spec) || spec.substr(0, eq).find('/') != std::string::npos))
+    eq = std::string::npos;
   r.path = eq == std::string::npos ? spec : spec.substr(eq + 1);
   if (fs::is_directory(r.path)) r.path = (fs::path(r.path) / "metrics.csv").string();
   r.label = eq == std::string::npos ? fs::path(r.path).parent_path().filename().string() : spec.substr(0, eq);
@@ -85,7 +89,9 @@ Run read_run(const std::string& spec, const std::string& column) {
       if (used != f[size_t(i)].size()) fail(r.path, ":", line_no, ": ", header[size_t(i)], " '", f[size_t(i)], "' is not a number");
       return v;
     };
-    const int64_t step = int64_t(number(step_col, true));
+    const double step_value = number(step_col, true);
+    if (!std::isfinite(step_value) || step_value < 0) fail(r.path, ":", line_no, ": step ", step_value, " is not a step");
+    const int64_t step = int64_t(step_value);
     r.last_step = std::max(r.last_step, step);
     if (tokens_col >= 0) r.last_tokens = std::max(r.last_tokens, int64_t(number(tokens_col, true)));
     const double v = number(col, false);
@@ -101,6 +107,8 @@ void run(const PlotFlags& f) {
   std::set<std::string> labels;
   for (const std::string& spec : f.runs) {
     runs.push_back(read_run(spec, f.column));
+    if (runs.back().label.find_first_of(",<>&\"'") != std::string::npos)
+      fail("run label '", runs.back().label, "' has a character that CSV or SVG would need escaped (, < > & \" ')");
     if (!labels.insert(runs.back().label).second)
       fail("two runs are labelled '", runs.back().label, "': name them with LABEL=PATH");
   }
@@ -152,7 +160,8 @@ void run(const PlotFlags& f) {
     std::printf("| %s | %ld | %ld | %.4f |", r.label.c_str(), long(step), long(r.last_tokens), v);
     if (base) {
       const double b = base->values.rbegin()->second;
-      std::printf(" %+.3f%% |", (v - b) / b * 100);
+      if (b != 0) std::printf(" %+.3f%% |", (v - b) / b * 100);
+      else std::printf(" n/a |");
     }
     std::printf("\n");
     if (step != r.last_step)

@@ -250,7 +250,7 @@ void add_train(CLI::App& app) {
   cmd->add_flag("--fp32-moments", f->fp32_moments, "AdamW moments in float32 (default BF16, as the paper)");
   cmd->add_option("--precision", f->precision,
                   "Linear GEMMs: fp32, bf16, fp8 (E4M3, 1x128 / 128x128 scales, promoted accumulation; emulated on "
-                  "CPU), or fp8-tensor (fp8 with one scale per tensor, for comparison)")
+                  "CPU), or fp8-tensor (fp8 with one scale per tensor for the GEMM inputs, for comparison)")
       ->check(CLI::IsMember({"fp32", "bf16", "fp8", "fp8-tensor"}))
       ->capture_default_str();
   cmd->add_option("--threads,-t", f->threads, "CPU threads (default: all)");

@@ -1,8 +1,6 @@
 // Checkpoint folder resolution (see checkpoint.h).
 #include "io/checkpoint.h"
 
-#include <cerrno>
-#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -22,7 +20,7 @@ Checkpoint::Checkpoint(const std::string& dir) : dir_(dir) {
   if (fs::exists(index_path)) {
     if (fs::is_directory(index_path)) fail(index_path, ": is a directory, not an index file");
     std::ifstream in(index_path);
-    if (!in) fail(index_path, ": cannot open: ", std::strerror(errno));
+    if (!in) fail(index_path, ": cannot open (check its permissions)");
     std::stringstream ss;
     ss << in.rdbuf();
     json idx;

@@ -113,7 +113,8 @@ SafetensorsHeader parse_safetensors(const uint8_t* data, size_t size, const std:
     if (begin != end) spans.push_back({begin, end, &pos->first});  // empty tensors overlap nothing
   }
   // The tensors tile the data section exactly, as the reference library requires: no
-  // overlaps, no gaps, nothing after the last one.
+  // overlaps, no gaps, nothing after the last one. (Empty tensors may sit at any offset
+  // within the section; the reference library is stricter there.)
   std::sort(spans.begin(), spans.end(), [](const Span& a, const Span& b) { return a.begin < b.begin; });
   uint64_t pos = 0;
   for (size_t i = 0; i < spans.size(); ++i) {
@@ -134,19 +135,14 @@ SafetensorsFile::SafetensorsFile(const std::string& path)
     : file_(path), header_(parse_safetensors(file_.data(), file_.size(), path)) {
   // A tensor whose bytes do not start at a multiple of its element size (a header length
   // that is not a multiple of 8 does that; some published checkpoints have one) cannot be
-  // read in place as a typed array. Then the data section is copied once into aligned memory.
-  bool aligned = true;
-  for (const auto& [name, v] : header_.tensors)
-    aligned = aligned && reinterpret_cast<uintptr_t>(v.data) % dtype_size(v.dtype) == 0;
-  if (aligned) return;
-  uint64_t n = 0;
-  for (int i = 7; i >= 0; --i) n = (n << 8) | file_.data()[i];
-  const uint8_t* base = file_.data() + 8 + n;
-  const size_t bytes = file_.size() - 8 - size_t(n);
-  aligned_copy_.resize((bytes + 7) / 8);
-  std::memcpy(aligned_copy_.data(), base, bytes);
-  const uint8_t* copy = reinterpret_cast<const uint8_t*>(aligned_copy_.data());
-  for (auto& [name, v] : header_.tensors) v.data = copy + (v.data - base);
+  // read in place as a typed array: such a tensor is copied once into aligned memory. FP8
+  // and other 1-byte tensors are always read in place.
+  for (auto& [name, v] : header_.tensors) {
+    if (v.nbytes == 0 || reinterpret_cast<uintptr_t>(v.data) % dtype_size(v.dtype) == 0) continue;
+    aligned_copies_.emplace_back((v.nbytes + 7) / 8);
+    std::memcpy(aligned_copies_.back().data(), v.data, v.nbytes);
+    v.data = reinterpret_cast<const uint8_t*>(aligned_copies_.back().data());
+  }
 }
 
 const TensorView* SafetensorsFile::find(const std::string& name) const {

@@ -36,7 +36,7 @@ class SafetensorsFile {
  private:
   MappedFile file_;
   SafetensorsHeader header_;
-  std::vector<uint64_t> aligned_copy_;  // the data section, when it cannot be used in place
+  std::vector<std::vector<uint64_t>> aligned_copies_;  // of tensors that cannot be read in place
 };
 
 struct TensorToWrite {

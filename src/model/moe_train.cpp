@@ -91,10 +91,11 @@ double moe_train_forward(const ModelConfig& c, const MoeWeights& w, const T* x, 
     }
   }
   // Sequences of S tokens, of which the first T count (the rest: MTP placeholders).
-  const int64_t S = balance.seq_len > 0 ? balance.seq_len : N, n_seq = N / S;
-  const int64_t counted = S - balance.ignored_tail;
-  if (N % S != 0 || counted <= 0)
-    fail("balance loss: ", N, " tokens are not whole sequences of ", S, " with ", balance.ignored_tail, " ignored");
+  const int64_t S = balance.seq_len > 0 ? balance.seq_len : N;
+  const int64_t counted = S - balance.ignored_tail, n_seq = S > 0 ? N / S : 0;
+  if (N <= 0 || N % S != 0 || counted <= 0 || balance.ignored_tail < 0)
+    fail("MoE loads and balance loss: ", N, " tokens are not whole sequences of ", S, " with ", balance.ignored_tail,
+         " placeholders each");
   a.balance = balance;
   a.load.assign(size_t(E), 0);
   for (int64_t t = 0; t < N; ++t)

@@ -36,7 +36,9 @@ void mlp_train_backward(const MlpWeights& w, const T* x, int64_t m, const MlpAct
 // and P_i the mean over the sequence of the normalised affinity s_i / sum_j s_j; averaged
 // over the sequences. alpha = 0 turns it off. T counts a sequence's tokens except its last
 // `ignored_tail`: the positions where MTP depth k feeds a placeholder (k of them), which
-// count neither in this loss nor in the expert loads that drive the bias update.
+// count neither in this loss nor in the expert loads that drive the bias update. (When a
+// sequence is no longer than k, TrainingPass still counts its first position: that MTP
+// depth has no target at all then, and its block keeps a load.)
 struct BalanceLoss {
   int64_t seq_len = 0;  // 0: the whole batch is one sequence
   double alpha = 0;

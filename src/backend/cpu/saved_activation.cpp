@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <type_traits>
 
 #include "core/dtype.h"
@@ -64,9 +65,14 @@ void SavedActivation<T>::save(const T* x, int64_t rows, int64_t cols, SavedForma
       const int64_t c0 = t * kFp8Tile, c1 = std::min(cols, c0 + kFp8Tile);
       float amax = 0;
       for (int64_t c = c0; c < c1; ++c) amax = std::max(amax, std::fabs(xf[size_t(r * cols + c)]));
-      // The smallest power of 2 that brings max|x| within range: dividing by it is exact.
-      float scale = amax == 0 ? 1.0f : std::ldexp(1.0f, int(std::ceil(std::log2(amax / kE5m6Max))));
-      while (amax / scale > kE5m6Max) scale *= 2;  // should log2 have rounded down
+      // The smallest power of 2 that brings max|x| within range (dividing by it is exact):
+      // from max|x|'s exponent, 2^-15 below, then doubled while needed (at most once), and
+      // never below the smallest float, so that tiles of subnormals get a usable scale too.
+      float scale = 1.0f;
+      if (amax > 0) {
+        scale = std::max(std::ldexp(1.0f, std::ilogb(amax) - 15), std::numeric_limits<float>::denorm_min());
+        while (amax / scale > kE5m6Max) scale *= 2;
+      }
       scales_[size_t(r * tiles + t)] = scale;
       for (int64_t c = c0; c < c1; ++c) e5m6_[size_t(r * cols + c)] = e5m6_encode(xf[size_t(r * cols + c)] / scale);
     }
