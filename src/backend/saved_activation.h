@@ -30,7 +30,9 @@ template <typename T>
 class SavedActivation {
  public:
   void save(const T* x, int64_t rows, int64_t cols, SavedFormat format);
-  std::vector<T> load() const;  // [rows, cols], decoded
+  // The values [rows, cols]: in place for full, else decoded into scratch.
+  const T* read(std::vector<T>& scratch) const;
+  std::vector<T> load() const;  // a decoded copy
   int64_t bytes() const;        // memory held
   int64_t rows() const { return rows_; }
   int64_t cols() const { return cols_; }

@@ -142,7 +142,8 @@ void mla_train_backward(const ModelConfig& c, const Rope& rope, const MlaWeights
 
   // out = o W_o^T
   std::vector<T> d_o(static_cast<size_t>(N * H * V));
-  lin.dw(dout, a.o.load().data(), G<T>(g.o_proj), N, H * V, dim);
+  std::vector<T> o_scratch;
+  lin.dw(dout, a.o.read(o_scratch), G<T>(g.o_proj), N, H * V, dim);
   lin.dx(dout, W<T>(w.o_proj), d_o.data(), N, H * V, dim, false);
 
   // Attention, per sequence and head. The shared k_pe gets one gradient per head, summed after.

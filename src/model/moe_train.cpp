@@ -48,12 +48,14 @@ template <typename T>
 void mlp_train_backward(const MlpWeights& w, const T* x, int64_t m, const MlpActivations<T>& act, const T* dout,
                         MlpWeights& g, T* dx, const LinearGemm& lin) {
   const int64_t inter = w.gate_proj.rows, dim = w.gate_proj.cols;
-  const std::vector<T> a = act.a.load(), b = act.b.load();
-  std::vector<T> h(a.size()), dh(a.size()), da(a.size()), db(a.size());
-  swiglu_forward(a.data(), b.data(), h.data(), m * inter);  // recomputed from the saved inputs
+  std::vector<T> a_scratch, b_scratch;
+  const T* a = act.a.read(a_scratch);
+  const T* b = act.b.read(b_scratch);
+  std::vector<T> h(static_cast<size_t>(m * inter)), dh(h.size()), da(h.size()), db(h.size());
+  swiglu_forward(a, b, h.data(), m * inter);  // recomputed from the saved inputs
   lin.dw(dout, h.data(), mutable_data<T>(g.down_proj), m, inter, dim);
   lin.dx(dout, w.down_proj.as<T>(), dh.data(), m, inter, dim, false);
-  swiglu_backward(dh.data(), a.data(), b.data(), da.data(), db.data(), m * inter);
+  swiglu_backward(dh.data(), a, b, da.data(), db.data(), m * inter);
   lin.dw(da.data(), x, mutable_data<T>(g.gate_proj), m, dim, inter);
   lin.dw(db.data(), x, mutable_data<T>(g.up_proj), m, dim, inter);
   lin.dx(da.data(), w.gate_proj.as<T>(), dx, m, dim, inter, true);

@@ -50,12 +50,20 @@ void SavedActivation<T>::save(const T* x, int64_t rows, int64_t cols, SavedForma
     full_.assign(x, x + count);
     return;
   }
-  std::vector<float> xf(x, x + count);  // the formats start from float, as the GEMMs do
+  // The formats start from float, as the GEMMs do (a rounded copy for double).
+  std::vector<float> copy;
+  const float* xf = nullptr;
+  if constexpr (std::is_same_v<T, float>) {
+    xf = x;
+  } else {
+    copy.assign(x, x + count);
+    xf = copy.data();
+  }
   if (format == SavedFormat::e4m3_1x128) {
-    e4m3_ = quantize(xf.data(), rows, cols, Fp8Tiling::row_tiles_1x128);
+    e4m3_ = quantize(xf, rows, cols, Fp8Tiling::row_tiles_1x128);
     return;
   }
-  check_finite(xf.data(), rows, cols, "E5M6");
+  check_finite(xf, rows, cols, "E5M6");
   const int64_t tiles = (cols + kFp8Tile - 1) / kFp8Tile;
   scales_.resize(size_t(rows * tiles));
   e5m6_.resize(count);
@@ -64,7 +72,7 @@ void SavedActivation<T>::save(const T* x, int64_t rows, int64_t cols, SavedForma
     for (int64_t t = 0; t < tiles; ++t) {
       const int64_t c0 = t * kFp8Tile, c1 = std::min(cols, c0 + kFp8Tile);
       float amax = 0;
-      for (int64_t c = c0; c < c1; ++c) amax = std::max(amax, std::fabs(xf[size_t(r * cols + c)]));
+      for (int64_t c = c0; c < c1; ++c) amax = std::max(amax, std::fabs(xf[r * cols + c]));
       // The smallest power of 2 that brings max|x| within range (dividing by it is exact):
       // from max|x|'s exponent, 2^-15 below, then doubled while needed (at most once), and
       // never below the smallest float, so that tiles of subnormals get a usable scale too.
@@ -74,28 +82,40 @@ void SavedActivation<T>::save(const T* x, int64_t rows, int64_t cols, SavedForma
         while (amax / scale > kE5m6Max) scale *= 2;
       }
       scales_[size_t(r * tiles + t)] = scale;
-      for (int64_t c = c0; c < c1; ++c) e5m6_[size_t(r * cols + c)] = e5m6_encode(xf[size_t(r * cols + c)] / scale);
+      for (int64_t c = c0; c < c1; ++c) e5m6_[size_t(r * cols + c)] = e5m6_encode(xf[r * cols + c] / scale);
     }
   }
 }
 
 template <typename T>
-std::vector<T> SavedActivation<T>::load() const {
+const T* SavedActivation<T>::read(std::vector<T>& scratch) const {
+  if (format_ == SavedFormat::full) return full_.data();
   const size_t count = size_t(rows_ * cols_);
-  if (format_ == SavedFormat::full) return full_;
-  std::vector<T> out(count);
+  scratch.resize(count);
   if (format_ == SavedFormat::e4m3_1x128) {
-    std::vector<float> f(count);
-    dequantize(e4m3_, f.data());
-    std::copy(f.begin(), f.end(), out.begin());
-    return out;
+    if constexpr (std::is_same_v<T, float>) {
+      dequantize(e4m3_, scratch.data());
+    } else {
+      std::vector<float> f(count);
+      dequantize(e4m3_, f.data());
+      std::copy(f.begin(), f.end(), scratch.begin());
+    }
+    return scratch.data();
   }
   const int64_t tiles = (cols_ + kFp8Tile - 1) / kFp8Tile;
 #pragma omp parallel for schedule(static) if (rows_ * cols_ > 65536)
   for (int64_t r = 0; r < rows_; ++r)
     for (int64_t c = 0; c < cols_; ++c)
-      out[size_t(r * cols_ + c)] = T(e5m6_decode(e5m6_[size_t(r * cols_ + c)]) * scales_[size_t(r * tiles + c / kFp8Tile)]);
-  return out;
+      scratch[size_t(r * cols_ + c)] =
+          T(e5m6_decode(e5m6_[size_t(r * cols_ + c)]) * scales_[size_t(r * tiles + c / kFp8Tile)]);
+  return scratch.data();
+}
+
+template <typename T>
+std::vector<T> SavedActivation<T>::load() const {
+  std::vector<T> scratch;
+  const T* p = read(scratch);
+  return p == scratch.data() ? scratch : std::vector<T>(p, p + rows_ * cols_);
 }
 
 template <typename T>
