@@ -130,5 +130,46 @@ TEST(CliPlot, ComparesRunsAndNamesBadInput) {
   EXPECT_THAT(r.out, testing::HasSubstr("metrics.csv:2: loss 'x5' is not a number"));
 }
 
+// dsv3 plot over seeds: LABEL=P1,P2,.. groups runs; the table gives mean +- sd, the gap to the
+// baseline paired seed by seed (mean +- standard error, 95 % t interval), or unpaired when the
+// counts differ; the CSV has the mean and the sd at the steps all runs share.
+TEST(CliPlot, GroupsSeedsAndPairsThemWithTheBaseline) {
+  const std::filesystem::path dir = std::filesystem::path(testing::TempDir()) / "dsv3_plot_seeds";
+  std::filesystem::remove_all(dir);
+  auto write_run = [&](const std::string& name, double mid, double last) {
+    std::filesystem::create_directories(dir / name);
+    std::ofstream(dir / name / "metrics.csv") << "step,tokens,val_loss\n1,10,\n2,20," << mid << "\n4,40," << last << "\n";
+  };
+  // Final gaps of x to base, seed by seed: +1 %, 0 %, +1 %.
+  write_run("base1", 5.0, 4.0), write_run("base2", 5.2, 4.2), write_run("base3", 5.4, 4.1);
+  write_run("x1", 5.0, 4.04), write_run("x2", 5.0, 4.2), write_run("x3", 5.0, 4.141);
+  write_run("y1", 5.0, 4.3), write_run("y2", 5.0, 4.1);
+  auto p = [&](const std::string& name) { return (dir / name).string(); };
+  CliResult r = run("plot base=" + p("base1") + "," + p("base2") + "," + p("base3") + " x=" + p("x1") + "," + p("x2") +
+                    "," + p("x3") + " y=" + p("y1") + "," + p("y2") + " --baseline base --csv " + p("v.csv") +
+                    " --out " + p("v.svg"));
+  ASSERT_EQ(r.status, 0) << r.out;
+  EXPECT_THAT(r.out, testing::HasSubstr("| base | 3 | 4 | 40 | 4.1000 ± 0.1000 | (baseline) | |"));
+  // Gaps 1, 0, 1: mean 0.667, sd sqrt(1/3), s.e. 1/3; t(2) = 4.303.
+  EXPECT_THAT(r.out, testing::HasSubstr("| x | 3 | 4 | 40 | 4.1270 ± 0.0809 | +0.667% ± 0.333% | [-0.768%, +2.101%] |"));
+  // Unpaired: (4.2 - 4.1) / 4.1; s.e. sqrt(0.02/2 + 0.01/3) / 4.1; t(1) = 12.706.
+  EXPECT_THAT(r.out, testing::HasSubstr("| y | 2 | 4 | 40 | 4.2000 ± 0.1414 | +2.439% ± 2.816% (unpaired) |"));
+  EXPECT_THAT(r.out, testing::HasSubstr("| seed # | base | x | y | x vs base |"));
+  EXPECT_THAT(r.out, testing::HasSubstr("| 3 | 4.1000 | 4.1410 | | +1.000% |"));
+  std::ifstream csv(p("v.csv"));
+  const std::string text((std::istreambuf_iterator<char>(csv)), std::istreambuf_iterator<char>());
+  EXPECT_EQ(text, "step,base,base_sd,x,x_sd,y,y_sd\n2,5.2,0.2,5,0,5,0\n4,4.1,0.1,4.127,0.080913534,4.2,0.14142136\n");
+  std::ifstream svg(p("v.svg"));
+  const std::string picture((std::istreambuf_iterator<char>(svg)), std::istreambuf_iterator<char>());
+  EXPECT_THAT(picture, testing::HasSubstr("x (3 seeds, mean +- sd)"));
+  EXPECT_THAT(picture, testing::HasSubstr("<polygon"));
+
+  r = run("plot base= x=" + p("x1"));
+  EXPECT_EQ(r.status, 1);
+  EXPECT_THAT(r.out, testing::HasSubstr("'base=': no path after '='"));
+  r = run("plot x=" + p("x1") + ",," + p("x2"));
+  EXPECT_THAT(r.out, testing::HasSubstr("an empty path in the list"));
+}
+
 }  // namespace
 }  // namespace dsv3

@@ -1,6 +1,8 @@
 // dsv3 plot: compare training runs. Reads each run's metrics.csv (dsv3 train), draws one
 // column against the step for all of them in an SVG, writes the curves side by side as
-// one CSV, and prints a table of the final values, each relative to a baseline run.
+// one CSV, and prints a table of the final values, each relative to a baseline run. A label
+// may group the runs of several seeds: its curve is then the mean with a +-sd band, and its
+// gap to the baseline a mean over seed-by-seed pairs with a standard error and a 95 % interval.
 #include <CLI/CLI.hpp>
 #include <cmath>
 #include <cstdio>
@@ -31,7 +33,36 @@ struct Run {
   std::string label, path;
   std::map<int64_t, double> values;  // step -> value (a step repeated after a resume: the last)
   int64_t last_step = 0, last_tokens = 0;
+  double final_value() const { return values.rbegin()->second; }
 };
+
+// The runs of one label: one run, or the same configuration from several seeds (LABEL=P1,P2,..).
+// The i-th run of a group is paired with the i-th run of the baseline's group (the same seed).
+struct Group {
+  std::string label;
+  std::vector<Run> runs;
+};
+
+struct MeanSd {
+  double mean = 0, sd = 0;  // sd: the sample standard deviation (n - 1); 0 for one value
+};
+MeanSd mean_sd(const std::vector<double>& v) {
+  MeanSd m;
+  for (double x : v) m.mean += x / double(v.size());
+  for (double x : v) m.sd += (x - m.mean) * (x - m.mean);
+  m.sd = v.size() > 1 ? std::sqrt(m.sd / double(v.size() - 1)) : 0.0;
+  return m;
+}
+
+// Two-sided 95 % quantile of Student's t with `df` degrees of freedom (the confidence interval
+// of a mean over few seeds is wider than +-2 standard errors).
+double t95(int64_t df) {
+  static const double kT[] = {12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
+                              2.201,  2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086};
+  if (df < 1) return NAN;
+  // Beyond the table, the quantile of the interval's smallest df (a slightly wider interval).
+  return df <= 20 ? kT[df - 1] : df <= 30 ? 2.086 : df <= 60 ? 2.042 : df <= 120 ? 2.000 : 1.980;
+}
 
 std::vector<std::string> split_csv(const std::string& line) {
   std::vector<std::string> out;
@@ -42,18 +73,11 @@ std::vector<std::string> split_csv(const std::string& line) {
   return out;
 }
 
-// "label=path" or "path" (label: the run folder's name); path: a run folder or a CSV.
-Run read_run(const std::string& spec, const std::string& column) {
+// One run from its metrics.csv (a run folder or the file itself), labelled `label`.
+Run read_run(const std::string& label, const std::string& path, const std::string& column) {
   Run r;
-  // LABEL=PATH, unless the whole spec is a path (a folder named lr=2e-3, say) or the part
-  // before '=' looks like one.
-  size_t eq = spec.find('=');
-  if (eq != std::string::npos && (fs::exists(spec) || spec.substr(0, eq).find('/') != std::string::npos))
-    eq = std::string::npos;
-  r.path = eq == std::string::npos ? spec : spec.substr(eq + 1);
-  if (fs::is_directory(r.path)) r.path = (fs::path(r.path) / "metrics.csv").string();
-  r.label = eq == std::string::npos ? fs::path(r.path).parent_path().filename().string() : spec.substr(0, eq);
-  if (r.label.empty()) r.label = r.path;
+  r.label = label;
+  r.path = fs::is_directory(path) ? (fs::path(path) / "metrics.csv").string() : path;
   std::ifstream in(r.path);
   if (!in) fail(r.path, ": cannot open (expected a dsv3 train run folder or its metrics.csv)");
   std::string line;
@@ -102,48 +126,133 @@ Run read_run(const std::string& spec, const std::string& column) {
   return r;
 }
 
-void run(const PlotFlags& f) {
-  std::vector<Run> runs;
-  std::set<std::string> labels;
-  for (const std::string& spec : f.runs) {
-    runs.push_back(read_run(spec, f.column));
-    if (runs.back().label.find_first_of(",<>&\"'") != std::string::npos)
-      fail("run label '", runs.back().label, "' has a character that CSV or SVG would need escaped (, < > & \" ')");
-    if (!labels.insert(runs.back().label).second)
-      fail("two runs are labelled '", runs.back().label, "': name them with LABEL=PATH");
+// "LABEL=PATH[,PATH...]" or "PATH" (label: the run folder's name); a path is a run folder or
+// its metrics.csv. A spec that exists as a path as a whole is a path (a folder named lr=2e-3).
+Group read_group(const std::string& spec, const std::string& column) {
+  size_t eq = spec.find('=');
+  if (eq != std::string::npos && (fs::exists(spec) || spec.substr(0, eq).find('/') != std::string::npos))
+    eq = std::string::npos;
+  Group g;
+  if (eq == std::string::npos) {
+    const fs::path p = fs::is_directory(spec) ? fs::path(spec) / "metrics.csv" : fs::path(spec);
+    g.label = p.parent_path().filename().string();
+    if (g.label.empty()) g.label = spec;
+    g.runs.push_back(read_run(g.label, spec, column));
+    return g;
   }
-  const Run* base = nullptr;
+  g.label = spec.substr(0, eq);
+  if (g.label.empty()) fail("'", spec, "': empty label before '='");
+  std::stringstream paths(spec.substr(eq + 1));
+  for (std::string path; std::getline(paths, path, ',');) {
+    if (path.empty()) fail("'", spec, "': an empty path in the list");
+    g.runs.push_back(read_run(g.label, path, column));
+  }
+  if (g.runs.empty()) fail("'", spec, "': no path after '='");
+  return g;
+}
+
+// The mean of a group's runs at each step where all of them have a value, with the sd.
+std::map<int64_t, MeanSd> mean_curve(const Group& g) {
+  std::map<int64_t, MeanSd> out;
+  for (auto [step, v0] : g.runs[0].values) {
+    std::vector<double> v;
+    for (const Run& r : g.runs)
+      if (auto it = r.values.find(step); it != r.values.end()) v.push_back(it->second);
+    if (v.size() == g.runs.size()) out[step] = mean_sd(v);
+  }
+  return out;
+}
+
+// The relative difference of a group's final values to the baseline's, in %: paired run by
+// run when both have as many runs (mean over the pairs), else of the means (unpaired).
+struct Gap {
+  double mean = 0, se = 0, ci95 = NAN;  // ci95: half-width of the 95 % confidence interval
+  bool paired = true;
+  std::vector<double> per_run;          // the paired differences
+};
+Gap gap_to(const Group& g, const Group& base) {
+  Gap gap;
+  const size_t n = g.runs.size(), nb = base.runs.size();
+  if (n == nb) {
+    for (size_t i = 0; i < n; ++i) {
+      const double b = base.runs[i].final_value();
+      gap.per_run.push_back(b != 0 ? (g.runs[i].final_value() - b) / b * 100 : NAN);
+    }
+    const MeanSd d = mean_sd(gap.per_run);
+    gap.mean = d.mean, gap.se = d.sd / std::sqrt(double(n));
+    gap.ci95 = n > 1 ? t95(int64_t(n) - 1) * gap.se : NAN;
+    return gap;
+  }
+  std::vector<double> v, vb;
+  for (const Run& r : g.runs) v.push_back(r.final_value());
+  for (const Run& r : base.runs) vb.push_back(r.final_value());
+  const MeanSd m = mean_sd(v), mb = mean_sd(vb);
+  gap.paired = false;
+  gap.mean = mb.mean != 0 ? (m.mean - mb.mean) / mb.mean * 100 : NAN;
+  gap.se = std::sqrt(m.sd * m.sd / double(n) + mb.sd * mb.sd / double(nb)) / std::fabs(mb.mean) * 100;
+  const int64_t df = int64_t(std::min(n, nb)) - 1;  // conservative (Welch's df is at least this)
+  gap.ci95 = df >= 1 ? t95(df) * gap.se : NAN;
+  return gap;
+}
+
+void run(const PlotFlags& f) {
+  std::vector<Group> groups;
+  std::set<std::string> labels;
+  bool seeds = false;  // some label has several runs
+  for (const std::string& spec : f.runs) {
+    groups.push_back(read_group(spec, f.column));
+    const std::string& label = groups.back().label;
+    if (label.find_first_of(",<>&\"'") != std::string::npos)
+      fail("run label '", label, "' has a character that CSV or SVG would need escaped (, < > & \" ')");
+    if (!labels.insert(label).second) fail("two runs are labelled '", label, "': name them with LABEL=PATH");
+    seeds = seeds || groups.back().runs.size() > 1;
+  }
+  const Group* base = nullptr;
   if (!f.baseline.empty()) {
-    for (const Run& r : runs)
-      if (r.label == f.baseline) base = &r;
+    for (const Group& g : groups)
+      if (g.label == f.baseline) base = &g;
     if (!base) fail("--baseline ", f.baseline, ": no run has that label");
+  }
+  std::vector<std::map<int64_t, MeanSd>> means;
+  for (const Group& g : groups) {
+    means.push_back(mean_curve(g));
+    if (means.back().empty()) fail("'", g.label, "': its runs have no step with a ", f.column, " in common");
   }
 
   static const char* kColors[] = {"#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"};
-  std::vector<Curve> curves;
-  for (size_t i = 0; i < runs.size(); ++i) {
-    Curve c{runs[i].label, kColors[i % 8], {}};
-    for (auto [step, v] : runs[i].values)
-      if (step >= f.from_step) c.points.push_back({double(step), v});
+  std::vector<Curve> curves;  // the mean over a label's runs, shaded +- sd where it has several
+  for (size_t i = 0; i < groups.size(); ++i) {
+    const size_t n = groups[i].runs.size();
+    Curve c{n > 1 ? cat(groups[i].label, " (", n, " seeds, mean +- sd)") : groups[i].label, kColors[i % 8], {}, {}};
+    for (auto [step, m] : means[i]) {
+      if (step < f.from_step) continue;
+      c.points.push_back({double(step), m.mean});
+      if (n > 1) c.band.push_back({m.mean - m.sd, m.mean + m.sd});
+    }
     curves.push_back(std::move(c));
   }
   if (!f.out.empty())
     write_svg_plot(f.out, f.title.empty() ? f.column + " by step" : f.title, curves);
 
-  if (!f.csv.empty()) {  // step, then one column per run (empty where a run has no value)
+  if (!f.csv.empty()) {  // step, then per label its value (the mean) and, over seeds, the sd
     std::set<int64_t> steps;
-    for (const Run& r : runs)
-      for (auto [step, v] : r.values) steps.insert(step);
+    for (const auto& m : means)
+      for (auto [step, v] : m) steps.insert(step);
     std::ofstream out(f.csv + ".tmp");
     out.precision(8);
     out << "step";
-    for (const Run& r : runs) out << "," << r.label;
+    for (const Group& g : groups) out << "," << g.label << (g.runs.size() > 1 ? cat(",", g.label, "_sd") : "");
     out << "\n";
     for (int64_t step : steps) {
       out << step;
-      for (const Run& r : runs) {
+      for (size_t i = 0; i < groups.size(); ++i) {
+        const auto it = means[i].find(step);
         out << ",";
-        if (auto it = r.values.find(step); it != r.values.end()) out << it->second;
+        if (it != means[i].end()) out << it->second.mean;
+        if (groups[i].runs.size() > 1) {
+          out << ",";
+          if (it != means[i].end()) out << it->second.sd;
+        }
       }
       out << "\n";
     }
@@ -152,21 +261,79 @@ void run(const PlotFlags& f) {
     fs::rename(f.csv + ".tmp", f.csv);
   }
 
+  for (const Group& g : groups)
+    for (const Run& r : g.runs) {
+      const int64_t step = r.values.rbegin()->first;
+      if (step != r.last_step)
+        std::fprintf(stderr, "note: %s (%s) ran to step %ld; its last %s is at step %ld\n", g.label.c_str(),
+                     r.path.c_str(), long(r.last_step), f.column.c_str(), long(step));
+      if (step != g.runs[0].values.rbegin()->first)
+        std::fprintf(stderr, "note: the runs of %s end at different steps (%ld in %s, %ld in %s)\n", g.label.c_str(),
+                     long(g.runs[0].values.rbegin()->first), g.runs[0].path.c_str(), long(step), r.path.c_str());
+    }
+
   // The table: each run's last value of the column.
-  std::printf("| run | steps | tokens | final %s |%s\n", f.column.c_str(), base ? cat(" vs ", base->label, " |").c_str() : "");
-  std::printf("|---|---:|---:|---:|%s\n", base ? "---:|" : "");
-  for (const Run& r : runs) {
-    const auto [step, v] = *r.values.rbegin();
-    std::printf("| %s | %ld | %ld | %.4f |", r.label.c_str(), long(step), long(r.last_tokens), v);
-    if (base) {
-      const double b = base->values.rbegin()->second;
-      if (b != 0) std::printf(" %+.3f%% |", (v - b) / b * 100);
-      else std::printf(" n/a |");
+  if (!seeds) {
+    std::printf("| run | steps | tokens | final %s |%s\n", f.column.c_str(), base ? cat(" vs ", base->label, " |").c_str() : "");
+    std::printf("|---|---:|---:|---:|%s\n", base ? "---:|" : "");
+    for (const Group& g : groups) {
+      const Run& r = g.runs[0];
+      std::printf("| %s | %ld | %ld | %.4f |", r.label.c_str(), long(r.values.rbegin()->first), long(r.last_tokens),
+                  r.final_value());
+      if (base) {
+        const double b = base->runs[0].final_value();
+        if (b != 0) std::printf(" %+.3f%% |", (r.final_value() - b) / b * 100);
+        else std::printf(" n/a |");
+      }
+      std::printf("\n");
+    }
+    return;
+  }
+  // Over seeds: mean +- sd of the final values; against the baseline the mean gap +- its
+  // standard error and the 95 % confidence interval, paired seed by seed where possible.
+  std::printf("| run | seeds | steps | tokens | final %s, mean ± sd |%s\n", f.column.c_str(),
+              base ? cat(" vs ", base->label, ", mean ± s.e. | 95% interval |").c_str() : "");
+  std::printf("|---|---:|---:|---:|---:|%s\n", base ? "---:|---|" : "");
+  for (const Group& g : groups) {
+    std::vector<double> finals;
+    for (const Run& r : g.runs) finals.push_back(r.final_value());
+    const MeanSd m = mean_sd(finals);
+    std::printf("| %s | %zu | %ld | %ld | %.4f ± %.4f |", g.label.c_str(), g.runs.size(),
+                long(g.runs[0].values.rbegin()->first), long(g.runs[0].last_tokens), m.mean, m.sd);
+    if (base && &g == base) {
+      std::printf(" (baseline) | |");
+    } else if (base) {
+      const Gap gap = gap_to(g, *base);
+      std::printf(" %+.3f%% ± %.3f%%%s |", gap.mean, gap.se, gap.paired ? "" : " (unpaired)");
+      if (std::isnan(gap.ci95)) std::printf(" n/a |");
+      else std::printf(" [%+.3f%%, %+.3f%%] |", gap.mean - gap.ci95, gap.mean + gap.ci95);
     }
     std::printf("\n");
-    if (step != r.last_step)
-      std::fprintf(stderr, "note: %s ran to step %ld; its last %s is at step %ld\n", r.label.c_str(), long(r.last_step),
-                   f.column.c_str(), long(step));
+  }
+  // Seed by seed: the i-th run of every label (and its paired gap to the baseline's i-th).
+  size_t rows = 0;
+  for (const Group& g : groups) rows = std::max(rows, g.runs.size());
+  std::printf("\n| seed # |");
+  for (const Group& g : groups) std::printf(" %s |", g.label.c_str());
+  if (base)
+    for (const Group& g : groups)
+      if (&g != base && g.runs.size() == base->runs.size()) std::printf(" %s vs %s |", g.label.c_str(), base->label.c_str());
+  std::printf("\n|---:|");
+  for (size_t i = 0; i < groups.size(); ++i) std::printf("---:|");
+  if (base)
+    for (const Group& g : groups)
+      if (&g != base && g.runs.size() == base->runs.size()) std::printf("---:|");
+  std::printf("\n");
+  for (size_t i = 0; i < rows; ++i) {
+    std::printf("| %zu |", i + 1);
+    for (const Group& g : groups) {
+      if (i < g.runs.size()) std::printf(" %.4f |", g.runs[i].final_value());
+      else std::printf(" |");
+    }
+    if (base)
+      for (const Group& g : groups)
+        if (&g != base && g.runs.size() == base->runs.size()) std::printf(" %+.3f%% |", gap_to(g, *base).per_run[i]);
+    std::printf("\n");
   }
 }
 
@@ -176,7 +343,9 @@ void add_plot(CLI::App& app) {
   auto f = std::make_shared<PlotFlags>();
   CLI::App* cmd = app.add_subcommand(
       "plot", "Compare training runs: one metrics.csv column of each against the step (SVG, CSV) and a table of final values");
-  cmd->add_option("runs", f->runs, "run folders of dsv3 train (or their metrics.csv), each optionally LABEL=PATH")
+  cmd->add_option("runs", f->runs,
+                  "run folders of dsv3 train (or their metrics.csv), each optionally LABEL=PATH; LABEL=P1,P2,... "
+                  "groups the same run from several seeds (mean +- sd; the i-th is paired with the baseline's i-th)")
       ->required();
   cmd->add_option("--column", f->column, "metrics.csv column: val_loss, loss, mtp_loss, grad_norm, max_vio, ...")
       ->capture_default_str();

@@ -124,7 +124,7 @@ void run(TrainFlags& f) {
                resumed ? cat(", resumed at step ", trainer.state().step).c_str() : "");
 
   const std::string csv_path = f.out + "/metrics.csv";
-  Curve train_curve{"train loss", "#1f77b4", {}}, val_curve{"validation loss", "#d62728", {}};
+  Curve train_curve{"train loss", "#1f77b4", {}, {}}, val_curve{"validation loss", "#d62728", {}, {}};
   double smooth = -1, step_seconds = 0;
   if (resumed && fs::exists(csv_path)) {
     // Steps after the checkpoint were lost with the crash and run again: keep the rows up to

@@ -11,8 +11,10 @@ namespace dsv3 {
 void write_svg_plot(const std::string& path, const std::string& title, const std::vector<Curve>& curves) {
   const double W = 720, H = 420, left = 70, right = 20, top = 40, bottom = 50;
   double x0 = INFINITY, x1 = -INFINITY, y0 = INFINITY, y1 = -INFINITY;
-  for (const Curve& c : curves)
+  for (const Curve& c : curves) {
     for (auto [x, y] : c.points) x0 = std::min(x0, x), x1 = std::max(x1, x), y0 = std::min(y0, y), y1 = std::max(y1, y);
+    for (auto [lo, hi] : c.band) y0 = std::min(y0, lo), y1 = std::max(y1, hi);
+  }
   if (!(x1 > x0)) x1 = x0 + 1;
   if (!(y1 > y0)) y1 = y0 + 1;
   auto X = [&](double x) { return left + (x - x0) / (x1 - x0) * (W - left - right); };
@@ -38,6 +40,18 @@ void write_svg_plot(const std::string& path, const std::string& title, const std
   out << buf;
   for (size_t k = 0; k < curves.size(); ++k) {
     const Curve& c = curves[k];
+    if (!c.band.empty() && c.band.size() == c.points.size()) {  // upper edge forwards, lower edge back
+      out << "<polygon fill='" << c.color << "' fill-opacity='0.15' stroke='none' points='";
+      for (size_t i = 0; i < c.points.size(); ++i) {
+        std::snprintf(buf, sizeof(buf), "%.1f,%.1f ", X(c.points[i].first), Y(c.band[i].second));
+        out << buf;
+      }
+      for (size_t i = c.points.size(); i-- > 0;) {
+        std::snprintf(buf, sizeof(buf), "%.1f,%.1f ", X(c.points[i].first), Y(c.band[i].first));
+        out << buf;
+      }
+      out << "'/>\n";
+    }
     out << "<polyline fill='none' stroke='" << c.color << "' stroke-width='1.6' points='";
     for (auto [x, y] : c.points) {
       std::snprintf(buf, sizeof(buf), "%.1f,%.1f ", X(x), Y(y));
