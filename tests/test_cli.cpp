@@ -77,6 +77,9 @@ TEST(CliErrors, BadInputNamesTheProblem) {
   r = run("logits --model " + dir + " --ids \"1 2\" --out /nonexistent-dir/x.safetensors");
   EXPECT_EQ(r.status, 1);
   EXPECT_THAT(r.out, testing::HasSubstr("/nonexistent-dir/x.safetensors.tmp: cannot create"));
+  r = run("train -c " + dir + "/config.json -d /nonexistent -o /nonexistent --precision bf16 --fp8-caches full");
+  EXPECT_EQ(r.status, 1);
+  EXPECT_THAT(r.out, testing::HasSubstr("--fp8-accumulator and --fp8-caches apply to --precision fp8 or fp8-tensor, not bf16"));
   r = run("generate --model " + dir + " --prompt-ids \"1\" --temperature -1");
   EXPECT_EQ(r.status, 1);
   EXPECT_THAT(r.out, testing::HasSubstr("temperature must be >= 0"));

@@ -237,9 +237,10 @@ TEST_F(TrainerTest, Bf16AndFp8GemmsTrainLikeFp32) {
   opt_.steps = 30;
   opt_.schedule.decay_start = opt_.schedule.decay_end = 0;
   std::map<GemmPrecision, int64_t> held;
+  int runs = 0;
   auto final_loss = [&](GemmPrecision p) {
     opt_.linear.precision = p;
-    auto t = make(dir_ + "/p" + std::to_string(int(p)));
+    auto t = make(dir_ + "/run" + std::to_string(runs++));
     std::vector<double> loss;
     for (int i = 0; i < opt_.steps; ++i) {
       const StepMetrics m = t->step();
@@ -261,6 +262,19 @@ TEST_F(TrainerTest, Bf16AndFp8GemmsTrainLikeFp32) {
   EXPECT_GT(held[GemmPrecision::fp8], 0);
   std::printf("activations held: fp32 %ld bytes, fp8 %ld bytes\n", long(held[GemmPrecision::fp32]),
               long(held[GemmPrecision::fp8]));
+
+  // The ablations (dsv3 train --fp8-caches full, --fp8-accumulator fp32): each changes the
+  // run, and the caches switch alone decides what is held.
+  opt_.linear.low_precision_caches = false;
+  const double fp8_full_caches = final_loss(GemmPrecision::fp8);
+  EXPECT_EQ(held[GemmPrecision::fp8], held[GemmPrecision::fp32]);
+  EXPECT_NE(fp8_full_caches, fp8);
+  EXPECT_NEAR(fp8_full_caches, fp32, 0.03 * fp32);
+  opt_.linear.low_precision_caches = true, opt_.linear.fp8 = kFp8Fp32Accumulate;
+  const double fp8_fp32_acc = final_loss(GemmPrecision::fp8);
+  EXPECT_NE(fp8_fp32_acc, fp8);
+  EXPECT_NE(fp8_fp32_acc, fp8_full_caches);
+  EXPECT_LT(held[GemmPrecision::fp8], held[GemmPrecision::fp32]);
 }
 
 // §2.1.2: the bias update drives the expert load toward balance.

@@ -28,7 +28,10 @@ const char* gemm_precision_name(GemmPrecision p);
 // through which precision reaches the model: its math calls these, never a format.
 struct LinearGemm {
   GemmPrecision precision = GemmPrecision::fp32;
-  Fp8GemmOptions fp8 = kFp8DeepSeek;
+  Fp8GemmOptions fp8 = kFp8DeepSeek;  // the accumulator of the fp8 GEMMs
+  // In fp8 training, cache the activations below in low precision (the paper's recipe);
+  // false keeps them in full (an ablation: the cost of the caches apart from the GEMMs').
+  bool low_precision_caches = true;
 
   template <typename T>
   void forward(const T* x, const T* w, T* y, int64_t n, int64_t in, int64_t out) const;
@@ -39,7 +42,8 @@ struct LinearGemm {
 
   // The activations the paper caches in low precision for the backward pass (§3.3.3), in FP8
   // training: the input of the Linear after attention (E5M6, power-of-2 scales) and the inputs
-  // of the SwiGLU in MoE (E4M3, 1x128 tiles). In the other precisions both are kept in full.
+  // of the SwiGLU in MoE (E4M3, 1x128 tiles). In the other precisions, or without
+  // low_precision_caches, both are kept in full.
   SavedFormat attention_output_format() const;
   SavedFormat moe_swiglu_input_format() const;
 };

@@ -31,6 +31,7 @@ namespace fs = std::filesystem;
 
 struct TrainFlags {
   std::string config, data, out, tokenizer, precision = "fp32";
+  std::string fp8_accumulator, fp8_caches;  // empty: the paper's (promoted, fp8)
   TrainOptions opt;
   double warmup_frac = 0.05, decay_start_frac = 0.6;
   bool resume = false, fp32_moments = false;
@@ -68,6 +69,8 @@ std::string duration(double s) {
 
 void run(TrainFlags& f) {
   set_threads(f.threads);
+  if ((!f.fp8_accumulator.empty() || !f.fp8_caches.empty()) && f.precision.rfind("fp8", 0) != 0)
+    fail("--fp8-accumulator and --fp8-caches apply to --precision fp8 or fp8-tensor, not ", f.precision);
   const std::string config_json = read_text(f.config);
   if (!fs::is_directory(f.data)) fail("--data: ", f.data, " is not a folder of token shards");
   auto train_shards = open_shards(f.data, "train"), val_shards = open_shards(f.data, "val");
@@ -84,6 +87,10 @@ void run(TrainFlags& f) {
   TrainOptions& o = f.opt;
   o.adamw.bf16_moments = !f.fp32_moments;
   o.linear.precision = parse_gemm_precision(f.precision.c_str());
+  // Ablations of the fp8 recipe: the accumulator, and the low-precision activation caches.
+  if (f.fp8_accumulator == "fp32") o.linear.fp8 = kFp8Fp32Accumulate;
+  if (f.fp8_accumulator == "unpromoted") o.linear.fp8 = kFp8NoPromotion;
+  o.linear.low_precision_caches = f.fp8_caches != "full";
   // The tokenizer goes into every checkpoint: --tokenizer, else the one dsv3 data used.
   std::string tok = f.tokenizer, tok_source = "--tokenizer";
   if (tok.empty() && fs::exists(f.data + "/data.json")) {
@@ -119,7 +126,8 @@ void run(TrainFlags& f) {
   for (const TensorSlot& s : list_tensors(c, const_cast<ModelWeights&>(trainer.params())))
     if (!s.mtp) params += s.mat->numel();
   std::fprintf(stderr, "dsv3 train: %.2fM parameters (main model), %ld steps of %ld x %ld tokens, %s GEMMs%s, %zu train shards%s\n",
-               double(params) / 1e6, long(o.steps), long(o.batch), long(o.seq), f.precision.c_str(),
+               double(params) / 1e6, long(o.steps), long(o.batch), long(o.seq),
+               (f.precision + (f.fp8_accumulator.empty() ? "" : " (" + f.fp8_accumulator + " accumulator)")).c_str(),
                f.precision == "fp32" ? "" : " (validation loss in fp32)", train_shards.size(),
                resumed ? cat(", resumed at step ", trainer.state().step).c_str() : "");
 
@@ -253,6 +261,14 @@ void add_train(CLI::App& app) {
                   "CPU), or fp8-tensor (fp8 with one scale per tensor for the GEMM inputs, for comparison)")
       ->check(CLI::IsMember({"fp32", "bf16", "fp8", "fp8-tensor"}))
       ->capture_default_str();
+  cmd->add_option("--fp8-accumulator", f->fp8_accumulator,
+                  "fp8 ablation: promoted (default: the tensor cores' 14-bit truncating accumulator, promoted to "
+                  "FP32 every 128 of K), fp32 (exact FP32 accumulation) or unpromoted (14 bits over all of K)")
+      ->check(CLI::IsMember({"promoted", "fp32", "unpromoted"}));
+  cmd->add_option("--fp8-caches", f->fp8_caches,
+                  "fp8 ablation: fp8 (default: attention output in E5M6, MoE SwiGLU inputs in E4M3 for the "
+                  "backward) or full (kept in FP32)")
+      ->check(CLI::IsMember({"fp8", "full"}));
   cmd->add_option("--threads,-t", f->threads, "CPU threads (default: all)");
   cmd->callback([f] { run(*f); });
 }

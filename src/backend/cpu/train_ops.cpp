@@ -93,12 +93,12 @@ void LinearGemm::dw(const T* dy, const T* x, T* dw, int64_t n, int64_t in, int64
 }
 
 SavedFormat LinearGemm::attention_output_format() const {
-  return precision == GemmPrecision::fp8 || precision == GemmPrecision::fp8_tensor ? SavedFormat::e5m6_1x128_pow2
-                                                                                   : SavedFormat::full;
+  const bool fp8 = precision == GemmPrecision::fp8 || precision == GemmPrecision::fp8_tensor;
+  return fp8 && low_precision_caches ? SavedFormat::e5m6_1x128_pow2 : SavedFormat::full;
 }
 SavedFormat LinearGemm::moe_swiglu_input_format() const {
-  return precision == GemmPrecision::fp8 || precision == GemmPrecision::fp8_tensor ? SavedFormat::e4m3_1x128
-                                                                                   : SavedFormat::full;
+  const bool fp8 = precision == GemmPrecision::fp8 || precision == GemmPrecision::fp8_tensor;
+  return fp8 && low_precision_caches ? SavedFormat::e4m3_1x128 : SavedFormat::full;
 }
 
 template <typename T>
