@@ -133,7 +133,7 @@ TEST(CliPlot, ComparesRunsAndNamesBadInput) {
   EXPECT_THAT(r.out, testing::HasSubstr("metrics.csv:2: loss 'x5' is not a number"));
 }
 
-// dsv3 plot over seeds: LABEL=P1,P2,.. groups runs; the table gives mean +- sd, the gap to the
+// dsv3 plot over seeds: LABEL=P1,P2,.. groups runs; the table gives mean ± sd, the gap to the
 // baseline paired seed by seed (mean +- standard error, 95 % t interval), or unpaired when the
 // counts differ; the CSV has the mean and the sd at the steps all runs share.
 TEST(CliPlot, GroupsSeedsAndPairsThemWithTheBaseline) {
@@ -164,8 +164,23 @@ TEST(CliPlot, GroupsSeedsAndPairsThemWithTheBaseline) {
   EXPECT_EQ(text, "step,base,base_sd,x,x_sd,y,y_sd\n2,5.2,0.2,5,0,5,0\n4,4.1,0.1,4.127,0.080913534,4.2,0.14142136\n");
   std::ifstream svg(p("v.svg"));
   const std::string picture((std::istreambuf_iterator<char>(svg)), std::istreambuf_iterator<char>());
-  EXPECT_THAT(picture, testing::HasSubstr("x (3 seeds, mean +- sd)"));
+  EXPECT_THAT(picture, testing::HasSubstr("x (3 seeds, mean ± sd)"));
   EXPECT_THAT(picture, testing::HasSubstr("<polygon"));
+
+  // The gap picture: x's paired gaps at step 2 are 0, -3.846 and -7.407 %; at step 4, 1, 0, 1 %.
+  r = run("plot base=" + p("base1") + "," + p("base2") + "," + p("base3") + " x=" + p("x1") + "," + p("x2") + "," +
+          p("x3") + " y=" + p("y1") + "," + p("y2") + " --baseline base --gap-out " + p("gap.svg"));
+  ASSERT_EQ(r.status, 0) << r.out;
+  std::ifstream gap_svg(p("gap.svg"));
+  const std::string gaps((std::istreambuf_iterator<char>(gap_svg)), std::istreambuf_iterator<char>());
+  EXPECT_THAT(gaps, testing::HasSubstr("val_loss relative to base, %"));
+  EXPECT_THAT(gaps, testing::HasSubstr("x (3 seed pairs, mean ± s.e.)"));
+  EXPECT_THAT(gaps, testing::HasSubstr("y (gap of the means)"));
+  // The axis spans x's lowest band edge at step 2 (-3.751 - 2.139 %) to y's gap at step 4 (+2.439 %).
+  EXPECT_THAT(gaps, testing::HasSubstr(">-5.89</text>"));
+  EXPECT_THAT(gaps, testing::HasSubstr(">2.44</text>"));
+  r = run("plot " + p("x1") + " --gap-out " + p("gap.svg"));
+  EXPECT_THAT(r.out, testing::HasSubstr("--gap-out needs --baseline"));
 
   r = run("plot base= x=" + p("x1"));
   EXPECT_EQ(r.status, 1);

@@ -25,7 +25,7 @@ namespace fs = std::filesystem;
 
 struct PlotFlags {
   std::vector<std::string> runs;
-  std::string column = "val_loss", out, csv, baseline, title;
+  std::string column = "val_loss", out, csv, baseline, title, gap_out;
   int64_t from_step = 0;
 };
 
@@ -195,6 +195,32 @@ Gap gap_to(const Group& g, const Group& base) {
   return gap;
 }
 
+// The gap of a group to the baseline by step, in %: paired seed by seed where the counts
+// match (mean, and its standard error in .sd), else the gap of the means (.sd = 0).
+std::map<int64_t, MeanSd> gap_curve(const Group& g, const Group& base, const std::map<int64_t, MeanSd>& g_mean,
+                                    const std::map<int64_t, MeanSd>& base_mean) {
+  std::map<int64_t, MeanSd> out;
+  const bool paired = g.runs.size() == base.runs.size();
+  for (auto [step, m] : g_mean) {
+    const auto b = base_mean.find(step);
+    if (b == base_mean.end()) continue;
+    if (!paired) {
+      if (b->second.mean != 0) out[step] = {(m.mean - b->second.mean) / b->second.mean * 100, 0};
+      continue;
+    }
+    std::vector<double> d;
+    for (size_t i = 0; i < g.runs.size(); ++i) {
+      const double bv = base.runs[i].values.at(step);
+      if (bv != 0) d.push_back((g.runs[i].values.at(step) - bv) / bv * 100);
+    }
+    if (d.size() != g.runs.size()) continue;
+    MeanSd gap = mean_sd(d);
+    gap.sd /= std::sqrt(double(d.size()));
+    out[step] = gap;
+  }
+  return out;
+}
+
 void run(const PlotFlags& f) {
   std::vector<Group> groups;
   std::set<std::string> labels;
@@ -223,7 +249,7 @@ void run(const PlotFlags& f) {
   std::vector<Curve> curves;  // the mean over a label's runs, shaded +- sd where it has several
   for (size_t i = 0; i < groups.size(); ++i) {
     const size_t n = groups[i].runs.size();
-    Curve c{n > 1 ? cat(groups[i].label, " (", n, " seeds, mean +- sd)") : groups[i].label, kColors[i % 8], {}, {}};
+    Curve c{n > 1 ? cat(groups[i].label, " (", n, " seeds, mean ± sd)") : groups[i].label, kColors[i % 8], {}, {}};
     for (auto [step, m] : means[i]) {
       if (step < f.from_step) continue;
       c.points.push_back({double(step), m.mean});
@@ -233,6 +259,32 @@ void run(const PlotFlags& f) {
   }
   if (!f.out.empty())
     write_svg_plot(f.out, f.title.empty() ? f.column + " by step" : f.title, curves);
+  if (!f.gap_out.empty()) {  // each label's gap to the baseline, in %; the baseline is the zero line
+    if (!base) fail("--gap-out needs --baseline");
+    std::vector<Curve> gaps;
+    const auto& base_mean = means[size_t(base - groups.data())];
+    for (size_t i = 0; i < groups.size(); ++i) {
+      const Group& g = groups[i];
+      Curve c{g.label, kColors[i % 8], {}, {}};
+      if (&g == base) {
+        for (auto [step, m] : base_mean)
+          if (step >= f.from_step) c.points.push_back({double(step), 0.0});
+        gaps.push_back(std::move(c));
+        continue;
+      }
+      const size_t n = g.runs.size();
+      const bool paired = n == base->runs.size();
+      if (!paired) c.label += " (gap of the means)";
+      else if (n > 1) c.label += cat(" (", n, " seed pairs, mean ± s.e.)");
+      for (auto [step, gap] : gap_curve(g, *base, means[i], base_mean)) {
+        if (step < f.from_step) continue;
+        c.points.push_back({double(step), gap.mean});
+        if (paired && n > 1) c.band.push_back({gap.mean - gap.sd, gap.mean + gap.sd});
+      }
+      gaps.push_back(std::move(c));
+    }
+    write_svg_plot(f.gap_out, cat(f.column, " relative to ", base->label, ", %"), gaps);
+  }
 
   if (!f.csv.empty()) {  // step, then per label its value (the mean) and, over seeds, the sd
     std::set<int64_t> steps;
@@ -289,7 +341,7 @@ void run(const PlotFlags& f) {
     }
     return;
   }
-  // Over seeds: mean +- sd of the final values; against the baseline the mean gap +- its
+  // Over seeds: mean ± sd of the final values; against the baseline the mean gap ± its
   // standard error and the 95 % confidence interval, paired seed by seed where possible.
   std::printf("| run | seeds | steps | tokens | final %s, mean ± sd |%s\n", f.column.c_str(),
               base ? cat(" vs ", base->label, ", mean ± s.e. | 95% interval |").c_str() : "");
@@ -345,7 +397,7 @@ void add_plot(CLI::App& app) {
       "plot", "Compare training runs: one metrics.csv column of each against the step (SVG, CSV) and a table of final values");
   cmd->add_option("runs", f->runs,
                   "run folders of dsv3 train (or their metrics.csv), each optionally LABEL=PATH; LABEL=P1,P2,... "
-                  "groups the same run from several seeds (mean +- sd; the i-th is paired with the baseline's i-th)")
+                  "groups the same run from several seeds (mean ± sd; the i-th is paired with the baseline's i-th)")
       ->required();
   cmd->add_option("--column", f->column, "metrics.csv column: val_loss, loss, mtp_loss, grad_norm, max_vio, ...")
       ->capture_default_str();
@@ -355,6 +407,9 @@ void add_plot(CLI::App& app) {
   cmd->add_option("--from-step", f->from_step, "plot only steps from this one (zooms in past the first drop)")
       ->capture_default_str();
   cmd->add_option("--title", f->title, "title of the picture");
+  cmd->add_option("--gap-out", f->gap_out,
+                  "SVG picture of each run's relative difference to --baseline by step, in % (over seeds: the "
+                  "paired mean ± its standard error)");
   cmd->callback([f] { run(*f); });
 }
 

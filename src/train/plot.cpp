@@ -38,6 +38,9 @@ void write_svg_plot(const std::string& path, const std::string& title, const std
   std::snprintf(buf, sizeof(buf), "<rect x='%.1f' y='%.1f' width='%.1f' height='%.1f' fill='none' stroke='#333'/>\n", left,
                 top, W - left - right, H - top - bottom);
   out << buf;
+  size_t longest = 0;  // the legend sits in the top right corner, as wide as its longest label
+  for (const Curve& c : curves) longest = std::max(longest, c.label.size());
+  const double legend_x = W - right - 40 - 6.5 * double(longest);
   for (size_t k = 0; k < curves.size(); ++k) {
     const Curve& c = curves[k];
     if (!c.band.empty() && c.band.size() == c.points.size()) {  // upper edge forwards, lower edge back
@@ -60,10 +63,10 @@ void write_svg_plot(const std::string& path, const std::string& title, const std
     out << "'/>\n";
     std::snprintf(buf, sizeof(buf),
                   "<line x1='%.1f' y1='%.1f' x2='%.1f' y2='%.1f' stroke='%s' stroke-width='3'/><text x='%.1f' "
-                  "y='%.1f'>%s</text>\n",
-                  W - right - 150, top + 16 + 18.0 * double(k), W - right - 125, top + 16 + 18.0 * double(k),
-                  c.color.c_str(), W - right - 118, top + 20 + 18.0 * double(k), c.label.c_str());
-    out << buf;
+                  "y='%.1f'>",
+                  legend_x, top + 16 + 18.0 * double(k), legend_x + 25, top + 16 + 18.0 * double(k),
+                  c.color.c_str(), legend_x + 32, top + 20 + 18.0 * double(k));
+    out << buf << c.label << "</text>\n";  // a label of any length
   }
   out << "</svg>\n";
   out.close();
