@@ -6,6 +6,7 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cfloat>
 #include <cmath>
 #include <cstdio>
@@ -404,6 +405,44 @@ TEST(Fp8Gemm, FastKernelsMatchTheirScalarTwin) {
         }
         expect_within_bound(fast, reference(a, b), accumulation_bound(opt, k), "fast kernel");
       }
+    }
+}
+
+// The AVX-512 kernel runs the truncating accumulator in FP32 (an FMA rounded toward zero, then
+// the dropped bits cleared), which equals truncating the exact sum only if the two roundings
+// nest. Checked against the scalar twin on every finite code, as products with every other
+// code, in long same-sign runs (the accumulator climbs through binades) and in cancelling
+// ones, for every accumulator width 1..23 and both promotion intervals.
+TEST(Fp8Gemm, TruncatingKernelAgreesOnEveryCodeAndWidth) {
+  if (!cpu::avx512_available()) GTEST_SKIP() << "no AVX-512 here";
+  std::vector<uint8_t> finite;  // every E4M3 code but the two NaNs
+  for (int q = 0; q < 256; ++q)
+    if ((q & 0x7f) != 0x7f) finite.push_back(uint8_t(q));
+  const int64_t k = int64_t(finite.size()), m = 12, n = 37;
+  std::mt19937 rng(7);
+  auto make = [&](int64_t rows, Fp8Tiling tiling, int same_sign_rows) {
+    Fp8Tensor t;
+    t.rows = rows, t.cols = k, t.tiling = tiling;
+    for (int64_t r = 0; r < rows; ++r) {
+      std::vector<uint8_t> row = finite;
+      std::shuffle(row.begin(), row.end(), rng);
+      if (r < same_sign_rows)
+        for (uint8_t& q : row) q &= 0x7f;  // all positive: the sum only grows
+      t.codes.insert(t.codes.end(), row.begin(), row.end());
+    }
+    t.scales.resize(size_t(t.scale_rows() * t.scale_cols()));
+    std::uniform_real_distribution<float> e(-6.0f, 6.0f);
+    for (float& sc : t.scales) sc = std::exp2(e(rng));
+    return t;
+  };
+  const Fp8Tensor a = make(m, Fp8Tiling::row_tiles_1x128, 4), b = make(n, Fp8Tiling::blocks_128x128, 9);
+  for (int promote : {128, 16})
+    for (int bits = 1; bits <= 23; ++bits) {
+      const Fp8GemmOptions opt{.promote_every = promote, .acc_mantissa_bits = bits};
+      std::vector<float> slow(size_t(m * n)), fast(size_t(m * n), NAN);
+      fp8_gemm_reference(a, b, slow.data(), opt);
+      cpu::fp8_gemm_e4m3_avx512(a, b, fast.data(), opt);
+      ASSERT_EQ(std::memcmp(fast.data(), slow.data(), slow.size() * 4), 0) << "N_C " << promote << " bits " << bits;
     }
 }
 

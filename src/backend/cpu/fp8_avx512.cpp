@@ -1,11 +1,17 @@
-// The AVX-512 E4M3 x E4M3 FP8 GEMM kernel (see fp8_kernels.h), compiled for AVX-512 with a
+// The AVX-512 E4M3 x E4M3 FP8 GEMM kernels (see fp8_kernels.h), compiled for AVX-512 with a
 // function attribute and chosen at run time. The same machine as the portable kernel and
-// fp8_gemm_reference, 8 output columns per vector: per 128-wide K tile, 16 rows of b are
-// decoded once into a panel of doubles [k][16]; then every row of a runs its chunks of N_C
-// products through the p-bit accumulator: fma(a, b, acc) is exact (products of codes are
-// multiples of 2^-18 below 2^18, so every partial sum of 128 fits in 53 bits), and the
-// rounding to p bits is an AND (truncate) or add-and-AND (nearest even) on the double's bits.
-// Promotion converts to float and adds partial * (sa * sb) with two FP32 roundings.
+// fp8_gemm_reference: per 128-wide K tile, a panel of b's rows is decoded once ([k][columns]);
+// then every row of a runs its chunks of N_C products through the p-bit accumulator, and
+// promotion converts to float and adds partial * (sa * sb) with two FP32 roundings.
+//  - Truncating accumulator (the tensor cores', the default): in FP32, 16 columns a vector.
+//    fma(a, b, acc) rounded toward zero to FP32's 23 bits, then the low 23 - p mantissa bits
+//    cleared, is the exact sum truncated to p bits: both roundings go toward zero and every
+//    p-bit value is an FP32 value, so truncating twice is truncating once (the FP32 result
+//    never leaves the exact sum's binade). Codes decode to multiples of 2^-9, so nothing
+//    underflows.
+//  - Nearest-even accumulator: in double, 8 columns a vector. fma(a, b, acc) is exact
+//    (products of codes are multiples of 2^-18 below 2^18, so every partial sum of 128 fits
+//    in 53 bits) and the rounding to p bits is an add-and-AND on the double's bits.
 #include <immintrin.h>
 #include <omp.h>
 
@@ -26,37 +32,117 @@ namespace dsv3::cpu {
 
 namespace {
 
-constexpr int kCols = 16;  // columns of c per panel: two vectors of 8 doubles
-constexpr int kRows = 4;   // rows of a in flight: 4 x 2 independent accumulator chains
+constexpr int kRows = 4;  // rows of a in flight: 4 x 2 independent accumulator chains
+
+// c[j0 .. j0+16) of one row += partial * (sa * sb), two roundings (no FMA).
+DSV3_AVX512 inline void promote16(float* c, __m512 partial, float sa, const float* sb, __mmask16 m) {
+  const __m512 scale = _mm512_mul_ps(_mm512_set1_ps(sa), _mm512_maskz_loadu_ps(m, sb));
+  __m512 p = _mm512_mul_ps(partial, scale);
+  asm("" : "+v"(p));  // keep the product from being fused into the add
+  _mm512_mask_storeu_ps(c, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, c), p));
+}
+
+// ---- Truncating accumulator, in FP32: panels of 32 columns, two vectors of 16 floats --------
+
+constexpr int kColsF = 32;
+
+// Rows [i0, i0 + R) of c for the panel: one tile's chunks.
+template <int R>
+DSV3_AVX512 inline void rows_tile_truncate(const Fp8Tensor& a, int64_t i0, int64_t k0, int64_t k1, int64_t chunk,
+                                           int64_t t, const float* panel, const float* sb, const float* lut,
+                                           __m512i keep, float* c, int64_t ldc, __mmask16 m0, __mmask16 m1) {
+  const uint8_t* qa[R];
+  for (int r = 0; r < R; ++r) qa[r] = a.codes.data() + size_t((i0 + r) * a.cols);
+  for (int64_t kc = k0; kc < k1; kc += chunk) {
+    __m512 acc[R][2];
+    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    const int64_t kce = std::min(k1, kc + chunk);
+    for (int64_t k = kc; k < kce; ++k) {
+      const __m512 b0 = _mm512_load_ps(panel + (k - k0) * kColsF), b1 = _mm512_load_ps(panel + (k - k0) * kColsF + 16);
+      for (int r = 0; r < R; ++r) {
+        const __m512 av = _mm512_set1_ps(lut[qa[r][k]]);
+        for (int h = 0; h < 2; ++h) {
+          const __m512 sum = _mm512_fmadd_round_ps(av, h ? b1 : b0, acc[r][h], _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+          acc[r][h] = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(sum), keep));  // to p bits
+        }
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const float sa = fp8_k_scales(a, i0 + r)[t];
+      promote16(c + (i0 + r) * ldc, acc[r][0], sa, sb, m0);
+      if (m1) promote16(c + (i0 + r) * ldc + 16, acc[r][1], sa, sb + 16, m1);
+    }
+  }
+}
+
+DSV3_AVX512 void gemm_truncate(const Fp8Tensor& a, const Fp8Tensor& b, float* c, const Fp8GemmOptions& opt) {
+  const int64_t m = a.rows, n = b.rows, k = a.cols, k_tiles = (k + kFp8Tile - 1) / kFp8Tile;
+  const int64_t chunk = opt.promote_every;
+  const __m512i keep = _mm512_set1_epi32(int32_t(~((uint32_t(1) << (23 - opt.acc_mantissa_bits)) - 1)));
+  alignas(64) float lut[256];
+  for (int q = 0; q < 256; ++q) lut[q] = fp8_e4m3_to_f32(uint8_t(q));
+  const int64_t panels = (n + kColsF - 1) / kColsF;
+  constexpr int64_t kRowsPerTask = 64;
+  const int64_t row_tasks = (m + kRowsPerTask - 1) / kRowsPerTask;
+#pragma omp parallel if (m * n * k > (int64_t(1) << 18))
+  {
+    std::vector<float> panel_storage(size_t(kFp8Tile * kColsF) + 16);
+    float* panel = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(panel_storage.data()) + 63) & ~uintptr_t(63));
+    alignas(64) float sb[kColsF];
+#pragma omp for schedule(dynamic, 1) collapse(2)
+    for (int64_t task = 0; task < row_tasks; ++task)
+      for (int64_t p = 0; p < panels; ++p) {
+        const int64_t i0 = task * kRowsPerTask, i1 = std::min(m, i0 + kRowsPerTask);
+        const int64_t j0 = p * kColsF, cols = std::min<int64_t>(kColsF, n - j0);
+        const __mmask16 m0 = __mmask16((1u << std::min<int64_t>(cols, 16)) - 1);
+        const __mmask16 m1 = __mmask16((1u << std::max<int64_t>(cols - 16, 0)) - 1);
+        for (int64_t i = i0; i < i1; ++i) {
+          _mm512_mask_storeu_ps(c + i * n + j0, m0, _mm512_setzero_ps());
+          _mm512_mask_storeu_ps(c + i * n + j0 + 16, m1, _mm512_setzero_ps());
+        }
+        for (int64_t t = 0; t < k_tiles; ++t) {
+          const int64_t k0 = t * kFp8Tile, k1 = std::min(k, k0 + kFp8Tile);
+          for (int j = 0; j < kColsF; ++j) {  // the panel: b's codes decoded, [k - k0][j]; zeros past n
+            const uint8_t* qb = j < cols ? b.codes.data() + size_t((j0 + j) * k) : nullptr;
+            for (int64_t kk = k0; kk < k1; ++kk) panel[(kk - k0) * kColsF + j] = qb ? lut[qb[kk]] : 0.0f;
+            sb[j] = j < cols ? fp8_k_scales(b, j0 + j)[t] : 0.0f;
+          }
+          int64_t i = i0;
+          for (; i + kRows <= i1; i += kRows)
+            rows_tile_truncate<kRows>(a, i, k0, k1, chunk, t, panel, sb, lut, keep, c + j0, n, m0, m1);
+          for (; i < i1; ++i) rows_tile_truncate<1>(a, i, k0, k1, chunk, t, panel, sb, lut, keep, c + j0, n, m0, m1);
+        }
+      }
+  }
+}
+
+// ---- Nearest-even accumulator, in double: panels of 16 columns, two vectors of 8 doubles ---
+
+constexpr int kColsD = 16;
 
 struct Rounding {
   __m512i mask, half_minus_one, one;
   __m128i drop;
 };
 
-template <bool kTruncate>
-DSV3_AVX512 inline __m512d round_acc(__m512d s, const Rounding& r) {
+// Round the double s to p bits, to nearest even: add half an ulp minus one plus the kept
+// lowest bit, then clear the dropped bits (a carry moves into the exponent).
+DSV3_AVX512 inline __m512d round_nearest_even(__m512d s, const Rounding& r) {
   __m512i u = _mm512_castpd_si512(s);
-  if (!kTruncate)
-    u = _mm512_add_epi64(u, _mm512_add_epi64(r.half_minus_one, _mm512_and_si512(_mm512_srl_epi64(u, r.drop), r.one)));
+  u = _mm512_add_epi64(u, _mm512_add_epi64(r.half_minus_one, _mm512_and_si512(_mm512_srl_epi64(u, r.drop), r.one)));
   return _mm512_castsi512_pd(_mm512_and_si512(u, r.mask));
 }
 
-// c[i, j0 .. j0+cols) = c + float(acc) * (sa * sb) for one row, two roundings (no FMA).
-DSV3_AVX512 inline void promote_row(float* c, __m512d acc0, __m512d acc1, float sa, const float* sb, __mmask16 m) {
-  const __m512 scale = _mm512_mul_ps(_mm512_set1_ps(sa), _mm512_maskz_loadu_ps(m, sb));
-  const __m512d both = _mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_castps_pd(_mm512_cvtpd_ps(acc0))),
-                                          _mm256_castps_pd(_mm512_cvtpd_ps(acc1)), 1);
-  __m512 p = _mm512_mul_ps(_mm512_castpd_ps(both), scale);
-  asm("" : "+v"(p));  // keep the product from being fused into the add
-  _mm512_mask_storeu_ps(c, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, c), p));
+// The two double vectors of 8 partial sums as one vector of 16 floats.
+DSV3_AVX512 inline __m512 to_floats(__m512d lo, __m512d hi) {
+  return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_castps_pd(_mm512_cvtpd_ps(lo))),
+                                             _mm256_castps_pd(_mm512_cvtpd_ps(hi)), 1));
 }
 
-// Rows [i0, i0 + R) of c for the panel: one tile's chunks.
-template <bool kTruncate, int R>
-DSV3_AVX512 inline void rows_tile(const Fp8Tensor& a, int64_t i0, int64_t k0, int64_t k1, int64_t chunk, int64_t t,
-                                  const double* panel, const float* sb, const double* lut, const Rounding& rd,
-                                  float* c, int64_t ldc, __mmask16 m) {
+template <int R>
+DSV3_AVX512 inline void rows_tile_nearest(const Fp8Tensor& a, int64_t i0, int64_t k0, int64_t k1, int64_t chunk,
+                                          int64_t t, const double* panel, const float* sb, const double* lut,
+                                          const Rounding& rd, float* c, int64_t ldc, __mmask16 m) {
   const uint8_t* qa[R];
   for (int r = 0; r < R; ++r) qa[r] = a.codes.data() + size_t((i0 + r) * a.cols);
   for (int64_t kc = k0; kc < k1; kc += chunk) {
@@ -64,20 +150,19 @@ DSV3_AVX512 inline void rows_tile(const Fp8Tensor& a, int64_t i0, int64_t k0, in
     for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_pd();
     const int64_t kce = std::min(k1, kc + chunk);
     for (int64_t k = kc; k < kce; ++k) {
-      const __m512d b0 = _mm512_load_pd(panel + (k - k0) * kCols), b1 = _mm512_load_pd(panel + (k - k0) * kCols + 8);
+      const __m512d b0 = _mm512_load_pd(panel + (k - k0) * kColsD), b1 = _mm512_load_pd(panel + (k - k0) * kColsD + 8);
       for (int r = 0; r < R; ++r) {
         const __m512d av = _mm512_set1_pd(lut[qa[r][k]]);
-        acc[r][0] = round_acc<kTruncate>(_mm512_fmadd_pd(av, b0, acc[r][0]), rd);  // exact, then rounded
-        acc[r][1] = round_acc<kTruncate>(_mm512_fmadd_pd(av, b1, acc[r][1]), rd);
+        acc[r][0] = round_nearest_even(_mm512_fmadd_pd(av, b0, acc[r][0]), rd);  // exact, then rounded
+        acc[r][1] = round_nearest_even(_mm512_fmadd_pd(av, b1, acc[r][1]), rd);
       }
     }
     for (int r = 0; r < R; ++r)
-      promote_row(c + (i0 + r) * ldc, acc[r][0], acc[r][1], fp8_k_scales(a, i0 + r)[t], sb, m);
+      promote16(c + (i0 + r) * ldc, to_floats(acc[r][0], acc[r][1]), fp8_k_scales(a, i0 + r)[t], sb, m);
   }
 }
 
-template <bool kTruncate>
-DSV3_AVX512 void gemm(const Fp8Tensor& a, const Fp8Tensor& b, float* c, const Fp8GemmOptions& opt) {
+DSV3_AVX512 void gemm_nearest(const Fp8Tensor& a, const Fp8Tensor& b, float* c, const Fp8GemmOptions& opt) {
   const int64_t m = a.rows, n = b.rows, k = a.cols, k_tiles = (k + kFp8Tile - 1) / kFp8Tile;
   const int64_t chunk = opt.promote_every;
   const int drop = 52 - opt.acc_mantissa_bits;
@@ -86,32 +171,32 @@ DSV3_AVX512 void gemm(const Fp8Tensor& a, const Fp8Tensor& b, float* c, const Fp
                     _mm_cvtsi32_si128(drop)};
   alignas(64) double lut[256];
   for (int q = 0; q < 256; ++q) lut[q] = fp8_e4m3_to_f32(uint8_t(q));
-  const int64_t panels = (n + kCols - 1) / kCols;
+  const int64_t panels = (n + kColsD - 1) / kColsD;
   constexpr int64_t kRowsPerTask = 64;
   const int64_t row_tasks = (m + kRowsPerTask - 1) / kRowsPerTask;
 #pragma omp parallel if (m * n * k > (int64_t(1) << 18))
   {
-    std::vector<double> panel_storage(size_t(kFp8Tile * kCols) + 8);
+    std::vector<double> panel_storage(size_t(kFp8Tile * kColsD) + 8);
     double* panel = reinterpret_cast<double*>((reinterpret_cast<uintptr_t>(panel_storage.data()) + 63) & ~uintptr_t(63));
-    alignas(64) float sb[kCols];
+    alignas(64) float sb[kColsD];
 #pragma omp for schedule(dynamic, 1) collapse(2)
     for (int64_t task = 0; task < row_tasks; ++task)
       for (int64_t p = 0; p < panels; ++p) {
         const int64_t i0 = task * kRowsPerTask, i1 = std::min(m, i0 + kRowsPerTask);
-        const int64_t j0 = p * kCols, cols = std::min<int64_t>(kCols, n - j0);
+        const int64_t j0 = p * kColsD, cols = std::min<int64_t>(kColsD, n - j0);
         const __mmask16 mask = __mmask16((1u << cols) - 1);
         for (int64_t i = i0; i < i1; ++i) _mm512_mask_storeu_ps(c + i * n + j0, mask, _mm512_setzero_ps());
         for (int64_t t = 0; t < k_tiles; ++t) {
           const int64_t k0 = t * kFp8Tile, k1 = std::min(k, k0 + kFp8Tile);
-          for (int j = 0; j < kCols; ++j) {  // the panel: b's codes decoded, [k - k0][j]; zeros past n
+          for (int j = 0; j < kColsD; ++j) {  // the panel: b's codes decoded, [k - k0][j]; zeros past n
             const uint8_t* qb = j < cols ? b.codes.data() + size_t((j0 + j) * k) : nullptr;
-            for (int64_t kk = k0; kk < k1; ++kk) panel[(kk - k0) * kCols + j] = qb ? lut[qb[kk]] : 0.0;
+            for (int64_t kk = k0; kk < k1; ++kk) panel[(kk - k0) * kColsD + j] = qb ? lut[qb[kk]] : 0.0;
             sb[j] = j < cols ? fp8_k_scales(b, j0 + j)[t] : 0.0f;
           }
           int64_t i = i0;
           for (; i + kRows <= i1; i += kRows)
-            rows_tile<kTruncate, kRows>(a, i, k0, k1, chunk, t, panel, sb, lut, rd, c + j0, n, mask);
-          for (; i < i1; ++i) rows_tile<kTruncate, 1>(a, i, k0, k1, chunk, t, panel, sb, lut, rd, c + j0, n, mask);
+            rows_tile_nearest<kRows>(a, i, k0, k1, chunk, t, panel, sb, lut, rd, c + j0, n, mask);
+          for (; i < i1; ++i) rows_tile_nearest<1>(a, i, k0, k1, chunk, t, panel, sb, lut, rd, c + j0, n, mask);
         }
       }
   }
@@ -121,9 +206,9 @@ DSV3_AVX512 void gemm(const Fp8Tensor& a, const Fp8Tensor& b, float* c, const Fp
 
 void fp8_gemm_e4m3_avx512(const Fp8Tensor& a, const Fp8Tensor& b, float* c, const Fp8GemmOptions& opt) {
   if (opt.acc_rounding == Fp8AccRounding::truncate)
-    gemm<true>(a, b, c, opt);
+    gemm_truncate(a, b, c, opt);
   else
-    gemm<false>(a, b, c, opt);
+    gemm_nearest(a, b, c, opt);
 }
 
 }  // namespace dsv3::cpu
