@@ -1,7 +1,10 @@
 // The machine's float32 GEMM peak as the project reaches it: dsv3::matmul<float> (OpenBLAS
 // sgemm, with the core type the backend chooses for this CPU) on square matrices, all
 // threads unless --threads says otherwise, best of several runs. bench/bench_train.sh divides
-// the training throughput by this figure to get MFU. Uses the backend only.
+// the training throughput by this figure to get MFU. Then the emulated FP8 GEMM of the
+// training recipe (backend/fp8.h: E4M3 codes, 14-bit truncating accumulator promoted every
+// 128) on the first size, inputs quantised beforehand, as a fraction of that peak: what
+// `dsv3 train --precision fp8` pays for fidelity on the CPU. Uses the backend only.
 //   bench_gemm [--threads T] [--runs R] [--sizes 2048,4096]
 #include <omp.h>
 
@@ -14,6 +17,7 @@
 #include <string>
 #include <vector>
 
+#include "backend/fp8.h"
 #include "backend/ops.h"
 #include "backend/train_ops.h"
 
@@ -65,6 +69,26 @@ double best_gflops(int64_t n, int runs) {
   return best;
 }
 
+// Best GFLOP/s (2 n^3 / s, as for sgemm) of the emulated FP8 GEMM on n x n E4M3 inputs.
+double best_fp8_gflops(int64_t n, int runs) {
+  std::vector<float> x(size_t(n * n)), w(size_t(n * n)), y(size_t(n * n));
+  std::mt19937 rng(7);
+  std::normal_distribution<float> g(0.0f, 1.0f);
+  for (float& v : x) v = g(rng);
+  for (float& v : w) v = g(rng);
+  const dsv3::Fp8Tensor xq = dsv3::quantize(x.data(), n, n, dsv3::Fp8Tiling::row_tiles_1x128);
+  const dsv3::Fp8Tensor wq = dsv3::quantize(w.data(), n, n, dsv3::Fp8Tiling::blocks_128x128);
+  dsv3::fp8_gemm(xq, wq, y.data());
+  double best = 0;
+  for (int r = 0; r < runs; ++r) {
+    const auto t0 = std::chrono::steady_clock::now();
+    dsv3::fp8_gemm(xq, wq, y.data());
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    best = std::max(best, 2.0 * double(n) * double(n) * double(n) / s / 1e9);
+  }
+  return best;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -79,5 +103,10 @@ int main(int argc, char** argv) {
   // backend_info() after the first product: the BLAS core is known once it is loaded.
   std::printf("backend: %s\n", dsv3::backend_info().c_str());
   std::printf("peak: %.1f GFLOP/s fp32 (%d threads)\n", peak, omp_get_max_threads());
+  const int64_t n = f.sizes.front();
+  const double fp8 = best_fp8_gflops(n, f.runs);
+  std::printf("fp8 emulated (E4M3, 14-bit truncating accumulator, N_C 128) %ld x %ld x %ld: %.1f GFLOP/s = %.3f of the "
+              "fp32 peak\n",
+              long(n), long(n), long(n), fp8, fp8 / peak);
   return 0;
 }
