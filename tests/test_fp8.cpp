@@ -7,6 +7,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <bit>
 #include <cfloat>
 #include <cmath>
 #include <cstdio>
@@ -20,6 +21,7 @@
 #include "backend/cpu/kernels.h"
 #include "backend/fp8.h"
 #include "backend/saved_activation.h"
+#include "core/dtype.h"
 #include "core/error.h"
 
 namespace dsv3 {
@@ -443,6 +445,45 @@ TEST(Fp8Gemm, TruncatingKernelAgreesOnEveryCodeAndWidth) {
       fp8_gemm_reference(a, b, slow.data(), opt);
       cpu::fp8_gemm_e4m3_avx512(a, b, fast.data(), opt);
       ASSERT_EQ(std::memcmp(fast.data(), slow.data(), slow.size() * 4), 0) << "N_C " << promote << " bits " << bits;
+    }
+}
+
+// quantize()'s AVX-512 encoder equals the scalar f32_to_fp8_e4m3 on every float it is shown:
+// a sweep over all bit patterns (a stride prime to every field), every code, every midpoint
+// between neighbouring codes and the floats either side of it (both signs), infinities and
+// NaNs; in rows of 37 so that the masked tail runs too; then scaled, per tile and per column.
+TEST(Fp8Quantize, Avx512EncoderEqualsTheScalarOneOnEveryFloatShown) {
+  if (!cpu::avx512_available()) GTEST_SKIP() << "no AVX-512 here";
+  std::vector<float> x;
+  for (uint64_t u = 0; u < (uint64_t(1) << 32); u += 4099) x.push_back(std::bit_cast<float>(uint32_t(u)));
+  for (int q = 0; q < 127; ++q) {
+    const float v = fp8_decode(Fp8Format::e4m3, uint8_t(q)), next = fp8_decode(Fp8Format::e4m3, uint8_t(q + 1));
+    const float mid = std::isnan(next) ? 464.0f : (v + next) / 2;  // 464: halfway to the next, non-existent code
+    for (float y : {v, mid, std::nextafter(mid, 0.0f), std::nextafter(mid, INFINITY)}) x.push_back(y), x.push_back(-y);
+  }
+  for (float y : {INFINITY, -INFINITY, NAN, -NAN, FLT_MIN, FLT_MAX, FLT_TRUE_MIN, 0.0f, -0.0f}) x.push_back(y);
+  const float one[kFp8Tile] = {1.0f};
+  for (size_t r = 0; r < x.size(); r += 37) {
+    const int64_t cols = int64_t(std::min<size_t>(37, x.size() - r));
+    uint8_t fast[37];
+    cpu::fp8_encode_row_e4m3_avx512(x.data() + r, cols, one, false, fast);
+    for (int64_t c = 0; c < cols; ++c)
+      ASSERT_EQ(int(fast[c]), int(f32_to_fp8_e4m3(x[r + size_t(c)])))
+          << "x = " << x[r + size_t(c)] << " (bits " << std::hex << std::bit_cast<uint32_t>(x[r + size_t(c)]) << ")";
+  }
+  // Scaled: per 1x128 tile and per column, against the scalar division and encoding.
+  const int64_t rows = 3, cols = 300;
+  const std::vector<float> v = random_scaled(rows, cols, 5);
+  std::vector<float> scales(static_cast<size_t>(cols));
+  for (size_t c = 0; c < scales.size(); ++c) scales[c] = std::exp2(float(int(c % 23) - 11)) * 0.37f;
+  for (bool per_column : {false, true})
+    for (int64_t r = 0; r < rows; ++r) {
+      std::vector<uint8_t> fast(static_cast<size_t>(cols));
+      cpu::fp8_encode_row_e4m3_avx512(v.data() + r * cols, cols, scales.data(), per_column, fast.data());
+      for (int64_t c = 0; c < cols; ++c) {
+        const float s = scales[size_t(per_column ? c : c / kFp8Tile)];
+        ASSERT_EQ(int(fast[size_t(c)]), int(f32_to_fp8_e4m3(v[size_t(r * cols + c)] / s))) << r << ", " << c;
+      }
     }
 }
 

@@ -111,13 +111,17 @@ Fp8Tensor quantize(const float* x, int64_t rows, int64_t cols, Fp8Tiling tiling,
   const float fmax = fp8_max(format);
   for (float& s : t.scales) s = s == 0 ? 1.0f : std::max(s / fmax, FLT_MIN);
 
-  // Pass 2: codes = RNE(x / scale), saturated.
+  // Pass 2: codes = RNE(x / scale), saturated. DSV3_KERNELS=scalar (read by active_kernels)
+  // keeps the scalar encoder.
+  const bool e4m3_avx512 = format == Fp8Format::e4m3 && std::string_view(cpu::active_kernels().name) == "avx512";
 #pragma omp parallel for schedule(static) if (threaded)
   for (int64_t r = 0; r < rows; ++r) {
     const float* xr = x + r * cols;
     uint8_t* qr = t.codes.data() + size_t(r * cols);
     const float* srow = t.scales.data() + size_t((tiling == Fp8Tiling::row_tiles_1x128 ? r : r / kFp8Tile) * sc);
-    if (tiling == Fp8Tiling::col_tiles_128x1) {
+    if (e4m3_avx512) {
+      cpu::fp8_encode_row_e4m3_avx512(xr, cols, srow, tiling == Fp8Tiling::col_tiles_128x1, qr);
+    } else if (tiling == Fp8Tiling::col_tiles_128x1) {
       for (int64_t c = 0; c < cols; ++c) qr[c] = fp8_encode(format, xr[c] / srow[c]);
     } else {
       for (int64_t c = 0; c < cols; ++c) qr[c] = fp8_encode(format, xr[c] / srow[c / kFp8Tile]);
@@ -142,6 +146,27 @@ void dequantize(const Fp8Tensor& t, float* out) {
   }
 }
 
+namespace {
+
+// The 8x8 byte matrix in x (row i = x[i], column j = byte j) transposed in place: swap the
+// off-diagonal 4x4 blocks, then the 2x2 blocks inside each, then the single bytes.
+inline void transpose_8x8_bytes(uint64_t x[8]) {
+  for (int r = 0; r < 4; ++r) {
+    const uint64_t t = ((x[r] >> 32) ^ x[r + 4]) & 0x00000000ffffffffull;
+    x[r] ^= t << 32, x[r + 4] ^= t;
+  }
+  for (int r : {0, 1, 4, 5}) {
+    const uint64_t t = ((x[r] >> 16) ^ x[r + 2]) & 0x0000ffff0000ffffull;
+    x[r] ^= t << 16, x[r + 2] ^= t;
+  }
+  for (int r : {0, 2, 4, 6}) {
+    const uint64_t t = ((x[r] >> 8) ^ x[r + 1]) & 0x00ff00ff00ff00ffull;
+    x[r] ^= t << 8, x[r + 1] ^= t;
+  }
+}
+
+}  // namespace
+
 Fp8Tensor transpose(const Fp8Tensor& t) {
   Fp8Tensor o;
   o.rows = t.cols, o.cols = t.rows, o.format = t.format;
@@ -149,13 +174,28 @@ Fp8Tensor transpose(const Fp8Tensor& t) {
              : t.tiling == Fp8Tiling::col_tiles_128x1 ? Fp8Tiling::row_tiles_1x128
                                                       : Fp8Tiling::blocks_128x128;
   o.codes.resize(t.codes.size());
-  constexpr int64_t kB = 64;  // cache blocking
-#pragma omp parallel for schedule(static) if (t.rows * t.cols > 65536)
-  for (int64_t r0 = 0; r0 < t.rows; r0 += kB)
-    for (int64_t c0 = 0; c0 < t.cols; c0 += kB)
-      for (int64_t r = r0; r < std::min(t.rows, r0 + kB); ++r)
-        for (int64_t c = c0; c < std::min(t.cols, c0 + kB); ++c)
-          o.codes[size_t(c * t.rows + r)] = t.codes[size_t(r * t.cols + c)];
+  // Blocks of 64 rows by 8 columns, moved as 8x8 byte squares: each block writes whole
+  // 64-byte lines of the output (a byte at a time, strided by the row length, would keep
+  // evicting lines that a power-of-two length maps to one cache set).
+  const uint8_t* in = t.codes.data();
+  uint8_t* out = o.codes.data();
+  const int64_t R = t.rows, C = t.cols;
+  constexpr int64_t kB = 64;
+#pragma omp parallel for schedule(static) if (R * C > 65536)
+  for (int64_t r0 = 0; r0 < R; r0 += kB)
+    for (int64_t c0 = 0; c0 < C; c0 += 8) {
+      const int64_t r1 = std::min(R, r0 + kB);
+      int64_t r = r0;
+      if (c0 + 8 <= C)
+        for (; r + 8 <= r1; r += 8) {
+          uint64_t x[8];
+          for (int i = 0; i < 8; ++i) std::memcpy(&x[i], in + (r + i) * C + c0, 8);
+          transpose_8x8_bytes(x);
+          for (int j = 0; j < 8; ++j) std::memcpy(out + (c0 + j) * R + r, &x[j], 8);
+        }
+      for (; r < r1; ++r)  // the edges: rows past the last 8, or columns past the last 8
+        for (int64_t c = c0; c < std::min(C, c0 + 8); ++c) out[c * R + r] = in[r * C + c];
+    }
   const int64_t sr = t.scale_rows(), sc = t.scale_cols();
   o.scales.resize(t.scales.size());
   for (int64_t i = 0; i < sr; ++i)

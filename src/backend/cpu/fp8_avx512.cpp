@@ -202,7 +202,45 @@ DSV3_AVX512 void gemm_nearest(const Fp8Tensor& a, const Fp8Tensor& b, float* c, 
   }
 }
 
+// ---- Quantisation: E4M3 codes of x / scale, 16 at a time --------------------------------
+
+#define DSV3_AVX512BW __attribute__((target("avx512f,avx512vl,avx512bw")))
+
+// The bit recipe of f32_to_fp8_e4m3 (core/dtype.cpp) in lanes: round to nearest even on the
+// float's bits (normal range), or nearbyint(|v| * 2^9) below 2^-6 (subnormal codes);
+// saturate to 448 (infinities too), NaN -> 0x7f, the sign bit copied (-0 -> 0x80).
+DSV3_AVX512BW inline __m128i e4m3_codes(__m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i a = _mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff));
+  const __m512i sign = _mm512_and_si512(_mm512_srli_epi32(u, 24), _mm512_set1_epi32(0x80));
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(a, 20), _mm512_set1_epi32(1));
+  const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(a, _mm512_add_epi32(_mm512_set1_epi32((1 << 19) - 1), lsb)), 20);
+  const __m512i normal = _mm512_sub_epi32(rounded, _mm512_set1_epi32(120 << 3));  // exponent rebiased 127 -> 7
+  const __m512i subnormal = _mm512_cvt_roundps_epi32(_mm512_mul_ps(_mm512_castsi512_ps(a), _mm512_set1_ps(512.0f)),
+                                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __mmask16 below = _mm512_cmplt_epi32_mask(a, _mm512_set1_epi32(0x3c800000));  // |v| < 2^-6
+  __m512i m = _mm512_min_epi32(_mm512_mask_blend_epi32(below, normal, subnormal), _mm512_set1_epi32(0x7e));
+  m = _mm512_or_si512(m, sign);
+  m = _mm512_mask_mov_epi32(m, _mm512_cmpgt_epi32_mask(a, _mm512_set1_epi32(0x7f800000)), _mm512_set1_epi32(0x7f));
+  return _mm512_cvtepi32_epi8(m);
+}
+
 }  // namespace
+
+DSV3_AVX512BW void fp8_encode_row_e4m3_avx512(const float* x, int64_t cols, const float* scales, bool per_column,
+                                              uint8_t* q) {
+  int64_t c = 0;
+  for (; c + 16 <= cols; c += 16) {  // 16 divides 128: a vector never straddles two tiles
+    const __m512 s = per_column ? _mm512_loadu_ps(scales + c) : _mm512_set1_ps(scales[c / kFp8Tile]);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + c), e4m3_codes(_mm512_div_ps(_mm512_loadu_ps(x + c), s)));
+  }
+  if (c < cols) {
+    const __mmask16 m = __mmask16((1u << (cols - c)) - 1);
+    const __m512 s = per_column ? _mm512_mask_loadu_ps(_mm512_set1_ps(1.0f), m, scales + c)
+                                : _mm512_set1_ps(scales[c / kFp8Tile]);
+    _mm_mask_storeu_epi8(q + c, m, e4m3_codes(_mm512_div_ps(_mm512_maskz_loadu_ps(m, x + c), s)));
+  }
+}
 
 void fp8_gemm_e4m3_avx512(const Fp8Tensor& a, const Fp8Tensor& b, float* c, const Fp8GemmOptions& opt) {
   if (opt.acc_rounding == Fp8AccRounding::truncate)
