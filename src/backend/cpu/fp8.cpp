@@ -78,11 +78,18 @@ Fp8Tensor quantize(const float* x, int64_t rows, int64_t cols, Fp8Tiling tiling,
   // Pass 1: max|x| per tile. Threads own blocks of 128 rows, whose tiles no other block touches.
   const int64_t row_blocks = ceil_div(rows, kFp8Tile);
   const bool threaded = rows * cols > 32768;
+  const bool avx512 = std::string_view(cpu::active_kernels().name) == "avx512";  // DSV3_KERNELS=scalar: off
   bool finite = true;
 #pragma omp parallel for schedule(static) reduction(&& : finite) if (threaded)
   for (int64_t rb = 0; rb < row_blocks; ++rb) {
     for (int64_t r = rb * kFp8Tile; r < std::min(rows, (rb + 1) * kFp8Tile); ++r) {
       const float* xr = x + r * cols;
+      if (avx512) {  // non-finite values show as non-finite amax, checked below
+        const bool per_column = tiling == Fp8Tiling::col_tiles_128x1;
+        cpu::fp8_row_absmax_avx512(xr, cols, per_column,
+                                   amax.data() + size_t((per_column || tiling == Fp8Tiling::blocks_128x128 ? rb : r) * sc));
+        continue;
+      }
       for (int64_t c = 0; c < cols; ++c) finite = finite && std::isfinite(xr[c]);
       for (int64_t cb = 0; cb * kFp8Tile < cols; ++cb) {
         const int64_t c0 = cb * kFp8Tile, c1 = std::min(cols, c0 + kFp8Tile);
@@ -98,6 +105,7 @@ Fp8Tensor quantize(const float* x, int64_t rows, int64_t cols, Fp8Tiling tiling,
       }
     }
   }
+  for (float m : amax) finite = finite && std::isfinite(m);
   if (!finite)
     for (int64_t i = 0; i < rows * cols; ++i)
       if (!std::isfinite(x[i]))
@@ -111,9 +119,8 @@ Fp8Tensor quantize(const float* x, int64_t rows, int64_t cols, Fp8Tiling tiling,
   const float fmax = fp8_max(format);
   for (float& s : t.scales) s = s == 0 ? 1.0f : std::max(s / fmax, FLT_MIN);
 
-  // Pass 2: codes = RNE(x / scale), saturated. DSV3_KERNELS=scalar (read by active_kernels)
-  // keeps the scalar encoder.
-  const bool e4m3_avx512 = format == Fp8Format::e4m3 && std::string_view(cpu::active_kernels().name) == "avx512";
+  // Pass 2: codes = RNE(x / scale), saturated.
+  const bool e4m3_avx512 = avx512 && format == Fp8Format::e4m3;
 #pragma omp parallel for schedule(static) if (threaded)
   for (int64_t r = 0; r < rows; ++r) {
     const float* xr = x + r * cols;

@@ -17,6 +17,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "backend/cpu/fp8_kernels.h"
@@ -239,6 +240,32 @@ DSV3_AVX512BW void fp8_encode_row_e4m3_avx512(const float* x, int64_t cols, cons
     const __m512 s = per_column ? _mm512_mask_loadu_ps(_mm512_set1_ps(1.0f), m, scales + c)
                                 : _mm512_set1_ps(scales[c / kFp8Tile]);
     _mm_mask_storeu_epi8(q + c, m, e4m3_codes(_mm512_div_ps(_mm512_maskz_loadu_ps(m, x + c), s)));
+  }
+}
+
+DSV3_AVX512BW void fp8_row_absmax_avx512(const float* x, int64_t cols, bool per_column, float* amax) {
+  // On the bits: |x| as an integer orders non-negative floats, and puts inf and NaN
+  // (>= 0x7f800000) above every finite value, so they reach amax and quantize() finds them.
+  const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff);
+  for (int64_t c0 = 0; c0 < cols; c0 += kFp8Tile) {
+    const int64_t c1 = std::min(cols, c0 + kFp8Tile);
+    __m512i tile = _mm512_setzero_si512();
+    for (int64_t c = c0; c < c1; c += 16) {
+      const __mmask16 m = c + 16 <= c1 ? __mmask16(0xffff) : __mmask16((1u << (c1 - c)) - 1);
+      const __m512i a = _mm512_and_si512(_mm512_maskz_loadu_epi32(m, x + c), abs_mask);
+      if (per_column)
+        _mm512_mask_storeu_epi32(amax + c, m, _mm512_max_epu32(_mm512_maskz_loadu_epi32(m, amax + c), a));
+      else
+        tile = _mm512_max_epu32(tile, a);
+    }
+    if (!per_column) {
+      const uint32_t t = _mm512_reduce_max_epu32(tile);
+      float& s = amax[c0 / kFp8Tile];
+      uint32_t cur;
+      std::memcpy(&cur, &s, 4);
+      cur = std::max(cur, t);
+      std::memcpy(&s, &cur, 4);
+    }
   }
 }
 
