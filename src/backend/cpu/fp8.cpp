@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <array>
+#include <bit>
 #include <cfloat>
 #include <cmath>
 #include <cstring>
@@ -157,6 +158,7 @@ namespace {
 
 // The 8x8 byte matrix in x (row i = x[i], column j = byte j) transposed in place: swap the
 // off-diagonal 4x4 blocks, then the 2x2 blocks inside each, then the single bytes.
+static_assert(std::endian::native == std::endian::little, "byte j of a row loaded by memcpy is bits 8j..8j+7");
 inline void transpose_8x8_bytes(uint64_t x[8]) {
   for (int r = 0; r < 4; ++r) {
     const uint64_t t = ((x[r] >> 32) ^ x[r + 4]) & 0x00000000ffffffffull;
