@@ -5,7 +5,7 @@
 # activation caches) and fp8-tensor (one scale per tensor for the GEMM inputs), all from the
 # same seed on the same batches, plus bf16 from another seed as a yardstick of run-to-run
 # spread. Writes OUT/val_loss.csv, OUT/val_loss.svg and OUT/table.md (final validation loss,
-# relative to bf16). FP8 is emulated on the CPU (exact formats, ~2.5x slower than fp32): about
+# relative to bf16). FP8 is emulated on the CPU (exact formats, several times slower than fp32): about
 # 25 minutes on 2 cores at the defaults (250 steps of 32 x 128 tokens; the README also
 # reports STEPS=1000 BATCH=8 LR=2e-3, the demo's settings, where runs scatter more). An
 # interrupted run continues where it stopped; a run that fails (diverges) is recorded in

@@ -43,96 +43,53 @@ DSV3_AVX512 inline void promote16(float* c, __m512 partial, float sa, const floa
   _mm512_mask_storeu_ps(c, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, c), p));
 }
 
+// The first `left` lanes of 16 (all of them for 16 or more).
+inline __mmask16 first_lanes(int64_t left) { return left >= 16 ? __mmask16(0xffff) : __mmask16((1u << left) - 1); }
+
 // ---- Truncating accumulator, in FP32: panels of 32 columns, two vectors of 16 floats --------
 
-constexpr int kColsF = 32;
+struct TruncatingAcc {
+  using Elem = float;
+  static constexpr int kCols = 32;
+  alignas(64) float lut[256];  // E4M3 code -> value
+  __m512i keep;                // the mantissa bits kept
 
-// Rows [i0, i0 + R) of c for the panel: one tile's chunks.
-template <int R>
-DSV3_AVX512 inline void rows_tile_truncate(const Fp8Tensor& a, int64_t i0, int64_t k0, int64_t k1, int64_t chunk,
-                                           int64_t t, const float* panel, const float* sb, const float* lut,
-                                           __m512i keep, float* c, int64_t ldc, __mmask16 m0, __mmask16 m1) {
-  const uint8_t* qa[R];
-  for (int r = 0; r < R; ++r) qa[r] = a.codes.data() + size_t((i0 + r) * a.cols);
-  for (int64_t kc = k0; kc < k1; kc += chunk) {
-    __m512 acc[R][2];
-    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
-    const int64_t kce = std::min(k1, kc + chunk);
-    for (int64_t k = kc; k < kce; ++k) {
-      const __m512 b0 = _mm512_load_ps(panel + (k - k0) * kColsF), b1 = _mm512_load_ps(panel + (k - k0) * kColsF + 16);
-      for (int r = 0; r < R; ++r) {
-        const __m512 av = _mm512_set1_ps(lut[qa[r][k]]);
-        for (int h = 0; h < 2; ++h) {
-          const __m512 sum = _mm512_fmadd_round_ps(av, h ? b1 : b0, acc[r][h], _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
-          acc[r][h] = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(sum), keep));  // to p bits
-        }
-      }
-    }
-    for (int r = 0; r < R; ++r) {
-      const float sa = fp8_k_scales(a, i0 + r)[t];
-      promote16(c + (i0 + r) * ldc, acc[r][0], sa, sb, m0);
-      if (m1) promote16(c + (i0 + r) * ldc + 16, acc[r][1], sa, sb + 16, m1);
-    }
+  DSV3_AVX512 explicit TruncatingAcc(const Fp8GemmOptions& opt)
+      : keep(_mm512_set1_epi32(int32_t(~((uint32_t(1) << (23 - opt.acc_mantissa_bits)) - 1)))) {
+    for (int q = 0; q < 256; ++q) lut[q] = fp8_e4m3_to_f32(uint8_t(q));
   }
-}
 
-DSV3_AVX512 void gemm_truncate(const Fp8Tensor& a, const Fp8Tensor& b, float* c, const Fp8GemmOptions& opt) {
-  const int64_t m = a.rows, n = b.rows, k = a.cols, k_tiles = (k + kFp8Tile - 1) / kFp8Tile;
-  const int64_t chunk = opt.promote_every;
-  const __m512i keep = _mm512_set1_epi32(int32_t(~((uint32_t(1) << (23 - opt.acc_mantissa_bits)) - 1)));
-  alignas(64) float lut[256];
-  for (int q = 0; q < 256; ++q) lut[q] = fp8_e4m3_to_f32(uint8_t(q));
-  const int64_t panels = (n + kColsF - 1) / kColsF;
-  constexpr int64_t kRowsPerTask = 64;
-  const int64_t row_tasks = (m + kRowsPerTask - 1) / kRowsPerTask;
-#pragma omp parallel if (m * n * k > (int64_t(1) << 18))
-  {
-    std::vector<float> panel_storage(size_t(kFp8Tile * kColsF) + 16);
-    float* panel = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(panel_storage.data()) + 63) & ~uintptr_t(63));
-    alignas(64) float sb[kColsF];
-#pragma omp for schedule(dynamic, 1) collapse(2)
-    for (int64_t task = 0; task < row_tasks; ++task)
-      for (int64_t p = 0; p < panels; ++p) {
-        const int64_t i0 = task * kRowsPerTask, i1 = std::min(m, i0 + kRowsPerTask);
-        const int64_t j0 = p * kColsF, cols = std::min<int64_t>(kColsF, n - j0);
-        const __mmask16 m0 = __mmask16((1u << std::min<int64_t>(cols, 16)) - 1);
-        const __mmask16 m1 = __mmask16((1u << std::max<int64_t>(cols - 16, 0)) - 1);
-        for (int64_t i = i0; i < i1; ++i) {
-          _mm512_mask_storeu_ps(c + i * n + j0, m0, _mm512_setzero_ps());
-          _mm512_mask_storeu_ps(c + i * n + j0 + 16, m1, _mm512_setzero_ps());
-        }
-        for (int64_t t = 0; t < k_tiles; ++t) {
-          const int64_t k0 = t * kFp8Tile, k1 = std::min(k, k0 + kFp8Tile);
-          for (int j = 0; j < kColsF; ++j) {  // the panel: b's codes decoded, [k - k0][j]; zeros past n
-            const uint8_t* qb = j < cols ? b.codes.data() + size_t((j0 + j) * k) : nullptr;
-            for (int64_t kk = k0; kk < k1; ++kk) panel[(kk - k0) * kColsF + j] = qb ? lut[qb[kk]] : 0.0f;
-            sb[j] = j < cols ? fp8_k_scales(b, j0 + j)[t] : 0.0f;
+  // Rows [i0, i0 + R) of c's first `cols` columns for the panel: one tile's chunks.
+  template <int R>
+  DSV3_AVX512 void rows_tile(const Fp8Tensor& a, int64_t i0, int64_t k0, int64_t k1, int64_t chunk, int64_t t,
+                             const float* panel, const float* sb, float* c, int64_t ldc, int64_t cols) const {
+    const __mmask16 m0 = first_lanes(cols), m1 = cols > 16 ? first_lanes(cols - 16) : __mmask16(0);
+    const uint8_t* qa[R];
+    for (int r = 0; r < R; ++r) qa[r] = a.codes.data() + size_t((i0 + r) * a.cols);
+    for (int64_t kc = k0; kc < k1; kc += chunk) {
+      __m512 acc[R][2];
+      for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+      const int64_t kce = std::min(k1, kc + chunk);
+      for (int64_t k = kc; k < kce; ++k) {
+        const __m512 b0 = _mm512_load_ps(panel + (k - k0) * kCols), b1 = _mm512_load_ps(panel + (k - k0) * kCols + 16);
+        for (int r = 0; r < R; ++r) {
+          const __m512 av = _mm512_set1_ps(lut[qa[r][k]]);
+          for (int h = 0; h < 2; ++h) {
+            const __m512 sum = _mm512_fmadd_round_ps(av, h ? b1 : b0, acc[r][h], _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+            acc[r][h] = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(sum), keep));  // to p bits
           }
-          int64_t i = i0;
-          for (; i + kRows <= i1; i += kRows)
-            rows_tile_truncate<kRows>(a, i, k0, k1, chunk, t, panel, sb, lut, keep, c + j0, n, m0, m1);
-          for (; i < i1; ++i) rows_tile_truncate<1>(a, i, k0, k1, chunk, t, panel, sb, lut, keep, c + j0, n, m0, m1);
         }
       }
+      for (int r = 0; r < R; ++r) {
+        const float sa = fp8_k_scales(a, i0 + r)[t];
+        promote16(c + (i0 + r) * ldc, acc[r][0], sa, sb, m0);
+        if (m1) promote16(c + (i0 + r) * ldc + 16, acc[r][1], sa, sb + 16, m1);
+      }
+    }
   }
-}
-
-// ---- Nearest-even accumulator, in double: panels of 16 columns, two vectors of 8 doubles ---
-
-constexpr int kColsD = 16;
-
-struct Rounding {
-  __m512i mask, half_minus_one, one;
-  __m128i drop;
 };
 
-// Round the double s to p bits, to nearest even: add half an ulp minus one plus the kept
-// lowest bit, then clear the dropped bits (a carry moves into the exponent).
-DSV3_AVX512 inline __m512d round_nearest_even(__m512d s, const Rounding& r) {
-  __m512i u = _mm512_castpd_si512(s);
-  u = _mm512_add_epi64(u, _mm512_add_epi64(r.half_minus_one, _mm512_and_si512(_mm512_srl_epi64(u, r.drop), r.one)));
-  return _mm512_castsi512_pd(_mm512_and_si512(u, r.mask));
-}
+// ---- Nearest-even accumulator, in double: panels of 16 columns, two vectors of 8 doubles ---
 
 // The two double vectors of 8 partial sums as one vector of 16 floats.
 DSV3_AVX512 inline __m512 to_floats(__m512d lo, __m512d hi) {
@@ -140,64 +97,91 @@ DSV3_AVX512 inline __m512 to_floats(__m512d lo, __m512d hi) {
                                              _mm256_castps_pd(_mm512_cvtpd_ps(hi)), 1));
 }
 
-template <int R>
-DSV3_AVX512 inline void rows_tile_nearest(const Fp8Tensor& a, int64_t i0, int64_t k0, int64_t k1, int64_t chunk,
-                                          int64_t t, const double* panel, const float* sb, const double* lut,
-                                          const Rounding& rd, float* c, int64_t ldc, __mmask16 m) {
-  const uint8_t* qa[R];
-  for (int r = 0; r < R; ++r) qa[r] = a.codes.data() + size_t((i0 + r) * a.cols);
-  for (int64_t kc = k0; kc < k1; kc += chunk) {
-    __m512d acc[R][2];
-    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_pd();
-    const int64_t kce = std::min(k1, kc + chunk);
-    for (int64_t k = kc; k < kce; ++k) {
-      const __m512d b0 = _mm512_load_pd(panel + (k - k0) * kColsD), b1 = _mm512_load_pd(panel + (k - k0) * kColsD + 8);
-      for (int r = 0; r < R; ++r) {
-        const __m512d av = _mm512_set1_pd(lut[qa[r][k]]);
-        acc[r][0] = round_nearest_even(_mm512_fmadd_pd(av, b0, acc[r][0]), rd);  // exact, then rounded
-        acc[r][1] = round_nearest_even(_mm512_fmadd_pd(av, b1, acc[r][1]), rd);
-      }
-    }
-    for (int r = 0; r < R; ++r)
-      promote16(c + (i0 + r) * ldc, to_floats(acc[r][0], acc[r][1]), fp8_k_scales(a, i0 + r)[t], sb, m);
-  }
-}
+struct NearestEvenAcc {
+  using Elem = double;
+  static constexpr int kCols = 16;
+  alignas(64) double lut[256];  // E4M3 code -> value
+  __m512i mask, half_minus_one, one;
+  __m128i drop;
 
-DSV3_AVX512 void gemm_nearest(const Fp8Tensor& a, const Fp8Tensor& b, float* c, const Fp8GemmOptions& opt) {
+  DSV3_AVX512 explicit NearestEvenAcc(const Fp8GemmOptions& opt) {
+    const int d = 52 - opt.acc_mantissa_bits;
+    mask = _mm512_set1_epi64(int64_t(~((uint64_t(1) << d) - 1)));
+    half_minus_one = _mm512_set1_epi64(int64_t((uint64_t(1) << (d - 1)) - 1));
+    one = _mm512_set1_epi64(1);
+    drop = _mm_cvtsi32_si128(d);
+    for (int q = 0; q < 256; ++q) lut[q] = fp8_e4m3_to_f32(uint8_t(q));
+  }
+
+  // Round the double s to p bits, to nearest even: add half an ulp minus one plus the kept
+  // lowest bit, then clear the dropped bits (a carry moves into the exponent).
+  DSV3_AVX512 __m512d round(__m512d s) const {
+    __m512i u = _mm512_castpd_si512(s);
+    u = _mm512_add_epi64(u, _mm512_add_epi64(half_minus_one, _mm512_and_si512(_mm512_srl_epi64(u, drop), one)));
+    return _mm512_castsi512_pd(_mm512_and_si512(u, mask));
+  }
+
+  template <int R>
+  DSV3_AVX512 void rows_tile(const Fp8Tensor& a, int64_t i0, int64_t k0, int64_t k1, int64_t chunk, int64_t t,
+                             const double* panel, const float* sb, float* c, int64_t ldc, int64_t cols) const {
+    const __mmask16 m = first_lanes(cols);
+    const uint8_t* qa[R];
+    for (int r = 0; r < R; ++r) qa[r] = a.codes.data() + size_t((i0 + r) * a.cols);
+    for (int64_t kc = k0; kc < k1; kc += chunk) {
+      __m512d acc[R][2];
+      for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_pd();
+      const int64_t kce = std::min(k1, kc + chunk);
+      for (int64_t k = kc; k < kce; ++k) {
+        const __m512d b0 = _mm512_load_pd(panel + (k - k0) * kCols), b1 = _mm512_load_pd(panel + (k - k0) * kCols + 8);
+        for (int r = 0; r < R; ++r) {
+          const __m512d av = _mm512_set1_pd(lut[qa[r][k]]);
+          acc[r][0] = round(_mm512_fmadd_pd(av, b0, acc[r][0]));  // exact, then rounded
+          acc[r][1] = round(_mm512_fmadd_pd(av, b1, acc[r][1]));
+        }
+      }
+      for (int r = 0; r < R; ++r)
+        promote16(c + (i0 + r) * ldc, to_floats(acc[r][0], acc[r][1]), fp8_k_scales(a, i0 + r)[t], sb, m);
+    }
+  }
+};
+
+// ---- The blocked driver both accumulators share ---------------------------------------------
+
+// c [m, n] in tasks of 64 rows x panels of Acc::kCols columns, threaded. Per 128-wide K tile
+// the panel holds b's codes decoded, [k - k0][j] (zeros past n), and their scales; then the
+// accumulator runs the task's rows through it, kRows at a time.
+template <typename Acc>
+DSV3_AVX512 void gemm_panels(const Fp8Tensor& a, const Fp8Tensor& b, float* c, int64_t chunk, const Acc& acc) {
+  using Elem = typename Acc::Elem;
+  constexpr int kCols = Acc::kCols;
   const int64_t m = a.rows, n = b.rows, k = a.cols, k_tiles = (k + kFp8Tile - 1) / kFp8Tile;
-  const int64_t chunk = opt.promote_every;
-  const int drop = 52 - opt.acc_mantissa_bits;
-  const Rounding rd{_mm512_set1_epi64(int64_t(~((uint64_t(1) << drop) - 1))),
-                    _mm512_set1_epi64(int64_t((uint64_t(1) << (drop - 1)) - 1)), _mm512_set1_epi64(1),
-                    _mm_cvtsi32_si128(drop)};
-  alignas(64) double lut[256];
-  for (int q = 0; q < 256; ++q) lut[q] = fp8_e4m3_to_f32(uint8_t(q));
-  const int64_t panels = (n + kColsD - 1) / kColsD;
+  const int64_t panels = (n + kCols - 1) / kCols;
   constexpr int64_t kRowsPerTask = 64;
   const int64_t row_tasks = (m + kRowsPerTask - 1) / kRowsPerTask;
 #pragma omp parallel if (m * n * k > (int64_t(1) << 18))
   {
-    std::vector<double> panel_storage(size_t(kFp8Tile * kColsD) + 8);
-    double* panel = reinterpret_cast<double*>((reinterpret_cast<uintptr_t>(panel_storage.data()) + 63) & ~uintptr_t(63));
-    alignas(64) float sb[kColsD];
+    std::vector<Elem> panel_storage(size_t(kFp8Tile * kCols) + 64 / sizeof(Elem));
+    Elem* panel = reinterpret_cast<Elem*>((reinterpret_cast<uintptr_t>(panel_storage.data()) + 63) & ~uintptr_t(63));
+    alignas(64) float sb[kCols];
 #pragma omp for schedule(dynamic, 1) collapse(2)
     for (int64_t task = 0; task < row_tasks; ++task)
       for (int64_t p = 0; p < panels; ++p) {
         const int64_t i0 = task * kRowsPerTask, i1 = std::min(m, i0 + kRowsPerTask);
-        const int64_t j0 = p * kColsD, cols = std::min<int64_t>(kColsD, n - j0);
-        const __mmask16 mask = __mmask16((1u << cols) - 1);
-        for (int64_t i = i0; i < i1; ++i) _mm512_mask_storeu_ps(c + i * n + j0, mask, _mm512_setzero_ps());
+        const int64_t j0 = p * kCols, cols = std::min<int64_t>(kCols, n - j0);
+        for (int64_t i = i0; i < i1; ++i)
+          for (int64_t j = 0; j < cols; j += 16)
+            _mm512_mask_storeu_ps(c + i * n + j0 + j, first_lanes(cols - j), _mm512_setzero_ps());
         for (int64_t t = 0; t < k_tiles; ++t) {
           const int64_t k0 = t * kFp8Tile, k1 = std::min(k, k0 + kFp8Tile);
-          for (int j = 0; j < kColsD; ++j) {  // the panel: b's codes decoded, [k - k0][j]; zeros past n
+          for (int j = 0; j < kCols; ++j) {
             const uint8_t* qb = j < cols ? b.codes.data() + size_t((j0 + j) * k) : nullptr;
-            for (int64_t kk = k0; kk < k1; ++kk) panel[(kk - k0) * kColsD + j] = qb ? lut[qb[kk]] : 0.0;
+            for (int64_t kk = k0; kk < k1; ++kk) panel[(kk - k0) * kCols + j] = qb ? acc.lut[qb[kk]] : Elem(0);
             sb[j] = j < cols ? fp8_k_scales(b, j0 + j)[t] : 0.0f;
           }
           int64_t i = i0;
           for (; i + kRows <= i1; i += kRows)
-            rows_tile_nearest<kRows>(a, i, k0, k1, chunk, t, panel, sb, lut, rd, c + j0, n, mask);
-          for (; i < i1; ++i) rows_tile_nearest<1>(a, i, k0, k1, chunk, t, panel, sb, lut, rd, c + j0, n, mask);
+            acc.template rows_tile<kRows>(a, i, k0, k1, chunk, t, panel, sb, c + j0, n, cols);
+          for (; i < i1; ++i) acc.template rows_tile<1>(a, i, k0, k1, chunk, t, panel, sb, c + j0, n, cols);
         }
       }
   }
@@ -271,9 +255,9 @@ DSV3_AVX512BW void fp8_row_absmax_avx512(const float* x, int64_t cols, bool per_
 
 void fp8_gemm_e4m3_avx512(const Fp8Tensor& a, const Fp8Tensor& b, float* c, const Fp8GemmOptions& opt) {
   if (opt.acc_rounding == Fp8AccRounding::truncate)
-    gemm_truncate(a, b, c, opt);
+    gemm_panels(a, b, c, opt.promote_every, TruncatingAcc(opt));
   else
-    gemm_nearest(a, b, c, opt);
+    gemm_panels(a, b, c, opt.promote_every, NearestEvenAcc(opt));
 }
 
 }  // namespace dsv3::cpu
