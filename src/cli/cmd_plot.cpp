@@ -362,19 +362,18 @@ void run(const PlotFlags& f) {
     }
     std::printf("\n");
   }
-  // Seed by seed: the i-th run of every label (and its paired gap to the baseline's i-th).
+  // Seed by seed: the i-th run of every label, and the paired gaps to the baseline's i-th.
+  std::vector<std::pair<const Group*, Gap>> paired;
+  if (base)
+    for (const Group& g : groups)
+      if (&g != base && g.runs.size() == base->runs.size()) paired.emplace_back(&g, gap_to(g, *base));
   size_t rows = 0;
   for (const Group& g : groups) rows = std::max(rows, g.runs.size());
   std::printf("\n| seed # |");
   for (const Group& g : groups) std::printf(" %s |", g.label.c_str());
-  if (base)
-    for (const Group& g : groups)
-      if (&g != base && g.runs.size() == base->runs.size()) std::printf(" %s vs %s |", g.label.c_str(), base->label.c_str());
+  for (const auto& [g, gap] : paired) std::printf(" %s vs %s |", g->label.c_str(), base->label.c_str());
   std::printf("\n|---:|");
-  for (size_t i = 0; i < groups.size(); ++i) std::printf("---:|");
-  if (base)
-    for (const Group& g : groups)
-      if (&g != base && g.runs.size() == base->runs.size()) std::printf("---:|");
+  for (size_t i = 0; i < groups.size() + paired.size(); ++i) std::printf("---:|");
   std::printf("\n");
   for (size_t i = 0; i < rows; ++i) {
     std::printf("| %zu |", i + 1);
@@ -382,9 +381,7 @@ void run(const PlotFlags& f) {
       if (i < g.runs.size()) std::printf(" %.4f |", g.runs[i].final_value());
       else std::printf(" |");
     }
-    if (base)
-      for (const Group& g : groups)
-        if (&g != base && g.runs.size() == base->runs.size()) std::printf(" %+.3f%% |", gap_to(g, *base).per_run[i]);
+    for (const auto& [g, gap] : paired) std::printf(" %+.3f%% |", gap.per_run[i]);
     std::printf("\n");
   }
 }
