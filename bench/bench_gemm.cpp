@@ -51,42 +51,44 @@ Flags parse(int argc, char** argv) {
   return f;
 }
 
-// Best GFLOP/s of `runs` products y[n, n] = x[n, n] w[n, n]^T, after one untimed warm-up.
-double best_gflops(int64_t n, int runs) {
-  std::vector<float> x(size_t(n * n)), w(size_t(n * n)), y(size_t(n * n));
-  std::mt19937 rng(7);
-  std::uniform_real_distribution<float> u(-1.0f, 1.0f);
-  for (float& v : x) v = u(rng);
-  for (float& v : w) v = u(rng);
-  dsv3::matmul<float>(x.data(), w.data(), y.data(), n, n, n);
+// Best GFLOP/s of `runs` calls of product (2 n^3 flops each), after one untimed warm-up.
+template <typename Product>
+double best_gflops(int64_t n, int runs, Product product) {
+  product();
   double best = 0;
   for (int r = 0; r < runs; ++r) {
     const auto t0 = std::chrono::steady_clock::now();
-    dsv3::matmul<float>(x.data(), w.data(), y.data(), n, n, n);
+    product();
     const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     best = std::max(best, 2.0 * double(n) * double(n) * double(n) / s / 1e9);
   }
   return best;
 }
 
-// Best GFLOP/s (2 n^3 / s, as for sgemm) of the emulated FP8 GEMM on n x n E4M3 inputs.
-double best_fp8_gflops(int64_t n, int runs) {
-  std::vector<float> x(size_t(n * n)), w(size_t(n * n)), y(size_t(n * n));
-  std::mt19937 rng(7);
+// n x n random inputs in [-1, 1] (sgemm) or N(0, 1) (fp8).
+std::vector<float> random_matrix(int64_t n, bool normal, uint32_t seed) {
+  std::vector<float> v(size_t(n * n));
+  std::mt19937 rng(seed);
+  std::uniform_real_distribution<float> u(-1.0f, 1.0f);
   std::normal_distribution<float> g(0.0f, 1.0f);
-  for (float& v : x) v = g(rng);
-  for (float& v : w) v = g(rng);
+  for (float& x : v) x = normal ? g(rng) : u(rng);
+  return v;
+}
+
+// y[n, n] = x[n, n] w[n, n]^T through dsv3::matmul<float>.
+double sgemm_gflops(int64_t n, int runs) {
+  const std::vector<float> x = random_matrix(n, false, 7), w = random_matrix(n, false, 8);
+  std::vector<float> y(size_t(n * n));
+  return best_gflops(n, runs, [&] { dsv3::matmul<float>(x.data(), w.data(), y.data(), n, n, n); });
+}
+
+// The emulated FP8 GEMM on n x n E4M3 inputs (1x128 tiles, 128x128 blocks), quantised beforehand.
+double fp8_gflops(int64_t n, int runs) {
+  const std::vector<float> x = random_matrix(n, true, 7), w = random_matrix(n, true, 8);
   const dsv3::Fp8Tensor xq = dsv3::quantize(x.data(), n, n, dsv3::Fp8Tiling::row_tiles_1x128);
   const dsv3::Fp8Tensor wq = dsv3::quantize(w.data(), n, n, dsv3::Fp8Tiling::blocks_128x128);
-  dsv3::fp8_gemm(xq, wq, y.data());
-  double best = 0;
-  for (int r = 0; r < runs; ++r) {
-    const auto t0 = std::chrono::steady_clock::now();
-    dsv3::fp8_gemm(xq, wq, y.data());
-    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    best = std::max(best, 2.0 * double(n) * double(n) * double(n) / s / 1e9);
-  }
-  return best;
+  std::vector<float> y(size_t(n * n));
+  return best_gflops(n, runs, [&] { dsv3::fp8_gemm(xq, wq, y.data()); });
 }
 
 }  // namespace
@@ -96,7 +98,7 @@ int main(int argc, char** argv) {
   if (f.threads > 0) omp_set_num_threads(f.threads);
   double peak = 0;
   for (int64_t n : f.sizes) {
-    const double g = best_gflops(n, f.runs);
+    const double g = sgemm_gflops(n, f.runs);
     std::printf("sgemm %ld x %ld x %ld: %.1f GFLOP/s (best of %d)\n", long(n), long(n), long(n), g, f.runs);
     peak = std::max(peak, g);
   }
@@ -104,7 +106,7 @@ int main(int argc, char** argv) {
   std::printf("backend: %s\n", dsv3::backend_info().c_str());
   std::printf("peak: %.1f GFLOP/s fp32 (%d threads)\n", peak, omp_get_max_threads());
   const int64_t n = f.sizes.front();
-  const double fp8 = best_fp8_gflops(n, f.runs);
+  const double fp8 = fp8_gflops(n, f.runs);
   std::printf("fp8 emulated (E4M3, 14-bit truncating accumulator, N_C 128) %ld x %ld x %ld: %.1f GFLOP/s = %.3f of the "
               "fp32 peak\n",
               long(n), long(n), long(n), fp8, fp8 / peak);
