@@ -1,12 +1,15 @@
 // Parity with DeepSeek's official inference code (float32) on the golden checkpoints:
 // logits at every position, intermediate states, routing, and greedy decoding with the
-// latent KV cache - for the absorbed and the naive form of MLA.
+// latent KV cache - for the absorbed and the naive form of MLA; and the perplexity these
+// logits imply.
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cmath>
 #include <numeric>
 
 #include "golden_util.h"
+#include "infer/perplexity.h"
 #include "model/transformer.h"
 
 namespace dsv3 {
@@ -123,6 +126,24 @@ TEST_P(Golden, IncrementalEqualsPrefill) {
   }
 }
 
+// dsv3 perplexity scores a window with the mean next-token loss under the model's logits: the
+// loss computed here from the official code's logits of the 150-token case.
+TEST_P(Golden, WindowLossIsTheMeanLossUnderTheGoldenLogits) {
+  const int64_t vocab = model_->config().vocab_size;
+  const auto tokens = test::read_i32(*golden_, "tokens_3");
+  const auto logits = test::read_f32(*golden_, "logits_3");
+  double want = 0;
+  for (size_t i = 0; i + 1 < tokens.size(); ++i) {  // row i predicts token i + 1
+    const float* row = logits.data() + i * size_t(vocab);
+    const double max = *std::max_element(row, row + vocab);
+    double sum = 0;
+    for (int64_t v = 0; v < vocab; ++v) sum += std::exp(double(row[v]) - max);
+    want += max + std::log(sum) - double(row[tokens[i + 1]]);
+  }
+  want /= double(tokens.size() - 1);
+  EXPECT_NEAR(window_loss(*model_, tokens), want, 1e-4 * std::max(1.0, want));
+}
+
 INSTANTIATE_TEST_SUITE_P(Checkpoints, Golden,
                          testing::Values(Case{"tiny-v3-bf16", AttnForm::absorbed}, Case{"tiny-v3-bf16", AttnForm::naive},
                                          Case{"tiny-v3-fp8", AttnForm::absorbed}, Case{"tiny-v3-fp8", AttnForm::naive},
@@ -142,6 +163,28 @@ TEST(GoldenErrors, OutOfRangeTokenIsRejected) {
     EXPECT_NE(std::string(e.what()).find("token id 500 at index 1 is out of range"), std::string::npos) << e.what();
   }
   EXPECT_EQ(cache.length(), 0);  // nothing was appended
+}
+
+TEST(Perplexity, SummaryOfWindowLosses) {
+  const PerplexityResult r = summarize_windows({1.0, 2.0, 3.0}, 16);
+  EXPECT_EQ(r.windows, 3);
+  EXPECT_EQ(r.tokens, 48);
+  EXPECT_DOUBLE_EQ(r.loss, 2.0);
+  EXPECT_DOUBLE_EQ(r.loss_se, 1.0 / std::sqrt(3.0));  // sd 1 over 3 windows
+  EXPECT_DOUBLE_EQ(r.perplexity, std::exp(2.0));
+  EXPECT_EQ(summarize_windows({2.5}, 16).loss_se, 0.0);
+}
+
+TEST(Perplexity, BadWindowsAreRejected) {
+  Transformer m(golden_dir("tiny-v3-bf16"));
+  const std::vector<int32_t> one = {3}, bad = {3, int32_t(m.config().vocab_size)};
+  EXPECT_THROW(window_loss(m, one), Error);
+  try {
+    window_loss(m, bad);
+    FAIL() << "no error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("is outside the vocabulary"), std::string::npos) << e.what();
+  }
 }
 
 TEST(GoldenErrors, ContextOverflowIsRejected) {

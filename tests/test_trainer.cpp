@@ -1,11 +1,14 @@
 // The training loop: exact resume (also after kill -9 through the CLI), unfinished and
-// corrupt checkpoints, checkpoints that inference loads, and auxiliary-loss-free balancing.
+// corrupt checkpoints, checkpoints that inference loads, auxiliary-loss-free balancing, and
+// dsv3 perplexity on a run's checkpoint.
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 #include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <cmath>
+#include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -43,6 +46,36 @@ std::vector<uint32_t> corpus(size_t n, uint32_t seed) {
   return out;
 }
 
+// A token shard (data/shard.h) of a 64-token vocabulary, written by hand.
+void write_shard(const std::string& path, const std::vector<uint32_t>& tokens) {
+  std::ofstream out(path, std::ios::binary);
+  const char magic[8] = {'D', 'S', 'V', '3', 'T', 'O', 'K', 'S'};
+  const uint32_t words[4] = {1, 32, 64, 0};
+  const uint64_t n = tokens.size();
+  out.write(magic, 8);
+  out.write(reinterpret_cast<const char*>(words), 16);
+  out.write(reinterpret_cast<const char*>(&n), 8);
+  out.write(reinterpret_cast<const char*>(tokens.data()), std::streamsize(n * 4));
+}
+
+// Runs the dsv3 binary; returns its exit status, and its stdout (and stderr) in *out.
+int run_dsv3(const std::string& args, std::string* out) {
+  FILE* p = popen((std::string(DSV3_BINARY) + " " + args + " 2>&1").c_str(), "r");
+  std::string text;
+  char buf[4096];
+  while (size_t n = fread(buf, 1, sizeof(buf), p)) text.append(buf, n);
+  const int status = pclose(p);
+  if (out) *out = text;
+  return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
+// The number after "key": in a JSON line.
+double json_number(const std::string& text, const std::string& key) {
+  const size_t at = text.find("\"" + key + "\":");
+  if (at == std::string::npos) return NAN;
+  return std::atof(text.c_str() + at + key.size() + 3);
+}
+
 class TrainerTest : public testing::Test {
  protected:
   void SetUp() override {
@@ -56,6 +89,16 @@ class TrainerTest : public testing::Test {
     opt_.schedule.decay_start = 4, opt_.schedule.decay_end = 8;
   }
   void TearDown() override { fs::remove_all(dir_); }
+  // DIR/config.json and the shards DIR/shards that dsv3 train reads through the CLI; returns
+  // the shards folder.
+  std::string write_cli_inputs() {
+    const std::string data = dir_ + "/shards";
+    fs::create_directories(data);
+    write_shard(data + "/train-00000.bin", train_);
+    write_shard(data + "/val-00000.bin", val_);
+    std::ofstream(dir_ + "/config.json") << kConfig;
+    return data;
+  }
   std::unique_ptr<Trainer> make(const std::string& run) {
     return std::make_unique<Trainer>(kConfig, opt_, std::vector<std::span<const uint32_t>>{train_},
                                      std::vector<std::span<const uint32_t>>{val_}, run);
@@ -299,21 +342,7 @@ TEST_F(TrainerTest, BalancingLowersMaxVio) {
 
 // The CLI killed with SIGKILL at some moment, then resumed, reproduces an uninterrupted run.
 TEST_F(TrainerTest, KillNineThenResumeThroughTheCli) {
-  const std::string data = dir_ + "/shards";
-  fs::create_directories(data);
-  auto write_shard = [](const std::string& path, const std::vector<uint32_t>& tokens) {
-    std::ofstream out(path, std::ios::binary);
-    const char magic[8] = {'D', 'S', 'V', '3', 'T', 'O', 'K', 'S'};
-    const uint32_t words[4] = {1, 32, 64, 0};
-    const uint64_t n = tokens.size();
-    out.write(magic, 8);
-    out.write(reinterpret_cast<const char*>(words), 16);
-    out.write(reinterpret_cast<const char*>(&n), 8);
-    out.write(reinterpret_cast<const char*>(tokens.data()), std::streamsize(n * 4));
-  };
-  write_shard(data + "/train-00000.bin", train_);
-  write_shard(data + "/val-00000.bin", val_);
-  std::ofstream(dir_ + "/config.json") << kConfig;
+  const std::string data = write_cli_inputs();
   const std::string args = std::string(DSV3_BINARY) + " train -c " + dir_ + "/config.json -d " + data +
                            " --steps 150 --batch 4 --seq 16 --save-every 2 --eval-every 0 -t 1 --lr 3e-3 -o ";
   auto losses = [](const std::string& csv) {  // step -> loss, the last line of each step
@@ -351,6 +380,60 @@ TEST_F(TrainerTest, KillNineThenResumeThroughTheCli) {
   const auto got = losses(dir_ + "/killed/metrics.csv");
   ASSERT_EQ(got.size(), 150u);
   for (const auto& [step, loss] : want) EXPECT_EQ(got.at(step), loss) << "step " << step;
+}
+
+
+// dsv3 perplexity on a run's checkpoint: --split val scores the windows of the trainer's
+// validation loss (through the inference model, not the training pass), --split unseen the
+// training windows the run has not reached; wrong settings are named.
+TEST_F(TrainerTest, PerplexityScoresTheTrainersWindows) {
+  const std::string data = write_cli_inputs();
+  std::string out;
+  ASSERT_EQ(0, run_dsv3("train -c " + dir_ + "/config.json -d " + data + " --steps 20 --batch 4 --seq 16 --lr 3e-3 " +
+                            "--eval-every 20 --eval-batches 3 --save-every 20 -t 1 -o " + dir_ + "/run",
+                        &out))
+      << out;
+  std::ifstream csv(dir_ + "/run/metrics.csv");
+  std::string line, last;
+  while (std::getline(csv, line)) last = line;
+  double val_loss = 0;  // the sixth column of the last row
+  for (size_t i = 0, col = 0; i < last.size(); ++i)
+    if (last[i] == ',' && ++col == 5) val_loss = std::atof(last.c_str() + i + 1);
+  ASSERT_GT(val_loss, 0) << last;
+  const std::string ck = dir_ + "/run/checkpoint-0000020";
+  const std::string ppl = "perplexity -m " + ck + " -d " + data + " --seq 16 -t 1 ";
+
+  ASSERT_EQ(0, run_dsv3(ppl + "--split val --windows 12", &out)) << out;  // 3 batches of 4
+  EXPECT_NEAR(json_number(out, "loss"), val_loss, 1e-4 * val_loss) << out;
+  EXPECT_EQ(json_number(out, "tokens"), 12 * 16);
+  EXPECT_NEAR(json_number(out, "perplexity"), std::exp(json_number(out, "loss")), 1e-3);
+
+  // 20 steps of 4 windows seen, of (20000 - 1) / 16 = 1249.
+  ASSERT_EQ(0, run_dsv3(ppl + "--split unseen --csv " + dir_ + "/heldout.csv", &out)) << out;
+  EXPECT_EQ(json_number(out, "windows"), 1249 - 80) << out;
+  EXPECT_EQ(json_number(out, "step"), 20);
+  std::ifstream held(dir_ + "/heldout.csv");
+  std::getline(held, line);
+  EXPECT_EQ(line, "step,tokens,windows,loss,loss_se,perplexity");
+  std::getline(held, line);
+  EXPECT_EQ(line.rfind("20,18704,1169,", 0), 0u) << line;
+
+  EXPECT_NE(0, run_dsv3("perplexity -m " + ck + " -d " + data + " --seq 8 --split unseen", &out));
+  EXPECT_THAT(out, testing::HasSubstr("the run trained on windows of 16 tokens; pass --seq 16"));
+  EXPECT_NE(0, run_dsv3(ppl + "--file " + dir_ + "/config.json", &out));
+  EXPECT_THAT(out, testing::HasSubstr("give exactly one of --data (token shards) and --file (text)"));
+  EXPECT_NE(0, run_dsv3("perplexity -m " + ck + " --file " + dir_ + "/config.json", &out));
+  EXPECT_THAT(out, testing::HasSubstr("no tokenizer.json, needed to encode --file"));
+  fs::copy(ck, dir_ + "/bare", fs::copy_options::recursive);
+  fs::remove(dir_ + "/bare/trainer_state.json");
+  EXPECT_NE(0, run_dsv3("perplexity -m " + dir_ + "/bare -d " + data + " --seq 16 --split unseen", &out));
+  EXPECT_THAT(out, testing::HasSubstr("has no trainer_state.json (not a dsv3 train checkpoint)"));
+  // Another data set than the run's.
+  const std::string other = dir_ + "/other";
+  fs::create_directories(other);
+  write_shard(other + "/train-00000.bin", corpus(5000, 3));
+  EXPECT_NE(0, run_dsv3("perplexity -m " + ck + " -d " + other + " --seq 16 --split unseen", &out));
+  EXPECT_THAT(out, testing::HasSubstr("not the data this run trained on"));
 }
 
 }  // namespace

@@ -5,6 +5,7 @@
 
 #include <cctype>
 #include <climits>
+#include <cstdio>
 #include <cstdlib>
 
 #include "core/error.h"
@@ -44,6 +45,14 @@ std::string ids_json(const std::vector<int32_t>& ids) {
 void set_threads(int threads) {
   if (threads < 0) fail("--threads must be >= 0");
   if (threads > 0) omp_set_num_threads(threads);
+}
+
+std::string format_duration(double seconds) {
+  char buf[32];
+  const long t = long(seconds);
+  if (t >= 3600) std::snprintf(buf, sizeof(buf), "%ld:%02ld:%02ld", t / 3600, t / 60 % 60, t % 60);
+  else std::snprintf(buf, sizeof(buf), "%02ld:%02ld", t / 60, t % 60);
+  return buf;
 }
 
 }  // namespace dsv3::cli

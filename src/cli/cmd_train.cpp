@@ -46,27 +46,6 @@ std::string read_text(const std::string& path) {
   return ss.str();
 }
 
-// Every shard PREFIX-*.bin of dir, sorted.
-std::vector<std::unique_ptr<ShardReader>> open_shards(const std::string& dir, const std::string& prefix) {
-  std::vector<std::string> paths;
-  for (const auto& e : fs::directory_iterator(dir)) {
-    const std::string name = e.path().filename().string();
-    if (name.rfind(prefix + "-", 0) == 0 && e.path().extension() == ".bin") paths.push_back(e.path().string());
-  }
-  std::sort(paths.begin(), paths.end());
-  std::vector<std::unique_ptr<ShardReader>> out;
-  for (const auto& p : paths) out.push_back(std::make_unique<ShardReader>(p));
-  return out;
-}
-
-std::string duration(double s) {
-  char buf[32];
-  const long t = long(s);
-  if (t >= 3600) std::snprintf(buf, sizeof(buf), "%ld:%02ld:%02ld", t / 3600, t / 60 % 60, t % 60);
-  else std::snprintf(buf, sizeof(buf), "%02ld:%02ld", t / 60, t % 60);
-  return buf;
-}
-
 void run(TrainFlags& f) {
   set_threads(f.threads);
   if ((!f.fp8_accumulator.empty() || !f.fp8_caches.empty()) && f.precision.rfind("fp8", 0) != 0)
@@ -196,7 +175,7 @@ void run(TrainFlags& f) {
                   "step %ld/%ld [%s] loss %.4f%s | mtp %.3f | lr %.2e | gnorm %.2f | %.0f tok/s | maxvio %.2f | ETA %s",
                   long(m.step), long(o.steps), bar.c_str(), smooth,
                   m.val_loss >= 0 ? cat(" val ", std::to_string(m.val_loss).substr(0, 6)).c_str() : "", m.mtp_loss, m.lr,
-                  m.grad_norm, m.tokens_per_s, m.max_vio, duration(eta).c_str());
+                  m.grad_norm, m.tokens_per_s, m.max_vio, format_duration(eta).c_str());
     if (tty) std::fprintf(stderr, "\r%s\033[K%s", line, m.step == o.steps || m.val_loss >= 0 ? "\n" : "");
     else if (m.step % std::max<int64_t>(o.log_every, 1) == 0 || m.step == o.steps || m.val_loss >= 0)
       std::fprintf(stderr, "%s\n", line);
@@ -218,7 +197,7 @@ void run(TrainFlags& f) {
   const auto last = latest_checkpoint(f.out);
   std::fprintf(stderr, "done: %ld steps, %ld tokens in %s; checkpoint %s; metrics %s, plot %s/loss.svg\n",
                long(trainer.state().step), long(trainer.state().tokens),
-               duration(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count()).c_str(),
+               format_duration(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count()).c_str(),
                last ? last->c_str() : "(none)", csv_path.c_str(), f.out.c_str());
 }
 

@@ -3,6 +3,7 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <bit>
 #include <cerrno>
 #include <cstring>
@@ -108,6 +109,18 @@ ShardReader::ShardReader(const std::string& path, bool check_ids) : file_(path) 
     for (size_t i = 0; i < tokens_.size(); ++i)
       if (tokens_[i] >= header_.vocab_size)
         fail(path, ": token ", i, " is id ", tokens_[i], ", outside the vocabulary [0, ", header_.vocab_size, ")");
+}
+
+std::vector<std::unique_ptr<ShardReader>> open_shards(const std::string& dir, const std::string& prefix) {
+  std::vector<std::string> paths;
+  for (const auto& e : std::filesystem::directory_iterator(dir)) {
+    const std::string name = e.path().filename().string();
+    if (name.rfind(prefix + "-", 0) == 0 && e.path().extension() == ".bin") paths.push_back(e.path().string());
+  }
+  std::sort(paths.begin(), paths.end());
+  std::vector<std::unique_ptr<ShardReader>> out;
+  for (const auto& p : paths) out.push_back(std::make_unique<ShardReader>(p));
+  return out;
 }
 
 }  // namespace dsv3

@@ -7,6 +7,7 @@
 #pragma once
 #include <cstdint>
 #include <cstdio>
+#include <memory>
 #include <span>
 #include <string>
 #include <vector>
@@ -63,5 +64,8 @@ class ShardReader {
   ShardHeader header_;
   std::span<const uint32_t> tokens_;
 };
+
+// Every shard PREFIX-*.bin in dir (prefix "train" or "val"), sorted by name.
+std::vector<std::unique_ptr<ShardReader>> open_shards(const std::string& dir, const std::string& prefix);
 
 }  // namespace dsv3

@@ -177,6 +177,10 @@ TrainerState load_checkpoint(const std::string& dir, const std::string& config_j
   }
   opt.load_state(c, moments);
 
+  return read_trainer_state(dir);
+}
+
+TrainerState read_trainer_state(const std::string& dir) {
   json st;
   try {
     st = json::parse(read_text(dir + "/trainer_state.json"));

@@ -45,4 +45,7 @@ std::optional<std::string> latest_checkpoint(const std::string& run_dir);
 TrainerState load_checkpoint(const std::string& dir, const std::string& config_json, const ModelConfig& c,
                              ModelWeights& params, AdamW& opt);
 
+// The trainer_state.json of a checkpoint folder alone (step, tokens, data position, seed).
+TrainerState read_trainer_state(const std::string& dir);
+
 }  // namespace dsv3

@@ -1,0 +1,27 @@
+// Perplexity: how well a model predicts held-out text. A window of S+1 tokens is run through
+// the model at positions 0..S-1 and scored on every next token (S targets), as the trainer's
+// validation loss scores its windows; the loss is the mean negative log-likelihood in nats
+// over all scored tokens and the perplexity is its exponential. Uses model.
+#pragma once
+#include <cstdint>
+#include <span>
+#include <vector>
+
+#include "model/transformer.h"
+
+namespace dsv3 {
+
+// Mean next-token loss of window[1..S] given its prefix, S = window.size() - 1. Throws Error
+// on an id outside the vocabulary or a window longer than the model's positions.
+double window_loss(Transformer& model, std::span<const int32_t> window);
+
+// The losses of equally long windows, summarised.
+struct PerplexityResult {
+  int64_t windows = 0, tokens = 0;  // tokens scored
+  double loss = 0;                  // mean over tokens (= over windows: all have S targets)
+  double loss_se = 0;               // standard error of `loss` over windows (0 for one window)
+  double perplexity = 0;            // exp(loss)
+};
+PerplexityResult summarize_windows(const std::vector<double>& window_losses, int64_t seq);
+
+}  // namespace dsv3
