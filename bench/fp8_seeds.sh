@@ -5,21 +5,29 @@
 # every run the same initialisation and the same batches, and fp32 against bf16 measures how
 # far a run moves when only rounding changes. Each (seed, run) is one
 # bench/fp8_experiment.sh instance with THREADS=1 in OUT/seed-S; JOBS of them share the cores.
-# Then `dsv3 plot` groups the runs by label and reports, per label, the mean final validation
-# loss and the paired gap to bf16, mean ± standard error and 95 % interval over the seeds:
-#   OUT/table.md, OUT/val_loss.csv, OUT/val_loss.svg (mean curves, ± sd bands),
-#   OUT/gap.svg (each label's gap to bf16 by step, paired mean ± s.e.).
+# Each run's final checkpoint is then scored twice:
+#   - validation loss: the validation shards (the corpus's tail, Revelation: 24.6K tokens
+#     of another book than most of the training text), as the runs log it in metrics.csv;
+#   - held-out loss: `dsv3 perplexity --split unseen`, the training windows the seed's runs
+#     never reached (244K tokens, 10x more, from the training distribution): RUN/heldout.csv.
+# `dsv3 plot` groups the runs by label and reports, per label, the mean final loss and the
+# paired gap to bf16, mean ± standard error and 95 % interval over the seeds (only seeds
+# where every run in RUNS finished):
+#   REPORT.md (validation), REPORT-heldout.md (held-out), REPORT-val_loss.csv / .svg (mean
+#   curves, ± sd bands), REPORT-gap.svg (each label's gap to bf16 by step).
 # Defaults (the README's table): 10 seeds x (bf16, fp8, fp32) at 250 steps of 32 x 128
-# tokens, about 4 hours of CPU (one thread: an fp8 run ~13 minutes, bf16 and fp32 ~5), so
-# ~2 hours on 2 cores.
+# tokens, about 4 hours of CPU (one thread: an fp8 run ~12 minutes, bf16 and fp32 ~5), so
+# ~2 hours on 2 cores; the held-out scoring adds ~20 s a run.
 # Interrupted runs continue where they stopped; finished ones are not run again.
-#   SEEDS="1234 1235" RUNS="bf16 fp8" JOBS=2 OUT=out/fp8-seeds DSV3=build/dsv3 bench/fp8_seeds.sh
+#   SEEDS="1234 1235" RUNS="bf16 fp8" JOBS=2 OUT=out/fp8-seeds REPORT=out/fp8-seeds/table \
+#     DSV3=build/dsv3 bench/fp8_seeds.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SEEDS=${SEEDS:-"1234 1235 1236 1237 1238 1239 1240 1241 1242 1243"}
 RUNS=${RUNS:-"bf16 fp8 fp32"}
 JOBS=${JOBS:-2}
 OUT=${OUT:-out/fp8-seeds}
+REPORT=${REPORT:-$OUT/table}
 DSV3=${DSV3:-build/dsv3}
 STEPS=${STEPS:-250}
 export STEPS BATCH=${BATCH:-32} LR=${LR:-1e-3} DSV3
@@ -32,19 +40,37 @@ for seed in $SEEDS; do for run in $(tr ' ' '\n' <<<"$RUNS" | sort -r); do echo "
   xargs -P "$JOBS" -L 1 bash -c 'OUT="$0/seed-$1" SEED=$1 THREADS=1 bench/fp8_experiment.sh "$2" >"$0/seed-$1-$2.log" 2>&1 ||
     echo "seed $1 $2 failed: see $0/seed-$1-$2.log" >&2' "$OUT"
 
-args=()
-for run in $RUNS; do
-  paths=()
-  for seed in $SEEDS; do
-    if [ "$(tail -1 "$OUT/seed-$seed/$run/metrics.csv" 2>/dev/null | cut -d, -f1)" = "$STEPS" ]; then
-      paths+=("$OUT/seed-$seed/$run")
-    else
-      echo "seed $seed $run did not finish: left out" >&2
-    fi
+# The seeds where every run finished (a seed that lacks one would unpair the groups).
+done_seeds=()
+for seed in $SEEDS; do
+  ok=1
+  for run in $RUNS; do
+    [ "$(tail -1 "$OUT/seed-$seed/$run/metrics.csv" 2>/dev/null | cut -d, -f1)" = "$STEPS" ] || ok=0
   done
-  [ ${#paths[@]} -gt 0 ] && args+=("$run=$(IFS=,; echo "${paths[*]}")")
+  if [ $ok = 1 ]; then done_seeds+=("$seed"); else echo "seed $seed: not every run of ($RUNS) finished: left out" >&2; fi
 done
-"$DSV3" plot "${args[@]}" --column val_loss --baseline bf16 --from-step $((STEPS / 10)) \
-  --title "validation loss over seeds ($SEEDS), tiny-demo (5.2M), $BATCH x 128 tokens per step" \
-  --out "$OUT/val_loss.svg" --csv "$OUT/val_loss.csv" --gap-out "$OUT/gap.svg" | tee "$OUT/table.md"
-echo "curves: $OUT/val_loss.svg $OUT/gap.svg $OUT/val_loss.csv  table: $OUT/table.md"
+[ ${#done_seeds[@]} -gt 0 ] || { echo "no seed finished" >&2; exit 1; }
+
+# Held-out loss of each final checkpoint (scored once; JOBS at a time).
+for seed in "${done_seeds[@]}"; do for run in $RUNS; do
+  [ -f "$OUT/seed-$seed/$run/heldout.csv" ] || echo "$OUT/seed-$seed/$run"
+done; done | xargs -P "$JOBS" -I RUN bash -c '"$0" perplexity -m "$(ls -d RUN/checkpoint-* | tail -1)" \
+  -d out/demo/shards --split unseen --seq 128 -t 1 --csv RUN/heldout.csv >/dev/null 2>RUN/heldout.log ||
+  { echo "held-out scoring of RUN failed: see RUN/heldout.log" >&2; exit 1; }' "$DSV3"
+
+group() {  # the comma-joined FILE of run $1 over the finished seeds
+  local paths=()
+  for seed in "${done_seeds[@]}"; do paths+=("$OUT/seed-$seed/$1/$2"); done
+  (IFS=,; echo "${paths[*]}")
+}
+val=() heldout=()
+for run in $RUNS; do val+=("$run=$(group "$run" metrics.csv)") heldout+=("$run=$(group "$run" heldout.csv)"); done
+title="over ${#done_seeds[@]} seeds, tiny-demo (5.2M), $STEPS steps of $BATCH x 128 tokens"
+echo "## final validation loss (validation shards: the corpus's tail)"
+"$DSV3" plot "${val[@]}" --column val_loss --baseline bf16 --from-step $((STEPS / 10)) \
+  --title "validation loss $title" --out "$REPORT-val_loss.svg" --csv "$REPORT-val_loss.csv" \
+  --gap-out "$REPORT-gap.svg" | tee "$REPORT.md"
+echo "## final held-out loss (training windows the runs never reached; tokens = tokens scored)"
+"$DSV3" plot "${heldout[@]}" --column loss --baseline bf16 | tee "$REPORT-heldout.md"
+echo "seeds: ${done_seeds[*]}"
+echo "tables: $REPORT.md $REPORT-heldout.md  curves: $REPORT-val_loss.svg $REPORT-gap.svg $REPORT-val_loss.csv"
