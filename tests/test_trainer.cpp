@@ -12,11 +12,13 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <nlohmann/json.hpp>
 #include <random>
 
 #include "core/error.h"
 #include "golden_util.h"
 #include "io/safetensors.h"
+#include "infer/perplexity.h"
 #include "model/transformer.h"
 #include "train/trainer.h"
 
@@ -434,6 +436,39 @@ TEST_F(TrainerTest, PerplexityScoresTheTrainersWindows) {
   write_shard(other + "/train-00000.bin", corpus(5000, 3));
   EXPECT_NE(0, run_dsv3("perplexity -m " + ck + " -d " + other + " --seq 16 --split unseen", &out));
   EXPECT_THAT(out, testing::HasSubstr("not the data this run trained on"));
+}
+
+
+// --file: the text encoded with the checkpoint's tokenizer (BOS first, as its config asks) and
+// scored as one window here when it fits in one.
+TEST_F(TrainerTest, PerplexityOfATextFile) {
+  const std::string text = dir_ + "/text.txt";
+  std::ofstream(text) << "In the beginning was the word, and the word was with the light. "
+                         "And the light shone in the darkness, and the darkness was not.\n";
+  std::string out;
+  ASSERT_EQ(0, run_dsv3("train-tokenizer -i " + text + " --vocab-size 300 --min-frequency 1 -o " + dir_ + "/tok", &out))
+      << out;
+  std::string config = kConfig;
+  const std::string from = "\"vocab_size\": 64";
+  config.replace(config.find(from), from.size(), "\"vocab_size\": 320");
+  opt_.extras.files = {dir_ + "/tok/tokenizer.json", dir_ + "/tok/tokenizer_config.json"};
+  Trainer t(config, opt_, {train_}, {val_}, dir_ + "/run");
+  t.step();
+  const std::string ck = t.save();
+  ASSERT_EQ(0, run_dsv3("tokenize -m " + ck + " --file " + text + " --bos", &out)) << out;
+  std::vector<int32_t> ids;
+  for (const auto& v : nlohmann::json::parse(out)) ids.push_back(v.get<int32_t>());
+  ASSERT_GT(ids.size(), 10u);
+  ASSERT_LE(ids.size(), 129u);  // one window within max_position_embeddings
+  Transformer model(ck);
+  const double want = window_loss(model, ids);
+  ASSERT_EQ(0, run_dsv3("perplexity -m " + ck + " --file " + text + " --seq " + std::to_string(ids.size() - 1), &out))
+      << out;
+  EXPECT_EQ(json_number(out, "windows"), 1) << out;
+  EXPECT_NEAR(json_number(out, "loss"), want, 1e-5 * want) << out;
+  // A window longer than the text is named.
+  EXPECT_NE(0, run_dsv3("perplexity -m " + ck + " --file " + text + " --seq " + std::to_string(ids.size()), &out));
+  EXPECT_THAT(out, testing::HasSubstr("not enough for one sequence"));
 }
 
 }  // namespace
