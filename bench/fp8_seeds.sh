@@ -29,6 +29,7 @@ JOBS=${JOBS:-2}
 OUT=${OUT:-out/fp8-seeds}
 REPORT=${REPORT:-$OUT/table}
 DSV3=${DSV3:-build/dsv3}
+DATA=out/demo/shards  # where bench/fp8_experiment.sh makes the demo's shards
 STEPS=${STEPS:-250}
 export STEPS BATCH=${BATCH:-32} LR=${LR:-1e-3} DSV3
 [[ " $RUNS " == *" bf16 "* ]] || { echo "RUNS must include bf16 (the baseline)" >&2; exit 2; }
@@ -40,37 +41,46 @@ for seed in $SEEDS; do for run in $(tr ' ' '\n' <<<"$RUNS" | sort -r); do echo "
   xargs -P "$JOBS" -L 1 bash -c 'OUT="$0/seed-$1" SEED=$1 THREADS=1 bench/fp8_experiment.sh "$2" >"$0/seed-$1-$2.log" 2>&1 ||
     echo "seed $1 $2 failed: see $0/seed-$1-$2.log" >&2' "$OUT"
 
-# The seeds where every run finished (a seed that lacks one would unpair the groups).
-done_seeds=()
-for seed in $SEEDS; do
-  ok=1
-  for run in $RUNS; do
-    [ "$(tail -1 "$OUT/seed-$seed/$run/metrics.csv" 2>/dev/null | cut -d, -f1)" = "$STEPS" ] || ok=0
+# The seeds where every run in RUNS ended in FILE at step STEPS (one that lacks a run would
+# unpair the groups).
+finished() {  # FILE (metrics.csv or heldout.csv)
+  local seed run ok
+  for seed in $SEEDS; do
+    ok=1
+    for run in $RUNS; do
+      [ "$(tail -1 "$OUT/seed-$seed/$run/$1" 2>/dev/null | cut -d, -f1)" = "$STEPS" ] || ok=0
+    done
+    if [ $ok = 1 ]; then echo "$seed"; else echo "seed $seed: not every run of ($RUNS) has $1 at step $STEPS: left out" >&2; fi
   done
-  if [ $ok = 1 ]; then done_seeds+=("$seed"); else echo "seed $seed: not every run of ($RUNS) finished: left out" >&2; fi
-done
-[ ${#done_seeds[@]} -gt 0 ] || { echo "no seed finished" >&2; exit 1; }
-
-# Held-out loss of each final checkpoint (scored once; JOBS at a time).
-for seed in "${done_seeds[@]}"; do for run in $RUNS; do
-  [ -f "$OUT/seed-$seed/$run/heldout.csv" ] || echo "$OUT/seed-$seed/$run"
-done; done | xargs -P "$JOBS" -I RUN bash -c '"$0" perplexity -m "$(ls -d RUN/checkpoint-* | tail -1)" \
-  -d out/demo/shards --split unseen --seq 128 -t 1 --csv RUN/heldout.csv >/dev/null 2>RUN/heldout.log ||
-  { echo "held-out scoring of RUN failed: see RUN/heldout.log" >&2; exit 1; }' "$DSV3"
-
-group() {  # the comma-joined FILE of run $1 over the finished seeds
-  local paths=()
-  for seed in "${done_seeds[@]}"; do paths+=("$OUT/seed-$seed/$1/$2"); done
+}
+group() {  # RUN FILE SEEDS...: the comma-joined FILE of RUN over SEEDS
+  local run=$1 file=$2 paths=() seed
+  shift 2
+  for seed in "$@"; do paths+=("$OUT/seed-$seed/$run/$file"); done
   (IFS=,; echo "${paths[*]}")
 }
-val=() heldout=()
-for run in $RUNS; do val+=("$run=$(group "$run" metrics.csv)") heldout+=("$run=$(group "$run" heldout.csv)"); done
-title="over ${#done_seeds[@]} seeds, tiny-demo (5.2M), $STEPS steps of $BATCH x 128 tokens"
+report() {  # FILE COLUMN TABLE [dsv3 plot options]: the seed groups' table of FILE's COLUMN
+  local file=$1 column=$2 table=$3 seeds args=() run
+  shift 3
+  mapfile -t seeds < <(finished "$file")
+  [ ${#seeds[@]} -gt 0 ] || { echo "no seed has every run's $file" >&2; return 1; }
+  for run in $RUNS; do args+=("$run=$(group "$run" "$file" "${seeds[@]}")"); done
+  "$DSV3" plot "${args[@]}" --column "$column" --baseline bf16 "$@" | tee "$table"
+  echo "seeds: ${seeds[*]}"
+}
+
+title="tiny-demo (5.2M), $STEPS steps of $BATCH x 128 tokens"
 echo "## final validation loss (validation shards: the corpus's tail)"
-"$DSV3" plot "${val[@]}" --column val_loss --baseline bf16 --from-step $((STEPS / 10)) \
-  --title "validation loss $title" --out "$REPORT-val_loss.svg" --csv "$REPORT-val_loss.csv" \
-  --gap-out "$REPORT-gap.svg" | tee "$REPORT.md"
+report metrics.csv val_loss "$REPORT.md" --from-step $((STEPS / 10)) --title "validation loss over seeds, $title" \
+  --out "$REPORT-val_loss.svg" --csv "$REPORT-val_loss.csv" --gap-out "$REPORT-gap.svg"
+
+# Held-out loss of each finished run's final checkpoint, scored again when the run has moved
+# on since; a scoring that fails leaves its run out of the held-out table.
+for seed in $(finished metrics.csv 2>/dev/null); do for run in $RUNS; do
+  [ "$(tail -1 "$OUT/seed-$seed/$run/heldout.csv" 2>/dev/null | cut -d, -f1)" = "$STEPS" ] || echo "$OUT/seed-$seed/$run"
+done; done | xargs -P "$JOBS" -I{} bash -c '"$0" perplexity -m "$(ls -d "$1"/checkpoint-* | tail -1)" -d "$2" \
+  --split unseen --seq 128 -t 1 --csv "$1/heldout.csv" >/dev/null 2>"$1/heldout.log" ||
+  echo "held-out scoring of $1 failed: see $1/heldout.log" >&2' "$DSV3" {} "$DATA"
 echo "## final held-out loss (training windows the runs never reached; tokens = tokens scored)"
-"$DSV3" plot "${heldout[@]}" --column loss --baseline bf16 | tee "$REPORT-heldout.md"
-echo "seeds: ${done_seeds[*]}"
+report heldout.csv loss "$REPORT-heldout.md"
 echo "tables: $REPORT.md $REPORT-heldout.md  curves: $REPORT-val_loss.svg $REPORT-gap.svg $REPORT-val_loss.csv"

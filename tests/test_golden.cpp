@@ -141,7 +141,9 @@ TEST_P(Golden, WindowLossIsTheMeanLossUnderTheGoldenLogits) {
     want += max + std::log(sum) - double(row[tokens[i + 1]]);
   }
   want /= double(tokens.size() - 1);
-  EXPECT_NEAR(window_loss(*model_, tokens), want, 1e-4 * std::max(1.0, want));
+  WindowScorer scorer(*model_, int64_t(tokens.size()) - 1);
+  EXPECT_NEAR(scorer.loss(tokens), want, 1e-4 * std::max(1.0, want));
+  EXPECT_EQ(scorer.loss(tokens), scorer.loss(tokens));  // the cache is cleared between windows
 }
 
 INSTANTIATE_TEST_SUITE_P(Checkpoints, Golden,
@@ -177,10 +179,13 @@ TEST(Perplexity, SummaryOfWindowLosses) {
 
 TEST(Perplexity, BadWindowsAreRejected) {
   Transformer m(golden_dir("tiny-v3-bf16"));
-  const std::vector<int32_t> one = {3}, bad = {3, int32_t(m.config().vocab_size)};
-  EXPECT_THROW(window_loss(m, one), Error);
+  EXPECT_THROW(WindowScorer(m, 0), Error);
+  EXPECT_THROW(WindowScorer(m, m.config().max_position_embeddings + 1), Error);
+  WindowScorer scorer(m, 1);
+  const std::vector<int32_t> short_window = {3}, bad = {3, int32_t(m.config().vocab_size)};
+  EXPECT_THROW(scorer.loss(short_window), Error);
   try {
-    window_loss(m, bad);
+    scorer.loss(bad);
     FAIL() << "no error";
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("is outside the vocabulary"), std::string::npos) << e.what();

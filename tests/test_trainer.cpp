@@ -17,9 +17,11 @@
 
 #include "core/error.h"
 #include "golden_util.h"
-#include "io/safetensors.h"
 #include "infer/perplexity.h"
+#include "io/safetensors.h"
 #include "model/transformer.h"
+#include "train/batch_sampler.h"
+#include "train/checkpoint.h"
 #include "train/trainer.h"
 
 namespace dsv3 {
@@ -414,6 +416,23 @@ TEST_F(TrainerTest, PerplexityScoresTheTrainersWindows) {
   ASSERT_EQ(0, run_dsv3(ppl + "--split unseen --csv " + dir_ + "/heldout.csv", &out)) << out;
   EXPECT_EQ(json_number(out, "windows"), 1249 - 80) << out;
   EXPECT_EQ(json_number(out, "step"), 20);
+  {  // the windows the run's sampler, at its saved position, would deliver next
+    const TrainerState st = read_trainer_state(ck);
+    BatchSampler next({train_}, 16, st.seed);
+    next.seek(st.data);
+    Transformer model(ck);
+    WindowScorer scorer(model, 16);
+    std::vector<int32_t> in(16), tg(16), window(17);
+    double sum = 0;
+    for (int w = 0; w < 1249 - 80; ++w) {
+      next.next_batch(1, in.data(), tg.data());
+      std::copy(in.begin(), in.end(), window.begin());
+      window.back() = tg.back();
+      sum += scorer.loss(window);
+    }
+    EXPECT_NEAR(json_number(out, "loss"), sum / (1249 - 80), 1e-5) << out;
+    EXPECT_EQ(st.data.epoch, 0);
+  }
   std::ifstream held(dir_ + "/heldout.csv");
   std::getline(held, line);
   EXPECT_EQ(line, "step,tokens,windows,loss,loss_se,perplexity");
@@ -461,14 +480,15 @@ TEST_F(TrainerTest, PerplexityOfATextFile) {
   ASSERT_GT(ids.size(), 10u);
   ASSERT_LE(ids.size(), 129u);  // one window within max_position_embeddings
   Transformer model(ck);
-  const double want = window_loss(model, ids);
+  const double want = WindowScorer(model, int64_t(ids.size()) - 1).loss(ids);
   ASSERT_EQ(0, run_dsv3("perplexity -m " + ck + " --file " + text + " --seq " + std::to_string(ids.size() - 1), &out))
       << out;
   EXPECT_EQ(json_number(out, "windows"), 1) << out;
   EXPECT_NEAR(json_number(out, "loss"), want, 1e-5 * want) << out;
   // A window longer than the text is named.
   EXPECT_NE(0, run_dsv3("perplexity -m " + ck + " --file " + text + " --seq " + std::to_string(ids.size()), &out));
-  EXPECT_THAT(out, testing::HasSubstr("not enough for one sequence"));
+  EXPECT_THAT(out, testing::HasSubstr(cat(ids.size(), " tokens, fewer than one window of --seq + 1 = ", ids.size() + 1,
+                                           "; pass --seq ", ids.size() - 1, " or less")));
 }
 
 }  // namespace

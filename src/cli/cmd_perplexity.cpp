@@ -1,7 +1,8 @@
 // dsv3 perplexity: the next-token loss and perplexity of a checkpoint over held-out text:
 // the validation shards of dsv3 data, the training windows a run has not reached yet, or a
 // text file. Windows are drawn as the trainer draws them (train/batch_sampler.h), so that
-// `--split val --windows N` scores the windows of the trainer's validation loss.
+// `--split val --windows N` scores the windows of the trainer's validation loss. Uses infer
+// (the scoring), train (the sampler, the checkpoint's trainer state), data and tokenizer.
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
@@ -71,6 +72,9 @@ void run(const PerplexityFlags& f) {
   BatchSampler::Position start;
   if (!f.file.empty()) {
     text_stream = encode_file(f.model, f.file);
+    if (int64_t(text_stream.size()) < f.seq + 1)
+      fail("--file ", f.file, ": ", text_stream.size(), " tokens, fewer than one window of --seq + 1 = ", f.seq + 1,
+           text_stream.size() >= 2 ? cat("; pass --seq ", text_stream.size() - 1, " or less") : std::string());
     streams.push_back(text_stream);
     source = f.file;
   } else {
@@ -89,17 +93,18 @@ void run(const PerplexityFlags& f) {
     if (!fs::exists(f.model + "/trainer_state.json"))
       fail("--split unseen: ", f.model, " has no trainer_state.json (not a dsv3 train checkpoint)");
     const TrainerState st = read_trainer_state(f.model);
-    if (st.seq != 0 && st.seq != f.seq)
-      fail("--split unseen: the run trained on windows of ", st.seq, " tokens; pass --seq ", st.seq);
-    if (st.data_windows != 0 && st.data_windows != probe.windows())
+    if (st.seq == 0 || st.data_windows == 0)
+      fail("--split unseen: ", f.model, "/trainer_state.json does not record the run's seq and data_windows (a "
+           "checkpoint older than both), so its unseen windows cannot be told");
+    if (st.seq != f.seq) fail("--split unseen: the run trained on windows of ", st.seq, " tokens; pass --seq ", st.seq);
+    if (st.data_windows != probe.windows())
       fail("--split unseen: the run's training data had ", st.data_windows, " windows, ", f.data, " has ",
            probe.windows(), ": not the data this run trained on");
     if (st.data.epoch > 0)
       fail("--split unseen: the run is in epoch ", st.data.epoch + 1, " and has trained on every window");
     seed = st.seed;
     start = st.data;
-    available = probe.windows() - st.data.index;
-    if (available == 0) fail("--split unseen: the run has trained on every window");
+    available = probe.windows() - st.data.index;  // > 0: seek() allows index < windows only
   }
   const int64_t n = f.windows > 0 ? std::min(f.windows, available) : available;
   BatchSampler sampler(streams, f.seq, seed);
@@ -110,9 +115,13 @@ void run(const PerplexityFlags& f) {
     if (s->header().vocab_size > uint32_t(model.config().vocab_size))
       fail(s->path(), ": token ids up to ", s->header().vocab_size, " but the model's vocab_size is ",
            model.config().vocab_size);
-  std::fprintf(stderr, "dsv3 perplexity: %s on %s: %ld windows of %ld tokens\n", f.model.c_str(), source.c_str(),
-               long(n), long(f.seq));
+  std::fprintf(stderr, "dsv3 perplexity: %s on %s: %ld windows, each scoring %ld tokens\n", f.model.c_str(),
+               source.c_str(), long(n), long(f.seq));
+  if (!f.file.empty() && int64_t(text_stream.size()) > probe.windows() * f.seq + 1)
+    std::fprintf(stderr, "the last %ld tokens of the text do not fill a window and are not scored\n",
+                 long(int64_t(text_stream.size()) - 1 - probe.windows() * f.seq));
 
+  WindowScorer scorer(model, f.seq);
   std::vector<int32_t> inputs(size_t(f.seq)), targets(size_t(f.seq)), window(size_t(f.seq + 1));
   std::vector<double> losses;
   const bool tty = isatty(STDERR_FILENO);
@@ -122,7 +131,7 @@ void run(const PerplexityFlags& f) {
     sampler.next_batch(1, inputs.data(), targets.data());
     std::copy(inputs.begin(), inputs.end(), window.begin());
     window.back() = targets.back();
-    losses.push_back(window_loss(model, window));
+    losses.push_back(scorer.loss(window));
     const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     if (w + 1 == n || (tty ? secs >= double(next_report) * 0.2 : (w + 1) * 10 / n > (w * 10) / n)) {
       next_report = int64_t(secs / 0.2) + 1;
@@ -131,7 +140,8 @@ void run(const PerplexityFlags& f) {
       std::fprintf(stderr, "%s%ld/%ld [%s%s] loss %.4f ppl %.2f | %.0f tok/s | ETA %s%s", tty ? "\r" : "", long(w + 1),
                    long(n), std::string(size_t(filled), '#').c_str(), std::string(size_t(width - filled), '.').c_str(),
                    r.loss, r.perplexity, double(r.tokens) / secs,
-                   format_duration(secs / double(w + 1) * double(n - w - 1)).c_str(), tty && w + 1 < n ? "\033[K" : "\n");
+                   format_duration(secs / double(w + 1) * double(n - w - 1)).c_str(),
+                   tty ? (w + 1 < n ? "\033[K" : "\033[K\n") : "\n");
     }
   }
   const PerplexityResult r = summarize_windows(losses, f.seq);

@@ -8,23 +8,37 @@
 
 namespace dsv3 {
 
-double window_loss(Transformer& model, std::span<const int32_t> window) {
-  const ModelConfig& c = model.config();
-  const int64_t seq = int64_t(window.size()) - 1;
-  if (seq < 1) fail("perplexity: a window needs at least 2 tokens, got ", window.size());
+namespace {
+
+int64_t checked_seq(const ModelConfig& c, int64_t seq) {
+  if (seq < 1) fail("perplexity: windows must score at least 1 token, got ", seq);
   if (seq > c.max_position_embeddings)
     fail("perplexity: windows of ", seq, " positions exceed max_position_embeddings (", c.max_position_embeddings, ")");
+  return seq;
+}
+
+}  // namespace
+
+WindowScorer::WindowScorer(Transformer& model, int64_t seq)
+    : model_(model),
+      seq_(checked_seq(model.config(), seq)),
+      cache_(model.config(), seq),
+      logits_(size_t(seq * model.config().vocab_size)) {}
+
+double WindowScorer::loss(std::span<const int32_t> window) {
+  const ModelConfig& c = model_.config();
+  if (int64_t(window.size()) != seq_ + 1)
+    fail("perplexity: a window of ", window.size(), " tokens, expected ", seq_ + 1);
   for (size_t i = 0; i < window.size(); ++i)
     if (window[i] < 0 || window[i] >= c.vocab_size)
       fail("perplexity: token id ", window[i], " is outside the vocabulary [0, ", c.vocab_size, ")");
-  KvCache cache(c, seq);
-  std::vector<float> logits(size_t(seq * c.vocab_size));
-  model.forward(window.data(), seq, cache, logits.data(), true);
+  cache_.clear();
+  model_.forward(window.data(), seq_, cache_, logits_.data(), true);
   // -log softmax(row)[target] = logsumexp(row) - row[target], in double with the row's max
   // taken out so that exp cannot overflow.
   double total = 0;
-  for (int64_t i = 0; i < seq; ++i) {
-    const float* row = logits.data() + i * c.vocab_size;
+  for (int64_t i = 0; i < seq_; ++i) {
+    const float* row = logits_.data() + i * c.vocab_size;
     float max = row[0];
     for (int64_t v = 1; v < c.vocab_size; ++v) max = std::max(max, row[v]);
     double sum = 0;
@@ -33,7 +47,7 @@ double window_loss(Transformer& model, std::span<const int32_t> window) {
     if (!std::isfinite(nll)) fail("perplexity: the model's logits at position ", i, " are not finite");
     total += nll;
   }
-  return total / double(seq);
+  return total / double(seq_);
 }
 
 PerplexityResult summarize_windows(const std::vector<double>& window_losses, int64_t seq) {

@@ -11,9 +11,23 @@
 
 namespace dsv3 {
 
-// Mean next-token loss of window[1..S] given its prefix, S = window.size() - 1. Throws Error
-// on an id outside the vocabulary or a window longer than the model's positions.
-double window_loss(Transformer& model, std::span<const int32_t> window);
+// Scores windows of seq + 1 tokens with one model; the latent KV cache and the logits are
+// sized once, for every window.
+class WindowScorer {
+ public:
+  // Throws Error when seq is not in [1, max_position_embeddings].
+  WindowScorer(Transformer& model, int64_t seq);
+
+  // Mean next-token loss of window[1..seq] given its prefix. Throws Error when the window
+  // is not seq + 1 tokens or holds an id outside the vocabulary.
+  double loss(std::span<const int32_t> window);
+
+ private:
+  Transformer& model_;
+  int64_t seq_;
+  KvCache cache_;
+  std::vector<float> logits_;  // [seq, vocab]
+};
 
 // The losses of equally long windows, summarised.
 struct PerplexityResult {
