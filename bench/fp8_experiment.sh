@@ -5,9 +5,11 @@
 # activation caches) and fp8-tensor (one scale per tensor for the GEMM inputs), all from the
 # same seed on the same batches, plus bf16 from another seed as a yardstick of run-to-run
 # spread. Writes OUT/val_loss.csv, OUT/val_loss.svg and OUT/table.md (final validation loss,
-# relative to bf16). FP8 is emulated on the CPU (exact formats, several times slower than fp32): about
-# 25 minutes on 2 cores at the defaults (250 steps of 32 x 128 tokens; the README also
-# reports STEPS=1000 BATCH=8 LR=2e-3, the demo's settings, where runs scatter more). An
+# relative to bf16), and OUT/table-heldout.md (the final checkpoints' loss on the training
+# windows their seed never reached, dsv3 perplexity --split unseen). FP8 is emulated on the
+# CPU (exact formats, several times slower than fp32): about 25 minutes on 2 cores at the
+# defaults (250 steps of 32 x 128 tokens; the README also reports STEPS=1000 BATCH=8
+# LR=2e-3, the demo's settings, where runs scatter more). An
 # interrupted run continues where it stopped; a run that fails (diverges) is recorded in
 # OUT/failed and the others go on.
 #   STEPS=250 BATCH=32 LR=1e-3 SEED=1234 OUT=out/fp8-experiment DSV3=build/dsv3 THREADS=0 \
@@ -66,4 +68,16 @@ done
   bf16-seed2="$OUT/bf16-seed2" --column val_loss --baseline bf16 --from-step $((STEPS / 10)) \
   --title "validation loss, tiny-demo (5.2M), $BATCH x 128 tokens per step" \
   --out "$OUT/val_loss.svg" --csv "$OUT/val_loss.csv" | tee "$OUT/table.md"
-echo "curves: $OUT/val_loss.svg  $OUT/val_loss.csv  table: $OUT/table.md"
+# The final checkpoints also on the training windows their seed never reached (dsv3
+# perplexity --split unseen: 10x the validation tokens, from the training distribution;
+# bf16-seed2's are other windows than the others').
+heldout=()
+for run in $RUNS; do
+  [ "$(tail -1 "$OUT/$run/metrics.csv" 2>/dev/null | cut -d, -f1)" = "$STEPS" ] || continue
+  "$DSV3" perplexity -m "$(ls -d "$OUT/$run"/checkpoint-* | tail -1)" -d "$DATA" --split unseen --seq 128 \
+    -t "$THREADS" --csv "$OUT/$run/heldout.csv" >/dev/null 2>"$OUT/$run/heldout.log" &&
+    heldout+=("$run=$OUT/$run/heldout.csv") || echo "held-out scoring of $run failed: see $OUT/$run/heldout.log" >&2
+done
+echo "held-out loss (tokens = tokens scored):"
+"$DSV3" plot "${heldout[@]}" --column loss --baseline bf16 | tee "$OUT/table-heldout.md"
+echo "curves: $OUT/val_loss.svg  $OUT/val_loss.csv  tables: $OUT/table.md $OUT/table-heldout.md"
