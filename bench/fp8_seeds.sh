@@ -15,9 +15,10 @@
 # where every run in RUNS finished):
 #   REPORT.md (validation), REPORT-heldout.md (held-out), REPORT-val_loss.csv / .svg (mean
 #   curves, ± sd bands), REPORT-gap.svg (each label's gap to bf16 by step).
-# Defaults (the README's table): 10 seeds x (bf16, fp8, fp32) at 250 steps of 32 x 128
-# tokens, about 4 hours of CPU (one thread: an fp8 run ~12 minutes, bf16 and fp32 ~5), so
-# ~2 hours on 2 cores; the held-out scoring adds ~20 s a run.
+# Defaults (the README's rows for 10 seeds): 10 seeds x (bf16, fp8, fp32) at 250 steps of
+# 32 x 128 tokens, about 4 hours of CPU (one thread: an fp8 run ~8-12 minutes, bf16 and fp32
+# ~5), so ~2 hours on 2 cores; the held-out scoring adds ~20 s a run. The README's 20-seed
+# rows: SEEDS="$(seq -s ' ' 1234 1253)" RUNS="bf16 fp8" REPORT=out/fp8-seeds/all20.
 # Interrupted runs continue where they stopped; finished ones are not run again.
 #   SEEDS="1234 1235" RUNS="bf16 fp8" JOBS=2 OUT=out/fp8-seeds REPORT=out/fp8-seeds/table \
 #     DSV3=build/dsv3 bench/fp8_seeds.sh
