@@ -11,6 +11,7 @@
 #include <filesystem>
 #include <fstream>
 #include <memory>
+#include <optional>
 #include <nlohmann/json.hpp>
 #include <sstream>
 
@@ -68,8 +69,6 @@ void run(const PerplexityFlags& f) {
   std::vector<uint32_t> text_stream;
   std::vector<std::span<const uint32_t>> streams;
   std::string source;
-  uint64_t seed = 0;  // the trainer's validation order
-  BatchSampler::Position start;
   if (!f.file.empty()) {
     text_stream = encode_file(f.model, f.file);
     if (int64_t(text_stream.size()) < f.seq + 1)
@@ -85,30 +84,33 @@ void run(const PerplexityFlags& f) {
     for (const auto& s : shards) streams.push_back(s->tokens());
     source = f.data + " (" + f.split + ")";
   }
-  BatchSampler probe(streams, f.seq, 0);  // throws when the data holds no window
-  int64_t available = probe.windows();
+  // The checkpoint's trainer state, when a dsv3 train run wrote it: its step for --csv, and
+  // for --split unseen the run's sampler and position.
+  std::optional<TrainerState> st;
+  if (fs::exists(f.model + "/trainer_state.json")) st = read_trainer_state(f.model);
   if (f.split == "unseen") {
-    // The windows the run that wrote this checkpoint would train on next: its sampler, at
-    // its saved position. Only in the first epoch are they unseen.
-    if (!fs::exists(f.model + "/trainer_state.json"))
-      fail("--split unseen: ", f.model, " has no trainer_state.json (not a dsv3 train checkpoint)");
-    const TrainerState st = read_trainer_state(f.model);
-    if (st.seq == 0 || st.data_windows == 0)
+    if (!st) fail("--split unseen: ", f.model, " has no trainer_state.json (not a dsv3 train checkpoint)");
+    if (st->seq == 0 || st->data_windows == 0)
       fail("--split unseen: ", f.model, "/trainer_state.json does not record the run's seq and data_windows (a "
            "checkpoint older than both), so its unseen windows cannot be told");
-    if (st.seq != f.seq) fail("--split unseen: the run trained on windows of ", st.seq, " tokens; pass --seq ", st.seq);
-    if (st.data_windows != probe.windows())
-      fail("--split unseen: the run's training data had ", st.data_windows, " windows, ", f.data, " has ",
-           probe.windows(), ": not the data this run trained on");
-    if (st.data.epoch > 0)
-      fail("--split unseen: the run is in epoch ", st.data.epoch + 1, " and has trained on every window");
-    seed = st.seed;
-    start = st.data;
-    available = probe.windows() - st.data.index;  // > 0: seek() allows index < windows only
+    if (st->seq != f.seq) fail("--split unseen: the run trained on windows of ", st->seq, " tokens; pass --seq ", st->seq);
+  }
+  // The windows the run that wrote this checkpoint would train on next: its sampler, at its
+  // saved position; only in the first epoch are they unseen. Otherwise the trainer's
+  // validation order (seed 0) from the start.
+  const bool unseen = f.split == "unseen";
+  BatchSampler sampler(streams, f.seq, unseen ? st->seed : 0);  // throws when the data holds no window
+  int64_t available = sampler.windows();
+  if (unseen) {
+    if (st->data_windows != sampler.windows())
+      fail("--split unseen: the run's training data had ", st->data_windows, " windows, ", f.data, " has ",
+           sampler.windows(), ": not the data this run trained on");
+    if (st->data.epoch > 0)
+      fail("--split unseen: the run is in epoch ", st->data.epoch + 1, " and has trained on every window");
+    sampler.seek(st->data);
+    available -= st->data.index;  // > 0: seek() allows index < windows only
   }
   const int64_t n = f.windows > 0 ? std::min(f.windows, available) : available;
-  BatchSampler sampler(streams, f.seq, seed);
-  sampler.seek(start);
 
   Transformer model(f.model);
   for (const auto& s : shards)
@@ -117,9 +119,9 @@ void run(const PerplexityFlags& f) {
            model.config().vocab_size);
   std::fprintf(stderr, "dsv3 perplexity: %s on %s: %ld windows, each scoring %ld tokens\n", f.model.c_str(),
                source.c_str(), long(n), long(f.seq));
-  if (!f.file.empty() && int64_t(text_stream.size()) > probe.windows() * f.seq + 1)
+  if (!f.file.empty() && int64_t(text_stream.size()) > sampler.windows() * f.seq + 1)
     std::fprintf(stderr, "the last %ld tokens of the text do not fill a window and are not scored\n",
-                 long(int64_t(text_stream.size()) - 1 - probe.windows() * f.seq));
+                 long(int64_t(text_stream.size()) - 1 - sampler.windows() * f.seq));
 
   WindowScorer scorer(model, f.seq);
   std::vector<int32_t> inputs(size_t(f.seq)), targets(size_t(f.seq)), window(size_t(f.seq + 1));
@@ -147,7 +149,7 @@ void run(const PerplexityFlags& f) {
   const PerplexityResult r = summarize_windows(losses, f.seq);
   // One row per checkpoint, with the training step, so that dsv3 plot can group and compare
   // these files as it does metrics.csv (a run folder's heldout.csv, say).
-  const int64_t step = fs::exists(f.model + "/trainer_state.json") ? read_trainer_state(f.model).step : 0;
+  const int64_t step = st ? st->step : 0;
   char line[256];
   std::snprintf(line, sizeof(line), "%ld,%ld,%ld,%.6f,%.6f,%.4f\n", long(step), long(r.tokens), long(r.windows), r.loss,
                 r.loss_se, r.perplexity);

@@ -1,9 +1,9 @@
 // Perplexity over windows (see perplexity.h).
 #include "infer/perplexity.h"
 
-#include <algorithm>
 #include <cmath>
 
+#include "backend/train_ops.h"
 #include "core/error.h"
 
 namespace dsv3 {
@@ -29,25 +29,15 @@ double WindowScorer::loss(std::span<const int32_t> window) {
   const ModelConfig& c = model_.config();
   if (int64_t(window.size()) != seq_ + 1)
     fail("perplexity: a window of ", window.size(), " tokens, expected ", seq_ + 1);
-  for (size_t i = 0; i < window.size(); ++i)
-    if (window[i] < 0 || window[i] >= c.vocab_size)
-      fail("perplexity: token id ", window[i], " is outside the vocabulary [0, ", c.vocab_size, ")");
+  // forward() checks the inputs window[0..seq); the last target is checked here.
+  if (window.back() < 0 || window.back() >= c.vocab_size)
+    fail("perplexity: token id ", window.back(), " is outside the vocabulary [0, ", c.vocab_size, ")");
   cache_.clear();
   model_.forward(window.data(), seq_, cache_, logits_.data(), true);
-  // -log softmax(row)[target] = logsumexp(row) - row[target], in double with the row's max
-  // taken out so that exp cannot overflow.
-  double total = 0;
-  for (int64_t i = 0; i < seq_; ++i) {
-    const float* row = logits_.data() + i * c.vocab_size;
-    float max = row[0];
-    for (int64_t v = 1; v < c.vocab_size; ++v) max = std::max(max, row[v]);
-    double sum = 0;
-    for (int64_t v = 0; v < c.vocab_size; ++v) sum += std::exp(double(row[v]) - double(max));
-    const double nll = double(max) + std::log(sum) - double(row[window[size_t(i + 1)]]);
-    if (!std::isfinite(nll)) fail("perplexity: the model's logits at position ", i, " are not finite");
-    total += nll;
-  }
-  return total / double(seq_);
+  // The trainer's next-token loss, on the targets window[1..seq].
+  const double loss = cross_entropy<float>(logits_.data(), window.data() + 1, seq_, c.vocab_size, nullptr);
+  if (!std::isfinite(loss)) fail("perplexity: the model's logits are not finite");
+  return loss;
 }
 
 PerplexityResult summarize_windows(const std::vector<double>& window_losses, int64_t seq) {

@@ -1,7 +1,8 @@
 // Perplexity: how well a model predicts held-out text. A window of S+1 tokens is run through
 // the model at positions 0..S-1 and scored on every next token (S targets), as the trainer's
 // validation loss scores its windows; the loss is the mean negative log-likelihood in nats
-// over all scored tokens and the perplexity is its exponential. Uses model.
+// over all scored tokens and the perplexity is its exponential. Uses model, and the
+// backend's cross_entropy (the trainer's loss).
 #pragma once
 #include <cstdint>
 #include <span>
