@@ -177,14 +177,20 @@ TEST_P(ModuleGradCheck, MlaMlpMoe) {
   std::vector<double> out(x.size()), dx(x.size());
 
   {  // MLA of layer 0
-    MlaActivations<double> a;
+    const TokenRows rows = TokenRows::windows(B, S);
+    RopeAngles angles;
+    rope.angles(rows.pos, angles);
+    const MlaContext ctx{c, angles, AttnForm::naive};
+    MlaRecord<double> a;
+    Arena arena;
     auto loss = [&] {
-      mla_train_forward(c, rope, w.layers[0].self_attn, x.data(), B, S, a, out.data());
+      mla_forward<double>(ctx, w.layers[0].self_attn, x.data(), rows, {}, arena, out.data(), &a);
       return dot(out, r);
     };
     loss();
     std::fill(dx.begin(), dx.end(), 0.0);
-    mla_train_backward(c, rope, w.layers[0].self_attn, x.data(), B, S, a, r.data(), g.layers[0].self_attn, dx.data());
+    mla_backward<double>(ctx, w.layers[0].self_attn, x.data(), rows, a, r.data(), g.layers[0].self_attn, dx.data(),
+                         arena);
     check_module("mla", c, w, g, part_of(c, w, "model.layers.0.self_attn."), part_of(c, g, "model.layers.0.self_attn."),
                  x, dx, loss);
   }

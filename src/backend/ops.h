@@ -48,6 +48,20 @@ struct LinearJob {
 void linear_batch(const LinearJob* jobs, size_t count);
 // y[n, w.cols] = x[n, w.rows] * W     (the transposed product; y overwritten)
 void linear_t(const float* x, int64_t n, const Mat& w, float* y);
+// Products over column blocks of strided rows, one per job, all of n rows: for each job
+// y[r, :] = x[r, :] W^T (or x[r, :] W if transposed), row r of x at x + r * ldx and of y at
+// y + r * ldy. MLA's absorbed form (§2.1.1) runs one per head: the head's slice of q_nope
+// times W_uk, and of the latent output times W_uv^T. Jobs run on threads of their own when
+// n is small (decode); otherwise one after another, each threaded inside.
+struct StridedLinearJob {
+  const float* x;
+  int64_t ldx;
+  Mat w;
+  float* y;
+  int64_t ldy;
+  bool transposed;
+};
+void linear_strided_batch(const StridedLinearJob* jobs, size_t count, int64_t n);
 // The scalar double-precision twins of linear / linear_t: the numerical reference.
 void linear_reference(const float* x, int64_t n, const Mat& w, float* y);
 void linear_t_reference(const float* x, int64_t n, const Mat& w, float* y);
@@ -62,6 +76,9 @@ void softmax(float* x, int64_t n);
 void silu_mul(float* gate, const float* up, int64_t n);
 // out[i, :] = table[ids[i], :] as float32.
 void embedding(const Mat& table, const int32_t* ids, int64_t n, float* out);
+
+// The threads the backend's operations use from now on (> 0).
+void set_num_threads(int threads);
 
 // A one-line description of the CPU kernels in use (SIMD level, BLAS core, threads).
 std::string backend_info();

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "backend/fp8.h"
+#include "backend/ops.h"
 #include "backend/saved_activation.h"
 
 namespace dsv3 {
@@ -39,6 +40,15 @@ struct LinearGemm {
   void dx(const T* dy, const T* w, T* dx, int64_t n, int64_t in, int64_t out, bool accumulate) const;
   template <typename T>
   void dw(const T* dy, const T* x, T* dw, int64_t n, int64_t in, int64_t out) const;
+  // y[n, w.rows] = x w^T with w as stored, the forward of every projection of the model: a
+  // float pass in fp32 reads any checkpoint dtype (BF16, FP8 with block scales) through
+  // linear() (inference and fp32 training share it); otherwise w must hold T.
+  template <typename T>
+  void forward(const T* x, const Mat& w, T* y, int64_t n) const;
+  // Two products of one input (q_a_proj and kv_a_proj_with_mqa), as one grouped pass where
+  // the kernels allow.
+  template <typename T>
+  void forward2(const T* x, int64_t n, const Mat& w1, T* y1, const Mat& w2, T* y2) const;
 
   // The activations the paper caches in low precision for the backward pass (§3.3.3), in FP8
   // training: the input of the Linear after attention (E5M6, power-of-2 scales) and the inputs
@@ -57,6 +67,20 @@ void matmul_dx(const T* dy, const T* w, T* dx, int64_t n, int64_t in, int64_t ou
 // dw[out, in] += dy[n, out]^T x[n, in]                     (accumulated)
 template <typename T>
 void matmul_dw(const T* dy, const T* x, T* dw, int64_t n, int64_t in, int64_t out);
+
+// dst row index[i] (row stride ld_dst) = src row i (ld_src), width values, i < n: a strided
+// gather / scatter (index null: row i to row i).
+template <typename T>
+void copy_rows(const T* src, int64_t ld_src, int64_t n, int64_t width, T* dst, int64_t ld_dst,
+               const int64_t* index = nullptr);
+
+// RoPE's rotation (§2.1.1) of `heads` vectors of `width` values per row: vector h of row r at
+// x + r * row_stride + h * head_stride has its pairs (2i, 2i+1) rotated by the angle whose
+// cos and sin are cos[r * width/2 + i], sin[...] (Rope::angles). inverse rotates back (the
+// transpose: RoPE's backward).
+template <typename T>
+void rope_rotate(T* x, int64_t rows, int64_t row_stride, int64_t heads, int64_t head_stride, int64_t width,
+                 const double* cos, const double* sin, bool inverse);
 
 // y[i] += x[i] (residual adds), threaded.
 template <typename T>

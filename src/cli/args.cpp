@@ -1,13 +1,12 @@
 // Subcommand helpers (see args.h).
 #include "cli/args.h"
 
-#include <omp.h>
-
 #include <cctype>
 #include <climits>
 #include <cstdio>
 #include <cstdlib>
 
+#include "backend/ops.h"
 #include "core/error.h"
 
 namespace dsv3::cli {
@@ -44,7 +43,7 @@ std::string ids_json(const std::vector<int32_t>& ids) {
 
 void set_threads(int threads) {
   if (threads < 0) fail("--threads must be >= 0");
-  if (threads > 0) omp_set_num_threads(threads);
+  if (threads > 0) set_num_threads(threads);
 }
 
 std::string format_duration(double seconds) {

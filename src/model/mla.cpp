@@ -1,142 +1,265 @@
-// MLA forward (see mla.h). Shapes: H heads, D = qk_nope_head_dim, R = qk_rope_head_dim,
-// V = v_head_dim, C = kv_lora_rank. Per head h, rows h*(D+V) .. h*(D+V)+D of kv_b_proj are
-// W_uk (D x C) and the next V rows are W_uv (V x C).
+// MLA forward and backward (see mla.h). Shapes: H heads, D = qk_nope_head_dim,
+// R = qk_rope_head_dim, V = v_head_dim, C = kv_lora_rank, Lq = q_lora_rank. Per head h, rows
+// h*(D+V) .. h*(D+V)+D of kv_b_proj are W_uk (D x C) and the next V rows are W_uv (V x C).
+// The attention core (scores = q_nope k_nope^T + q_pe k_pe^T, causal softmax, o = P v) is
+// the backend's attention op; the two forms are two views of it.
 #include "model/mla.h"
 
-#include <omp.h>
-
 #include <algorithm>
-#include <cstring>
-#include <vector>
+#include <type_traits>
 
-#include "backend/ops.h"
+#include "backend/attention.h"
+#include "core/error.h"
 
 namespace dsv3 {
 
 namespace {
 
-inline float dot(const float* a, const float* b, int64_t n) {
-  float s = 0;
-  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
-  return s;
+struct Dims {
+  int64_t H, D, R, V, C, Lq, QK, dim;
+  explicit Dims(const ModelConfig& c)
+      : H(c.num_attention_heads), D(c.qk_nope_head_dim), R(c.qk_rope_head_dim), V(c.v_head_dim), C(c.kv_lora_rank),
+        Lq(c.q_lora_rank), QK(c.qk_nope_head_dim + c.qk_rope_head_dim), dim(c.hidden_size) {}
+};
+
+template <typename T>
+const T* W(const Mat& m) {
+  return m.as<T>();
+}
+template <typename T>
+T* G(const Mat& m) {
+  return mutable_data<T>(m);
+}
+template <typename T>
+T* sized(std::vector<T>& v, int64_t n) {
+  v.resize(size_t(n));
+  return v.data();
+}
+template <typename T>
+T* zeros(Arena& arena, int64_t n) {
+  T* p = arena.alloc<T>(size_t(n));
+  std::fill(p, p + n, T(0));
+  return p;
 }
 
-// Copies column block [col, col+width) of the rows of src (row stride ld) into dst (dense).
-void gather_cols(const float* src, int64_t rows, int64_t ld, int64_t col, int64_t width, float* dst) {
-  for (int64_t r = 0; r < rows; ++r) std::memcpy(dst + r * width, src + r * ld + col, size_t(width) * 4);
+// The key rows each query sees: its sequence's rows from position 0 to its own, as offsets
+// from `lo` (the first key row the pass reads), so every key view can start there.
+struct KeyRanges {
+  int64_t lo = 0, hi = 0;  // key rows [lo, hi)
+  int64_t* first = nullptr;
+  int64_t* count = nullptr;
+};
+KeyRanges key_ranges(const TokenRows& tokens, Arena& arena) {
+  const int64_t n = tokens.size();
+  KeyRanges k;
+  k.first = arena.alloc<int64_t>(size_t(n)), k.count = arena.alloc<int64_t>(size_t(n));
+  k.lo = tokens.first_row(0), k.hi = 0;
+  for (int64_t t = 0; t < n; ++t) {
+    k.lo = std::min(k.lo, tokens.first_row(t));
+    k.hi = std::max(k.hi, tokens.row[size_t(t)] + 1);
+  }
+  for (int64_t t = 0; t < n; ++t) k.first[t] = tokens.first_row(t) - k.lo, k.count[t] = tokens.pos[size_t(t)] + 1;
+  return k;
 }
-void scatter_cols(const float* src, int64_t rows, int64_t ld, int64_t col, int64_t width, float* dst) {
-  for (int64_t r = 0; r < rows; ++r) std::memcpy(dst + r * ld + col, src + r * width, size_t(width) * 4);
+
+// The queries, with RoPE on each head's last R values: q = W_uq norm(c_q) with the low-rank
+// path (c_q given), else q = W_q x.  [n, H*QK]
+template <typename T>
+void queries(const MlaContext& ctx, const MlaWeights& w, const T* x, const T* cq, int64_t n, T* q, T* cq_norm,
+             T* cq_inv) {
+  const Dims d(ctx.config);
+  if (d.Lq > 0) {
+    rmsnorm_forward(cq, W<T>(w.q_a_layernorm), cq_norm, cq_inv, n, d.Lq, ctx.config.rms_norm_eps);
+    ctx.lin.forward(cq_norm, w.q_b_proj, q, n);
+  } else {
+    ctx.lin.forward(x, w.q_proj, q, n);
+  }
+  rope_rotate(q + d.D, n, d.H * d.QK, d.H, d.QK, d.R, ctx.angles.cos.data(), ctx.angles.sin.data(), false);
+}
+
+// The naive form's views: k_nope and v from kvb = W_ukv(latent) [rows, H*(D+V)], the shared
+// k_pe, with key rows counted from the views' starts.
+template <typename T>
+AttentionArgs<T> naive_args(const Dims& d, const T* q, const T* kvb, const T* k_pe, const KeyRanges& k, int64_t n,
+                            double scale) {
+  AttentionArgs<T> a;
+  a.n = n, a.heads = d.H;
+  a.q1 = {q, d.H * d.QK, d.QK, d.D};
+  a.q2 = {q + d.D, d.H * d.QK, d.QK, d.R};
+  a.k1 = {kvb, d.H * (d.D + d.V), d.D + d.V, d.D};
+  a.k2 = {k_pe, d.R, 0, d.R};
+  a.v = {kvb + d.D, d.H * (d.D + d.V), d.D + d.V, d.V};
+  a.key_first = k.first, a.key_count = k.count, a.scale = scale;
+  return a;
+}
+
+// Attention in the latent space (absorbed form): q_lat[t, h] = W_uk_h^T q_nope[t, h] (C
+// values) scores against the latents directly, o_lat = P c_kv, and o[t, h] = W_uv_h o_lat[t, h].
+void absorbed_attention(const Dims& d, const MlaWeights& w, const float* q, const float* latent, const float* k_pe,
+                        const KeyRanges& k, int64_t n, double scale, Arena& arena, float* o) {
+  float* q_lat = arena.alloc(size_t(n * d.H * d.C));
+  float* o_lat = arena.alloc(size_t(n * d.H * d.C));
+  std::vector<StridedLinearJob> jobs(size_t(d.H));
+  for (int64_t h = 0; h < d.H; ++h)
+    jobs[size_t(h)] = {q + h * d.QK, d.H * d.QK, w.kv_b_proj.row_slice(h * (d.D + d.V), d.D), q_lat + h * d.C,
+                       d.H * d.C, true};
+  linear_strided_batch(jobs.data(), jobs.size(), n);
+  // Every head attends to the same latents: the backend reads them once for all heads.
+  AttentionArgs<float> a;
+  a.n = n, a.heads = d.H;
+  a.q1 = {q_lat, d.H * d.C, d.C, d.C};
+  a.q2 = {q + d.D, d.H * d.QK, d.QK, d.R};
+  a.k1 = {latent, d.C, 0, d.C};
+  a.k2 = {k_pe, d.R, 0, d.R};
+  a.v = {latent, d.C, 0, d.C};
+  a.key_first = k.first, a.key_count = k.count, a.scale = scale;
+  attention_forward(a, o_lat);
+  for (int64_t h = 0; h < d.H; ++h)
+    jobs[size_t(h)] = {o_lat + h * d.C, d.H * d.C, w.kv_b_proj.row_slice(h * (d.D + d.V) + d.D, d.V), o + h * d.V,
+                       d.H * d.V, false};
+  linear_strided_batch(jobs.data(), jobs.size(), n);
 }
 
 }  // namespace
 
-void mla_forward(const MlaContext& ctx, const MlaWeights& w, const float* x, int64_t n, int64_t start_pos,
-                 LayerKvCache cache, Arena& arena, float* out) {
+template <typename T>
+void mla_forward(const MlaContext& ctx, const MlaWeights& w, const T* x, const TokenRows& tokens, LayerCache<T> cache,
+                 Arena& arena, T* out, MlaRecord<T>* record) {
   const ModelConfig& c = ctx.config;
-  const int64_t H = c.num_attention_heads, D = c.qk_nope_head_dim, R = c.qk_rope_head_dim, V = c.v_head_dim;
-  const int64_t C = c.kv_lora_rank, QK = D + R, T = start_pos + n;
+  const Dims d(c);
+  const int64_t n = tokens.size();
+  if (n <= 0) fail("mla: no tokens");
+  if (record && (ctx.form != AttnForm::naive || !cache.empty()))
+    fail("mla: a forward recorded for the backward runs in the naive form over its own rows");
+  ArenaScope scope(arena);
+  if (cache.empty()) {  // the pass's own rows hold its keys: token t is row t
+    for (int64_t t = 0; t < n; ++t)
+      if (tokens.row[size_t(t)] != t || tokens.first_row(t) < 0)
+        fail("mla: token ", t, " is not row ", t, " of a pass that attends within itself");
+    cache.latent = arena.alloc<T>(size_t(n * d.C));
+    cache.k_pe = record ? sized(record->k_pe, n * d.R) : arena.alloc<T>(size_t(n * d.R));
+  }
 
-  // Queries: q = W_uq(norm(W_dq x)) with the low-rank path, else q = W_q x.  [n, H*QK]
-  // Latent and shared RoPE key: [c_kv ; k_pe] = W_dkv x (computed with the query's
-  // down-projection, which reads the same x). The cache keeps norm(c_kv) and rope(k_pe).
-  float* q = arena.alloc(size_t(n * H * QK));
-  float* kv = arena.alloc(size_t(n * (C + R)));
-  if (c.q_lora_rank > 0) {
-    float* cq = arena.alloc(size_t(n * c.q_lora_rank));
-    const LinearJob down[2] = {{x, n, w.q_a_proj, cq}, {x, n, w.kv_a_proj_with_mqa, kv}};
-    linear_batch(down, 2);
-    rmsnorm(cq, n, c.q_lora_rank, w.q_a_layernorm.f32(), c.rms_norm_eps, cq);
-    linear(cq, n, w.q_b_proj, q);
+  // The down-projections, which read the same x: c_q = W_dq x and [c_kv ; k_pe] = W_dkv x.
+  T* q = arena.alloc<T>(size_t(n * d.H * d.QK));
+  T* kv = arena.alloc<T>(size_t(n * (d.C + d.R)));
+  T* cq = nullptr;
+  if (d.Lq > 0) {
+    cq = record ? sized(record->cq, n * d.Lq) : arena.alloc<T>(size_t(n * d.Lq));
+    ctx.lin.forward2(x, n, w.q_a_proj, cq, w.kv_a_proj_with_mqa, kv);
   } else {
-    const LinearJob proj[2] = {{x, n, w.q_proj, q}, {x, n, w.kv_a_proj_with_mqa, kv}};
-    linear_batch(proj, 2);
+    ctx.lin.forward2(x, n, w.q_proj, q, w.kv_a_proj_with_mqa, kv);
   }
-  for (int64_t t = 0; t < n; ++t) {
-    const int64_t pos = start_pos + t;
-    rmsnorm(kv + t * (C + R), 1, C, w.kv_a_layernorm.f32(), c.rms_norm_eps, cache.latent + pos * C);
-    std::memcpy(cache.k_pe + pos * R, kv + t * (C + R) + C, size_t(R) * 4);
-    ctx.rope.apply(cache.k_pe + pos * R, pos);
-    for (int64_t h = 0; h < H; ++h) ctx.rope.apply(q + (t * H + h) * QK + D, pos);
-  }
+  queries(ctx, w, x, cq, n, q, arena.alloc<T>(size_t(n * std::max<int64_t>(d.Lq, 1))), arena.alloc<T>(size_t(n)));
 
-  float* o = arena.alloc(size_t(n * H * V));  // attention output per head, [n, H*V]
+  // The cache keeps norm(c_kv) and rope(k_pe), at the tokens' rows.
+  T* c_kv = record ? sized(record->c, n * d.C) : arena.alloc<T>(size_t(n * d.C));
+  T* c_norm = arena.alloc<T>(size_t(n * d.C));
+  copy_rows(kv, d.C + d.R, n, d.C, c_kv, d.C);
+  rmsnorm_forward(c_kv, W<T>(w.kv_a_layernorm), c_norm, arena.alloc<T>(size_t(n)), n, d.C, c.rms_norm_eps);
+  copy_rows(c_norm, d.C, n, d.C, cache.latent, d.C, tokens.row.data());
+  rope_rotate(kv + d.C, n, d.C + d.R, 1, 0, d.R, ctx.angles.cos.data(), ctx.angles.sin.data(), false);
+  copy_rows(kv + d.C, d.C + d.R, n, d.R, cache.k_pe, d.R, tokens.row.data());
+
+  const KeyRanges k = key_ranges(tokens, arena);
+  const double scale = softmax_scale(c);
+  const T* latent = cache.latent + k.lo * d.C;
+  const T* k_pe = cache.k_pe + k.lo * d.R;
+  T* o = arena.alloc<T>(size_t(n * d.H * d.V));  // attention output per head, [n, H*V]
   if (ctx.form == AttnForm::absorbed) {
-    // q_lat[t, h] = W_uk^T q_nope[t, h]  (C values): scores are then q_lat . c_kv + q_pe . k_pe
-    float* q_lat = arena.alloc(size_t(n * H * C));
-    float* qn = arena.alloc(size_t(H * n * std::max(D, C)));  // per-head scratch
-    float* ql = arena.alloc(size_t(H * n * std::max(C, V)));
-    // Heads are independent: for a few tokens (decode) each head's small product runs on
-    // its own thread; for many tokens the products themselves are threaded.
-#pragma omp parallel for schedule(static) if (n <= 8 && H > 1)
-    for (int64_t h = 0; h < H; ++h) {
-      float* qn_h = qn + h * n * std::max(D, C);
-      float* ql_h = ql + h * n * std::max(C, V);
-      gather_cols(q, n, H * QK, h * QK, D, qn_h);
-      linear_t(qn_h, n, w.kv_b_proj.row_slice(h * (D + V), D), ql_h);
-      scatter_cols(ql_h, n, H * C, h * C, C, q_lat);
-    }
-    // Attention in the latent space. Every head attends to the same cached latents, so the
-    // (token, head) pairs are the rows of one product: scores [n*H, T] = q_lat c_kv^T +
-    // q_pe k_pe^T, then o_lat [n*H, C] = softmax(scores) c_kv. Query rows are taken in
-    // chunks so the score matrix stays bounded for long prompts.
-    float* o_lat = arena.alloc(size_t(n * H * C));
-    const Mat latents{DType::f32, T, C, reinterpret_cast<const uint8_t*>(cache.latent), nullptr, 0, 0};
-    const Mat rope_keys{DType::f32, T, R, reinterpret_cast<const uint8_t*>(cache.k_pe), nullptr, 0, 0};
-    const int64_t chunk = std::max<int64_t>(1, (int64_t(1) << 22) / (H * T));  // tokens per chunk
-    float* scores = arena.alloc(size_t(std::min(chunk, n) * H * T));
-    float* scores_pe = arena.alloc(size_t(std::min(chunk, n) * H * T));
-    float* q_pe = arena.alloc(size_t(std::min(chunk, n) * H * R));
-    for (int64_t t0 = 0; t0 < n; t0 += chunk) {
-      const int64_t nt = std::min(chunk, n - t0), rows = nt * H;
-      for (int64_t i = 0; i < rows; ++i) std::memcpy(q_pe + i * R, q + (t0 * H + i) * QK + D, size_t(R) * 4);
-      linear(q_lat + t0 * H * C, rows, latents, scores);
-      linear(q_pe, rows, rope_keys, scores_pe);
-#pragma omp parallel for schedule(static) if (rows * T > 65536)
-      for (int64_t i = 0; i < rows; ++i) {
-        const int64_t visible = start_pos + t0 + i / H + 1;  // causal: positions 0 .. own
-        float* s = scores + i * T;
-        for (int64_t j = 0; j < visible; ++j) s[j] = (s[j] + scores_pe[i * T + j]) * ctx.softmax_scale;
-        softmax(s, visible);
-        std::fill(s + visible, s + T, 0.0f);
-      }
-      linear_t(scores, rows, latents, o_lat + t0 * H * C);
-    }
-    // o[t, h] = W_uv o_lat[t, h]
-#pragma omp parallel for schedule(static) if (n <= 8 && H > 1)
-    for (int64_t h = 0; h < H; ++h) {
-      float* ol_h = qn + h * n * std::max(D, C);
-      float* ov_h = ql + h * n * std::max(C, V);
-      gather_cols(o_lat, n, H * C, h * C, C, ol_h);
-      linear(ol_h, n, w.kv_b_proj.row_slice(h * (D + V) + D, V), ov_h);
-      scatter_cols(ov_h, n, H * V, h * V, V, o);
-    }
+    if constexpr (std::is_same_v<T, float>) absorbed_attention(d, w, q, latent, k_pe, k, n, scale, arena, o);
+    else fail("mla: the absorbed form runs in float only");
   } else {
-    // Expand every cached latent to per-head k_nope and v: [T, H*(D+V)].
-    float* kvb = arena.alloc(size_t(T * H * (D + V)));
-    linear(cache.latent, T, w.kv_b_proj, kvb);
-#pragma omp parallel
-    {
-      std::vector<float> p(static_cast<size_t>(T));
-#pragma omp for schedule(dynamic, 1) collapse(2)
-      for (int64_t t = 0; t < n; ++t)
-        for (int64_t h = 0; h < H; ++h) {
-          const int64_t visible = start_pos + t + 1;
-          const float* qh = q + (t * H + h) * QK;
-          for (int64_t j = 0; j < visible; ++j)
-            p[size_t(j)] = (dot(qh, kvb + (j * H + h) * (D + V), D) + dot(qh + D, cache.k_pe + j * R, R)) *
-                           ctx.softmax_scale;
-          softmax(p.data(), visible);
-          float* oh = o + (t * H + h) * V;
-          std::fill(oh, oh + V, 0.0f);
-          for (int64_t j = 0; j < visible; ++j) {
-            const float* vj = kvb + (j * H + h) * (D + V) + D;
-            for (int64_t k = 0; k < V; ++k) oh[k] += p[size_t(j)] * vj[k];
-          }
-        }
+    // k_nope and v of every key row read, expanded from the latents.
+    T* kvb = arena.alloc<T>(size_t((k.hi - k.lo) * d.H * (d.D + d.V)));
+    ctx.lin.forward(latent, w.kv_b_proj, kvb, k.hi - k.lo);
+    const AttentionArgs<T> a = naive_args(d, q, kvb, k_pe, k, n, scale);
+    T* probs = nullptr;
+    if (record) {
+      record->ld_p = *std::max_element(k.count, k.count + n);
+      probs = sized(record->p, n * d.H * record->ld_p);
     }
+    attention_forward(a, o, probs, record ? record->ld_p : 0);
   }
-  linear(o, n, w.o_proj, out);
+  ctx.lin.forward(o, w.o_proj, out, n);
+  if (record) record->o.save(o, n, d.H * d.V, ctx.lin.attention_output_format());
 }
+
+template <typename T>
+void mla_backward(const MlaContext& ctx, const MlaWeights& w, const T* x, const TokenRows& tokens,
+                  const MlaRecord<T>& rec, const T* dout, MlaWeights& g, T* dx, Arena& arena) {
+  const ModelConfig& c = ctx.config;
+  const Dims d(c);
+  const int64_t n = tokens.size();
+  const double* cos = ctx.angles.cos.data();
+  const double* sin = ctx.angles.sin.data();
+  ArenaScope scope(arena);
+
+  // Recomputed (§3.2.3): the queries, norm(c_kv) and its expansion to k_nope and v.
+  T* q = arena.alloc<T>(size_t(n * d.H * d.QK));
+  T* cq_norm = arena.alloc<T>(size_t(n * std::max<int64_t>(d.Lq, 1)));
+  T* cq_inv = arena.alloc<T>(size_t(n));
+  queries(ctx, w, x, rec.cq.data(), n, q, cq_norm, cq_inv);
+  T* c_norm = arena.alloc<T>(size_t(n * d.C));
+  T* c_inv = arena.alloc<T>(size_t(n));
+  rmsnorm_forward(rec.c.data(), W<T>(w.kv_a_layernorm), c_norm, c_inv, n, d.C, c.rms_norm_eps);
+  const KeyRanges k = key_ranges(tokens, arena);  // the pass's own rows: token t is key row t, lo = 0
+  T* kvb = arena.alloc<T>(size_t(n * d.H * (d.D + d.V)));
+  ctx.lin.forward(c_norm, w.kv_b_proj, kvb, n);
+
+  // out = o W_o^T
+  T* d_o = arena.alloc<T>(size_t(n * d.H * d.V));
+  std::vector<T> o_scratch;
+  ctx.lin.dw(dout, rec.o.read(o_scratch), G<T>(g.o_proj), n, d.H * d.V, d.dim);
+  ctx.lin.dx(dout, W<T>(w.o_proj), d_o, n, d.H * d.V, d.dim, false);
+
+  // The attention core; the shared k_pe's gradient goes straight into [dc ; dk_pe].
+  T* dq = zeros<T>(arena, n * d.H * d.QK);
+  T* dkvb = zeros<T>(arena, n * d.H * (d.D + d.V));
+  T* dkv = zeros<T>(arena, n * (d.C + d.R));
+  const AttentionArgs<T> a = naive_args(d, q, kvb, rec.k_pe.data(), k, n, softmax_scale(c));
+  AttentionGrads<T> ga;
+  ga.q1 = {dq, d.H * d.QK, d.QK, d.D};
+  ga.q2 = {dq + d.D, d.H * d.QK, d.QK, d.R};
+  ga.k1 = {dkvb, d.H * (d.D + d.V), d.D + d.V, d.D};
+  ga.k2 = {dkv + d.C, d.C + d.R, 0, d.R};
+  ga.v = {dkvb + d.D, d.H * (d.D + d.V), d.D + d.V, d.V};
+  attention_backward(a, rec.p.data(), rec.ld_p, d_o, ga);
+  // RoPE is a rotation: its backward rotates the gradients back.
+  rope_rotate(dq + d.D, n, d.H * d.QK, d.H, d.QK, d.R, cos, sin, true);
+  rope_rotate(dkv + d.C, n, d.C + d.R, 1, 0, d.R, cos, sin, true);
+
+  // [k_nope ; v] = W_ukv c_norm;  c_norm = kv_a_layernorm(c)
+  T* dc_norm = arena.alloc<T>(size_t(n * d.C));
+  T* dc = zeros<T>(arena, n * d.C);
+  ctx.lin.dw(dkvb, c_norm, G<T>(g.kv_b_proj), n, d.C, d.H * (d.D + d.V));
+  ctx.lin.dx(dkvb, W<T>(w.kv_b_proj), dc_norm, n, d.C, d.H * (d.D + d.V), false);
+  rmsnorm_backward(dc_norm, rec.c.data(), W<T>(w.kv_a_layernorm), c_inv, dc, G<T>(g.kv_a_layernorm), n, d.C);
+  copy_rows(dc, d.C, n, d.C, dkv, d.C + d.R);
+  // [c ; k_pe] = W_dkv x
+  ctx.lin.dw(dkv, x, G<T>(g.kv_a_proj_with_mqa), n, d.dim, d.C + d.R);
+  ctx.lin.dx(dkv, W<T>(w.kv_a_proj_with_mqa), dx, n, d.dim, d.C + d.R, true);
+  // q = W_uq norm(W_dq x)  or  W_q x
+  if (d.Lq > 0) {
+    T* dcq_norm = arena.alloc<T>(size_t(n * d.Lq));
+    T* dcq = zeros<T>(arena, n * d.Lq);
+    ctx.lin.dw(dq, cq_norm, G<T>(g.q_b_proj), n, d.Lq, d.H * d.QK);
+    ctx.lin.dx(dq, W<T>(w.q_b_proj), dcq_norm, n, d.Lq, d.H * d.QK, false);
+    rmsnorm_backward(dcq_norm, rec.cq.data(), W<T>(w.q_a_layernorm), cq_inv, dcq, G<T>(g.q_a_layernorm), n, d.Lq);
+    ctx.lin.dw(dcq, x, G<T>(g.q_a_proj), n, d.dim, d.Lq);
+    ctx.lin.dx(dcq, W<T>(w.q_a_proj), dx, n, d.dim, d.Lq, true);
+  } else {
+    ctx.lin.dw(dq, x, G<T>(g.q_proj), n, d.dim, d.H * d.QK);
+    ctx.lin.dx(dq, W<T>(w.q_proj), dx, n, d.dim, d.H * d.QK, true);
+  }
+}
+
+#define DSV3_INSTANTIATE(T)                                                                                      \
+  template void mla_forward<T>(const MlaContext&, const MlaWeights&, const T*, const TokenRows&, LayerCache<T>,  \
+                               Arena&, T*, MlaRecord<T>*);                                                        \
+  template void mla_backward<T>(const MlaContext&, const MlaWeights&, const T*, const TokenRows&,               \
+                                const MlaRecord<T>&, const T*, MlaWeights&, T*, Arena&);
+DSV3_INSTANTIATE(float)
+DSV3_INSTANTIATE(double)
 
 }  // namespace dsv3

@@ -1,36 +1,71 @@
-// Multi-head Latent Attention (§2.1.1). Keys and values are never cached per head: the
-// cache holds, per token, the normalised latent c_kv (kv_lora_rank) and the shared RoPE
-// key k_pe (qk_rope_head_dim). Two equivalent forms:
+// Multi-head Latent Attention (§2.1.1): one forward for inference and training, and the
+// backward beside it. Keys and values are never kept per head: per token, the cache holds
+// the normalised latent c_kv (kv_lora_rank) and the shared RoPE key k_pe
+// (qk_rope_head_dim). Two equivalent forms of the attention:
 //   absorbed: W_uk is folded into the query and W_uv applied after attention, so attention
-//             runs in the latent space (the form for decoding);
-//   naive:    k_nope and v are re-expanded from the latent for every cached token (a check).
-// Uses backend ops only.
+//             runs in the latent space (the form for decoding; float only);
+//   naive:    k_nope and v are re-expanded from the latent for every key row (the form
+//             training differentiates, and a check of the other).
+// T is float (inference, training) or double (gradient checks). Uses backend ops only.
+// What training keeps for the backward follows §3.2.3 and §3.3.3: the low-rank latents c_q
+// and c_kv, not their RMSNorms nor the up-projected queries, keys and values (the backward
+// recomputes them), and the attention output in lin.attention_output_format() (E5M6 in FP8
+// training).
 #pragma once
 #include <cstdint>
+#include <vector>
 
+#include "backend/train_ops.h"
 #include "core/arena.h"
 #include "model/rope.h"
+#include "model/token_rows.h"
 #include "model/weights.h"
 
 namespace dsv3 {
 
 enum class AttnForm { absorbed, naive };
 
-struct LayerKvCache {  // rows are positions
-  float* latent;       // (capacity, kv_lora_rank): kv_a_layernorm(c_kv)
-  float* k_pe;         // (capacity, qk_rope_head_dim): RoPE applied
+// One layer's latent cache: row r holds the latent [kv_lora_rank] and the RoPE key
+// [qk_rope_head_dim] of the token whose TokenRows row is r.
+template <typename T>
+struct LayerCache {
+  T* latent = nullptr;
+  T* k_pe = nullptr;
+  bool empty() const { return latent == nullptr; }
 };
 
 struct MlaContext {
   const ModelConfig& config;
-  const Rope& rope;
-  float softmax_scale;
-  AttnForm form;
+  const RopeAngles& angles;  // of the pass's tokens (Rope::angles of TokenRows::pos)
+  AttnForm form = AttnForm::absorbed;
+  LinearGemm lin = {};  // the precision of the projections' GEMMs; the attention core stays in T
 };
 
-// out[n, hidden] = MLA(x[n, hidden]) for tokens at positions start_pos .. start_pos+n-1;
-// appends their latents to the cache and attends causally over positions 0 .. start_pos+n-1.
-void mla_forward(const MlaContext& ctx, const MlaWeights& w, const float* x, int64_t n, int64_t start_pos,
-                 LayerKvCache cache, Arena& arena, float* out);
+// What the backward needs from a forward over n tokens (heads H).
+template <typename T>
+struct MlaRecord {
+  std::vector<T> cq;     // q_a_proj output c_q [n, q_lora_rank] (q_lora_rank > 0)
+  std::vector<T> c;      // latent c_kv before kv_a_layernorm [n, kv_lora_rank]
+  std::vector<T> k_pe;   // [n, qk_rope_head_dim], RoPE applied
+  std::vector<T> p;      // attention probabilities, row t*H + h: [n*H, ld_p], 0 past the causal edge
+  int64_t ld_p = 0;
+  SavedActivation<T> o;  // [n, H*v_head_dim] attention output, the input of o_proj
+  int64_t bytes() const { return int64_t((cq.size() + c.size() + k_pe.size() + p.size()) * sizeof(T)) + o.bytes(); }
+};
+
+// out[n, hidden] = MLA(x[n, hidden]) (overwritten) for the tokens placed by `tokens`:
+// their latents are written to the cache at their rows, and each attends causally over its
+// sequence's rows. An empty cache means the pass attends within itself (training windows):
+// token t must then be row t. With a record (naive form, empty cache), what the
+// backward needs is kept there. Scratch comes from arena and is released on return.
+template <typename T>
+void mla_forward(const MlaContext& ctx, const MlaWeights& w, const T* x, const TokenRows& tokens, LayerCache<T> cache,
+                 Arena& arena, T* out, MlaRecord<T>* record = nullptr);
+
+// From dout: weight gradients accumulated into g, the input gradient accumulated into dx;
+// x, tokens and ctx as in the recorded forward.
+template <typename T>
+void mla_backward(const MlaContext& ctx, const MlaWeights& w, const T* x, const TokenRows& tokens,
+                  const MlaRecord<T>& record, const T* dout, MlaWeights& g, T* dx, Arena& arena);
 
 }  // namespace dsv3

@@ -44,28 +44,16 @@ Rope Rope::from_config(const ModelConfig& c) {
   return r;
 }
 
-void Rope::apply(float* x, int64_t pos) const {
-  for (size_t i = 0; i < inv_freq.size(); ++i) {
-    const float angle = float(pos) * inv_freq[i];
-    const float c = float(std::cos(double(angle))) * cos_sin_scale;
-    const float s = float(std::sin(double(angle))) * cos_sin_scale;
-    const float a = x[2 * i], b = x[2 * i + 1];
-    x[2 * i] = a * c - b * s;
-    x[2 * i + 1] = a * s + b * c;
-  }
-}
-
-void Rope::table(int64_t n, std::vector<double>& cos, std::vector<double>& sin) const {
+void Rope::angles(const std::vector<int64_t>& pos, RopeAngles& out) const {
   const size_t half = inv_freq.size();
-  cos.resize(size_t(n) * half), sin.resize(size_t(n) * half);
-  for (int64_t pos = 0; pos < n; ++pos)
-    for (size_t i = 0; i < half; ++i) {  // the same float32 angle as apply()
-      const float angle = float(pos) * inv_freq[i];
-      cos[size_t(pos) * half + i] = double(float(std::cos(double(angle))) * cos_sin_scale);
-      sin[size_t(pos) * half + i] = double(float(std::sin(double(angle))) * cos_sin_scale);
+  out.cos.resize(pos.size() * half), out.sin.resize(pos.size() * half);
+  for (size_t t = 0; t < pos.size(); ++t)
+    for (size_t i = 0; i < half; ++i) {
+      const float angle = float(pos[t]) * inv_freq[i];
+      out.cos[t * half + i] = double(float(std::cos(double(angle))) * cos_sin_scale);
+      out.sin[t * half + i] = double(float(std::sin(double(angle))) * cos_sin_scale);
     }
 }
-
 
 float softmax_scale(const ModelConfig& c) {
   double scale = 1.0 / std::sqrt(double(c.qk_head_dim()));

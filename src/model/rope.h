@@ -8,27 +8,20 @@
 
 namespace dsv3 {
 
+// cos and sin (cos_sin_scale applied) of the RoPE angles of a list of positions: [n,
+// qk_rope_head_dim / 2] each; the rotation itself is the backend's rope_rotate.
+struct RopeAngles {
+  std::vector<double> cos, sin;
+};
+
 struct Rope {
   std::vector<float> inv_freq;  // (qk_rope_head_dim / 2), float32 as in DeepSeek's code
   float cos_sin_scale = 1;      // YaRN mscale(factor, mscale) / mscale(factor, mscale_all_dim)
 
   static Rope from_config(const ModelConfig& c);
-  // Rotates consecutive pairs (x[2i], x[2i+1]) of x (qk_rope_head_dim values) to position pos.
-  void apply(float* x, int64_t pos) const;
-  // cos and sin (cos_sin_scale applied) of positions [0, n): [n, qk_rope_head_dim / 2] each,
-  // so a training pass computes them once per sequence length, not per token and head.
-  void table(int64_t n, std::vector<double>& cos, std::vector<double>& sin) const;
-  // apply() with a row of such a table, for float or double; inverse rotates back (the
-  // transpose: RoPE's backward).
-  template <typename T>
-  void rotate(T* x, const double* cos, const double* sin, bool inverse) const {
-    for (size_t i = 0; i < inv_freq.size(); ++i) {
-      const T c = T(cos[i]), s = T(inverse ? -sin[i] : sin[i]);
-      const T a = x[2 * i], b = x[2 * i + 1];
-      x[2 * i] = a * c - b * s;
-      x[2 * i + 1] = a * s + b * c;
-    }
-  }
+  // The angles of positions pos (float32, as in DeepSeek's code), once per pass: every
+  // layer's MLA rotates by them.
+  void angles(const std::vector<int64_t>& pos, RopeAngles& out) const;
 };
 
 // The attention softmax scale: 1/sqrt(qk_head_dim), times mscale(factor, mscale_all_dim)^2

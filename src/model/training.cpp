@@ -53,7 +53,7 @@ double TrainingPass<T>::block_forward(const LayerWeights& lw, LayerActivations<T
   std::vector<T> delta(static_cast<size_t>(N * dim));
   a.h_in = h;
   const Normed<T> xn1(h, lw.input_layernorm, N, dim, c_.rms_norm_eps);
-  mla_train_forward(c_, rope_, lw.self_attn, xn1.y.data(), B_, S_, a.mla, delta.data(), loss_.linear);
+  mla_forward<T>(mla_context(), lw.self_attn, xn1.y.data(), rows_, {}, arena_, delta.data(), &a.mla);
   add_to(h.data(), delta.data(), N * dim);
   a.h_mid = h;
   const Normed<T> xn2(h, lw.post_attention_layernorm, N, dim, c_.rms_norm_eps);
@@ -80,8 +80,7 @@ void TrainingPass<T>::block_backward(const LayerWeights& lw, LayerWeights& lg, c
   // h_mid = h_in + MLA(norm1(h_in))
   std::fill(dxn.begin(), dxn.end(), T(0));
   const Normed<T> xn1(a.h_in, lw.input_layernorm, N, dim, c_.rms_norm_eps);  // recomputed
-  mla_train_backward(c_, rope_, lw.self_attn, xn1.y.data(), B_, S_, a.mla, dh.data(), lg.self_attn, dxn.data(),
-                     loss_.linear);
+  mla_backward<T>(mla_context(), lw.self_attn, xn1.y.data(), rows_, a.mla, dh.data(), lg.self_attn, dxn.data(), arena_);
   rmsnorm_backward(dxn.data(), a.h_in.data(), lw.input_layernorm.as<T>(), xn1.inv.data(), dh.data(),
                    mutable_data<T>(lg.input_layernorm), N, dim);
 }
@@ -97,6 +96,9 @@ double TrainingPass<T>::forward(const ModelWeights& w, const int32_t* tokens, co
   }
   B_ = B, S_ = S;
   tokens_.assign(tokens, tokens + N);
+  rows_ = TokenRows::windows(B, S);
+  rope_.angles(rows_.pos, angles_);
+  arena_.reset();
   std::vector<T> h(static_cast<size_t>(N * dim));
   const T* embed = w.embed_tokens.as<T>();
   for (int64_t t = 0; t < N; ++t) std::memcpy(&h[size_t(t * dim)], embed + tokens[t] * dim, size_t(dim) * sizeof(T));

@@ -14,13 +14,14 @@
 // the released weights, projected by eh_proj, then one transformer block, shared_head.norm
 // and the output head shared with the main model.
 // What the forward keeps for the backward follows §3.2.3: RMSNorm outputs are recomputed
-// from their inputs (the residual stream), never stored; see also mla_train.h, moe_train.h.
+// from their inputs (the residual stream), never stored; see also mla.h, moe_train.h.
 // T is float (training) or double (gradient checks).
 #pragma once
 #include <cstdint>
 #include <vector>
 
-#include "model/mla_train.h"
+#include "core/arena.h"
+#include "model/mla.h"
 #include "model/moe_train.h"
 
 namespace dsv3 {
@@ -28,7 +29,7 @@ namespace dsv3 {
 template <typename T>
 struct LayerActivations {
   std::vector<T> h_in;   // residual in (input_layernorm's input)
-  MlaActivations<T> mla;
+  MlaRecord<T> mla;
   std::vector<T> h_mid;  // residual after attention (post_attention_layernorm's input)
   MlpActivations<T> mlp;  // dense layers
   MoeActivations<T> moe;  // MoE layers
@@ -86,6 +87,10 @@ class TrainingPass {
   TrainingLoss loss_;
   Rope rope_;
   int64_t B_ = 0, S_ = 0;
+  TokenRows rows_;      // B windows of S tokens
+  RopeAngles angles_;   // of rows_.pos
+  Arena arena_;         // the modules' scratch
+  MlaContext mla_context() const { return {c_, angles_, AttnForm::naive, loss_.linear}; }
   std::vector<int32_t> tokens_;
   std::vector<LayerActivations<T>> layers_;
   std::vector<MtpActivations<T>> mtp_;

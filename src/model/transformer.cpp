@@ -4,6 +4,7 @@
 #include <cstring>
 
 #include "backend/ops.h"
+#include "backend/train_ops.h"
 #include "core/error.h"
 
 namespace dsv3 {
@@ -34,7 +35,9 @@ void Transformer::forward(const int32_t* tokens, int64_t n, KvCache& cache, floa
     if (tokens[i] < 0 || tokens[i] >= c.vocab_size)
       fail("token id ", tokens[i], " at index ", i, " is out of range [0, ", c.vocab_size, ")");
   arena_.reset();
-  const MlaContext mla{c, rope_, softmax_scale(c), attn_form};
+  const TokenRows rows = TokenRows::sequence(start, n);
+  rope_.angles(rows.pos, angles_);
+  const MlaContext mla{c, angles_, attn_form};
 
   float* h = arena_.alloc(size_t(n * dim));     // the residual stream
   float* xn = arena_.alloc(size_t(n * dim));    // its normalised copy
@@ -44,12 +47,12 @@ void Transformer::forward(const int32_t* tokens, int64_t n, KvCache& cache, floa
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
     const LayerWeights& w = weights_.layers[size_t(l)];
     rmsnorm(h, n, dim, w.input_layernorm.f32(), c.rms_norm_eps, xn);
-    mla_forward(mla, w.self_attn, xn, n, start, cache.layer(l), arena_, delta);
-    for (int64_t i = 0; i < n * dim; ++i) h[i] += delta[i];
+    mla_forward<float>(mla, w.self_attn, xn, rows, cache.layer(l), arena_, delta);
+    add_to(h, delta, n * dim);
     rmsnorm(h, n, dim, w.post_attention_layernorm.f32(), c.rms_norm_eps, xn);
     if (w.is_moe) moe_forward(c, w.moe, xn, n, arena_, delta, trace ? &trace->routing[l] : nullptr);
     else mlp_forward(w.mlp, xn, n, arena_, delta);
-    for (int64_t i = 0; i < n * dim; ++i) h[i] += delta[i];
+    add_to(h, delta, n * dim);
     if (trace) trace->layer_out.emplace_back(h, h + n * dim);
   }
   cache.advance(n);

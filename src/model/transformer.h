@@ -24,7 +24,7 @@ class KvCache {
   int64_t capacity() const { return capacity_; }
   int64_t length() const { return length_; }  // positions filled
   void clear() { length_ = 0; }
-  LayerKvCache layer(int64_t i) { return {latent_[size_t(i)].data(), k_pe_[size_t(i)].data()}; }
+  LayerCache<float> layer(int64_t i) { return {latent_[size_t(i)].data(), k_pe_[size_t(i)].data()}; }
   void advance(int64_t n) { length_ += n; }
 
  private:
@@ -57,6 +57,7 @@ class Transformer {
   std::unique_ptr<Checkpoint> checkpoint_;  // owns the mapped files the weights point into
   ModelWeights weights_;
   Rope rope_;
+  RopeAngles angles_;  // of the current pass's positions
   Arena arena_;
 };
 

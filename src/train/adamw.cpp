@@ -5,6 +5,7 @@
 #include <cmath>
 #include <set>
 
+#include "backend/optimizer.h"
 #include "core/dtype.h"
 #include "core/error.h"
 
@@ -44,53 +45,24 @@ AdamW::AdamW(const ModelConfig& c, const AdamWConfig& cfg) : cfg_(cfg) {
   }
 }
 
-namespace {
-
-// A piece of one tensor: updates run as one parallel loop over the pieces of all tensors,
-// so the many small tensors (norms, experts) use every thread too.
-struct Piece {
-  size_t tensor;
-  int64_t begin, end;
-};
-
-std::vector<Piece> pieces(const std::vector<TensorSlot>& slots) {
-  constexpr int64_t kPiece = 16384;
-  std::vector<Piece> out;
-  for (size_t t = 0; t < slots.size(); ++t)
-    for (int64_t b = 0; b < slots[t].mat->numel(); b += kPiece)
-      out.push_back({t, b, std::min(slots[t].mat->numel(), b + kPiece)});
-  return out;
-}
-
-}  // namespace
-
 void AdamW::update(const ModelConfig& c, ModelWeights& params, const ModelWeights& grads, double lr, int64_t step) {
   const auto p = unique_trainable(c, params);
   const auto g = unique_trainable(c, const_cast<ModelWeights&>(grads));
   if (p.size() != moments_.size() || g.size() != p.size()) fail("AdamW: parameter list changed");
   const double bc1 = 1 - std::pow(cfg_.beta1, double(step)), bc2 = 1 - std::pow(cfg_.beta2, double(step));
-  const float b1 = float(cfg_.beta1), b2 = float(cfg_.beta2), eps = float(cfg_.eps), step_lr = float(lr);
-  const float inv_bc1 = float(1 / bc1), inv_sqrt_bc2 = float(1 / std::sqrt(bc2));
-  const auto work = pieces(p);
-#pragma omp parallel for schedule(dynamic, 8)
-  for (size_t q = 0; q < work.size(); ++q) {
-    const Piece& pc = work[q];
-    float* w = mutable_data<float>(*p[pc.tensor].mat);
-    const float* gr = g[pc.tensor].mat->as<float>();
-    Moments& m = moments_[pc.tensor];
-    const bool decay = p[pc.tensor].shape.size() == 2;  // matrices decay; norm weights do not
-    const float decay_factor = decay ? float(1 - lr * cfg_.weight_decay) : 1.0f;
-    for (int64_t i = pc.begin; i < pc.end; ++i) {
-      float mi, vi;
-      if (cfg_.bf16_moments) mi = bf16_to_f32(m.m16[size_t(i)]), vi = bf16_to_f32(m.v16[size_t(i)]);
-      else mi = m.m32[size_t(i)], vi = m.v32[size_t(i)];
-      mi = b1 * mi + (1 - b1) * gr[i];
-      vi = b2 * vi + (1 - b2) * gr[i] * gr[i];
-      if (cfg_.bf16_moments) m.m16[size_t(i)] = f32_to_bf16(mi), m.v16[size_t(i)] = f32_to_bf16(vi);
-      else m.m32[size_t(i)] = mi, m.v32[size_t(i)] = vi;
-      w[i] = w[i] * decay_factor - step_lr * (mi * inv_bc1) / (std::sqrt(vi) * inv_sqrt_bc2 + eps);
-    }
+  const AdamWStep s{float(cfg_.beta1), float(cfg_.beta2), float(cfg_.eps), float(lr), float(1 / bc1),
+                    float(1 / std::sqrt(bc2))};
+  std::vector<AdamWTensor> tensors;
+  for (size_t t = 0; t < p.size(); ++t) {
+    Moments& m = moments_[t];
+    const bool decay = p[t].shape.size() == 2;  // matrices decay; norm weights do not
+    AdamWTensor x{mutable_data<float>(*p[t].mat), g[t].mat->as<float>(), p[t].mat->numel(),
+                  decay ? float(1 - lr * cfg_.weight_decay) : 1.0f};
+    if (cfg_.bf16_moments) x.m16 = m.m16.data(), x.v16 = m.v16.data();
+    else x.m32 = m.m32.data(), x.v32 = m.v32.data();
+    tensors.push_back(x);
   }
+  adamw_step(tensors.data(), tensors.size(), s);
 }
 
 std::vector<AdamW::NamedTensor> AdamW::state(const ModelConfig&) const {
@@ -127,29 +99,20 @@ void AdamW::load_state(const ModelConfig&, const std::vector<NamedTensor>& tenso
   }
 }
 
+namespace {
+
+std::vector<FloatSpan> spans(const std::vector<TensorSlot>& slots) {
+  std::vector<FloatSpan> out;
+  for (const TensorSlot& s : slots) out.push_back({mutable_data<float>(*s.mat), s.mat->numel()});
+  return out;
+}
+
+}  // namespace
+
 double clip_grad_norm(const ModelConfig& c, ModelWeights& grads, double max_norm) {
-  const auto g = unique_trainable(c, grads);
-  const auto work = pieces(g);
-  // Per-piece sums added in a fixed order, so the norm does not depend on the threads.
-  std::vector<double> part(work.size());
-#pragma omp parallel for schedule(dynamic, 8)
-  for (size_t q = 0; q < work.size(); ++q) {
-    const float* x = g[work[q].tensor].mat->as<float>();
-    double ss = 0;
-    for (int64_t i = work[q].begin; i < work[q].end; ++i) ss += double(x[i]) * x[i];
-    part[q] = ss;
-  }
-  double ss = 0;
-  for (double v : part) ss += v;
-  const double norm = std::sqrt(ss);
-  if (max_norm > 0 && norm > max_norm) {
-    const float k = float(max_norm / (norm + 1e-6));
-#pragma omp parallel for schedule(dynamic, 8)
-    for (size_t q = 0; q < work.size(); ++q) {
-      float* x = mutable_data<float>(*g[work[q].tensor].mat);
-      for (int64_t i = work[q].begin; i < work[q].end; ++i) x[i] *= k;
-    }
-  }
+  const auto g = spans(unique_trainable(c, grads));
+  const double norm = std::sqrt(sum_of_squares(g.data(), g.size()));
+  if (max_norm > 0 && norm > max_norm) scale_spans(g.data(), g.size(), float(max_norm / (norm + 1e-6)));
   return norm;
 }
 
@@ -158,12 +121,8 @@ void zero_grads(const ModelConfig& c, ModelWeights& grads) {
   std::set<const uint8_t*> seen;
   for (const TensorSlot& s : list_tensors(c, grads))
     if (seen.insert(s.mat->data).second) all.push_back(s);
-  const auto work = pieces(all);
-#pragma omp parallel for schedule(dynamic, 8)
-  for (size_t q = 0; q < work.size(); ++q) {
-    float* x = mutable_data<float>(*all[work[q].tensor].mat);
-    std::fill(x + work[q].begin, x + work[q].end, 0.0f);
-  }
+  const auto z = spans(all);
+  zero_spans(z.data(), z.size());
 }
 
 }  // namespace dsv3

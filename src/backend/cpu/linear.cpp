@@ -368,6 +368,27 @@ void linear_t(const float* x, int64_t n, const Mat& w, float* y) {
   }
 }
 
+void linear_strided_batch(const StridedLinearJob* jobs, size_t count, int64_t n) {
+  if (n <= 0) return;
+  auto run = [&](const StridedLinearJob& j, std::vector<float>& xs, std::vector<float>& ys) {
+    const int64_t in = j.transposed ? j.w.rows : j.w.cols, out = j.transposed ? j.w.cols : j.w.rows;
+    xs.resize(size_t(n * in)), ys.resize(size_t(n * out));
+    for (int64_t r = 0; r < n; ++r) std::memcpy(&xs[size_t(r * in)], j.x + r * j.ldx, size_t(in) * sizeof(float));
+    if (j.transposed) linear_t(xs.data(), n, j.w, ys.data());
+    else linear(xs.data(), n, j.w, ys.data());
+    for (int64_t r = 0; r < n; ++r) std::memcpy(j.y + r * j.ldy, &ys[size_t(r * out)], size_t(out) * sizeof(float));
+  };
+  const int64_t n_jobs = int64_t(count);
+  // Few rows: the products are memory-bound and small, one per thread (the row-kernel path,
+  // which keeps no shared buffers). Many rows: threads inside each product.
+#pragma omp parallel if (n <= kMaxBatch && n_jobs > 1)
+  {
+    std::vector<float> xs, ys;
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < n_jobs; ++i) run(jobs[size_t(i)], xs, ys);
+  }
+}
+
 void linear_reference(const float* x, int64_t n, const Mat& w, float* y) {
   check_dtype(w);
   for (int64_t j = 0; j < n; ++j)

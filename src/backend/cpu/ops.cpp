@@ -9,6 +9,8 @@
 
 namespace dsv3 {
 
+void set_num_threads(int threads) { omp_set_num_threads(threads); }
+
 void rmsnorm(const float* x, int64_t n, int64_t dim, const float* weight, float eps, float* out) {
 #pragma omp parallel for schedule(static) if (n * dim > 65536)
   for (int64_t i = 0; i < n; ++i) {

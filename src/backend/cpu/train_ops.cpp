@@ -6,6 +6,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <type_traits>
 #include <string>
 #include <vector>
 
@@ -92,6 +94,36 @@ void LinearGemm::dw(const T* dy, const T* x, T* dw, int64_t n, int64_t in, int64
   }
 }
 
+namespace {
+
+template <typename T>
+constexpr DType dtype_of() {
+  return sizeof(T) == 4 ? DType::f32 : DType::f64;
+}
+
+}  // namespace
+
+template <typename T>
+void LinearGemm::forward(const T* x, const Mat& w, T* y, int64_t n) const {
+  if constexpr (std::is_same_v<T, float>)
+    if (precision == GemmPrecision::fp32) return linear(x, n, w, y);
+  if (w.dtype != dtype_of<T>())
+    fail("a ", gemm_precision_name(precision), " projection in ", sizeof(T) == 4 ? "float" : "double",
+         " needs weights of that type, not ", dtype_name(w.dtype));
+  forward(x, w.as<T>(), y, n, w.cols, w.rows);
+}
+
+template <typename T>
+void LinearGemm::forward2(const T* x, int64_t n, const Mat& w1, T* y1, const Mat& w2, T* y2) const {
+  if constexpr (std::is_same_v<T, float>)
+    if (precision == GemmPrecision::fp32) {
+      const LinearJob jobs[2] = {{x, n, w1, y1}, {x, n, w2, y2}};
+      return linear_batch(jobs, 2);
+    }
+  forward(x, w1, y1, n);
+  forward(x, w2, y2, n);
+}
+
 SavedFormat LinearGemm::attention_output_format() const {
   const bool fp8 = precision == GemmPrecision::fp8 || precision == GemmPrecision::fp8_tensor;
   return fp8 && low_precision_caches ? SavedFormat::e5m6_1x128_pow2 : SavedFormat::full;
@@ -99,6 +131,29 @@ SavedFormat LinearGemm::attention_output_format() const {
 SavedFormat LinearGemm::moe_swiglu_input_format() const {
   const bool fp8 = precision == GemmPrecision::fp8 || precision == GemmPrecision::fp8_tensor;
   return fp8 && low_precision_caches ? SavedFormat::e4m3_1x128 : SavedFormat::full;
+}
+
+template <typename T>
+void copy_rows(const T* src, int64_t ld_src, int64_t n, int64_t width, T* dst, int64_t ld_dst, const int64_t* index) {
+  for (int64_t i = 0; i < n; ++i)
+    std::memcpy(dst + (index ? index[i] : i) * ld_dst, src + i * ld_src, size_t(width) * sizeof(T));
+}
+
+template <typename T>
+void rope_rotate(T* x, int64_t rows, int64_t row_stride, int64_t heads, int64_t head_stride, int64_t width,
+                 const double* cos, const double* sin, bool inverse) {
+  const int64_t half = width / 2;
+#pragma omp parallel for schedule(static) if (rows * heads * width > 32768)
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t h = 0; h < heads; ++h) {
+      T* v = x + r * row_stride + h * head_stride;
+      for (int64_t i = 0; i < half; ++i) {
+        const T c = T(cos[r * half + i]), s = T(inverse ? -sin[r * half + i] : sin[r * half + i]);
+        const T a = v[2 * i], b = v[2 * i + 1];
+        v[2 * i] = a * c - b * s;
+        v[2 * i + 1] = a * s + b * c;
+      }
+    }
 }
 
 template <typename T>
@@ -211,6 +266,10 @@ double cross_entropy(const T* logits, const int32_t* targets, int64_t n, int64_t
 
 #define DSV3_INSTANTIATE(T)                                                                                   \
   template void add_to<T>(T*, const T*, int64_t);                                                             \
+  template void copy_rows<T>(const T*, int64_t, int64_t, int64_t, T*, int64_t, const int64_t*);               \
+  template void rope_rotate<T>(T*, int64_t, int64_t, int64_t, int64_t, int64_t, const double*, const double*, bool); \
+  template void LinearGemm::forward<T>(const T*, const Mat&, T*, int64_t) const;                             \
+  template void LinearGemm::forward2<T>(const T*, int64_t, const Mat&, T*, const Mat&, T*) const;            \
   template void matmul<T>(const T*, const T*, T*, int64_t, int64_t, int64_t);                                 \
   template void matmul_dx<T>(const T*, const T*, T*, int64_t, int64_t, int64_t, bool);                        \
   template void matmul_dw<T>(const T*, const T*, T*, int64_t, int64_t, int64_t);                              \

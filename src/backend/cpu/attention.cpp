@@ -1,0 +1,334 @@
+// The attention core on the CPU (see backend/attention.h). Work is cut into tasks of one
+// sequence (a run of query tokens sharing their keys) and one head, or all heads at once
+// when every key and value vector is shared (MLA's absorbed form: the (token, head) pairs
+// are then the rows of one product, so the latents are read once for all heads). Each task
+// is three or four GEMMs and a row-wise softmax. Several tasks run on their own threads
+// (their GEMMs single-threaded); a single task gets the threads inside its GEMMs.
+#include "backend/attention.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "backend/cpu/kernels.h"
+#include "core/error.h"
+
+namespace dsv3 {
+
+namespace {
+
+// A run of query tokens [t0, t0 + nt) with the same key rows [first, first + keys).
+struct Group {
+  int64_t t0, nt, first, keys;
+};
+
+template <typename T>
+std::vector<Group> sequences(const AttentionArgs<T>& a) {
+  std::vector<Group> out;
+  for (int64_t t = 0; t < a.n; ++t) {
+    if (a.key_count[t] <= 0) fail("attention: query ", t, " sees no keys");
+    if (out.empty() || out.back().first != a.key_first[t]) out.push_back({t, 0, a.key_first[t], 0});
+    Group& g = out.back();
+    ++g.nt;
+    g.keys = std::max(g.keys, a.key_count[t]);
+  }
+  return out;
+}
+
+// True when every key and value vector is shared by all heads and the (token, head) query
+// rows are evenly spaced, so all heads of a task form one matrix of rows.
+template <typename T>
+bool heads_as_rows(const AttentionArgs<T>& a) {
+  auto even = [&](const HeadRows<const T>& q) { return a.heads == 1 || q.row_stride == a.heads * q.head_stride; };
+  const bool shared = a.k1.head_stride == 0 && a.v.head_stride == 0 && (a.q2.width == 0 || a.k2.head_stride == 0);
+  return shared && even(a.q1) && (a.q2.width == 0 || even(a.q2));
+}
+
+// One task: tokens [t0, t0 + nt) of a sequence, one head (head >= 0) or all heads (-1).
+// Its rows are (token, head) pairs; row r of a task's matrix is at base + r * ld.
+struct Task {
+  int64_t t0, nt, head, first, keys;
+  int64_t rows(int64_t heads) const { return head < 0 ? nt * heads : nt; }
+  int64_t token(int64_t r, int64_t heads) const { return t0 + (head < 0 ? r / heads : r); }
+};
+
+template <typename P>
+P* query_rows(const HeadRows<P>& q, const Task& t, int64_t heads, int64_t& ld) {
+  ld = t.head < 0 && heads > 1 ? q.head_stride : q.row_stride;
+  return q.data + t.t0 * q.row_stride + (t.head < 0 ? 0 : t.head * q.head_stride);
+}
+template <typename P>
+P* key_rows(const HeadRows<P>& k, const Task& t, int64_t& ld) {
+  ld = k.row_stride;
+  return k.data + t.first * k.row_stride + std::max<int64_t>(t.head, 0) * k.head_stride;
+}
+
+// s = scale * s, softmax over the first `visible` entries, zeros after them, per row.
+template <typename T>
+void causal_softmax(const AttentionArgs<T>& a, const Task& t, T* s, int64_t lds) {
+  const int64_t rows = t.rows(a.heads);
+#pragma omp parallel for schedule(static) if (!omp_in_parallel() && rows * t.keys > 65536)
+  for (int64_t r = 0; r < rows; ++r) {
+    T* row = s + r * lds;
+    const int64_t visible = a.key_count[t.token(r, a.heads)];
+    T mx = row[0] * T(a.scale);
+    for (int64_t j = 0; j < visible; ++j) mx = std::max(mx, row[j] = row[j] * T(a.scale));
+    double sum = 0;
+    for (int64_t j = 0; j < visible; ++j) sum += double(row[j] = std::exp(row[j] - mx));
+    const T inv = T(1.0 / sum);
+    for (int64_t j = 0; j < visible; ++j) row[j] *= inv;
+    std::fill(row + visible, row + t.keys, T(0));
+  }
+}
+
+// The task's scores and probabilities into s (lds), then its output rows.
+template <typename T>
+void forward_task(const AttentionArgs<T>& a, const Task& t, T* s, int64_t lds, T* out) {
+  const int64_t m = t.rows(a.heads), dv = a.v.width;
+  int64_t ldq, ldk;
+  const T* q1 = query_rows(a.q1, t, a.heads, ldq);
+  const T* k1 = key_rows(a.k1, t, ldk);
+  cpu::gemm<T>(false, true, m, t.keys, a.q1.width, q1, ldq, k1, ldk, T(0), s, lds);
+  if (a.q2.width > 0) {
+    const T* q2 = query_rows(a.q2, t, a.heads, ldq);
+    const T* k2 = key_rows(a.k2, t, ldk);
+    cpu::gemm<T>(false, true, m, t.keys, a.q2.width, q2, ldq, k2, ldk, T(1), s, lds);
+  }
+  causal_softmax(a, t, s, lds);
+  int64_t ldv;
+  const T* v = key_rows(a.v, t, ldv);
+  T* o = out + t.t0 * a.heads * dv + std::max<int64_t>(t.head, 0) * dv;
+  cpu::gemm<T>(false, false, m, dv, t.keys, s, lds, v, ldv, T(0), o, t.head < 0 ? dv : a.heads * dv);
+}
+
+template <typename T>
+std::vector<Task> forward_tasks(const AttentionArgs<T>& a, bool whole_sequences) {
+  std::vector<Task> tasks;
+  const bool all = heads_as_rows(a);
+  for (const Group& g : sequences(a)) {
+    if (all) {
+      // Tokens per task bounded so a task's score matrix stays small for long prompts.
+      const int64_t chunk =
+          whole_sequences ? g.nt : std::max<int64_t>(1, (int64_t(1) << 22) / std::max<int64_t>(1, a.heads * g.keys));
+      for (int64_t t0 = 0; t0 < g.nt; t0 += chunk) {
+        const int64_t nt = std::min(chunk, g.nt - t0);
+        int64_t keys = 0;
+        for (int64_t t = g.t0 + t0; t < g.t0 + t0 + nt; ++t) keys = std::max(keys, a.key_count[t]);
+        tasks.push_back({g.t0 + t0, nt, -1, g.first, keys});
+      }
+    } else {
+      for (int64_t h = 0; h < a.heads; ++h) tasks.push_back({g.t0, g.nt, h, g.first, g.keys});
+    }
+  }
+  return tasks;
+}
+
+template <typename T>
+void check_args(const AttentionArgs<T>& a, const void* probs, int64_t ld_probs) {
+  if (a.n <= 0 || a.heads <= 0 || a.q1.width != a.k1.width || a.q2.width != a.k2.width)
+    fail("attention: inconsistent shapes");
+  if (probs)
+    for (int64_t t = 0; t < a.n; ++t)
+      if (a.key_count[t] > ld_probs) fail("attention: ", a.key_count[t], " keys do not fit probability rows of ", ld_probs);
+}
+
+}  // namespace
+
+template <typename T>
+void attention_forward(const AttentionArgs<T>& a, T* out, T* probs, int64_t ld_probs) {
+  check_args(a, probs, ld_probs);
+  const std::vector<Task> tasks = forward_tasks(a, false);
+  const int64_t n_tasks = int64_t(tasks.size());
+#pragma omp parallel if (n_tasks > 1)
+  {
+    std::vector<T> scratch;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t i = 0; i < n_tasks; ++i) {
+      const Task& t = tasks[size_t(i)];
+      if (probs) {
+        // Rows (t * heads + h): consecutive for all heads, heads * ld_probs apart for one.
+        T* s = probs + (t.t0 * a.heads + std::max<int64_t>(t.head, 0)) * ld_probs;
+        forward_task(a, t, s, t.head < 0 ? ld_probs : a.heads * ld_probs, out);
+      } else {
+        scratch.resize(size_t(t.rows(a.heads) * t.keys));
+        forward_task(a, t, scratch.data(), t.keys, out);
+      }
+    }
+  }
+}
+
+template <typename T>
+void attention_backward(const AttentionArgs<T>& a, const T* probs, int64_t ld_probs, const T* d_out,
+                        const AttentionGrads<T>& g) {
+  check_args(a, probs, ld_probs);
+  if (!probs) fail("attention backward: the forward's probabilities are needed");
+  // Whole sequences per task, so that only tasks of one sequence's heads touch its keys'
+  // gradients; a shared key or value gradient of a one-head task goes to the task's own
+  // buffer, summed into place afterwards in task order (deterministic).
+  const std::vector<Task> tasks = forward_tasks(a, true);
+  const int64_t n_tasks = int64_t(tasks.size()), dv = a.v.width;
+  const bool per_head = !tasks.empty() && tasks[0].head >= 0;
+  struct Private {
+    std::vector<T> k1, k2, v;
+  };
+  std::vector<Private> priv(per_head ? tasks.size() : 0);
+#pragma omp parallel if (n_tasks > 1)
+  {
+    std::vector<T> dp;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t i = 0; i < n_tasks; ++i) {
+      const Task& t = tasks[size_t(i)];
+      const int64_t m = t.rows(a.heads), L = t.keys;
+      const T* p = probs + (t.t0 * a.heads + std::max<int64_t>(t.head, 0)) * ld_probs;
+      const int64_t ldp = t.head < 0 ? ld_probs : a.heads * ld_probs;
+      const T* dop = d_out + t.t0 * a.heads * dv + std::max<int64_t>(t.head, 0) * dv;
+      const int64_t lddo = t.head < 0 ? dv : a.heads * dv;
+      // The gradient of a key-side view: in place, or this task's buffer if shared by heads.
+      auto key_grad = [&](const HeadRows<T>& gv, std::vector<T>* own, int64_t& ld) -> T* {
+        if (per_head && gv.head_stride == 0) {
+          own->assign(size_t(L * gv.width), T(0));
+          ld = gv.width;
+          return own->data();
+        }
+        return key_rows(gv, t, ld);
+      };
+      Private* mine = per_head ? &priv[size_t(i)] : nullptr;
+      int64_t ldv, ldk, ldq, ldg;
+      const T* v = key_rows(a.v, t, ldv);
+      dp.resize(size_t(m * L));
+      // out = P v:  dP = d_out v^T,  dv += P^T d_out
+      cpu::gemm<T>(false, true, m, L, dv, dop, lddo, v, ldv, T(0), dp.data(), L);
+      T* gvp = key_grad(g.v, mine ? &mine->v : nullptr, ldg);
+      cpu::gemm<T>(true, false, L, dv, m, p, ldp, dop, lddo, T(1), gvp, ldg);
+      // P = softmax(scale * scores):  dS = scale * P * (dP - sum(P * dP))
+      for (int64_t r = 0; r < m; ++r) {
+        const T* pr = p + r * ldp;
+        T* d = dp.data() + r * L;
+        const int64_t visible = a.key_count[t.token(r, a.heads)];
+        T dot = 0;
+        for (int64_t j = 0; j < visible; ++j) dot += pr[j] * d[j];
+        for (int64_t j = 0; j < visible; ++j) d[j] = T(a.scale) * pr[j] * (d[j] - dot);
+        std::fill(d + visible, d + L, T(0));
+      }
+      // scores = q1 k1^T + q2 k2^T
+      auto product = [&](const HeadRows<const T>& q, const HeadRows<const T>& k, const HeadRows<T>& gq,
+                         const HeadRows<T>& gk, std::vector<T>* own) {
+        const T* qp = query_rows(q, t, a.heads, ldq);
+        const T* kp = key_rows(k, t, ldk);
+        T* gqp = query_rows(gq, t, a.heads, ldg);
+        cpu::gemm<T>(false, false, m, q.width, L, dp.data(), L, kp, ldk, T(1), gqp, ldg);
+        T* gkp = key_grad(gk, own, ldg);
+        cpu::gemm<T>(true, false, L, q.width, m, dp.data(), L, qp, ldq, T(1), gkp, ldg);
+      };
+      product(a.q1, a.k1, g.q1, g.k1, mine ? &mine->k1 : nullptr);
+      if (a.q2.width > 0) product(a.q2, a.k2, g.q2, g.k2, mine ? &mine->k2 : nullptr);
+    }
+  }
+  // The shared gradients of one-head tasks, summed into place.
+  for (size_t i = 0; i < priv.size(); ++i) {
+    const Task& t = tasks[i];
+    auto add = [&](const HeadRows<T>& gv, const std::vector<T>& own) {
+      if (own.empty()) return;
+      for (int64_t j = 0; j < t.keys; ++j) {
+        T* dst = gv.data + (t.first + j) * gv.row_stride;
+        for (int64_t w = 0; w < gv.width; ++w) dst[w] += own[size_t(j * gv.width + w)];
+      }
+    };
+    add(g.k1, priv[i].k1);
+    add(g.k2, priv[i].k2);
+    add(g.v, priv[i].v);
+  }
+}
+
+// The references: one (token, head) at a time, in double.
+namespace {
+
+template <typename P>
+P* at(const HeadRows<P>& x, int64_t row, int64_t head) {
+  return x.data + row * x.row_stride + head * x.head_stride;
+}
+
+template <typename T>
+std::vector<double> reference_probs(const AttentionArgs<T>& a, int64_t t, int64_t h) {
+  const int64_t first = a.key_first[t], count = a.key_count[t];
+  std::vector<double> p(static_cast<size_t>(count));
+  double mx = -INFINITY;
+  for (int64_t j = 0; j < count; ++j) {
+    double s = 0;
+    for (int64_t i = 0; i < a.q1.width; ++i) s += double(at(a.q1, t, h)[i]) * double(at(a.k1, first + j, h)[i]);
+    for (int64_t i = 0; i < a.q2.width; ++i) s += double(at(a.q2, t, h)[i]) * double(at(a.k2, first + j, h)[i]);
+    p[size_t(j)] = s * a.scale;
+    mx = std::max(mx, p[size_t(j)]);
+  }
+  double sum = 0;
+  for (double& x : p) sum += x = std::exp(x - mx);
+  for (double& x : p) x /= sum;
+  return p;
+}
+
+}  // namespace
+
+template <typename T>
+void attention_forward_reference(const AttentionArgs<T>& a, T* out, T* probs, int64_t ld_probs) {
+  check_args(a, probs, ld_probs);
+  const int64_t dv = a.v.width;
+  for (int64_t t = 0; t < a.n; ++t)
+    for (int64_t h = 0; h < a.heads; ++h) {
+      const std::vector<double> p = reference_probs(a, t, h);
+      for (int64_t i = 0; i < dv; ++i) {
+        double o = 0;
+        for (size_t j = 0; j < p.size(); ++j) o += p[j] * double(at(a.v, a.key_first[t] + int64_t(j), h)[i]);
+        out[(t * a.heads + h) * dv + i] = T(o);
+      }
+      if (probs)
+        for (size_t j = 0; j < p.size(); ++j) probs[(t * a.heads + h) * ld_probs + int64_t(j)] = T(p[j]);
+    }
+}
+
+template <typename T>
+void attention_backward_reference(const AttentionArgs<T>& a, const T* probs, int64_t, const T* d_out,
+                                  const AttentionGrads<T>& g) {
+  const int64_t dv = a.v.width;
+  for (int64_t t = 0; t < a.n; ++t)
+    for (int64_t h = 0; h < a.heads; ++h) {
+      const std::vector<double> p = reference_probs(a, t, h);  // recomputed, not the given probs
+      const int64_t first = a.key_first[t], count = a.key_count[t];
+      const T* dout = d_out + (t * a.heads + h) * dv;
+      std::vector<double> dp(p.size());
+      double dot = 0;
+      for (int64_t j = 0; j < count; ++j) {
+        for (int64_t i = 0; i < dv; ++i) {
+          dp[size_t(j)] += double(dout[i]) * double(at(a.v, first + j, h)[i]);
+          at(g.v, first + j, h)[i] += T(p[size_t(j)] * double(dout[i]));
+        }
+        dot += p[size_t(j)] * dp[size_t(j)];
+      }
+      for (int64_t j = 0; j < count; ++j) {
+        const double ds = a.scale * p[size_t(j)] * (dp[size_t(j)] - dot);
+        for (int64_t i = 0; i < a.q1.width; ++i) {
+          at(g.q1, t, h)[i] += T(ds * double(at(a.k1, first + j, h)[i]));
+          at(g.k1, first + j, h)[i] += T(ds * double(at(a.q1, t, h)[i]));
+        }
+        for (int64_t i = 0; i < a.q2.width; ++i) {
+          at(g.q2, t, h)[i] += T(ds * double(at(a.k2, first + j, h)[i]));
+          at(g.k2, first + j, h)[i] += T(ds * double(at(a.q2, t, h)[i]));
+        }
+      }
+    }
+  (void)probs;
+}
+
+#define DSV3_INSTANTIATE(T)                                                                                    \
+  template void attention_forward<T>(const AttentionArgs<T>&, T*, T*, int64_t);                               \
+  template void attention_backward<T>(const AttentionArgs<T>&, const T*, int64_t, const T*,                   \
+                                      const AttentionGrads<T>&);                                               \
+  template void attention_forward_reference<T>(const AttentionArgs<T>&, T*, T*, int64_t);                     \
+  template void attention_backward_reference<T>(const AttentionArgs<T>&, const T*, int64_t, const T*,         \
+                                                const AttentionGrads<T>&);
+DSV3_INSTANTIATE(float)
+DSV3_INSTANTIATE(double)
+
+}  // namespace dsv3
