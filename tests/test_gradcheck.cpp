@@ -195,23 +195,25 @@ TEST_P(ModuleGradCheck, MlaMlpMoe) {
                  x, dx, loss);
   }
   {  // dense MLP of layer 0
-    MlpActivations<double> a;
+    MlpRecord<double> a;
+    Arena arena;
     auto loss = [&] {
-      mlp_train_forward(w.layers[0].mlp, x.data(), N, a, out.data());
+      mlp_forward<double>(w.layers[0].mlp, x.data(), N, arena, out.data(), {}, &a);
       return dot(out, r);
     };
     loss();
     std::fill(dx.begin(), dx.end(), 0.0);
-    mlp_train_backward(w.layers[0].mlp, x.data(), N, a, r.data(), g.layers[0].mlp, dx.data());
+    mlp_backward<double>(w.layers[0].mlp, x.data(), N, a, r.data(), g.layers[0].mlp, dx.data(), arena);
     check_module("mlp", c, w, g, part_of(c, w, "model.layers.0.mlp."), part_of(c, g, "model.layers.0.mlp."), x, dx, loss);
   }
   {  // MoE of layer 1, with the balance loss over sequences of 4 tokens whose last one is an
      // MTP placeholder (counted neither in the loss nor in the loads)
-    MoeActivations<double> a;
+    MoeRecord<double> a;
+    Arena arena;
     const BalanceLoss balance{.seq_len = 4, .alpha = 0.05, .ignored_tail = 1};
     double balance_loss = 0;
     auto loss = [&] {
-      balance_loss = moe_train_forward(c, w.layers[1].moe, x.data(), N, a, out.data(), balance);
+      balance_loss = moe_forward<double>(c, w.layers[1].moe, x.data(), N, arena, out.data(), {}, &a, balance);
       return dot(out, r) + balance_loss;
     };
     loss();
@@ -219,10 +221,10 @@ TEST_P(ModuleGradCheck, MlaMlpMoe) {
     std::vector<int64_t> load(size_t(c.n_routed_experts), 0);
     for (int64_t t = 0; t < N; ++t)
       if (t % 4 != 3)
-        for (int64_t j = 0; j < c.num_experts_per_tok; ++j) ++load[size_t(a.experts[size_t(t * c.num_experts_per_tok + j)])];
+        for (int64_t j = 0; j < c.num_experts_per_tok; ++j) ++load[size_t(a.routing.experts[size_t(t * c.num_experts_per_tok + j)])];
     EXPECT_EQ(a.load, load);
     std::fill(dx.begin(), dx.end(), 0.0);
-    moe_train_backward(c, w.layers[1].moe, x.data(), N, a, r.data(), g.layers[1].moe, dx.data());
+    moe_backward<double>(c, w.layers[1].moe, x.data(), N, a, r.data(), g.layers[1].moe, dx.data(), arena);
     check_module("moe", c, w, g, part_of(c, w, "model.layers.1.mlp."), part_of(c, g, "model.layers.1.mlp."), x, dx, loss);
     // The placeholders' routing does not reach the balance loss.
     const double before = balance_loss;

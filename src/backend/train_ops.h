@@ -45,10 +45,17 @@ struct LinearGemm {
   // linear() (inference and fp32 training share it); otherwise w must hold T.
   template <typename T>
   void forward(const T* x, const Mat& w, T* y, int64_t n) const;
-  // Two products of one input (q_a_proj and kv_a_proj_with_mqa), as one grouped pass where
-  // the kernels allow.
+  // Several independent products (projections sharing an input, the active experts of an
+  // MoE layer), as one grouped pass (linear_batch) where the kernels allow.
   template <typename T>
-  void forward2(const T* x, int64_t n, const Mat& w1, T* y1, const Mat& w2, T* y2) const;
+  struct Job {
+    const T* x;
+    int64_t n;
+    Mat w;
+    T* y;
+  };
+  template <typename T>
+  void forward_batch(const Job<T>* jobs, size_t count) const;
 
   // The activations the paper caches in low precision for the backward pass (§3.3.3), in FP8
   // training: the input of the Linear after attention (E5M6, power-of-2 scales) and the inputs
@@ -73,6 +80,19 @@ void matmul_dw(const T* dy, const T* x, T* dw, int64_t n, int64_t in, int64_t ou
 template <typename T>
 void copy_rows(const T* src, int64_t ld_src, int64_t n, int64_t width, T* dst, int64_t ld_dst,
                const int64_t* index = nullptr);
+
+// dst row i (ld_dst) = scale[i] * src row index[i] (ld_src), width values, i < n (scale
+// null: 1): gathering tokens' rows, e.g. an expert's inputs.
+template <typename T>
+void gather_rows(const T* src, int64_t ld_src, const int64_t* index, const T* scale, int64_t n, int64_t width, T* dst,
+                 int64_t ld_dst);
+// dst row index[i] += scale[i] * src row i, for i = 0, 1, .. n-1 in that order (deterministic;
+// scale null: 1): combining experts' outputs into their tokens' rows. Rows width apart.
+template <typename T>
+void scatter_add_rows(const T* src, const int64_t* index, const T* scale, int64_t n, int64_t width, T* dst);
+// out[i] = a row index[i] . b row i (rows width apart).
+template <typename T>
+void row_dots(const T* a, const int64_t* index, const T* b, int64_t n, int64_t width, T* out);
 
 // RoPE's rotation (§2.1.1) of `heads` vectors of `width` values per row: vector h of row r at
 // x + r * row_stride + h * head_stride has its pairs (2i, 2i+1) rotated by the angle whose

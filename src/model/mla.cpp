@@ -144,12 +144,10 @@ void mla_forward(const MlaContext& ctx, const MlaWeights& w, const T* x, const T
   T* q = arena.alloc<T>(size_t(n * d.H * d.QK));
   T* kv = arena.alloc<T>(size_t(n * (d.C + d.R)));
   T* cq = nullptr;
-  if (d.Lq > 0) {
-    cq = record ? sized(record->cq, n * d.Lq) : arena.alloc<T>(size_t(n * d.Lq));
-    ctx.lin.forward2(x, n, w.q_a_proj, cq, w.kv_a_proj_with_mqa, kv);
-  } else {
-    ctx.lin.forward2(x, n, w.q_proj, q, w.kv_a_proj_with_mqa, kv);
-  }
+  if (d.Lq > 0) cq = record ? sized(record->cq, n * d.Lq) : arena.alloc<T>(size_t(n * d.Lq));
+  const LinearGemm::Job<T> down[2] = {{x, n, d.Lq > 0 ? w.q_a_proj : w.q_proj, d.Lq > 0 ? cq : q},
+                                      {x, n, w.kv_a_proj_with_mqa, kv}};
+  ctx.lin.forward_batch(down, 2);
   queries(ctx, w, x, cq, n, q, arena.alloc<T>(size_t(n * std::max<int64_t>(d.Lq, 1))), arena.alloc<T>(size_t(n)));
 
   // The cache keeps norm(c_kv) and rope(k_pe), at the tokens' rows.

@@ -1,24 +1,104 @@
-// Feed-forward layers: the dense SwiGLU MLP and DeepSeekMoE (§2.1.2):
-// h' = u + sum_i shared_i(u) + sum_{i in top-k} g_i expert_i(u). Uses backend ops only.
+// Feed-forward layers, one forward for inference and training and the backward beside it:
+// the dense SwiGLU MLP and DeepSeekMoE (§2.1.2),
+//   h' = sum_i shared_i(u) + sum_{i in top-k} g_i expert_i(u),
+// the MoE in four named steps so that an expert all-to-all can be placed between them from
+// outside (between dispatch and experts, and between experts and combine) without touching
+// the math:
+//   route     gate logits, affinities, bias-selected top-k, gate weights   (router.h)
+//   dispatch  the (token, choice) slots grouped by expert, their inputs gathered
+//   experts   every active expert's SwiGLU on its rows (grouped products), and the shared ones
+//   combine   out[t] += g_j * expert output, over the token's k choices
+// Expert selection is piecewise constant and is not differentiated; gradients reach the
+// router (gate.weight and the input) through the gate weights of the chosen experts. The
+// e_score_correction_bias only selects and gets no gradient. T is float (inference,
+// training) or double (gradient checks). Uses backend ops only.
+// What training keeps (§3.3.3): each MLP's SwiGLU inputs (E4M3 1x128 tiles for the experts
+// in FP8 training), not its output, which the backward recomputes; experts' inputs are
+// gathered again from the recomputed norm rather than kept.
 #pragma once
 #include <cstdint>
 #include <vector>
 
+#include "backend/train_ops.h"
 #include "core/arena.h"
 #include "model/weights.h"
 
 namespace dsv3 {
 
-// out[n, hidden] = down(silu(gate(x)) * up(x))
-void mlp_forward(const MlpWeights& w, const float* x, int64_t n, Arena& arena, float* out);
-
-struct Routing {                // what the router decided, for tests and balance statistics
-  std::vector<int32_t> experts;  // [n, k]
-  std::vector<float> weights;    // [n, k]
+// The SwiGLU inputs gate_proj x and up_proj x [m, inter].
+template <typename T>
+struct MlpRecord {
+  SavedActivation<T> a, b;
+  int64_t bytes() const { return a.bytes() + b.bytes(); }
 };
 
-// out[n, hidden] = MoE(x); if routing is given, the decisions are stored there.
-void moe_forward(const ModelConfig& c, const MoeWeights& w, const float* x, int64_t n, Arena& arena, float* out,
-                 Routing* routing = nullptr);
+// out[m, hidden] = down(silu(gate(x)) * up(x)) (overwritten). With a record, the SwiGLU
+// inputs are kept there in `saved` (the backward then works from those values).
+template <typename T>
+void mlp_forward(const MlpWeights& w, const T* x, int64_t m, Arena& arena, T* out, const LinearGemm& lin = {},
+                 MlpRecord<T>* record = nullptr, SavedFormat saved = SavedFormat::full);
+// Weight gradients accumulated into g; input gradient accumulated into dx. x: the forward's input.
+template <typename T>
+void mlp_backward(const MlpWeights& w, const T* x, int64_t m, const MlpRecord<T>& record, const T* dout, MlpWeights& g,
+                  T* dx, Arena& arena, const LinearGemm& lin = {});
+
+// Step 1, route: what the router decided for n tokens.
+template <typename T>
+struct Routing {
+  std::vector<T> logits;         // [n, E] = u W_g^T
+  std::vector<int32_t> experts;  // [n, k] chosen experts, best first
+  std::vector<T> weights;        // [n, k] their gate weights
+};
+template <typename T>
+void route_tokens(const ModelConfig& c, const MoeWeights& w, const T* x, int64_t n, Routing<T>& r);
+
+// Step 2, dispatch: the n*k slots (slot = token * k + j) grouped by expert; expert e's rows
+// are [offset[e], offset[e + 1]) of the grouped order, slot[row] says whose.
+struct Dispatch {
+  std::vector<int64_t> offset;  // [E + 1]
+  std::vector<int64_t> slot;    // [n * k]
+  std::vector<int64_t> token;   // [n * k]: slot / k
+  int64_t rows(int64_t e) const { return offset[size_t(e + 1)] - offset[size_t(e)]; }
+};
+Dispatch dispatch(const std::vector<int32_t>& experts, int64_t n_experts, int64_t k);
+
+// The complementary sequence-wise balance loss (§2.1.2, eq. 17-20): for each sequence of
+// seq_len tokens, alpha * sum_i f_i P_i with f_i = E / (K T) * (tokens choosing expert i)
+// and P_i the mean over the sequence of the normalised affinity s_i / sum_j s_j; averaged
+// over the sequences. alpha = 0 turns it off. T counts a sequence's tokens except its last
+// `ignored_tail`: the positions where MTP depth k feeds a placeholder (k of them), which
+// count neither in this loss nor in the expert loads that drive the bias update. (When a
+// sequence is no longer than k, TrainingPass still counts its first position: that MTP
+// depth has no target at all then, and its block keeps a load.)
+struct BalanceLoss {
+  int64_t seq_len = 0;  // 0: the whole batch is one sequence
+  double alpha = 0;
+  int64_t ignored_tail = 0;
+};
+
+// What the MoE backward needs, and the loads the bias update reads.
+template <typename T>
+struct MoeRecord {
+  Routing<T> routing;
+  Dispatch dispatch;
+  std::vector<T> ye;               // [n*k, hidden] expert outputs, grouped order
+  std::vector<MlpRecord<T>> expert;  // per expert
+  MlpRecord<T> shared;
+  BalanceLoss balance;               // as given to the forward
+  std::vector<int64_t> load;         // per expert: counted tokens routed to it (see BalanceLoss)
+  std::vector<T> balance_f;          // [n / seq_len, E]: alpha * f_i / (T * sequences)
+  int64_t bytes() const;
+};
+
+// out[n, hidden] = MoE(x) (overwritten); returns the balance loss (0 without a record or
+// alpha). routing: where the router's decisions go without a record (tests, statistics;
+// may be null). lin: the precision of the experts' GEMMs (the router gate stays in T).
+template <typename T>
+double moe_forward(const ModelConfig& c, const MoeWeights& w, const T* x, int64_t n, Arena& arena, T* out,
+                   const LinearGemm& lin = {}, MoeRecord<T>* record = nullptr, const BalanceLoss& balance = {},
+                   Routing<T>* routing = nullptr);
+template <typename T>
+void moe_backward(const ModelConfig& c, const MoeWeights& w, const T* x, int64_t n, const MoeRecord<T>& record,
+                  const T* dout, MoeWeights& g, T* dx, Arena& arena, const LinearGemm& lin = {});
 
 }  // namespace dsv3

@@ -59,9 +59,9 @@ double TrainingPass<T>::block_forward(const LayerWeights& lw, LayerActivations<T
   const Normed<T> xn2(h, lw.post_attention_layernorm, N, dim, c_.rms_norm_eps);
   double balance = 0;
   if (lw.is_moe)
-    balance = moe_train_forward(c_, lw.moe, xn2.y.data(), N, a.moe, delta.data(), {S_, loss_.alpha, ignored_tail},
-                                loss_.linear);
-  else mlp_train_forward(lw.mlp, xn2.y.data(), N, a.mlp, delta.data(), loss_.linear);
+    balance = moe_forward<T>(c_, lw.moe, xn2.y.data(), N, arena_, delta.data(), loss_.linear, &a.moe,
+                             {S_, loss_.alpha, ignored_tail});
+  else mlp_forward<T>(lw.mlp, xn2.y.data(), N, arena_, delta.data(), loss_.linear, &a.mlp);
   add_to(h.data(), delta.data(), N * dim);
   return balance;
 }
@@ -73,8 +73,8 @@ void TrainingPass<T>::block_backward(const LayerWeights& lw, LayerWeights& lg, c
   std::vector<T> dxn(static_cast<size_t>(N * dim), T(0));
   // h_out = h_mid + FFN(norm2(h_mid))
   const Normed<T> xn2(a.h_mid, lw.post_attention_layernorm, N, dim, c_.rms_norm_eps);  // recomputed
-  if (lw.is_moe) moe_train_backward(c_, lw.moe, xn2.y.data(), N, a.moe, dh.data(), lg.moe, dxn.data(), loss_.linear);
-  else mlp_train_backward(lw.mlp, xn2.y.data(), N, a.mlp, dh.data(), lg.mlp, dxn.data(), loss_.linear);
+  if (lw.is_moe) moe_backward<T>(c_, lw.moe, xn2.y.data(), N, a.moe, dh.data(), lg.moe, dxn.data(), arena_, loss_.linear);
+  else mlp_backward<T>(lw.mlp, xn2.y.data(), N, a.mlp, dh.data(), lg.mlp, dxn.data(), arena_, loss_.linear);
   rmsnorm_backward(dxn.data(), a.h_mid.data(), lw.post_attention_layernorm.as<T>(), xn2.inv.data(), dh.data(),
                    mutable_data<T>(lg.post_attention_layernorm), N, dim);
   // h_mid = h_in + MLA(norm1(h_in))

@@ -14,7 +14,7 @@
 // the released weights, projected by eh_proj, then one transformer block, shared_head.norm
 // and the output head shared with the main model.
 // What the forward keeps for the backward follows §3.2.3: RMSNorm outputs are recomputed
-// from their inputs (the residual stream), never stored; see also mla.h, moe_train.h.
+// from their inputs (the residual stream), never stored; see also mla.h, moe.h.
 // T is float (training) or double (gradient checks).
 #pragma once
 #include <cstdint>
@@ -22,7 +22,7 @@
 
 #include "core/arena.h"
 #include "model/mla.h"
-#include "model/moe_train.h"
+#include "model/moe.h"
 
 namespace dsv3 {
 
@@ -31,8 +31,8 @@ struct LayerActivations {
   std::vector<T> h_in;   // residual in (input_layernorm's input)
   MlaRecord<T> mla;
   std::vector<T> h_mid;  // residual after attention (post_attention_layernorm's input)
-  MlpActivations<T> mlp;  // dense layers
-  MoeActivations<T> moe;  // MoE layers
+  MlpRecord<T> mlp;  // dense layers
+  MoeRecord<T> moe;  // MoE layers
   int64_t bytes() const;
 };
 

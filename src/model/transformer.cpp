@@ -50,8 +50,8 @@ void Transformer::forward(const int32_t* tokens, int64_t n, KvCache& cache, floa
     mla_forward<float>(mla, w.self_attn, xn, rows, cache.layer(l), arena_, delta);
     add_to(h, delta, n * dim);
     rmsnorm(h, n, dim, w.post_attention_layernorm.f32(), c.rms_norm_eps, xn);
-    if (w.is_moe) moe_forward(c, w.moe, xn, n, arena_, delta, trace ? &trace->routing[l] : nullptr);
-    else mlp_forward(w.mlp, xn, n, arena_, delta);
+    if (w.is_moe) moe_forward<float>(c, w.moe, xn, n, arena_, delta, {}, nullptr, {}, trace ? &trace->routing[l] : nullptr);
+    else mlp_forward<float>(w.mlp, xn, n, arena_, delta);
     add_to(h, delta, n * dim);
     if (trace) trace->layer_out.emplace_back(h, h + n * dim);
   }

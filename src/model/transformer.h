@@ -36,7 +36,7 @@ class KvCache {
 struct ForwardTrace {
   std::vector<std::vector<float>> layer_out;  // residual stream after each layer [n, hidden]
   std::vector<float> prenorm_hidden, hidden;  // before / after model.norm [n, hidden]
-  std::map<int64_t, Routing> routing;         // per MoE layer
+  std::map<int64_t, Routing<float>> routing;  // per MoE layer
 };
 
 class Transformer {

@@ -114,14 +114,14 @@ void LinearGemm::forward(const T* x, const Mat& w, T* y, int64_t n) const {
 }
 
 template <typename T>
-void LinearGemm::forward2(const T* x, int64_t n, const Mat& w1, T* y1, const Mat& w2, T* y2) const {
+void LinearGemm::forward_batch(const Job<T>* jobs, size_t count) const {
   if constexpr (std::is_same_v<T, float>)
     if (precision == GemmPrecision::fp32) {
-      const LinearJob jobs[2] = {{x, n, w1, y1}, {x, n, w2, y2}};
-      return linear_batch(jobs, 2);
+      std::vector<LinearJob> grouped;
+      for (size_t i = 0; i < count; ++i) grouped.push_back({jobs[i].x, jobs[i].n, jobs[i].w, jobs[i].y});
+      return linear_batch(grouped.data(), grouped.size());
     }
-  forward(x, w1, y1, n);
-  forward(x, w2, y2, n);
+  for (size_t i = 0; i < count; ++i) forward(jobs[i].x, jobs[i].w, jobs[i].y, jobs[i].n);
 }
 
 SavedFormat LinearGemm::attention_output_format() const {
@@ -137,6 +137,42 @@ template <typename T>
 void copy_rows(const T* src, int64_t ld_src, int64_t n, int64_t width, T* dst, int64_t ld_dst, const int64_t* index) {
   for (int64_t i = 0; i < n; ++i)
     std::memcpy(dst + (index ? index[i] : i) * ld_dst, src + i * ld_src, size_t(width) * sizeof(T));
+}
+
+template <typename T>
+void gather_rows(const T* src, int64_t ld_src, const int64_t* index, const T* scale, int64_t n, int64_t width, T* dst,
+                 int64_t ld_dst) {
+#pragma omp parallel for schedule(static) if (n * width > 65536)
+  for (int64_t i = 0; i < n; ++i) {
+    const T* s = src + index[i] * ld_src;
+    T* d = dst + i * ld_dst;
+    if (scale)
+      for (int64_t j = 0; j < width; ++j) d[j] = scale[i] * s[j];
+    else
+      std::memcpy(d, s, size_t(width) * sizeof(T));
+  }
+}
+
+template <typename T>
+void scatter_add_rows(const T* src, const int64_t* index, const T* scale, int64_t n, int64_t width, T* dst) {
+  for (int64_t i = 0; i < n; ++i) {
+    T* d = dst + index[i] * width;
+    const T* s = src + i * width;
+    const T k = scale ? scale[i] : T(1);
+    for (int64_t j = 0; j < width; ++j) d[j] += k * s[j];
+  }
+}
+
+template <typename T>
+void row_dots(const T* a, const int64_t* index, const T* b, int64_t n, int64_t width, T* out) {
+#pragma omp parallel for schedule(static) if (n * width > 65536)
+  for (int64_t i = 0; i < n; ++i) {
+    const T* x = a + index[i] * width;
+    const T* y = b + i * width;
+    T dot = 0;
+    for (int64_t j = 0; j < width; ++j) dot += x[j] * y[j];
+    out[i] = dot;
+  }
 }
 
 template <typename T>
@@ -269,7 +305,10 @@ double cross_entropy(const T* logits, const int32_t* targets, int64_t n, int64_t
   template void copy_rows<T>(const T*, int64_t, int64_t, int64_t, T*, int64_t, const int64_t*);               \
   template void rope_rotate<T>(T*, int64_t, int64_t, int64_t, int64_t, int64_t, const double*, const double*, bool); \
   template void LinearGemm::forward<T>(const T*, const Mat&, T*, int64_t) const;                             \
-  template void LinearGemm::forward2<T>(const T*, int64_t, const Mat&, T*, const Mat&, T*) const;            \
+  template void LinearGemm::forward_batch<T>(const LinearGemm::Job<T>*, size_t) const;                       \
+  template void gather_rows<T>(const T*, int64_t, const int64_t*, const T*, int64_t, int64_t, T*, int64_t);   \
+  template void scatter_add_rows<T>(const T*, const int64_t*, const T*, int64_t, int64_t, T*);                \
+  template void row_dots<T>(const T*, const int64_t*, const T*, int64_t, int64_t, T*);                         \
   template void matmul<T>(const T*, const T*, T*, int64_t, int64_t, int64_t);                                 \
   template void matmul_dx<T>(const T*, const T*, T*, int64_t, int64_t, int64_t, bool);                        \
   template void matmul_dw<T>(const T*, const T*, T*, int64_t, int64_t, int64_t);                              \
