@@ -31,6 +31,7 @@ struct Problem {
   int64_t n = 0, keys = 0;  // query tokens; key rows (all sequences)
   std::vector<T> q1, q2, k1, k2, v;
   std::vector<int64_t> first, count;
+  std::vector<int64_t> seq_keys;  // per query token: the key rows its sequence reads
   AttentionArgs<T> args;
 
   explicit Problem(const Layout& layout, uint64_t seed) : l(layout) {
@@ -44,6 +45,7 @@ struct Problem {
       for (int64_t i = 0; i < l.seq_len[s]; ++i) {
         first.push_back(keys);
         count.push_back(l.seq_past[s] + i + 1);
+        seq_keys.push_back(l.seq_past[s] + l.seq_len[s]);
       }
       n += l.seq_len[s];
       keys += l.seq_past[s] + l.seq_len[s];
@@ -73,6 +75,10 @@ const std::vector<Layout>& layouts() {
       {"absorbed_decode_batch", 8, 32, 8, 32, true, true, {1, 1, 2}, {12, 0, 5}},
       {"one_head", 1, 16, 8, 8, false, false, {6}, {2}},
       {"no_rope_product", 2, 16, 0, 8, true, true, {4, 4}, {0, 1}},
+      // Long enough (queries x keys x heads-as-rows over 2^22) that a sequence's tokens are
+      // cut into several forward tasks, while the backward takes each sequence whole.
+      {"absorbed_long_chunked", 4, 8, 4, 8, true, true, {1100, 3}, {0, 2}},
+      {"naive_long_chunked", 1, 8, 4, 8, false, false, {2100}, {0}},
   };
   return all;
 }
@@ -107,6 +113,9 @@ void check_forward(const Layout& l, double tol) {
         sum += double(row[j]);
       }
       EXPECT_NEAR(sum, 1.0, tol) << l.name;
+      // Zeros after the visible keys, as far as the backward reads (the sequence's keys).
+      for (int64_t j = p.count[size_t(t)]; j < p.seq_keys[size_t(t)]; ++j)
+        ASSERT_EQ(double(row[j]), 0.0) << l.name << " t " << t << " h " << h << " j " << j;
     }
 }
 
@@ -120,7 +129,8 @@ template <typename T>
 void check_backward(const Layout& l, double tol) {
   Problem<T> p(l, 23);
   const int64_t ld = p.max_count();
-  std::vector<T> out(size_t(p.n * l.heads * l.wv)), probs(size_t(p.n * l.heads * ld));
+  // Garbage before the forward: the backward must read only what the forward wrote.
+  std::vector<T> out(size_t(p.n * l.heads * l.wv)), probs(size_t(p.n * l.heads * ld), T(7));
   attention_forward(p.args, out.data(), probs.data(), ld);
   std::mt19937_64 rng(5);
   std::normal_distribution<double> normal(0, 1);
@@ -159,6 +169,22 @@ TEST(AttentionOpErrors, ProbabilityRowsTooShortAndQueriesWithoutKeys) {
   EXPECT_THROW(attention_forward(p.args, out.data(), probs.data(), 3), Error);
   p.count[2] = 0;
   EXPECT_THROW(attention_forward(p.args, out.data()), Error);
+}
+
+TEST(AttentionOpErrors, BackwardRefusesSequencesSharingKeyRows) {
+  Problem<double> p(layouts()[1], 1);  // sequences of 5 and 3 tokens, keys rows [0, 5) and [5, 12)
+  for (int64_t t = 5; t < 8; ++t) p.first[size_t(t)] = 2;  // the second now reads rows [2, 9)
+  const int64_t ld = p.max_count();
+  std::vector<double> out(size_t(p.n * 3 * 16)), probs(size_t(p.n * 3 * ld));
+  attention_forward(p.args, out.data(), probs.data(), ld);  // reading shared keys is fine
+  std::vector<std::vector<double>> g = {p.q1, p.q2, p.k1, p.k2, p.v};
+  AttentionGrads<double> v;
+  v.q1 = {g[0].data(), p.args.q1.row_stride, p.args.q1.head_stride, p.args.q1.width};
+  v.q2 = {g[1].data(), p.args.q2.row_stride, p.args.q2.head_stride, p.args.q2.width};
+  v.k1 = {g[2].data(), p.args.k1.row_stride, p.args.k1.head_stride, p.args.k1.width};
+  v.k2 = {g[3].data(), p.args.k2.row_stride, p.args.k2.head_stride, p.args.k2.width};
+  v.v = {g[4].data(), p.args.v.row_stride, p.args.v.head_stride, p.args.v.width};
+  EXPECT_THROW(attention_backward(p.args, probs.data(), ld, out.data(), v), Error);
 }
 
 }  // namespace

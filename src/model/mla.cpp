@@ -63,15 +63,16 @@ KeyRanges key_ranges(const TokenRows& tokens, Arena& arena) {
 }
 
 // The queries, with RoPE on each head's last R values: q = W_uq norm(c_q) with the low-rank
-// path (c_q given), else q = W_q x.  [n, H*QK]
+// path (c_q given), else q = W_q x, unless the caller already computed it (q_projected).
+// [n, H*QK]
 template <typename T>
 void queries(const MlaContext& ctx, const MlaWeights& w, const T* x, const T* cq, int64_t n, T* q, T* cq_norm,
-             T* cq_inv) {
+             T* cq_inv, bool q_projected) {
   const Dims d(ctx.config);
   if (d.Lq > 0) {
     rmsnorm_forward(cq, W<T>(w.q_a_layernorm), cq_norm, cq_inv, n, d.Lq, ctx.config.rms_norm_eps);
     ctx.lin.forward(cq_norm, w.q_b_proj, q, n);
-  } else {
+  } else if (!q_projected) {
     ctx.lin.forward(x, w.q_proj, q, n);
   }
   rope_rotate(q + d.D, n, d.H * d.QK, d.H, d.QK, d.R, ctx.angles.cos.data(), ctx.angles.sin.data(), false);
@@ -129,6 +130,14 @@ void mla_forward(const MlaContext& ctx, const MlaWeights& w, const T* x, const T
   const Dims d(c);
   const int64_t n = tokens.size();
   if (n <= 0) fail("mla: no tokens");
+  if (tokens.row.size() != tokens.pos.size())
+    fail("mla: ", tokens.pos.size(), " positions but ", tokens.row.size(), " cache rows");
+  for (int64_t t = 0; t < n; ++t)
+    if (tokens.pos[size_t(t)] < 0 || tokens.first_row(t) < 0)
+      fail("mla: token ", t, " at position ", tokens.pos[size_t(t)], " in cache row ", tokens.row[size_t(t)],
+           " has no room for its sequence's earlier positions");
+  if (ctx.angles.cos.size() < size_t(n * d.R / 2) || ctx.angles.sin.size() < size_t(n * d.R / 2))
+    fail("mla: RoPE angles for ", ctx.angles.cos.size() / size_t(std::max<int64_t>(d.R / 2, 1)), " tokens, not ", n);
   if (record && (ctx.form != AttnForm::naive || !cache.empty()))
     fail("mla: a forward recorded for the backward runs in the naive form over its own rows");
   ArenaScope scope(arena);
@@ -148,7 +157,9 @@ void mla_forward(const MlaContext& ctx, const MlaWeights& w, const T* x, const T
   const LinearGemm::Job<T> down[2] = {{x, n, d.Lq > 0 ? w.q_a_proj : w.q_proj, d.Lq > 0 ? cq : q},
                                       {x, n, w.kv_a_proj_with_mqa, kv}};
   ctx.lin.forward_batch(down, 2);
-  queries(ctx, w, x, cq, n, q, arena.alloc<T>(size_t(n * std::max<int64_t>(d.Lq, 1))), arena.alloc<T>(size_t(n)));
+  // Without the low-rank path the batch above already gave q = W_q x.
+  queries(ctx, w, x, cq, n, q, arena.alloc<T>(size_t(n * std::max<int64_t>(d.Lq, 1))), arena.alloc<T>(size_t(n)),
+          /*q_projected=*/true);
 
   // The cache keeps norm(c_kv) and rope(k_pe), at the tokens' rows.
   T* c_kv = record ? sized(record->c, n * d.C) : arena.alloc<T>(size_t(n * d.C));
@@ -191,13 +202,16 @@ void mla_backward(const MlaContext& ctx, const MlaWeights& w, const T* x, const 
   const int64_t n = tokens.size();
   const double* cos = ctx.angles.cos.data();
   const double* sin = ctx.angles.sin.data();
+  if (rec.c.size() != size_t(n * d.C) || rec.k_pe.size() != size_t(n * d.R) ||
+      rec.cq.size() != size_t(n * d.Lq) || rec.p.size() != size_t(n * d.H * rec.ld_p))
+    fail("mla backward: the record is not of a forward over these ", n, " tokens");
   ArenaScope scope(arena);
 
   // Recomputed (§3.2.3): the queries, norm(c_kv) and its expansion to k_nope and v.
   T* q = arena.alloc<T>(size_t(n * d.H * d.QK));
   T* cq_norm = arena.alloc<T>(size_t(n * std::max<int64_t>(d.Lq, 1)));
   T* cq_inv = arena.alloc<T>(size_t(n));
-  queries(ctx, w, x, rec.cq.data(), n, q, cq_norm, cq_inv);
+  queries(ctx, w, x, rec.cq.data(), n, q, cq_norm, cq_inv, /*q_projected=*/false);
   T* c_norm = arena.alloc<T>(size_t(n * d.C));
   T* c_inv = arena.alloc<T>(size_t(n));
   rmsnorm_forward(rec.c.data(), W<T>(w.kv_a_layernorm), c_norm, c_inv, n, d.C, c.rms_norm_eps);

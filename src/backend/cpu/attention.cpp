@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <utility>
 #include <vector>
 
 #include "backend/cpu/kernels.h"
@@ -48,9 +49,11 @@ bool heads_as_rows(const AttentionArgs<T>& a) {
 }
 
 // One task: tokens [t0, t0 + nt) of a sequence, one head (head >= 0) or all heads (-1).
-// Its rows are (token, head) pairs; row r of a task's matrix is at base + r * ld.
+// Its rows are (token, head) pairs; row r of a task's matrix is at base + r * ld. A task
+// computes `keys` columns; a kept probability row is zero-filled up to the whole
+// sequence's `group_keys`, all that the backward (one task per sequence) reads.
 struct Task {
-  int64_t t0, nt, head, first, keys;
+  int64_t t0, nt, head, first, keys, group_keys;
   int64_t rows(int64_t heads) const { return head < 0 ? nt * heads : nt; }
   int64_t token(int64_t r, int64_t heads) const { return t0 + (head < 0 ? r / heads : r); }
 };
@@ -66,9 +69,10 @@ P* key_rows(const HeadRows<P>& k, const Task& t, int64_t& ld) {
   return k.data + t.first * k.row_stride + std::max<int64_t>(t.head, 0) * k.head_stride;
 }
 
-// s = scale * s, softmax over the first `visible` entries, zeros after them, per row.
+// s = scale * s, softmax over the first `visible` entries, zeros after them up to `width`,
+// per row.
 template <typename T>
-void causal_softmax(const AttentionArgs<T>& a, const Task& t, T* s, int64_t lds) {
+void causal_softmax(const AttentionArgs<T>& a, const Task& t, T* s, int64_t lds, int64_t width) {
   const int64_t rows = t.rows(a.heads);
 #pragma omp parallel for schedule(static) if (!omp_in_parallel() && rows * t.keys > 65536)
   for (int64_t r = 0; r < rows; ++r) {
@@ -80,13 +84,14 @@ void causal_softmax(const AttentionArgs<T>& a, const Task& t, T* s, int64_t lds)
     for (int64_t j = 0; j < visible; ++j) sum += double(row[j] = std::exp(row[j] - mx));
     const T inv = T(1.0 / sum);
     for (int64_t j = 0; j < visible; ++j) row[j] *= inv;
-    std::fill(row + visible, row + t.keys, T(0));
+    std::fill(row + visible, row + width, T(0));
   }
 }
 
-// The task's scores and probabilities into s (lds), then its output rows.
+// The task's scores and probabilities into s (lds; rows zero-filled to `width` columns),
+// then its output rows.
 template <typename T>
-void forward_task(const AttentionArgs<T>& a, const Task& t, T* s, int64_t lds, T* out) {
+void forward_task(const AttentionArgs<T>& a, const Task& t, T* s, int64_t lds, int64_t width, T* out) {
   const int64_t m = t.rows(a.heads), dv = a.v.width;
   int64_t ldq, ldk;
   const T* q1 = query_rows(a.q1, t, a.heads, ldq);
@@ -97,30 +102,31 @@ void forward_task(const AttentionArgs<T>& a, const Task& t, T* s, int64_t lds, T
     const T* k2 = key_rows(a.k2, t, ldk);
     cpu::gemm<T>(false, true, m, t.keys, a.q2.width, q2, ldq, k2, ldk, T(1), s, lds);
   }
-  causal_softmax(a, t, s, lds);
+  causal_softmax(a, t, s, lds, width);
   int64_t ldv;
   const T* v = key_rows(a.v, t, ldv);
   T* o = out + t.t0 * a.heads * dv + std::max<int64_t>(t.head, 0) * dv;
   cpu::gemm<T>(false, false, m, dv, t.keys, s, lds, v, ldv, T(0), o, t.head < 0 ? dv : a.heads * dv);
 }
 
+// Score entries per task at most, so that a long prompt's scores stay small (16 MiB in float).
+constexpr int64_t kTaskScores = int64_t(1) << 22;
+
 template <typename T>
 std::vector<Task> forward_tasks(const AttentionArgs<T>& a, bool whole_sequences) {
   std::vector<Task> tasks;
   const bool all = heads_as_rows(a);
+  const int64_t rows_per_token = all ? a.heads : 1;
   for (const Group& g : sequences(a)) {
-    if (all) {
-      // Tokens per task bounded so a task's score matrix stays small for long prompts.
-      const int64_t chunk =
-          whole_sequences ? g.nt : std::max<int64_t>(1, (int64_t(1) << 22) / std::max<int64_t>(1, a.heads * g.keys));
-      for (int64_t t0 = 0; t0 < g.nt; t0 += chunk) {
-        const int64_t nt = std::min(chunk, g.nt - t0);
-        int64_t keys = 0;
-        for (int64_t t = g.t0 + t0; t < g.t0 + t0 + nt; ++t) keys = std::max(keys, a.key_count[t]);
-        tasks.push_back({g.t0 + t0, nt, -1, g.first, keys});
-      }
-    } else {
-      for (int64_t h = 0; h < a.heads; ++h) tasks.push_back({g.t0, g.nt, h, g.first, g.keys});
+    const int64_t chunk =
+        whole_sequences ? g.nt : std::max<int64_t>(1, kTaskScores / std::max<int64_t>(1, rows_per_token * g.keys));
+    for (int64_t t0 = 0; t0 < g.nt; t0 += chunk) {
+      const int64_t nt = std::min(chunk, g.nt - t0);
+      int64_t keys = 0;
+      for (int64_t t = g.t0 + t0; t < g.t0 + t0 + nt; ++t) keys = std::max(keys, a.key_count[t]);
+      if (all) tasks.push_back({g.t0 + t0, nt, -1, g.first, keys, g.keys});
+      else
+        for (int64_t h = 0; h < a.heads; ++h) tasks.push_back({g.t0 + t0, nt, h, g.first, keys, g.keys});
     }
   }
   return tasks;
@@ -146,10 +152,10 @@ void attention_forward(const AttentionArgs<T>& a, T* out, T* probs, int64_t ld_p
     if (probs) {
       // Rows (t * heads + h): consecutive for all heads, heads * ld_probs apart for one.
       T* s = probs + (t.t0 * a.heads + std::max<int64_t>(t.head, 0)) * ld_probs;
-      forward_task(a, t, s, t.head < 0 ? ld_probs : a.heads * ld_probs, out);
+      forward_task(a, t, s, t.head < 0 ? ld_probs : a.heads * ld_probs, t.group_keys, out);
     } else {
       scratch.resize(size_t(t.rows(a.heads) * t.keys));
-      forward_task(a, t, scratch.data(), t.keys, out);
+      forward_task(a, t, scratch.data(), t.keys, t.keys, out);
     }
   };
   if (n_tasks == 1) {
@@ -177,6 +183,14 @@ void attention_backward(const AttentionArgs<T>& a, const T* probs, int64_t ld_pr
   // gradients; a shared key or value gradient of a one-head task goes to the task's own
   // buffer, summed into place afterwards in task order (deterministic).
   const std::vector<Task> tasks = forward_tasks(a, true);
+  {  // concurrent tasks write their keys' gradients in place: the sequences' keys must not overlap
+    std::vector<std::pair<int64_t, int64_t>> ranges;
+    for (const Group& s : sequences(a)) ranges.push_back({s.first, s.first + s.keys});
+    std::sort(ranges.begin(), ranges.end());
+    for (size_t i = 1; i < ranges.size(); ++i)
+      if (ranges[i].first < ranges[i - 1].second)
+        fail("attention backward: two sequences share key rows [", ranges[i].first, ", ", ranges[i - 1].second, ")");
+  }
   const int64_t n_tasks = int64_t(tasks.size()), dv = a.v.width;
   const bool per_head = !tasks.empty() && tasks[0].head >= 0;
   struct Private {
