@@ -13,36 +13,25 @@
 // and enorm of the embedding of token i+k, concatenated as [enorm(emb); hnorm(h)] as in
 // the released weights, projected by eh_proj, then one transformer block, shared_head.norm
 // and the output head shared with the main model.
-// What the forward keeps for the backward follows §3.2.3: RMSNorm outputs are recomputed
-// from their inputs (the residual stream), never stored; see also mla.h, moe.h.
+// The blocks, the MTP modules, the embedding and the head are the model's own modules
+// (block.h, mtp.h, head.h), the ones inference runs: training calls them with a record.
 // T is float (training) or double (gradient checks).
 #pragma once
 #include <cstdint>
 #include <vector>
 
 #include "core/arena.h"
-#include "model/mla.h"
-#include "model/moe.h"
+#include "model/block.h"
+#include "model/mtp.h"
 
 namespace dsv3 {
 
 template <typename T>
-struct LayerActivations {
-  std::vector<T> h_in;   // residual in (input_layernorm's input)
-  MlaRecord<T> mla;
-  std::vector<T> h_mid;  // residual after attention (post_attention_layernorm's input)
-  MlpRecord<T> mlp;  // dense layers
-  MoeRecord<T> moe;  // MoE layers
-  int64_t bytes() const;
-};
-
-template <typename T>
 struct MtpActivations {  // one depth
-  std::vector<int32_t> targets;  // [N], -1 where the token k+1 ahead is outside the window
-  std::vector<T> e;              // embedding of token i+k (enorm's input)
-  std::vector<T> h_prev;         // h^{k-1} (hnorm's input)
-  std::vector<T> h_out;          // after the block (shared_head.norm's input)
-  LayerActivations<T> block;
+  std::vector<int32_t> next_tokens;  // [N] t_{i+k}; a placeholder (t_i) where i+k is outside the window
+  std::vector<int32_t> targets;      // [N] t_{i+k+1}, -1 where it is outside the window
+  MtpRecord<T> record;
+  std::vector<T> h_out;              // h^k (shared_head.norm's input)
   std::vector<T> logits, dlogits;
   int64_t bytes() const;
 };
@@ -75,13 +64,10 @@ class TrainingPass {
   std::vector<std::vector<int64_t>> expert_loads() const;
 
  private:
-  struct MtpInput {  // [enorm(emb) ; hnorm(h)] and the two norms' 1/rms
-    std::vector<T> cat, e_inv, h_inv;
-  };
-  MtpInput mtp_input(const MtpWeights& mw, const MtpActivations<T>& a) const;
   // ignored_tail: positions per sequence left out of the balance loss and expert loads.
-  double block_forward(const LayerWeights& lw, LayerActivations<T>& a, std::vector<T>& h, int64_t ignored_tail = 0);
-  void block_backward(const LayerWeights& lw, LayerWeights& lg, const LayerActivations<T>& a, std::vector<T>& dh);
+  BlockContext block_context(int64_t ignored_tail = 0) const {
+    return {{c_, angles_, AttnForm::naive, loss_.linear}, {S_, loss_.alpha, ignored_tail}};
+  }
 
   const ModelConfig& c_;
   TrainingLoss loss_;
@@ -90,9 +76,8 @@ class TrainingPass {
   TokenRows rows_;      // B windows of S tokens
   RopeAngles angles_;   // of rows_.pos
   Arena arena_;         // the modules' scratch
-  MlaContext mla_context() const { return {c_, angles_, AttnForm::naive, loss_.linear}; }
   std::vector<int32_t> tokens_;
-  std::vector<LayerActivations<T>> layers_;
+  std::vector<BlockRecord<T>> layers_;
   std::vector<MtpActivations<T>> mtp_;
   std::vector<T> h_last_, logits_, dlogits_;
   double main_loss_ = 0, mtp_loss_ = 0, balance_loss_ = 0;

@@ -1,11 +1,10 @@
 // The model's forward pass (see transformer.h).
 #include "model/transformer.h"
 
-#include <cstring>
-
-#include "backend/ops.h"
 #include "backend/train_ops.h"
 #include "core/error.h"
+#include "model/block.h"
+#include "model/head.h"
 
 namespace dsv3 {
 
@@ -37,32 +36,26 @@ void Transformer::forward(const int32_t* tokens, int64_t n, KvCache& cache, floa
   arena_.reset();
   const TokenRows rows = TokenRows::sequence(start, n);
   rope_.angles(rows.pos, angles_);
-  const MlaContext mla{c, angles_, attn_form};
+  const BlockContext ctx{{c, angles_, attn_form}};
 
-  float* h = arena_.alloc(size_t(n * dim));     // the residual stream
-  float* xn = arena_.alloc(size_t(n * dim));    // its normalised copy
-  float* delta = arena_.alloc(size_t(n * dim));  // a sub-layer's output
-  embedding(weights_.embed_tokens, tokens, n, h);
+  float* h = arena_.alloc(size_t(n * dim));  // the residual stream
+  embed_forward(weights_.embed_tokens, tokens, n, h, arena_);
   if (trace) trace->layer_out.clear();
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
     const LayerWeights& w = weights_.layers[size_t(l)];
-    rmsnorm(h, n, dim, w.input_layernorm.f32(), c.rms_norm_eps, xn);
-    mla_forward<float>(mla, w.self_attn, xn, rows, cache.layer(l), arena_, delta);
-    add_to(h, delta, n * dim);
-    rmsnorm(h, n, dim, w.post_attention_layernorm.f32(), c.rms_norm_eps, xn);
-    if (w.is_moe) moe_forward<float>(c, w.moe, xn, n, arena_, delta, {}, nullptr, {}, trace ? &trace->routing[l] : nullptr);
-    else mlp_forward<float>(w.mlp, xn, n, arena_, delta);
-    add_to(h, delta, n * dim);
+    block_forward<float>(ctx, w, rows, cache.layer(l), h, arena_, nullptr,
+                         trace && w.is_moe ? &trace->routing[l] : nullptr);
     if (trace) trace->layer_out.emplace_back(h, h + n * dim);
   }
   cache.advance(n);
-  rmsnorm(h, n, dim, weights_.norm.f32(), c.rms_norm_eps, xn);
   if (trace) {
     trace->prenorm_hidden.assign(h, h + n * dim);
-    trace->hidden.assign(xn, xn + n * dim);
+    trace->hidden.resize(size_t(n * dim));
+    // The trace's normed rows only: the logits below are computed as without a trace.
+    rmsnorm_forward(h, weights_.norm.f32(), trace->hidden.data(), arena_.alloc(size_t(n)), n, dim, c.rms_norm_eps);
   }
-  if (all_rows) linear(xn, n, weights_.lm_head, logits);
-  else linear(xn + (n - 1) * dim, 1, weights_.lm_head, logits);
+  if (all_rows) head_forward(c, weights_.norm, weights_.lm_head, h, n, logits, arena_);
+  else head_forward(c, weights_.norm, weights_.lm_head, h + (n - 1) * dim, 1, logits, arena_);
 }
 
 }  // namespace dsv3
