@@ -126,6 +126,24 @@ TEST_P(Golden, IncrementalEqualsPrefill) {
   }
 }
 
+// Truncating the cache drops the later positions: running them again gives their logits again.
+TEST_P(Golden, TruncatedCacheContinuesAtItsLength) {
+  const int64_t vocab = model_->config().vocab_size;
+  const auto tokens = test::read_i32(*golden_, "tokens_3");
+  const auto want = test::read_f32(*golden_, "logits_3");
+  const int64_t n = 20, keep = 7;
+  KvCache cache(model_->config(), n);
+  std::vector<float> logits(static_cast<size_t>(n * vocab));
+  model_->forward(tokens.data(), n, cache, logits.data(), true);
+  cache.truncate(keep);
+  EXPECT_EQ(cache.length(), keep);
+  model_->forward(tokens.data() + keep, n - keep, cache, logits.data(), true);
+  const float tol = 1e-4f * test::max_abs(want);
+  EXPECT_LE(test::max_abs_diff(logits.data(), want.data() + keep * vocab, size_t((n - keep) * vocab)), tol);
+  EXPECT_THROW(cache.truncate(n + 1), Error);
+  EXPECT_THROW(cache.truncate(-1), Error);
+}
+
 // dsv3 perplexity scores a window with the mean next-token loss under the model's logits: the
 // loss computed here from the official code's logits of the 150-token case.
 TEST_P(Golden, WindowLossIsTheMeanLossUnderTheGoldenLogits) {

@@ -1,7 +1,5 @@
 // dsv3: train, run and serve DeepSeek-V3-architecture models. Subcommands live in
 // cmd_*.cpp; this file parses and reports errors (exit 1 with "dsv3: error: ...").
-#include <malloc.h>
-
 #include <CLI/CLI.hpp>
 #include <cstdio>
 
@@ -9,10 +7,6 @@
 #include "core/error.h"
 
 int main(int argc, char** argv) {
-  // Training and prefill allocate the same large buffers every step; by default glibc maps
-  // each from the kernel and unmaps it on free, so every step paid its page faults again.
-  mallopt(M_MMAP_THRESHOLD, 1 << 30);
-  mallopt(M_TRIM_THRESHOLD, 1 << 30);
   CLI::App app{"dsv3: a C++ engine for DeepSeek-V3-architecture models"};
   app.require_subcommand(1);
   dsv3::cli::add_generate(app);

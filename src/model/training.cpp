@@ -46,7 +46,8 @@ double TrainingPass<T>::forward(const ModelWeights& w, const int32_t* tokens, co
   rows_ = TokenRows::windows(B, S);
   rope_.angles(rows_.pos, angles_);
   arena_.reset();
-  std::vector<T> h(static_cast<size_t>(N * dim));
+  std::vector<T>& h = h_;  // the residual stream; h_ and h_next_ keep their memory between steps
+  h.resize(size_t(N * dim));
   embed_forward(w.embed_tokens, tokens, N, h.data(), arena_);
 
   balance_loss_ = 0;
@@ -62,7 +63,8 @@ double TrainingPass<T>::forward(const ModelWeights& w, const int32_t* tokens, co
   const int64_t D = loss_.mtp_weight > 0 ? c_.num_nextn_predict_layers : 0;
   mtp_.resize(size_t(D));
   mtp_loss_ = 0;
-  std::vector<T> h_k(D > 0 ? h.size() : 0);
+  std::vector<T>& h_k = h_next_;
+  if (D > 0) h_k.resize(h.size());
   for (int64_t k = 1; k <= D; ++k) {
     const MtpWeights& mw = w.mtp[size_t(k - 1)];
     MtpActivations<T>& a = mtp_[size_t(k - 1)];
@@ -89,7 +91,8 @@ double TrainingPass<T>::forward(const ModelWeights& w, const int32_t* tokens, co
 template <typename T>
 void TrainingPass<T>::backward(const ModelWeights& w, ModelWeights& g) {
   const int64_t N = B_ * S_, dim = c_.hidden_size;
-  std::vector<T> dh(static_cast<size_t>(N * dim), T(0));
+  std::vector<T>& dh = dh_;
+  dh.assign(size_t(N * dim), T(0));
   // MTP depths, last first: dh carries d h^{k} back to depth k-1, and at the end to h^0.
   for (int64_t k = int64_t(mtp_.size()); k >= 1; --k) {
     const MtpWeights& mw = w.mtp[size_t(k - 1)];

@@ -80,6 +80,7 @@ class TrainingPass {
   std::vector<BlockRecord<T>> layers_;
   std::vector<MtpActivations<T>> mtp_;
   std::vector<T> h_last_, logits_, dlogits_;
+  std::vector<T> h_, h_next_, dh_;  // working buffers of a step, kept between steps
   double main_loss_ = 0, mtp_loss_ = 0, balance_loss_ = 0;
 };
 

@@ -17,6 +17,11 @@ KvCache::KvCache(const ModelConfig& c, int64_t capacity) : capacity_(capacity) {
   }
 }
 
+void KvCache::truncate(int64_t n) {
+  if (n < 0 || n > length_) fail("KV cache: cannot truncate ", length_, " positions to ", n);
+  length_ = n;
+}
+
 Transformer::Transformer(const std::string& dir)
     : config_(ModelConfig::load(dir + "/config.json")),
       checkpoint_(std::make_unique<Checkpoint>(dir)),

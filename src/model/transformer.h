@@ -24,6 +24,9 @@ class KvCache {
   int64_t capacity() const { return capacity_; }
   int64_t length() const { return length_; }  // positions filled
   void clear() { length_ = 0; }
+  // Keeps positions [0, n) and drops the rest (a rejected draft, an edited conversation):
+  // the next forward continues at position n.
+  void truncate(int64_t n);
   LayerCache<float> layer(int64_t i) { return {latent_[size_t(i)].data(), k_pe_[size_t(i)].data()}; }
   void advance(int64_t n) { length_ += n; }
 
