@@ -1,5 +1,5 @@
 // Conformance of the backend's element-wise, row and product ops (backend/ops.h,
-// backend/train_ops.h, backend/optimizer.h) against scalar double-precision references
+// backend/train_ops.h, backend/optimizer.h, backend/top_k.h) against scalar double-precision references
 // written here, on random inputs at edge shapes: one element, sizes that are not multiples
 // of 16 or 128, and sizes past the ops' threading thresholds; forward and backward, float
 // and double. The attention op has its own suite (test_backend_ops.cpp). A new backend runs
@@ -17,6 +17,7 @@
 
 #include "backend/ops.h"
 #include "backend/optimizer.h"
+#include "backend/top_k.h"
 #include "backend/train_ops.h"
 #include "core/dtype.h"
 
@@ -363,6 +364,60 @@ TEST(BackendConformance, EmbeddingOfF32AndBf16Tables) {
     const int32_t bad = int32_t(rows);
     EXPECT_ANY_THROW(embedding(m, &bad, 1, out.data()));
   }
+}
+
+// --- router top-k ------------------------------------------------------------------------
+
+// The reference: groups ranked by a full stable sort, then every column sorted by (score
+// descending, index ascending), the first k taken.
+std::vector<int32_t> reference_top_k(const std::vector<double>& scores, int64_t n, int64_t columns, const TopK& t) {
+  std::vector<int32_t> out;
+  const int64_t per = columns / t.groups;
+  for (int64_t r = 0; r < n; ++r) {
+    std::vector<double> row(scores.begin() + r * columns, scores.begin() + (r + 1) * columns);
+    if (t.groups > 1) {
+      std::vector<std::pair<double, int64_t>> g;
+      for (int64_t i = 0; i < t.groups; ++i) {
+        std::vector<double> members(row.begin() + i * per, row.begin() + (i + 1) * per);
+        std::sort(members.rbegin(), members.rend());
+        const double score = t.group_score == GroupScore::best_two && per >= 2 ? members[0] + members[1] : members[0];
+        g.push_back({-score, i});
+      }
+      std::sort(g.begin(), g.end());  // best first, ties to the lower group
+      for (int64_t i = t.top_groups; i < t.groups; ++i)
+        for (int64_t j = 0; j < per; ++j) row[size_t(g[size_t(i)].second * per + j)] = -1e300;
+    }
+    std::vector<int32_t> idx(static_cast<size_t>(columns));
+    for (int64_t j = 0; j < columns; ++j) idx[size_t(j)] = int32_t(j);
+    std::stable_sort(idx.begin(), idx.end(), [&](int32_t a, int32_t b) { return row[size_t(a)] > row[size_t(b)]; });
+    out.insert(out.end(), idx.begin(), idx.begin() + t.k);
+  }
+  return out;
+}
+
+template <typename T>
+void check_top_k() {
+  const int64_t n = 70, columns = 24;  // past the rows' parallel threshold
+  std::vector<double> scores = normal(static_cast<size_t>(n * columns), 1);
+  for (size_t i = 0; i < scores.size(); i += 5) scores[i] = std::round(scores[i]);  // ties
+  for (double& x : scores) x = double(T(x));
+  const std::vector<T> st = as<T>(scores);
+  const TopK cases[] = {{1, 1, 1, GroupScore::best},  {6, 1, 1, GroupScore::best},     {24, 1, 1, GroupScore::best},
+                        {4, 4, 2, GroupScore::best_two}, {3, 8, 3, GroupScore::best}, {5, 24, 5, GroupScore::best_two}};
+  for (const TopK& t : cases) {
+    std::vector<int32_t> got(static_cast<size_t>(n * t.k));
+    top_k_rows(st.data(), n, columns, t, got.data());
+    EXPECT_EQ(got, reference_top_k(scores, n, columns, t)) << "k " << t.k << " groups " << t.groups << " top " << t.top_groups;
+  }
+  std::vector<int32_t> out(64);
+  EXPECT_ANY_THROW(top_k_rows(st.data(), 1, columns, TopK{25, 1, 1, GroupScore::best}, out.data()));  // k > columns
+  EXPECT_ANY_THROW(top_k_rows(st.data(), 1, columns, TopK{2, 5, 1, GroupScore::best}, out.data()));   // uneven groups
+  EXPECT_ANY_THROW(top_k_rows(st.data(), 1, columns, TopK{7, 4, 1, GroupScore::best}, out.data()));   // 7 > 1 group of 6
+}
+
+TEST(BackendConformance, RouterTopKWithAndWithoutGroupLimits) {
+  check_top_k<float>();
+  check_top_k<double>();
 }
 
 // --- the optimiser step ------------------------------------------------------------------

@@ -2,7 +2,7 @@
 // top-k experts chosen on s + b, where the bias b (e_score_correction_bias, moved by the
 // auxiliary-loss-free balancing rule) only selects; optionally limited to the topk_group
 // best of n_group expert groups; gate weights are the chosen s, normalised if
-// norm_topk_prob, times routed_scaling_factor. Uses core only.
+// norm_topk_prob, times routed_scaling_factor. Uses core and backend/top_k.h.
 #pragma once
 #include <cstdint>
 

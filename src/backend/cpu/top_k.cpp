@@ -1,0 +1,61 @@
+// Router top-k on the CPU (see backend/top_k.h). Rows are independent: threads split them
+// when there are many (a training batch), one row (decoding) runs as is.
+#include "backend/top_k.h"
+
+#include <algorithm>
+#include <limits>
+#include <numeric>
+#include <vector>
+
+#include "core/error.h"
+
+namespace dsv3 {
+
+template <typename T>
+void top_k_rows(const T* scores, int64_t n, int64_t columns, const TopK& t, int32_t* out) {
+  const bool grouped = t.groups > 1;
+  if (t.k < 1 || t.k > columns || t.groups < 1 || columns % t.groups != 0 || t.top_groups < 1 ||
+      t.top_groups > t.groups || (grouped && t.top_groups * (columns / t.groups) < t.k))
+    fail("top-k: cannot choose ", t.k, " of ", columns, " columns in ", t.top_groups, " of ", t.groups, " groups");
+  const int64_t per_group = columns / t.groups;
+#pragma omp parallel if (n >= 64)
+  {
+    std::vector<T> choice(static_cast<size_t>(columns)), group(static_cast<size_t>(t.groups)),
+        best(static_cast<size_t>(per_group));
+    std::vector<int32_t> order(static_cast<size_t>(std::max(columns, t.groups)));
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < n; ++r) {
+      std::copy(scores + r * columns, scores + (r + 1) * columns, choice.begin());
+      if (grouped) {
+        for (int64_t g = 0; g < t.groups; ++g) {
+          const T* first = choice.data() + g * per_group;
+          if (t.group_score == GroupScore::best_two && per_group >= 2) {
+            std::copy(first, first + per_group, best.begin());
+            std::partial_sort(best.begin(), best.begin() + 2, best.end(), std::greater<T>());
+            group[size_t(g)] = best[0] + best[1];
+          } else {
+            group[size_t(g)] = *std::max_element(first, first + per_group);
+          }
+        }
+        std::iota(order.begin(), order.begin() + t.groups, 0);
+        std::stable_sort(order.begin(), order.begin() + t.groups,
+                         [&](int32_t a, int32_t b) { return group[size_t(a)] > group[size_t(b)]; });
+        for (int64_t gi = t.top_groups; gi < t.groups; ++gi) {
+          const int64_t g = order[size_t(gi)];
+          std::fill(choice.begin() + g * per_group, choice.begin() + (g + 1) * per_group,
+                    -std::numeric_limits<T>::infinity());
+        }
+      }
+      std::iota(order.begin(), order.begin() + columns, 0);
+      std::partial_sort(order.begin(), order.begin() + t.k, order.begin() + columns, [&](int32_t a, int32_t b) {
+        return choice[size_t(a)] > choice[size_t(b)] || (choice[size_t(a)] == choice[size_t(b)] && a < b);
+      });
+      std::copy(order.begin(), order.begin() + t.k, out + r * t.k);
+    }
+  }
+}
+
+template void top_k_rows<float>(const float*, int64_t, int64_t, const TopK&, int32_t*);
+template void top_k_rows<double>(const double*, int64_t, int64_t, const TopK&, int32_t*);
+
+}  // namespace dsv3
