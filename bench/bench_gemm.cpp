@@ -19,7 +19,6 @@
 
 #include "backend/fp8.h"
 #include "backend/ops.h"
-#include "backend/train_ops.h"
 
 namespace {
 

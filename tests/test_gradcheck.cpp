@@ -10,7 +10,7 @@
 #include <numeric>
 #include <random>
 
-#include "backend/train_ops.h"
+#include "backend/ops.h"
 #include "model/training.h"
 
 namespace dsv3 {
@@ -221,7 +221,7 @@ TEST_P(ModuleGradCheck, MlaMlpMoe) {
     std::vector<int64_t> load(size_t(c.n_routed_experts), 0);
     for (int64_t t = 0; t < N; ++t)
       if (t % 4 != 3)
-        for (int64_t j = 0; j < c.num_experts_per_tok; ++j) ++load[size_t(a.routing.experts[size_t(t * c.num_experts_per_tok + j)])];
+        for (int64_t j = 0; j < c.num_experts_per_tok; ++j) ++load[size_t(a.state.routing.experts[size_t(t * c.num_experts_per_tok + j)])];
     EXPECT_EQ(a.load, load);
     std::fill(dx.begin(), dx.end(), 0.0);
     moe_backward<double>(c, w.layers[1].moe, x.data(), N, a, r.data(), g.layers[1].moe, dx.data(), arena);

@@ -154,19 +154,20 @@ TEST(RowKernels, Avx512MatchesScalar) {
   }
 }
 
-TEST(Ops, RmsnormSoftmaxSilu) {
-  std::vector<float> x = {1, -2, 3, -4}, w = {1, 1, 2, 0.5f}, out(4);
-  rmsnorm(x.data(), 1, 4, w.data(), 0.0f, out.data());
-  const float inv = 1.0f / std::sqrt(30.0f / 4);
-  EXPECT_FLOAT_EQ(out[2], 3 * inv * 2);
+TEST(Ops, RmsnormSoftmaxSwigluByHand) {
+  std::vector<float> x = {1, -2, 3, -4}, w = {1, 1, 2, 0.5f}, out(4), inv(1);
+  rmsnorm_forward(x.data(), w.data(), out.data(), inv.data(), 1, 4, 0.0);
+  const float expect_inv = 1.0f / std::sqrt(30.0f / 4);
+  EXPECT_FLOAT_EQ(inv[0], expect_inv);
+  EXPECT_FLOAT_EQ(out[2], 3 * expect_inv * 2);
   std::vector<float> s = {1000, 1000, -1000};
-  softmax(s.data(), 3);
+  softmax_forward(s.data(), 3);
   EXPECT_FLOAT_EQ(s[0], 0.5f);
   EXPECT_EQ(s[2], 0.0f);
-  std::vector<float> g = {0.0f, 2.0f}, u = {3.0f, 1.0f};
-  silu_mul(g.data(), u.data(), 2);
-  EXPECT_EQ(g[0], 0.0f);
-  EXPECT_FLOAT_EQ(g[1], 2.0f / (1.0f + std::exp(-2.0f)));
+  std::vector<float> a = {0.0f, 2.0f}, b = {3.0f, 1.0f}, h(2);
+  swiglu_forward(a.data(), b.data(), h.data(), 2);
+  EXPECT_EQ(h[0], 0.0f);
+  EXPECT_FLOAT_EQ(h[1], 2.0f / (1.0f + std::exp(-2.0f)));
 }
 
 }  // namespace

@@ -54,11 +54,15 @@ struct Fp8Tensor {
 // With per_tensor scaling every tile gets the scale of the whole tensor's max|x|.
 Fp8Tensor quantize(const float* x, int64_t rows, int64_t cols, Fp8Tiling tiling,
                    Fp8Format format = Fp8Format::e4m3, Fp8Scaling scaling = Fp8Scaling::fine_grained);
+// The same into t, whose vectors keep their memory (no allocation once t is large enough).
+void quantize_into(Fp8Tensor& t, const float* x, int64_t rows, int64_t cols, Fp8Tiling tiling,
+                   Fp8Format format = Fp8Format::e4m3, Fp8Scaling scaling = Fp8Scaling::fine_grained);
 // out [rows, cols] = decode(code) * scale (float32 product).
 void dequantize(const Fp8Tensor& t, float* out);
 // The transposed matrix [cols, rows], codes and scales moved, nothing requantised: 1x128
 // tiles become 128x1 tiles and back; blocks stay blocks (their scales transposed).
 Fp8Tensor transpose(const Fp8Tensor& t);
+void transpose_into(const Fp8Tensor& t, Fp8Tensor& out);  // the same into out (another tensor)
 
 // How the tensor cores accumulate (§3.3.2, "Increasing accumulation precision").
 enum class Fp8AccRounding {
@@ -102,8 +106,9 @@ void fp8_gemm(const Fp8Tensor& a, const Fp8Tensor& b, float* c, const Fp8GemmOpt
 void fp8_gemm_reference(const Fp8Tensor& a, const Fp8Tensor& b, float* c, const Fp8GemmOptions& opt = kFp8DeepSeek);
 
 // The three GEMMs of a Linear layer in FP8 (§3.3, Figure 6), mirroring matmul / matmul_dx /
-// matmul_dw of train_ops.h: each quantises its inputs online to E4M3 and calls fp8_gemm, the
-// output in FP32 (double inputs are rounded to float first). They allocate their FP8 copies.
+// matmul_dw of ops.h: each quantises its inputs online to E4M3 and calls fp8_gemm, the
+// output in FP32 (double inputs are rounded to float first). Their FP8 copies live in a
+// per-thread workspace that keeps its memory between calls.
 //   Fprop:  y[n, out]  = x[n, in] w[out, in]^T            x: 1x128 tiles along in; w: 128x128 blocks
 //   Dgrad:  dx[n, in] (+)= dy[n, out] w[out, in]          dy: 1x128 tiles along out; w: the same
 //                                                         blocks, transposed

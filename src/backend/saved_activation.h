@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "backend/fp8.h"
+#include "core/arena.h"
 
 namespace dsv3 {
 
@@ -29,9 +30,10 @@ float e5m6_decode(uint16_t bits);
 template <typename T>
 class SavedActivation {
  public:
+  // Keeps x [rows, cols]; the storage keeps its memory from one save to the next.
   void save(const T* x, int64_t rows, int64_t cols, SavedFormat format);
-  // The values [rows, cols]: in place for full, else decoded into scratch.
-  const T* read(std::vector<T>& scratch) const;
+  // The values [rows, cols]: in place for full, else decoded into memory from arena.
+  const T* read(Arena& arena) const;
   std::vector<T> load() const;  // a decoded copy
   int64_t bytes() const;        // memory held
   int64_t rows() const { return rows_; }

@@ -6,6 +6,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 namespace dsv3 {
@@ -28,6 +29,14 @@ class Arena {
     used_ += n;
     total_ += n;
     return reinterpret_cast<T*>(p);
+  }
+  // n objects of a trivially destructible type (job lists, index arrays), value-initialised.
+  template <typename T>
+  T* alloc_objects(size_t n) {
+    static_assert(std::is_trivially_destructible_v<T> && alignof(T) <= 64);
+    T* p = reinterpret_cast<T*>(alloc<float>((n * sizeof(T) + sizeof(float) - 1) / sizeof(float)));
+    std::uninitialized_value_construct_n(p, n);
+    return p;
   }
   // What is allocated now; rewind(mark) frees everything allocated after it, so a module
   // can take scratch for one call without holding it for the rest of the pass.

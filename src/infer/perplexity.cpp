@@ -3,7 +3,7 @@
 
 #include <cmath>
 
-#include "backend/train_ops.h"
+#include "backend/ops.h"
 #include "core/error.h"
 
 namespace dsv3 {

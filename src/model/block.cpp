@@ -3,7 +3,7 @@
 
 #include <algorithm>
 
-#include "backend/train_ops.h"
+#include "backend/ops.h"
 #include "core/error.h"
 
 namespace dsv3 {
@@ -15,7 +15,7 @@ int64_t BlockRecord<T>::bytes() const {
 
 template <typename T>
 double block_forward(const BlockContext& ctx, const LayerWeights& w, const TokenRows& tokens, LayerCache<T> cache, T* h,
-                     Arena& arena, BlockRecord<T>* record, Routing<T>* routing) {
+                     Arena& arena, BlockRecord<T>* record, MoeState<T>* moe_state) {
   const ModelConfig& c = ctx.mla.config;
   const int64_t n = tokens.size(), dim = c.hidden_size;
   ArenaScope scope(arena);
@@ -33,7 +33,7 @@ double block_forward(const BlockContext& ctx, const LayerWeights& w, const Token
   double balance = 0;
   if (w.is_moe)
     balance = moe_forward<T>(c, w.moe, xn, n, arena, delta, ctx.mla.lin, record ? &record->moe : nullptr, ctx.balance,
-                             routing);
+                             moe_state);
   else mlp_forward<T>(w.mlp, xn, n, arena, delta, ctx.mla.lin, record ? &record->mlp : nullptr);
   add_to(h, delta, n * dim);
   return balance;
@@ -70,7 +70,7 @@ void block_backward(const BlockContext& ctx, const LayerWeights& w, const TokenR
 #define DSV3_BLOCK(T)                                                                                               \
   template struct BlockRecord<T>;                                                                                   \
   template double block_forward<T>(const BlockContext&, const LayerWeights&, const TokenRows&, LayerCache<T>, T*,    \
-                                   Arena&, BlockRecord<T>*, Routing<T>*);                                          \
+                                   Arena&, BlockRecord<T>*, MoeState<T>*);                                          \
   template void block_backward<T>(const BlockContext&, const LayerWeights&, const TokenRows&, const BlockRecord<T>&, \
                                   T*, LayerWeights&, Arena&);
 DSV3_BLOCK(float)

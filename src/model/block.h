@@ -33,11 +33,12 @@ struct BlockRecord {
 };
 
 // h[n, hidden] updated in place; the block's latents go to cache (empty: the pass attends
-// within itself, as in training). Returns the balance loss (0 without a record). routing:
-// where an MoE layer's decisions go without a record (traces; may be null).
+// within itself, as in training). Returns the balance loss (0 without a record). moe_state:
+// where an MoE layer keeps its routing and dispatch without a record (inference passes one
+// it reuses, so a pass allocates nothing; traces read the routing there; may be null).
 template <typename T>
 double block_forward(const BlockContext& ctx, const LayerWeights& w, const TokenRows& tokens, LayerCache<T> cache, T* h,
-                     Arena& arena, BlockRecord<T>* record = nullptr, Routing<T>* routing = nullptr);
+                     Arena& arena, BlockRecord<T>* record = nullptr, MoeState<T>* moe_state = nullptr);
 
 // dh: on entry the gradient of the block's output, on return that of its input. Weight
 // gradients are accumulated into g. ctx and tokens as in the recorded forward.

@@ -4,7 +4,6 @@
 #include <type_traits>
 
 #include "backend/ops.h"
-#include "backend/train_ops.h"
 #include "core/error.h"
 
 namespace dsv3 {

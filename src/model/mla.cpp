@@ -100,11 +100,11 @@ void absorbed_attention(const Dims& d, const MlaWeights& w, const float* q, cons
                         const KeyRanges& k, int64_t n, double scale, Arena& arena, float* o) {
   float* q_lat = arena.alloc(size_t(n * d.H * d.C));
   float* o_lat = arena.alloc(size_t(n * d.H * d.C));
-  std::vector<StridedLinearJob> jobs(size_t(d.H));
+  auto* jobs = arena.alloc_objects<StridedLinearJob>(size_t(d.H));
   for (int64_t h = 0; h < d.H; ++h)
     jobs[size_t(h)] = {q + h * d.QK, d.H * d.QK, w.kv_b_proj.row_slice(h * (d.D + d.V), d.D), q_lat + h * d.C,
                        d.H * d.C, true};
-  linear_strided_batch(jobs.data(), jobs.size(), n);
+  linear_strided_batch(jobs, size_t(d.H), n);
   // Every head attends to the same latents: the backend reads them once for all heads.
   AttentionArgs<float> a;
   a.n = n, a.heads = d.H;
@@ -118,7 +118,7 @@ void absorbed_attention(const Dims& d, const MlaWeights& w, const float* q, cons
   for (int64_t h = 0; h < d.H; ++h)
     jobs[size_t(h)] = {o_lat + h * d.C, d.H * d.C, w.kv_b_proj.row_slice(h * (d.D + d.V) + d.D, d.V), o + h * d.V,
                        d.H * d.V, false};
-  linear_strided_batch(jobs.data(), jobs.size(), n);
+  linear_strided_batch(jobs, size_t(d.H), n);
 }
 
 }  // namespace
@@ -221,8 +221,7 @@ void mla_backward(const MlaContext& ctx, const MlaWeights& w, const T* x, const 
 
   // out = o W_o^T
   T* d_o = arena.alloc<T>(size_t(n * d.H * d.V));
-  std::vector<T> o_scratch;
-  ctx.lin.dw(dout, rec.o.read(o_scratch), G<T>(g.o_proj), n, d.H * d.V, d.dim);
+  ctx.lin.dw(dout, rec.o.read(arena), G<T>(g.o_proj), n, d.H * d.V, d.dim);
   ctx.lin.dx(dout, W<T>(w.o_proj), d_o, n, d.H * d.V, d.dim, false);
 
   // The attention core; the shared k_pe's gradient goes straight into [dc ; dk_pe].

@@ -15,7 +15,7 @@
 #include <cstdint>
 #include <vector>
 
-#include "backend/train_ops.h"
+#include "backend/ops.h"
 #include "core/arena.h"
 #include "model/rope.h"
 #include "model/token_rows.h"

@@ -19,7 +19,7 @@
 #include <cstdint>
 #include <vector>
 
-#include "backend/train_ops.h"
+#include "backend/ops.h"
 #include "core/arena.h"
 #include "model/weights.h"
 
@@ -50,17 +50,28 @@ struct Routing {
   std::vector<T> weights;        // [n, k] their gate weights
 };
 template <typename T>
-void route_tokens(const ModelConfig& c, const MoeWeights& w, const T* x, int64_t n, Routing<T>& r);
+void route_tokens(const ModelConfig& c, const MoeWeights& w, const T* x, int64_t n, Routing<T>& r, Arena& arena);
 
-// Step 2, dispatch: the n*k slots (slot = token * k + j) grouped by expert; expert e's rows
-// are [offset[e], offset[e + 1]) of the grouped order, slot[row] says whose.
+// Step 2, dispatch: the n*k slots (slot = token * k + j) grouped by expert, in token order
+// within each expert; expert e's rows are [offset[e], offset[e + 1]) of the grouped order,
+// slot[row] says whose.
 struct Dispatch {
   std::vector<int64_t> offset;  // [E + 1]
   std::vector<int64_t> slot;    // [n * k]
   std::vector<int64_t> token;   // [n * k]: slot / k
   int64_t rows(int64_t e) const { return offset[size_t(e + 1)] - offset[size_t(e)]; }
 };
-Dispatch dispatch(const std::vector<int32_t>& experts, int64_t n_experts, int64_t k);
+// Fills d (its vectors keep their memory from one pass to the next).
+void dispatch(const std::vector<int32_t>& experts, int64_t n_experts, int64_t k, Dispatch& d);
+
+// Where one MoE forward keeps the router's decisions and the dispatch: the record's in
+// training; in inference the caller's, reused from layer to layer and pass to pass so that a
+// pass allocates nothing.
+template <typename T>
+struct MoeState {
+  Routing<T> routing;
+  Dispatch dispatch;
+};
 
 // The complementary sequence-wise balance loss (§2.1.2, eq. 17-20): for each sequence of
 // seq_len tokens, alpha * sum_i f_i P_i with f_i = E / (K T) * (tokens choosing expert i)
@@ -76,27 +87,29 @@ struct BalanceLoss {
   int64_t ignored_tail = 0;
 };
 
-// What the MoE backward needs, and the loads the bias update reads.
+// What the MoE backward needs, and the loads the bias update reads. The routed experts'
+// SwiGLU inputs are kept as one activation over the n*k rows in grouped order (expert e's
+// rows at dispatch.offset[e]), so a record's size depends on (n, k) only, not on routing.
 template <typename T>
 struct MoeRecord {
-  Routing<T> routing;
-  Dispatch dispatch;
-  std::vector<T> ye;               // [n*k, hidden] expert outputs, grouped order
-  std::vector<MlpRecord<T>> expert;  // per expert
+  MoeState<T> state;                  // routing and dispatch
+  std::vector<T> ye;                  // [n*k, hidden] expert outputs, grouped order
+  SavedActivation<T> expert_a, expert_b;  // [n*k, moe_intermediate_size] gate / up outputs, grouped order
   MlpRecord<T> shared;
-  BalanceLoss balance;               // as given to the forward
-  std::vector<int64_t> load;         // per expert: counted tokens routed to it (see BalanceLoss)
-  std::vector<T> balance_f;          // [n / seq_len, E]: alpha * f_i / (T * sequences)
+  BalanceLoss balance;                // as given to the forward
+  std::vector<int64_t> load;          // per expert: counted tokens routed to it (see BalanceLoss)
+  std::vector<T> balance_f;           // [n / seq_len, E]: alpha * f_i / (T * sequences)
   int64_t bytes() const;
 };
 
 // out[n, hidden] = MoE(x) (overwritten); returns the balance loss (0 without a record or
-// alpha). routing: where the router's decisions go without a record (tests, statistics;
-// may be null). lin: the precision of the experts' GEMMs (the router gate stays in T).
+// alpha). state: where the routing and dispatch go without a record (null: local storage,
+// allocated for this call; traces and statistics read the routing there). lin: the
+// precision of the experts' GEMMs (the router gate stays in T).
 template <typename T>
 double moe_forward(const ModelConfig& c, const MoeWeights& w, const T* x, int64_t n, Arena& arena, T* out,
                    const LinearGemm& lin = {}, MoeRecord<T>* record = nullptr, const BalanceLoss& balance = {},
-                   Routing<T>* routing = nullptr);
+                   MoeState<T>* state = nullptr);
 template <typename T>
 void moe_backward(const ModelConfig& c, const MoeWeights& w, const T* x, int64_t n, const MoeRecord<T>& record,
                   const T* dout, MoeWeights& g, T* dx, Arena& arena, const LinearGemm& lin = {});

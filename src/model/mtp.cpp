@@ -3,7 +3,7 @@
 
 #include <algorithm>
 
-#include "backend/train_ops.h"
+#include "backend/ops.h"
 #include "core/error.h"
 #include "model/head.h"
 
@@ -30,7 +30,7 @@ void mtp_input(const ModelConfig& c, const MtpWeights& w, const T* e, const T* h
 template <typename T>
 double mtp_forward(const BlockContext& ctx, const MtpWeights& w, const int32_t* next_tokens, const T* h_prev,
                    const TokenRows& tokens, LayerCache<T> cache, T* h, Arena& arena, MtpRecord<T>* record,
-                   Routing<T>* routing) {
+                   MoeState<T>* moe_state) {
   const ModelConfig& c = ctx.mla.config;
   const int64_t n = tokens.size(), dim = c.hidden_size;
   ArenaScope scope(arena);
@@ -40,7 +40,7 @@ double mtp_forward(const BlockContext& ctx, const MtpWeights& w, const int32_t* 
   T* cat = arena.alloc<T>(size_t(n * 2 * dim));
   mtp_input(c, w, e, h_prev, n, cat, arena.alloc<T>(size_t(n)), arena.alloc<T>(size_t(n)), arena);
   ctx.mla.lin.forward(cat, w.eh_proj, h, n);
-  return block_forward(ctx, w.block, tokens, cache, h, arena, record ? &record->block : nullptr, routing);
+  return block_forward(ctx, w.block, tokens, cache, h, arena, record ? &record->block : nullptr, moe_state);
 }
 
 template <typename T>
@@ -74,7 +74,7 @@ void mtp_backward(const BlockContext& ctx, const MtpWeights& w, const int32_t* n
 
 #define DSV3_MTP(T)                                                                                                 \
   template double mtp_forward<T>(const BlockContext&, const MtpWeights&, const int32_t*, const T*, const TokenRows&, \
-                                 LayerCache<T>, T*, Arena&, MtpRecord<T>*, Routing<T>*);                           \
+                                 LayerCache<T>, T*, Arena&, MtpRecord<T>*, MoeState<T>*);                           \
   template void mtp_backward<T>(const BlockContext&, const MtpWeights&, const int32_t*, const TokenRows&,            \
                                 const MtpRecord<T>&, T*, MtpWeights&, Arena&);
 DSV3_MTP(float)

@@ -29,7 +29,7 @@ struct MtpRecord {
 template <typename T>
 double mtp_forward(const BlockContext& ctx, const MtpWeights& w, const int32_t* next_tokens, const T* h_prev,
                    const TokenRows& tokens, LayerCache<T> cache, T* h, Arena& arena, MtpRecord<T>* record = nullptr,
-                   Routing<T>* routing = nullptr);
+                   MoeState<T>* moe_state = nullptr);
 
 // dh: on entry the gradient of h^k, on return that of h^{k-1} (overwritten). Weight
 // gradients, the embedding's included, are accumulated into g.

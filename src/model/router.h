@@ -6,14 +6,17 @@
 #pragma once
 #include <cstdint>
 
+#include "core/arena.h"
 #include "model/config.h"
 
 namespace dsv3 {
 
 // logits: [n, n_routed_experts] = u W_g^T; bias: n_routed_experts values or nullptr.
 // Writes expert ids [n, k] (best first) and their gate weights [n, k]. T: float or double.
+// Scratch from arena.
 template <typename T>
-void route(const ModelConfig& c, const T* logits, int64_t n, const T* bias, int32_t* experts, T* weights);
+void route(const ModelConfig& c, const T* logits, int64_t n, const T* bias, int32_t* experts, T* weights,
+           Arena& arena);
 
 // The affinities s of one token: sigmoid(logits) or softmax(logits) over the experts.
 template <typename T>

@@ -17,15 +17,24 @@ struct TokenRows {
   int64_t first_row(int64_t t) const { return row[size_t(t)] - pos[size_t(t)]; }  // its position 0
 
   // n tokens of one sequence from position start, in a cache whose row p holds position p.
-  static TokenRows sequence(int64_t start, int64_t n) {
-    TokenRows r;
-    for (int64_t t = 0; t < n; ++t) r.pos.push_back(start + t), r.row.push_back(start + t);
-    return r;
+  // Filled in place: the vectors keep their memory from one pass to the next.
+  void set_sequence(int64_t start, int64_t n) {
+    pos.resize(size_t(n)), row.resize(size_t(n));
+    for (int64_t t = 0; t < n; ++t) pos[size_t(t)] = row[size_t(t)] = start + t;
   }
   // B windows of S tokens from position 0; token b*S + i is row b*S + i (a training batch).
+  void set_windows(int64_t B, int64_t S) {
+    pos.resize(size_t(B * S)), row.resize(size_t(B * S));
+    for (int64_t t = 0; t < B * S; ++t) pos[size_t(t)] = t % S, row[size_t(t)] = t;
+  }
+  static TokenRows sequence(int64_t start, int64_t n) {
+    TokenRows r;
+    r.set_sequence(start, n);
+    return r;
+  }
   static TokenRows windows(int64_t B, int64_t S) {
     TokenRows r;
-    for (int64_t t = 0; t < B * S; ++t) r.pos.push_back(t % S), r.row.push_back(t);
+    r.set_windows(B, S);
     return r;
   }
 };

@@ -7,7 +7,7 @@
 #include <algorithm>
 #include <cstring>
 
-#include "backend/train_ops.h"
+#include "backend/ops.h"
 #include "core/error.h"
 #include "model/head.h"
 
@@ -43,7 +43,7 @@ double TrainingPass<T>::forward(const ModelWeights& w, const int32_t* tokens, co
   }
   B_ = B, S_ = S;
   tokens_.assign(tokens, tokens + N);
-  rows_ = TokenRows::windows(B, S);
+  rows_.set_windows(B, S);
   rope_.angles(rows_.pos, angles_);
   arena_.reset();
   std::vector<T>& h = h_;  // the residual stream; h_ and h_next_ keep their memory between steps

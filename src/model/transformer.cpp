@@ -1,7 +1,7 @@
 // The model's forward pass (see transformer.h).
 #include "model/transformer.h"
 
-#include "backend/train_ops.h"
+#include "backend/ops.h"
 #include "core/error.h"
 #include "model/block.h"
 #include "model/head.h"
@@ -39,7 +39,8 @@ void Transformer::forward(const int32_t* tokens, int64_t n, KvCache& cache, floa
     if (tokens[i] < 0 || tokens[i] >= c.vocab_size)
       fail("token id ", tokens[i], " at index ", i, " is out of range [0, ", c.vocab_size, ")");
   arena_.reset();
-  const TokenRows rows = TokenRows::sequence(start, n);
+  rows_.set_sequence(start, n);
+  const TokenRows& rows = rows_;
   rope_.angles(rows.pos, angles_);
   const BlockContext ctx{{c, angles_, attn_form}};
 
@@ -48,9 +49,11 @@ void Transformer::forward(const int32_t* tokens, int64_t n, KvCache& cache, floa
   if (trace) trace->layer_out.clear();
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
     const LayerWeights& w = weights_.layers[size_t(l)];
-    block_forward<float>(ctx, w, rows, cache.layer(l), h, arena_, nullptr,
-                         trace && w.is_moe ? &trace->routing[l] : nullptr);
-    if (trace) trace->layer_out.emplace_back(h, h + n * dim);
+    block_forward<float>(ctx, w, rows, cache.layer(l), h, arena_, nullptr, &moe_state_);
+    if (trace) {
+      trace->layer_out.emplace_back(h, h + n * dim);
+      if (w.is_moe) trace->routing[l] = moe_state_.routing;
+    }
   }
   cache.advance(n);
   if (trace) {

@@ -60,8 +60,11 @@ class Transformer {
   std::unique_ptr<Checkpoint> checkpoint_;  // owns the mapped files the weights point into
   ModelWeights weights_;
   Rope rope_;
-  RopeAngles angles_;  // of the current pass's positions
-  Arena arena_;
+  // What a pass reuses, so that after the first pass of a shape nothing is allocated:
+  TokenRows rows_;             // where the pass's tokens sit
+  RopeAngles angles_;          // of their positions
+  MoeState<float> moe_state_;  // an MoE layer's routing and dispatch (one layer at a time)
+  Arena arena_;                // every other activation and scratch
 };
 
 }  // namespace dsv3

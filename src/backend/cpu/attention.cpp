@@ -26,9 +26,10 @@ struct Group {
   int64_t t0, nt, first, keys;
 };
 
+// Into out (cleared; callers keep it between calls, so a pass allocates nothing).
 template <typename T>
-std::vector<Group> sequences(const AttentionArgs<T>& a) {
-  std::vector<Group> out;
+void sequences(const AttentionArgs<T>& a, std::vector<Group>& out) {
+  out.clear();
   for (int64_t t = 0; t < a.n; ++t) {
     if (a.key_count[t] <= 0) fail("attention: query ", t, " sees no keys");
     if (out.empty() || out.back().first != a.key_first[t]) out.push_back({t, 0, a.key_first[t], 0});
@@ -36,7 +37,6 @@ std::vector<Group> sequences(const AttentionArgs<T>& a) {
     ++g.nt;
     g.keys = std::max(g.keys, a.key_count[t]);
   }
-  return out;
 }
 
 // True when every key and value vector is shared by all heads and the (token, head) query
@@ -112,12 +112,15 @@ void forward_task(const AttentionArgs<T>& a, const Task& t, T* s, int64_t lds, i
 // Score entries per task at most, so that a long prompt's scores stay small (16 MiB in float).
 constexpr int64_t kTaskScores = int64_t(1) << 22;
 
+// Into tasks (cleared), as sequences().
 template <typename T>
-std::vector<Task> forward_tasks(const AttentionArgs<T>& a, bool whole_sequences) {
-  std::vector<Task> tasks;
+void forward_tasks(const AttentionArgs<T>& a, bool whole_sequences, std::vector<Task>& tasks) {
+  tasks.clear();
   const bool all = heads_as_rows(a);
   const int64_t rows_per_token = all ? a.heads : 1;
-  for (const Group& g : sequences(a)) {
+  thread_local std::vector<Group> groups;
+  sequences(a, groups);
+  for (const Group& g : groups) {
     const int64_t chunk =
         whole_sequences ? g.nt : std::max<int64_t>(1, kTaskScores / std::max<int64_t>(1, rows_per_token * g.keys));
     for (int64_t t0 = 0; t0 < g.nt; t0 += chunk) {
@@ -129,7 +132,6 @@ std::vector<Task> forward_tasks(const AttentionArgs<T>& a, bool whole_sequences)
         for (int64_t h = 0; h < a.heads; ++h) tasks.push_back({g.t0 + t0, nt, h, g.first, keys, g.keys});
     }
   }
-  return tasks;
 }
 
 template <typename T>
@@ -146,29 +148,41 @@ void check_args(const AttentionArgs<T>& a, const void* probs, int64_t ld_probs) 
 template <typename T>
 void attention_forward(const AttentionArgs<T>& a, T* out, T* probs, int64_t ld_probs) {
   check_args(a, probs, ld_probs);
-  const std::vector<Task> tasks = forward_tasks(a, false);
+  // Every list and scratch buffer below is thread_local: kept from call to call (OpenMP's
+  // threads persist), so that a forward allocates nothing once its shapes have been seen.
+  // Lists the threads share are reached through a reference to the calling thread's object
+  // (a thread_local named inside the parallel region would be each thread's own).
+  thread_local std::vector<Task> tasks_kept;
+  std::vector<Task>& tasks = tasks_kept;
+  forward_tasks(a, false, tasks);
   const int64_t n_tasks = int64_t(tasks.size());
-  auto run = [&](const Task& t, std::vector<T>& scratch) {
+  // Each thread's scores buffer: a slice of one buffer sized for the largest task, so what is
+  // allocated depends on the tasks, never on which thread the schedule gives which task.
+  int64_t slice = 0;
+  for (const Task& t : tasks) slice = std::max(slice, t.rows(a.heads) * t.keys);
+  const int threads = n_tasks == 1 ? 1 : omp_get_max_threads();
+  thread_local std::vector<T> scratch_kept;
+  std::vector<T>& scratch_all = scratch_kept;
+  if (!probs) scratch_all.resize(size_t(slice * threads));
+  auto run = [&](const Task& t, T* scratch) {
     if (probs) {
       // Rows (t * heads + h): consecutive for all heads, heads * ld_probs apart for one.
       T* s = probs + (t.t0 * a.heads + std::max<int64_t>(t.head, 0)) * ld_probs;
       forward_task(a, t, s, t.head < 0 ? ld_probs : a.heads * ld_probs, t.group_keys, out);
     } else {
-      scratch.resize(size_t(t.rows(a.heads) * t.keys));
-      forward_task(a, t, scratch.data(), t.keys, t.keys, out);
+      forward_task(a, t, scratch, t.keys, t.keys, out);
     }
   };
   if (n_tasks == 1) {
     // Outside any parallel region, so the GEMMs use the threads themselves (an inactive
     // region around them makes OpenBLAS start a nested team per call: measured 30 % slower
     // decoding).
-    std::vector<T> scratch;
-    run(tasks[0], scratch);
+    run(tasks[0], scratch_all.data());
     return;
   }
 #pragma omp parallel
   {
-    std::vector<T> scratch;
+    T* scratch = probs ? nullptr : scratch_all.data() + size_t(omp_get_thread_num()) * size_t(slice);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t i = 0; i < n_tasks; ++i) run(tasks[size_t(i)], scratch);
   }
@@ -182,10 +196,15 @@ void attention_backward(const AttentionArgs<T>& a, const T* probs, int64_t ld_pr
   // Whole sequences per task, so that only tasks of one sequence's heads touch its keys'
   // gradients; a shared key or value gradient of a one-head task goes to the task's own
   // buffer, summed into place afterwards in task order (deterministic).
-  const std::vector<Task> tasks = forward_tasks(a, true);
+  thread_local std::vector<Task> tasks_kept;  // kept between calls, shared by reference, as in the forward
+  std::vector<Task>& tasks = tasks_kept;
+  forward_tasks(a, true, tasks);
   {  // concurrent tasks write their keys' gradients in place: the sequences' keys must not overlap
-    std::vector<std::pair<int64_t, int64_t>> ranges;
-    for (const Group& s : sequences(a)) ranges.push_back({s.first, s.first + s.keys});
+    thread_local std::vector<Group> groups;
+    thread_local std::vector<std::pair<int64_t, int64_t>> ranges;
+    sequences(a, groups);
+    ranges.clear();
+    for (const Group& s : groups) ranges.push_back({s.first, s.first + s.keys});
     std::sort(ranges.begin(), ranges.end());
     for (size_t i = 1; i < ranges.size(); ++i)
       if (ranges[i].first < ranges[i - 1].second)
@@ -196,8 +215,18 @@ void attention_backward(const AttentionArgs<T>& a, const T* probs, int64_t ld_pr
   struct Private {
     std::vector<T> k1, k2, v;
   };
-  std::vector<Private> priv(per_head ? tasks.size() : 0);
-  auto run = [&](int64_t i, std::vector<T>& dp) {
+  thread_local std::vector<Private> priv_kept;  // resized, not rebuilt: its buffers keep their memory
+  std::vector<Private>& priv = priv_kept;
+  priv.resize(per_head ? tasks.size() : 0);
+  for (Private& x : priv) x.k1.clear(), x.k2.clear(), x.v.clear();
+  // Each thread's dP buffer: a slice of one buffer sized for the largest task (as in the forward).
+  int64_t slice = 0;
+  for (const Task& t : tasks) slice = std::max(slice, t.rows(a.heads) * t.keys);
+  const int threads = n_tasks == 1 ? 1 : omp_get_max_threads();
+  thread_local std::vector<T> dp_kept;
+  std::vector<T>& dp_all = dp_kept;
+  dp_all.resize(size_t(slice * threads));
+  auto run = [&](int64_t i, T* dp) {
     const Task& t = tasks[size_t(i)];
     const int64_t m = t.rows(a.heads), L = t.keys;
     const T* p = probs + (t.t0 * a.heads + std::max<int64_t>(t.head, 0)) * ld_probs;
@@ -216,15 +245,14 @@ void attention_backward(const AttentionArgs<T>& a, const T* probs, int64_t ld_pr
     Private* mine = per_head ? &priv[size_t(i)] : nullptr;
     int64_t ldv, ldk, ldq, ldg;
     const T* v = key_rows(a.v, t, ldv);
-    dp.resize(size_t(m * L));
     // out = P v:  dP = d_out v^T,  dv += P^T d_out
-    cpu::gemm<T>(false, true, m, L, dv, dop, lddo, v, ldv, T(0), dp.data(), L);
+    cpu::gemm<T>(false, true, m, L, dv, dop, lddo, v, ldv, T(0), dp, L);
     T* gvp = key_grad(g.v, mine ? &mine->v : nullptr, ldg);
     cpu::gemm<T>(true, false, L, dv, m, p, ldp, dop, lddo, T(1), gvp, ldg);
     // P = softmax(scale * scores):  dS = scale * P * (dP - sum(P * dP))
     for (int64_t r = 0; r < m; ++r) {
       const T* pr = p + r * ldp;
-      T* d = dp.data() + r * L;
+      T* d = dp + r * L;
       const int64_t visible = a.key_count[t.token(r, a.heads)];
       T dot = 0;
       for (int64_t j = 0; j < visible; ++j) dot += pr[j] * d[j];
@@ -237,20 +265,19 @@ void attention_backward(const AttentionArgs<T>& a, const T* probs, int64_t ld_pr
       const T* qp = query_rows(q, t, a.heads, ldq);
       const T* kp = key_rows(k, t, ldk);
       T* gqp = query_rows(gq, t, a.heads, ldg);
-      cpu::gemm<T>(false, false, m, q.width, L, dp.data(), L, kp, ldk, T(1), gqp, ldg);
+      cpu::gemm<T>(false, false, m, q.width, L, dp, L, kp, ldk, T(1), gqp, ldg);
       T* gkp = key_grad(gk, own, ldg);
-      cpu::gemm<T>(true, false, L, q.width, m, dp.data(), L, qp, ldq, T(1), gkp, ldg);
+      cpu::gemm<T>(true, false, L, q.width, m, dp, L, qp, ldq, T(1), gkp, ldg);
     };
     product(a.q1, a.k1, g.q1, g.k1, mine ? &mine->k1 : nullptr);
     if (a.q2.width > 0) product(a.q2, a.k2, g.q2, g.k2, mine ? &mine->k2 : nullptr);
   };
   if (n_tasks == 1) {  // outside any parallel region, as in the forward
-    std::vector<T> dp;
-    run(0, dp);
+    run(0, dp_all.data());
   } else {
 #pragma omp parallel
     {
-      std::vector<T> dp;
+      T* dp = dp_all.data() + size_t(omp_get_thread_num()) * size_t(slice);
 #pragma omp for schedule(dynamic, 1)
       for (int64_t i = 0; i < n_tasks; ++i) run(i, dp);
     }

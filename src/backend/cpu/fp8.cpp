@@ -68,8 +68,14 @@ float Fp8Tensor::value(int64_t r, int64_t c) const {
 
 Fp8Tensor quantize(const float* x, int64_t rows, int64_t cols, Fp8Tiling tiling, Fp8Format format,
                    Fp8Scaling scaling) {
-  if (rows < 0 || cols < 0) fail("fp8 quantize: negative shape [", rows, ", ", cols, "]");
   Fp8Tensor t;
+  quantize_into(t, x, rows, cols, tiling, format, scaling);
+  return t;
+}
+
+void quantize_into(Fp8Tensor& t, const float* x, int64_t rows, int64_t cols, Fp8Tiling tiling, Fp8Format format,
+                   Fp8Scaling scaling) {
+  if (rows < 0 || cols < 0) fail("fp8 quantize: negative shape [", rows, ", ", cols, "]");
   t.rows = rows, t.cols = cols, t.tiling = tiling, t.format = format;
   t.codes.resize(size_t(rows * cols));
   const int64_t sr = t.scale_rows(), sc = t.scale_cols();
@@ -135,7 +141,6 @@ Fp8Tensor quantize(const float* x, int64_t rows, int64_t cols, Fp8Tiling tiling,
       for (int64_t c = 0; c < cols; ++c) qr[c] = fp8_encode(format, xr[c] / srow[c / kFp8Tile]);
     }
   }
-  return t;
 }
 
 void dequantize(const Fp8Tensor& t, float* out) {
@@ -178,6 +183,12 @@ inline void transpose_8x8_bytes(uint64_t x[8]) {
 
 Fp8Tensor transpose(const Fp8Tensor& t) {
   Fp8Tensor o;
+  transpose_into(t, o);
+  return o;
+}
+
+void transpose_into(const Fp8Tensor& t, Fp8Tensor& o) {
+  if (&t == &o) fail("fp8 transpose: the output must be another tensor");
   o.rows = t.cols, o.cols = t.rows, o.format = t.format;
   o.tiling = t.tiling == Fp8Tiling::row_tiles_1x128   ? Fp8Tiling::col_tiles_128x1
              : t.tiling == Fp8Tiling::col_tiles_128x1 ? Fp8Tiling::row_tiles_1x128
@@ -209,7 +220,6 @@ Fp8Tensor transpose(const Fp8Tensor& t) {
   o.scales.resize(t.scales.size());
   for (int64_t i = 0; i < sr; ++i)
     for (int64_t j = 0; j < sc; ++j) o.scales[size_t(j * sr + i)] = t.scales[size_t(i * sc + j)];
-  return o;
 }
 
 // ---- The emulated GEMM -----------------------------------------------------------------
@@ -398,24 +408,32 @@ void fp8_gemm_reference(const Fp8Tensor& a, const Fp8Tensor& b, float* c, const 
 
 namespace {
 
-// A float view of T data: the data itself for float, a rounded copy for double.
-template <typename T>
-struct AsFloat {
-  std::vector<float> copy;
-  const float* p;
-  AsFloat(const T* x, int64_t count) {
-    if constexpr (std::is_same_v<T, float>) {
-      p = x;
-    } else {
-      copy.assign(x, x + count);
-      p = copy.data();
-    }
-  }
+// What the three GEMMs quantise into, kept per thread from one call to the next, so that a
+// training step allocates nothing once every shape has been seen (the vectors keep their
+// capacity): the two operands, their transposes, the FP32 product and float copies of
+// double inputs.
+struct Fp8Workspace {
+  Fp8Tensor a, b, a_t, b_t;
+  std::vector<float> c, a_f, b_f;
 };
+Fp8Workspace& workspace() {
+  thread_local Fp8Workspace w;
+  return w;
+}
+
+// A float view of T data: the data itself for float, a rounded copy in `copy` for double.
+template <typename T>
+const float* as_float(const T* x, int64_t count, std::vector<float>& copy) {
+  if constexpr (std::is_same_v<T, float>) {
+    return x;
+  } else {
+    copy.assign(x, x + count);
+    return copy.data();
+  }
+}
 
 template <typename T>
-void store(const std::vector<float>& c, T* out, bool accumulate) {
-  const int64_t count = int64_t(c.size());
+void store(const std::vector<float>& c, int64_t count, T* out, bool accumulate) {
 #pragma omp parallel for schedule(static) if (count > 65536)
   for (int64_t i = 0; i < count; ++i) out[i] = accumulate ? out[i] + T(c[size_t(i)]) : T(c[size_t(i)]);
 }
@@ -426,23 +444,25 @@ template <typename T>
 void matmul_fp8(const T* x, const T* w, T* y, int64_t n, int64_t in, int64_t out, const Fp8GemmOptions& opt,
                 Fp8Scaling scaling) {
   constexpr Fp8Format e4m3 = Fp8Format::e4m3;
-  const Fp8Tensor xq = quantize(AsFloat<T>(x, n * in).p, n, in, Fp8Tiling::row_tiles_1x128, e4m3, scaling);
-  const Fp8Tensor wq = quantize(AsFloat<T>(w, out * in).p, out, in, Fp8Tiling::blocks_128x128, e4m3, scaling);
-  std::vector<float> c(size_t(n * out));
-  fp8_gemm(xq, wq, c.data(), opt);
-  store(c, y, false);
+  Fp8Workspace& ws = workspace();
+  quantize_into(ws.a, as_float(x, n * in, ws.a_f), n, in, Fp8Tiling::row_tiles_1x128, e4m3, scaling);
+  quantize_into(ws.b, as_float(w, out * in, ws.b_f), out, in, Fp8Tiling::blocks_128x128, e4m3, scaling);
+  ws.c.resize(size_t(n * out));
+  fp8_gemm(ws.a, ws.b, ws.c.data(), opt);
+  store(ws.c, n * out, y, false);
 }
 
 template <typename T>
 void matmul_dx_fp8(const T* dy, const T* w, T* dx, int64_t n, int64_t in, int64_t out, bool accumulate,
                    const Fp8GemmOptions& opt, Fp8Scaling scaling) {
   constexpr Fp8Format e4m3 = Fp8Format::e4m3;
-  const Fp8Tensor dyq = quantize(AsFloat<T>(dy, n * out).p, n, out, Fp8Tiling::row_tiles_1x128, e4m3, scaling);
-  const Fp8Tensor wq =
-      transpose(quantize(AsFloat<T>(w, out * in).p, out, in, Fp8Tiling::blocks_128x128, e4m3, scaling));
-  std::vector<float> c(size_t(n * in));
-  fp8_gemm(dyq, wq, c.data(), opt);
-  store(c, dx, accumulate);
+  Fp8Workspace& ws = workspace();
+  quantize_into(ws.a, as_float(dy, n * out, ws.a_f), n, out, Fp8Tiling::row_tiles_1x128, e4m3, scaling);
+  quantize_into(ws.b, as_float(w, out * in, ws.b_f), out, in, Fp8Tiling::blocks_128x128, e4m3, scaling);
+  transpose_into(ws.b, ws.b_t);
+  ws.c.resize(size_t(n * in));
+  fp8_gemm(ws.a, ws.b_t, ws.c.data(), opt);
+  store(ws.c, n * in, dx, accumulate);
 }
 
 template <typename T>
@@ -450,12 +470,14 @@ void matmul_dw_fp8(const T* dy, const T* x, T* dw, int64_t n, int64_t in, int64_
                    Fp8Scaling scaling) {
   // Tiles along n: 128x1 in the forward layout, 1x128 once transposed to [out, n] / [in, n].
   constexpr Fp8Format e4m3 = Fp8Format::e4m3;
-  const Fp8Tensor dyq =
-      transpose(quantize(AsFloat<T>(dy, n * out).p, n, out, Fp8Tiling::col_tiles_128x1, e4m3, scaling));
-  const Fp8Tensor xq = transpose(quantize(AsFloat<T>(x, n * in).p, n, in, Fp8Tiling::col_tiles_128x1, e4m3, scaling));
-  std::vector<float> c(size_t(out * in));
-  fp8_gemm(dyq, xq, c.data(), opt);
-  store(c, dw, true);
+  Fp8Workspace& ws = workspace();
+  quantize_into(ws.a, as_float(dy, n * out, ws.a_f), n, out, Fp8Tiling::col_tiles_128x1, e4m3, scaling);
+  transpose_into(ws.a, ws.a_t);
+  quantize_into(ws.b, as_float(x, n * in, ws.b_f), n, in, Fp8Tiling::col_tiles_128x1, e4m3, scaling);
+  transpose_into(ws.b, ws.b_t);
+  ws.c.resize(size_t(out * in));
+  fp8_gemm(ws.a_t, ws.b_t, ws.c.data(), opt);
+  store(ws.c, out * in, dw, true);
 }
 
 #define DSV3_INSTANTIATE(T)                                                                                   \

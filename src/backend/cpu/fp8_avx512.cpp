@@ -160,8 +160,7 @@ DSV3_AVX512 void gemm_panels(const Fp8Tensor& a, const Fp8Tensor& b, float* c, i
   const int64_t row_tasks = (m + kRowsPerTask - 1) / kRowsPerTask;
 #pragma omp parallel if (m * n * k > (int64_t(1) << 18))
   {
-    std::vector<Elem> panel_storage(size_t(kFp8Tile * kCols) + 64 / sizeof(Elem));
-    Elem* panel = reinterpret_cast<Elem*>((reinterpret_cast<uintptr_t>(panel_storage.data()) + 63) & ~uintptr_t(63));
+    alignas(64) Elem panel[kFp8Tile * kCols];  // on the thread's stack (at most 16 KiB): no allocation
     alignas(64) float sb[kCols];
 #pragma omp for schedule(dynamic, 1) collapse(2)
     for (int64_t task = 0; task < row_tasks; ++task)

@@ -229,7 +229,10 @@ void linear_rowwise(const LinearJob* jobs, size_t count) {
     const LinearJob* job;
     int64_t first, rows;
   };
-  std::vector<Tile> tiles;
+  // Kept between calls (no allocation per product); shared with the threads by reference.
+  thread_local std::vector<Tile> tiles_kept;
+  std::vector<Tile>& tiles = tiles_kept;
+  tiles.clear();
   int64_t work = 0;
   for (size_t i = 0; i < count; ++i) {
     const Mat& w = jobs[i].w;
@@ -244,7 +247,9 @@ void linear_rowwise(const LinearJob* jobs, size_t count) {
   const cpu::RowKernels& k = cpu::active_kernels();
 #pragma omp parallel if (work > 32768)
   {
-    ScaledX scaled;
+    thread_local ScaledX scaled_kept;  // this thread's: its buffer keeps its memory
+    ScaledX& scaled = scaled_kept;
+    scaled.w = nullptr, scaled.x = nullptr, scaled.block = -1;  // nothing cached from an earlier call
     float acc[kMaxBatch];
 #pragma omp for schedule(static)
     for (size_t t = 0; t < tiles.size(); ++t) {
@@ -316,7 +321,8 @@ void linear(const float* x, int64_t n, const Mat& w, float* y) {
 void linear_batch(const LinearJob* jobs, size_t count) {
   // Jobs the row kernels take (few activation rows, BF16 / FP8) share one parallel pass;
   // the others run one by one.
-  std::vector<LinearJob> rowwise;
+  thread_local std::vector<LinearJob> rowwise;  // kept between calls
+  rowwise.clear();
   for (size_t i = 0; i < count; ++i) {
     const LinearJob& j = jobs[i];
     check_dtype(j.w);
@@ -383,7 +389,7 @@ void linear_strided_batch(const StridedLinearJob* jobs, size_t count, int64_t n)
   // which keeps no shared buffers). Many rows: threads inside each product.
 #pragma omp parallel if (n <= kMaxBatch && n_jobs > 1)
   {
-    std::vector<float> xs, ys;
+    thread_local std::vector<float> xs, ys;  // this thread's, kept between calls
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < n_jobs; ++i) run(jobs[size_t(i)], xs, ys);
   }

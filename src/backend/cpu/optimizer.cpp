@@ -17,24 +17,29 @@ struct Piece {
   int64_t begin, end;
 };
 
+// The pieces of `count` tensors, in the calling thread's list, kept from call to call so an
+// optimiser step allocates nothing; the threads share it through the returned reference.
 template <typename Size>
-std::vector<Piece> pieces(size_t count, Size size_of) {
+const std::vector<Piece>& pieces(size_t count, Size size_of) {
   constexpr int64_t kPiece = 16384;
-  std::vector<Piece> out;
+  thread_local std::vector<Piece> out;
+  out.clear();
   for (size_t t = 0; t < count; ++t)
     for (int64_t b = 0; b < size_of(t); b += kPiece) out.push_back({t, b, std::min(size_of(t), b + kPiece)});
   return out;
 }
 
-std::vector<Piece> span_pieces(const FloatSpan* spans, size_t count) {
+const std::vector<Piece>& span_pieces(const FloatSpan* spans, size_t count) {
   return pieces(count, [&](size_t t) { return spans[t].n; });
 }
 
 }  // namespace
 
 double sum_of_squares(const FloatSpan* spans, size_t count) {
-  const auto work = span_pieces(spans, count);
-  std::vector<double> part(work.size());  // per piece, then added in order
+  const std::vector<Piece>& work = span_pieces(spans, count);
+  thread_local std::vector<double> part_kept;  // per piece, then added in order
+  std::vector<double>& part = part_kept;
+  part.resize(work.size());
 #pragma omp parallel for schedule(dynamic, 8)
   for (size_t q = 0; q < work.size(); ++q) {
     const float* x = spans[work[q].tensor].data;
@@ -48,7 +53,7 @@ double sum_of_squares(const FloatSpan* spans, size_t count) {
 }
 
 void scale_spans(const FloatSpan* spans, size_t count, float k) {
-  const auto work = span_pieces(spans, count);
+  const std::vector<Piece>& work = span_pieces(spans, count);
 #pragma omp parallel for schedule(dynamic, 8)
   for (size_t q = 0; q < work.size(); ++q) {
     float* x = spans[work[q].tensor].data;
@@ -57,7 +62,7 @@ void scale_spans(const FloatSpan* spans, size_t count, float k) {
 }
 
 void zero_spans(const FloatSpan* spans, size_t count) {
-  const auto work = span_pieces(spans, count);
+  const std::vector<Piece>& work = span_pieces(spans, count);
 #pragma omp parallel for schedule(dynamic, 8)
   for (size_t q = 0; q < work.size(); ++q) {
     float* x = spans[work[q].tensor].data;
@@ -66,7 +71,7 @@ void zero_spans(const FloatSpan* spans, size_t count) {
 }
 
 void adamw_step(const AdamWTensor* tensors, size_t count, const AdamWStep& s) {
-  const auto work = pieces(count, [&](size_t t) { return tensors[t].n; });
+  const std::vector<Piece>& work = pieces(count, [&](size_t t) { return tensors[t].n; });
 #pragma omp parallel for schedule(dynamic, 8)
   for (size_t q = 0; q < work.size(); ++q) {
     const AdamWTensor& t = tensors[work[q].tensor];

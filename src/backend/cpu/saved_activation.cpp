@@ -44,14 +44,15 @@ void check_finite(const float* x, int64_t rows, int64_t cols, const char* what) 
 template <typename T>
 void SavedActivation<T>::save(const T* x, int64_t rows, int64_t cols, SavedFormat format) {
   rows_ = rows, cols_ = cols, format_ = format;
-  full_.clear(), e4m3_ = {}, e5m6_.clear(), scales_.clear();
+  // clear(), not a fresh object: the vectors keep their capacity, so steps allocate nothing.
+  full_.clear(), e4m3_.codes.clear(), e4m3_.scales.clear(), e5m6_.clear(), scales_.clear();
   const size_t count = size_t(rows * cols);
   if (format == SavedFormat::full) {
     full_.assign(x, x + count);
     return;
   }
   // The formats start from float, as the GEMMs do (a rounded copy for double).
-  std::vector<float> copy;
+  thread_local std::vector<float> copy;
   const float* xf = nullptr;
   if constexpr (std::is_same_v<T, float>) {
     xf = x;
@@ -60,7 +61,7 @@ void SavedActivation<T>::save(const T* x, int64_t rows, int64_t cols, SavedForma
     xf = copy.data();
   }
   if (format == SavedFormat::e4m3_1x128) {
-    e4m3_ = quantize(xf, rows, cols, Fp8Tiling::row_tiles_1x128);
+    quantize_into(e4m3_, xf, rows, cols, Fp8Tiling::row_tiles_1x128);
     return;
   }
   check_finite(xf, rows, cols, "E5M6");
@@ -88,34 +89,34 @@ void SavedActivation<T>::save(const T* x, int64_t rows, int64_t cols, SavedForma
 }
 
 template <typename T>
-const T* SavedActivation<T>::read(std::vector<T>& scratch) const {
+const T* SavedActivation<T>::read(Arena& arena) const {
   if (format_ == SavedFormat::full) return full_.data();
   const size_t count = size_t(rows_ * cols_);
-  scratch.resize(count);
+  T* out = arena.alloc<T>(count);
   if (format_ == SavedFormat::e4m3_1x128) {
     if constexpr (std::is_same_v<T, float>) {
-      dequantize(e4m3_, scratch.data());
+      dequantize(e4m3_, out);
     } else {
-      std::vector<float> f(count);
-      dequantize(e4m3_, f.data());
-      std::copy(f.begin(), f.end(), scratch.begin());
+      ArenaScope scope(arena);
+      float* f = arena.alloc<float>(count);
+      dequantize(e4m3_, f);
+      std::copy(f, f + count, out);
     }
-    return scratch.data();
+    return out;
   }
   const int64_t tiles = (cols_ + kFp8Tile - 1) / kFp8Tile;
 #pragma omp parallel for schedule(static) if (rows_ * cols_ > 65536)
   for (int64_t r = 0; r < rows_; ++r)
     for (int64_t c = 0; c < cols_; ++c)
-      scratch[size_t(r * cols_ + c)] =
-          T(e5m6_decode(e5m6_[size_t(r * cols_ + c)]) * scales_[size_t(r * tiles + c / kFp8Tile)]);
-  return scratch.data();
+      out[r * cols_ + c] = T(e5m6_decode(e5m6_[size_t(r * cols_ + c)]) * scales_[size_t(r * tiles + c / kFp8Tile)]);
+  return out;
 }
 
 template <typename T>
 std::vector<T> SavedActivation<T>::load() const {
-  std::vector<T> scratch;
-  const T* p = read(scratch);
-  return p == scratch.data() ? scratch : std::vector<T>(p, p + rows_ * cols_);
+  Arena arena;
+  const T* p = read(arena);
+  return std::vector<T>(p, p + rows_ * cols_);
 }
 
 template <typename T>

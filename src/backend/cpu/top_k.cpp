@@ -20,9 +20,11 @@ void top_k_rows(const T* scores, int64_t n, int64_t columns, const TopK& t, int3
   const int64_t per_group = columns / t.groups;
 #pragma omp parallel if (n >= 64)
   {
-    std::vector<T> choice(static_cast<size_t>(columns)), group(static_cast<size_t>(t.groups)),
-        best(static_cast<size_t>(per_group));
-    std::vector<int32_t> order(static_cast<size_t>(std::max(columns, t.groups)));
+    // This thread's buffers, kept from call to call (no allocation per routing).
+    thread_local std::vector<T> choice, group, best;
+    thread_local std::vector<int32_t> order;
+    choice.resize(static_cast<size_t>(columns)), group.resize(static_cast<size_t>(t.groups));
+    best.resize(static_cast<size_t>(per_group)), order.resize(static_cast<size_t>(std::max(columns, t.groups)));
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < n; ++r) {
       std::copy(scores + r * columns, scores + (r + 1) * columns, choice.begin());
@@ -38,8 +40,11 @@ void top_k_rows(const T* scores, int64_t n, int64_t columns, const TopK& t, int3
           }
         }
         std::iota(order.begin(), order.begin() + t.groups, 0);
-        std::stable_sort(order.begin(), order.begin() + t.groups,
-                         [&](int32_t a, int32_t b) { return group[size_t(a)] > group[size_t(b)]; });
+        // Best groups first, ties to the lower index (the order a stable sort gives; std::sort
+        // with the index as tie-break needs no temporary buffer).
+        std::sort(order.begin(), order.begin() + t.groups, [&](int32_t a, int32_t b) {
+          return group[size_t(a)] > group[size_t(b)] || (group[size_t(a)] == group[size_t(b)] && a < b);
+        });
         for (int64_t gi = t.top_groups; gi < t.groups; ++gi) {
           const int64_t g = order[size_t(gi)];
           std::fill(choice.begin() + g * per_group, choice.begin() + (g + 1) * per_group,
