@@ -159,7 +159,8 @@ void convert_weights(const ModelConfig& c, const ModelWeights& src, ModelWeights
 
 // Points every MTP module's embedding and output head at the main model's: in training they
 // are one tensor each (§2.2: shared embedding and output head); checkpoints still store
-// the copies under the MTP layer's names, as DeepSeek-V3's do.
+// the copies under the MTP layer's names, as DeepSeek-V3's do. On weights allocated with
+// MtpTying::copies this leaves the copies' space unused; MtpTying::tied does not lay it out.
 void tie_mtp_shared(ModelWeights& w);
 
 // The mutable elements of an owned float32 / float64 tensor.
