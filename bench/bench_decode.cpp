@@ -63,7 +63,7 @@ void write_checkpoint(const std::string& dir, bool fp8) {
              : "}";
   std::ofstream(dir + "/config.json") << cfg;
   ModelConfig c = ModelConfig::parse(cfg, "bench config");
-  ModelWeights w;
+  ModelWeights w(c);
   std::vector<std::vector<uint8_t>> storage;
   std::vector<TensorToWrite> tensors;
   Rng rng{0x9e3779b97f4a7c15ull};

@@ -114,7 +114,7 @@ void check_seq_len(int64_t seq_len) {
 ModelCount count_model(const ModelConfig& c, int64_t seq_len, const std::string& name) {
   check_seq_len(seq_len);
   // The tensor list only: Mats stay empty, no weights are allocated.
-  ModelWeights w;
+  ModelWeights w(c);
   const std::vector<TensorSlot> slots = list_tensors(c, w);
   std::set<const Mat*> routed, embedding, head_copy;
   auto add_routed = [&](const LayerWeights& l) {

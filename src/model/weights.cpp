@@ -18,8 +18,9 @@ struct Lister {
   const std::function<void(const TensorSlot&)>& fn;
   bool in_mtp = false;
 
-  void mat(const std::string& name, Mat& m, int64_t rows, int64_t cols, bool quantizable) {
-    fn(TensorSlot{name, {rows, cols}, &m, quantizable, true, in_mtp});
+  void mat(const std::string& name, Mat& m, int64_t rows, int64_t cols, bool quantizable,
+           const Mat* copy_of = nullptr) {
+    fn(TensorSlot{name, {rows, cols}, &m, quantizable, true, in_mtp, copy_of});
   }
   void vec(const std::string& name, Mat& v, int64_t n, bool trainable = true) {
     fn(TensorSlot{name, {n}, &v, false, trainable, in_mtp});
@@ -48,7 +49,6 @@ struct Lister {
     mat(a + "kv_b_proj.weight", w.self_attn.kv_b_proj, h * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank, true);
     mat(a + "o_proj.weight", w.self_attn.o_proj, c.hidden_size, h * c.v_head_dim, true);
     vec(p + "post_attention_layernorm.weight", w.post_attention_layernorm, c.hidden_size);
-    w.is_moe = c.is_moe_layer(index);
     if (!w.is_moe) {
       mlp(p + "mlp.", w.mlp, c.intermediate_size);
       return;
@@ -56,7 +56,6 @@ struct Lister {
     mat(p + "mlp.gate.weight", w.moe.gate, c.n_routed_experts, c.hidden_size, false);
     if (c.topk_method == TopkMethod::noaux_tc)
       vec(p + "mlp.gate.e_score_correction_bias", w.moe.e_score_correction_bias, c.n_routed_experts, false);
-    w.moe.experts.resize(size_t(c.n_routed_experts));
     for (int64_t e = 0; e < c.n_routed_experts; ++e)
       mlp(p + "mlp.experts." + std::to_string(e) + ".", w.moe.experts[size_t(e)], c.moe_intermediate_size);
     if (c.n_shared_experts > 0)
@@ -64,12 +63,41 @@ struct Lister {
   }
 };
 
+void shape_layer(const ModelConfig& c, int64_t index, LayerWeights& l) {
+  l.is_moe = c.is_moe_layer(index);
+  if (l.is_moe) l.moe.experts.resize(size_t(c.n_routed_experts));
+}
+
+// Whether w is shaped as ModelWeights(c) shapes it; the first difference, or "".
+std::string shape_difference(const ModelConfig& c, const ModelWeights& w) {
+  if (int64_t(w.layers.size()) != c.num_hidden_layers)
+    return cat(w.layers.size(), " layers, config.json has ", c.num_hidden_layers);
+  if (int64_t(w.mtp.size()) != c.num_nextn_predict_layers)
+    return cat(w.mtp.size(), " MTP modules, config.json has ", c.num_nextn_predict_layers);
+  for (int64_t i = 0; i < c.num_hidden_layers + c.num_nextn_predict_layers; ++i) {
+    const LayerWeights& l = i < c.num_hidden_layers ? w.layers[size_t(i)] : w.mtp[size_t(i - c.num_hidden_layers)].block;
+    const int64_t experts = c.is_moe_layer(i) ? c.n_routed_experts : 0;
+    if (l.is_moe != c.is_moe_layer(i) || int64_t(l.moe.experts.size()) != experts)
+      return cat("layer ", i, " ", l.is_moe ? "MoE" : "dense", " with ", l.moe.experts.size(),
+                 " routed experts, config.json has ", c.is_moe_layer(i) ? "MoE" : "dense", " with ", experts);
+  }
+  return "";
+}
+
 }  // namespace
 
+ModelWeights::ModelWeights(const ModelConfig& c) {
+  layers.resize(size_t(c.num_hidden_layers));
+  for (int64_t i = 0; i < c.num_hidden_layers; ++i) shape_layer(c, i, layers[size_t(i)]);
+  mtp.resize(size_t(c.num_nextn_predict_layers));
+  for (int64_t k = 0; k < c.num_nextn_predict_layers; ++k) shape_layer(c, c.num_hidden_layers + k, mtp[size_t(k)].block);
+}
+
 void for_each_tensor(const ModelConfig& c, ModelWeights& w, const std::function<void(const TensorSlot&)>& fn) {
+  if (const std::string d = shape_difference(c, w); !d.empty())
+    fail("for_each_tensor: the weights are not shaped for this config (", d,
+         "); construct them with ModelWeights(config), load_weights or allocate_weights");
   Lister l{c, fn};
-  w.layers.resize(size_t(c.num_hidden_layers));
-  w.mtp.resize(size_t(c.num_nextn_predict_layers));
   l.mat("model.embed_tokens.weight", w.embed_tokens, c.vocab_size, c.hidden_size, false);
   for (int64_t i = 0; i < c.num_hidden_layers; ++i)
     l.layer("model.layers." + std::to_string(i) + ".", i, w.layers[size_t(i)]);
@@ -80,13 +108,14 @@ void for_each_tensor(const ModelConfig& c, ModelWeights& w, const std::function<
     const int64_t index = c.num_hidden_layers + k;
     const std::string p = "model.layers." + std::to_string(index) + ".";
     MtpWeights& m = w.mtp[size_t(k)];
-    l.mat(p + "embed_tokens.weight", m.embed_tokens, c.vocab_size, c.hidden_size, false);
+    l.mat(p + "embed_tokens.weight", m.embed_tokens, c.vocab_size, c.hidden_size, false, &w.embed_tokens);
     l.vec(p + "enorm.weight", m.enorm, c.hidden_size);
     l.vec(p + "hnorm.weight", m.hnorm, c.hidden_size);
     l.mat(p + "eh_proj.weight", m.eh_proj, c.hidden_size, 2 * c.hidden_size, false);
     l.layer(p, index, m.block);
     l.vec(p + "shared_head.norm.weight", m.shared_head_norm, c.hidden_size);
-    l.mat(p + "shared_head.head.weight", m.shared_head_head, c.vocab_size, c.hidden_size, false);
+    l.mat(p + "shared_head.head.weight", m.shared_head_head, c.vocab_size, c.hidden_size, false,
+          c.tie_word_embeddings ? &w.embed_tokens : &w.lm_head);
   }
 }
 
@@ -131,7 +160,7 @@ Mat shape_mat(const TensorSlot& s) {
 }  // namespace
 
 ModelWeights load_weights(const ModelConfig& c, const Checkpoint& ckpt) {
-  ModelWeights w;
+  ModelWeights w(c);
   std::set<std::string> used;
   for_each_tensor(c, w, [&](const TensorSlot& s) {
     const TensorView* v = ckpt.find(s.name);
@@ -191,14 +220,44 @@ void tie_mtp_shared(ModelWeights& w) {
   }
 }
 
-ModelWeights allocate_weights(const ModelConfig& c, DType dtype) {
-  if (dtype != DType::f32 && dtype != DType::f64) fail("allocate_weights: F32 or F64 only");
-  ModelWeights w;
+FlatLayout flat_layout(const ModelConfig& c, DType dtype, MtpTying mtp) {
+  if (dtype != DType::f32 && dtype != DType::f64) fail("flat_layout: F32 or F64 only, not ", dtype_name(dtype));
+  const int64_t align = int64_t(kFlatAlignment / dtype_size(dtype));  // in elements
+  FlatLayout out{dtype, mtp, {}, 0};
+  ModelWeights shape(c);  // Mats only: the list needs somewhere to point
+  std::vector<std::pair<const Mat*, int64_t>> offsets;  // of the tensors a copy may be tied to
+  for_each_tensor(c, shape, [&](const TensorSlot& s) {
+    FlatTensor t{s.name, s.shape, out.numel, 1, s.trainable, s.mtp, false};
+    for (int64_t d : s.shape) t.numel *= d;
+    if (s.copy_of && mtp == MtpTying::tied) {
+      t.tied = true;
+      for (const auto& [m, offset] : offsets)
+        if (m == s.copy_of) t.offset = offset;
+    } else {
+      if (s.mat == &shape.embed_tokens || s.mat == &shape.lm_head) offsets.push_back({s.mat, t.offset});
+      out.numel += (t.numel + align - 1) / align * align;
+    }
+    out.tensors.push_back(std::move(t));
+  });
+  return out;
+}
+
+ModelWeights allocate_weights(const ModelConfig& c, DType dtype, MtpTying mtp) {
+  const FlatLayout layout = flat_layout(c, dtype, mtp);
+  ModelWeights w(c);
+  FlatWeights& f = w.flat;
+  f.dtype = dtype, f.mtp = mtp, f.numel = layout.numel;
+  // calloc: zeroed pages from the system, untouched until used; 64 bytes more to align.
+  f.owner.reset(static_cast<uint8_t*>(std::calloc(f.bytes() + kFlatAlignment, 1)));
+  if (!f.owner) fail("allocate_weights: cannot allocate ", f.bytes(), " bytes");
+  const uintptr_t base = reinterpret_cast<uintptr_t>(f.owner.get());
+  f.data = f.owner.get() + (kFlatAlignment - base % kFlatAlignment) % kFlatAlignment;
+  size_t i = 0;
   for_each_tensor(c, w, [&](const TensorSlot& s) {
     Mat& m = *s.mat;
     m = shape_mat(s);
     m.dtype = dtype;
-    m.data = own(w, dtype, m.numel());
+    m.data = f.data + size_t(layout.tensors[i++].offset) * dtype_size(dtype);
   });
   if (c.tie_word_embeddings) w.lm_head = w.embed_tokens;
   return w;

@@ -1,12 +1,18 @@
 // AdamW (Loshchilov & Hutter) as DeepSeek-V3 trains with it (§4.2: beta1 0.9, beta2 0.95,
 // weight decay 0.1): float32 master weights and gradients, moments in BF16 (the paper's
 // choice, to save memory) or float32. Weight decay applies to matrices, not to norm
-// weights. The update walks params, grads and moments in lockstep through the one tensor
-// list. Uses model/weights.h only.
+// weights. Parameters and gradients are flat (allocate_weights(c, F32, MtpTying::tied));
+// each moment is one flat buffer laid out as they are, and the segments a step walks (the
+// trainable tensors, each once) are listed once from the tensor list. Nothing here loops
+// over elements or allocates per step: the backend's optimizer ops do the loops.
+// Uses model/weights.h and backend/optimizer.h only.
 #pragma once
 #include <cstdint>
+#include <span>
+#include <string>
 #include <vector>
 
+#include "backend/optimizer.h"
 #include "model/weights.h"
 
 namespace dsv3 {
@@ -18,10 +24,17 @@ struct AdamWConfig {
 
 class AdamW {
  public:
+  // Lays out the moments for allocate_weights(c, F32, MtpTying::tied), from the tensor list
+  // alone (no weights are allocated).
   AdamW(const ModelConfig& c, const AdamWConfig& cfg);
 
-  // One update with learning rate lr; step counts from 1 (bias correction).
-  void update(const ModelConfig& c, ModelWeights& params, const ModelWeights& grads, double lr, int64_t step);
+  // One update with learning rate lr; step counts from 1 (bias correction). params and grads
+  // must come from allocate_weights(c, F32, MtpTying::tied) for the constructor's config.
+  void update(ModelWeights& params, const ModelWeights& grads, double lr, int64_t step);
+
+  // The trainable tensors of w (laid out as update's params), each once, in list order:
+  // the spans clip_grad_norm sums. List them once; they stay valid as long as w.
+  std::vector<FloatSpan> trainable_spans(ModelWeights& w) const;
 
   // The moments as float32 tensors named "exp_avg.<name>" / "exp_avg_sq.<name>", for
   // checkpoints; load_state restores them exactly.
@@ -35,20 +48,28 @@ class AdamW {
   const AdamWConfig& config() const { return cfg_; }
 
  private:
-  AdamWConfig cfg_;
-  struct Moments {
-    std::string name;             // the parameter's HF name
+  // One trainable tensor: where it lies in the flat params, grads and moments.
+  struct Segment {
+    std::string name;  // the parameter's HF name
     std::vector<int64_t> shape;
-    std::vector<uint16_t> m16, v16;  // BF16
-    std::vector<float> m32, v32;     // float32
+    int64_t offset, n;
+    bool decay;  // matrices decay; norm weights do not
   };
-  std::vector<Moments> moments_;  // one per trainable tensor of list_tensors, in order
+  void check_layout(const ModelWeights& w, const char* what) const;
+
+  AdamWConfig cfg_;
+  int64_t flat_numel_ = 0;         // elements of the params' allocation
+  std::vector<Segment> segments_;  // trainable, not tied, in list order
+  std::vector<uint16_t> m16_, v16_;  // BF16 moments, flat_numel_ each, or
+  std::vector<float> m32_, v32_;     // float32 moments (padding and non-trainable slots stay 0)
+  std::vector<AdamWTensor> step_;    // one per segment, refilled by update (no allocation)
 };
 
-// Scales grads so that their global L2 norm is at most max_norm (if max_norm > 0);
-// returns the norm before clipping. Tensors shared by several slots count once.
-double clip_grad_norm(const ModelConfig& c, ModelWeights& grads, double max_norm);
-// Sets every gradient (float32) to zero.
-void zero_grads(const ModelConfig& c, ModelWeights& grads);
+// Scales grads (the spans of AdamW::trainable_spans) so that their global L2 norm is at
+// most max_norm (if max_norm > 0); returns the norm before clipping. The sum runs in the
+// spans' order and the backend's fixed pieces, so it is the same on any thread count.
+double clip_grad_norm(std::span<const FloatSpan> grads, double max_norm);
+// Sets every gradient of a flat float32 allocation to zero (its padding too).
+void zero_grads(ModelWeights& grads);
 
 }  // namespace dsv3

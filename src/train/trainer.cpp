@@ -31,9 +31,10 @@ Trainer::Trainer(const std::string& config_json, const TrainOptions& opt, std::v
       c_(ModelConfig::parse(config_json, run_dir + ": config")),
       opt_(opt),
       run_dir_(run_dir),
-      params_(allocate_weights(c_, DType::f32)),
-      grads_(allocate_weights(c_, DType::f32)),
+      params_(allocate_weights(c_, DType::f32, MtpTying::tied)),
+      grads_(allocate_weights(c_, DType::f32, MtpTying::tied)),
       adamw_(c_, opt.adamw),
+      grad_spans_(adamw_.trainable_spans(grads_)),
       pass_(c_, {opt.mtp_weight, opt.alpha, opt.linear}),
       train_(std::move(train), opt.seq, opt.seed),
       val_(std::move(val)) {
@@ -41,7 +42,6 @@ Trainer::Trainer(const std::string& config_json, const TrainOptions& opt, std::v
   if (opt_.seq > c_.max_position_embeddings) fail("seq ", opt_.seq, " exceeds max_position_embeddings");
   opt_.schedule.batch = opt_.batch;
   init_weights(c_, params_, opt_.init_std, opt_.seed);
-  tie_mtp_shared(grads_);
   state_.seed = opt_.seed, state_.seq = opt_.seq, state_.batch = opt_.batch, state_.data_windows = train_.windows();
   if (opt_.eval_every > 0 && !val_.empty()) {
     int64_t tokens = 0;
@@ -68,7 +68,6 @@ bool Trainer::resume() {
     fail(*dir, ": the run's training data had ", saved.data_windows, " windows, --data now has ", train_.windows(),
          "; resume with the same data");
   state_ = saved;
-  tie_mtp_shared(params_);
   train_.seek(state_.data);
   return true;
 }
@@ -78,20 +77,20 @@ StepMetrics Trainer::step() {
   const int64_t step = state_.step + 1, B = opt_.schedule.batch_at(step), S = opt_.seq;
   inputs_.resize(size_t(B * S)), targets_.resize(size_t(B * S));
   train_.next_batch(B, inputs_.data(), targets_.data());
-  zero_grads(c_, grads_);
+  zero_grads(grads_);
   StepMetrics m;
   const double total = pass_.forward(params_, inputs_.data(), targets_.data(), B, S);
   m.loss = pass_.main_loss();
   m.mtp_loss = pass_.mtp_loss();
   m.activation_bytes = pass_.activation_bytes();
   pass_.backward(params_, grads_);
-  m.grad_norm = clip_grad_norm(c_, grads_, opt_.clip);
+  m.grad_norm = clip_grad_norm(grad_spans_, opt_.clip);
   // Diverged: stop before the weights are touched, so nothing non-finite is ever saved.
   if (!std::isfinite(total) || !std::isfinite(m.grad_norm))
     fail("step ", step, ": the loss is ", total, " and the gradient norm ", m.grad_norm,
          "; stopping before the update (the last checkpoint is intact)");
   m.lr = opt_.schedule.lr_at(step);
-  adamw_.update(c_, params_, grads_, m.lr, step);
+  adamw_.update(params_, grads_, m.lr, step);
   m.max_vio_layers = update_balance_bias(c_, params_, pass_.expert_loads(), opt_.gamma);
   for (double v : m.max_vio_layers) m.max_vio = std::max(m.max_vio, v);
   state_.step = step;

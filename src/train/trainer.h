@@ -67,8 +67,9 @@ class Trainer {
   ModelConfig c_;
   TrainOptions opt_;
   std::string run_dir_;
-  ModelWeights params_, grads_;
-  AdamW adamw_;
+  ModelWeights params_, grads_;  // flat, the MTP embedding and head tied to the main model's
+  AdamW adamw_;                  // its moments, laid out as params_
+  std::vector<FloatSpan> grad_spans_;  // grads_'s trainable tensors, listed once for the clip
   TrainingPass<float> pass_;
   BatchSampler train_;
   std::vector<std::span<const uint32_t>> val_;
