@@ -14,6 +14,7 @@
 #include "golden_util.h"
 #include "model/training.h"
 #include "model/transformer.h"
+#include "train/trainer.h"
 
 namespace {
 std::atomic<int64_t> g_allocations{0};
@@ -138,6 +139,30 @@ TEST(Allocations, TrainingStepAllocatesNothing) {
     step();  // sizes the records, workspaces and the arena's blocks
     step();  // the arena merges its blocks into one (Arena::reset)
     EXPECT_EQ(allocations_in(step), 0) << gemm_precision_name(p);
+  }
+}
+
+// The whole optimizer step of the trainer: batch, forward, backward, clipping, AdamW (BF16
+// moments), the bias update and the metrics.
+TEST(Allocations, TrainerStepAllocatesNothing) {
+  const char* config = R"({"vocab_size": 64, "hidden_size": 32, "intermediate_size": 64,
+    "moe_intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2, "qk_nope_head_dim": 8,
+    "qk_rope_head_dim": 4, "v_head_dim": 8, "kv_lora_rank": 16, "q_lora_rank": 16, "max_position_embeddings": 128,
+    "rope_theta": 10000, "first_k_dense_replace": 1, "n_routed_experts": 8, "num_experts_per_tok": 2,
+    "n_shared_experts": 1, "n_group": 2, "topk_group": 1, "scoring_func": "sigmoid", "topk_method": "noaux_tc",
+    "norm_topk_prob": true, "routed_scaling_factor": 2.5, "num_nextn_predict_layers": 1, "rms_norm_eps": 1e-6,
+    "bos_token_id": 0, "eos_token_id": 1})";
+  std::vector<uint32_t> tokens(4096);
+  std::mt19937 rng(3);
+  for (auto& t : tokens) t = 2 + rng() % 62;
+  for (GemmPrecision p : {GemmPrecision::fp32, GemmPrecision::fp8}) {
+    TrainOptions opt;
+    opt.steps = 100, opt.batch = 4, opt.seq = 32, opt.eval_every = 0, opt.save_every = 0;
+    opt.linear.precision = p;
+    Trainer t(config, opt, {std::span<const uint32_t>(tokens)}, {}, ::testing::TempDir() + "/alloc-run");
+    t.step(), t.step();  // the first steps size every buffer (other batches: other routing)
+    for (int i = 0; i < 3; ++i) t.step();
+    EXPECT_EQ(allocations_in([&] { t.step(); }), 0) << gemm_precision_name(p);
   }
 }
 

@@ -85,6 +85,10 @@ double TrainingPass<T>::forward(const ModelWeights& w, const int32_t* tokens, co
     mtp_loss_ += cross_entropy(a.logits.data(), a.targets.data(), N, vocab, a.dlogits.data(),
                                loss_.mtp_weight / double(D)) / double(D);
   }
+  // The expert loads the bias update reads, copied into vectors that keep their memory.
+  loads_.resize(layers_.size() + mtp_.size());
+  for (size_t l = 0; l < layers_.size(); ++l) loads_[l] = layers_[l].moe.load;
+  for (size_t k = 0; k < mtp_.size(); ++k) loads_[layers_.size() + k] = mtp_[k].record.block.moe.load;
   return main_loss_ + loss_.mtp_weight * mtp_loss_ + balance_loss_;
 }
 
@@ -116,15 +120,6 @@ int64_t TrainingPass<T>::activation_bytes() const {
   for (const auto& l : layers_) n += l.bytes();
   for (const auto& m : mtp_) n += m.bytes();
   return n;
-}
-
-template <typename T>
-std::vector<std::vector<int64_t>> TrainingPass<T>::expert_loads() const {
-  std::vector<std::vector<int64_t>> out(layers_.size() + mtp_.size());
-  for (size_t l = 0; l < layers_.size(); ++l)
-    out[l] = layers_[l].moe.load;
-  for (size_t k = 0; k < mtp_.size(); ++k) out[layers_.size() + k] = mtp_[k].record.block.moe.load;
-  return out;
 }
 
 template struct MtpActivations<float>;

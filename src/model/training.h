@@ -61,7 +61,7 @@ class TrainingPass {
   // Tokens routed to each expert of each layer in the last forward (empty: dense), without
   // the MTP placeholder positions (see BalanceLoss): the main
   // model's layers, then the MTP modules' blocks (empty if the MTP loss is off).
-  std::vector<std::vector<int64_t>> expert_loads() const;
+  const std::vector<std::vector<int64_t>>& expert_loads() const { return loads_; }
 
  private:
   // ignored_tail: positions per sequence left out of the balance loss and expert loads.
@@ -81,6 +81,7 @@ class TrainingPass {
   std::vector<MtpActivations<T>> mtp_;
   std::vector<T> h_last_, logits_, dlogits_;
   std::vector<T> h_, h_next_, dh_;  // working buffers of a step, kept between steps
+  std::vector<std::vector<int64_t>> loads_;  // expert_loads() of the last forward
   double main_loss_ = 0, mtp_loss_ = 0, balance_loss_ = 0;
 };
 

@@ -5,9 +5,9 @@
 
 namespace dsv3 {
 
-std::vector<double> update_balance_bias(const ModelConfig& c, ModelWeights& params,
-                                        const std::vector<std::vector<int64_t>>& loads, double gamma) {
-  std::vector<double> max_vio;
+void update_balance_bias(const ModelConfig& c, ModelWeights& params, const std::vector<std::vector<int64_t>>& loads,
+                         double gamma, std::vector<double>& max_vio) {
+  max_vio.clear();
   const size_t main_layers = params.layers.size();
   for (size_t l = 0; l < loads.size() && l < main_layers + params.mtp.size(); ++l) {
     const auto& load = loads[l];
@@ -25,7 +25,6 @@ std::vector<double> update_balance_bias(const ModelConfig& c, ModelWeights& para
       b[e] += float(gamma * double((d > 0) - (d < 0)));
     }
   }
-  return max_vio;
 }
 
 }  // namespace dsv3

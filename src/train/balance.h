@@ -12,9 +12,9 @@ namespace dsv3 {
 
 // loads[l]: tokens routed to each expert of layer l (empty for dense layers), the main
 // model's layers first, then the MTP modules' blocks. Updates the biases of params (if
-// gamma > 0); returns MaxVio per MoE layer of the main model (the MTP blocks are balanced
-// too, not reported).
-std::vector<double> update_balance_bias(const ModelConfig& c, ModelWeights& params,
-                                        const std::vector<std::vector<int64_t>>& loads, double gamma);
+// gamma > 0); writes MaxVio per MoE layer of the main model into max_vio (the MTP blocks
+// are balanced too, not reported; the vector keeps its memory from step to step).
+void update_balance_bias(const ModelConfig& c, ModelWeights& params, const std::vector<std::vector<int64_t>>& loads,
+                         double gamma, std::vector<double>& max_vio);
 
 }  // namespace dsv3

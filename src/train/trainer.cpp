@@ -72,13 +72,14 @@ bool Trainer::resume() {
   return true;
 }
 
-StepMetrics Trainer::step() {
+const StepMetrics& Trainer::step() {
   const auto t0 = std::chrono::steady_clock::now();
   const int64_t step = state_.step + 1, B = opt_.schedule.batch_at(step), S = opt_.seq;
   inputs_.resize(size_t(B * S)), targets_.resize(size_t(B * S));
   train_.next_batch(B, inputs_.data(), targets_.data());
   zero_grads(grads_);
-  StepMetrics m;
+  StepMetrics& m = metrics_;
+  m = StepMetrics{.max_vio_layers = std::move(m.max_vio_layers)};
   const double total = pass_.forward(params_, inputs_.data(), targets_.data(), B, S);
   m.loss = pass_.main_loss();
   m.mtp_loss = pass_.mtp_loss();
@@ -91,7 +92,7 @@ StepMetrics Trainer::step() {
          "; stopping before the update (the last checkpoint is intact)");
   m.lr = opt_.schedule.lr_at(step);
   adamw_.update(params_, grads_, m.lr, step);
-  m.max_vio_layers = update_balance_bias(c_, params_, pass_.expert_loads(), opt_.gamma);
+  update_balance_bias(c_, params_, pass_.expert_loads(), opt_.gamma, m.max_vio_layers);
   for (double v : m.max_vio_layers) m.max_vio = std::max(m.max_vio, v);
   state_.step = step;
   state_.tokens += B * S;
@@ -123,7 +124,8 @@ std::string Trainer::save() {
 
 void Trainer::run(const std::function<void(const StepMetrics&)>& on_step) {
   while (state_.step < opt_.steps) {
-    StepMetrics m = step();
+    StepMetrics& m = metrics_;
+    step();
     if (opt_.eval_every > 0 && (m.step % opt_.eval_every == 0 || m.step == opt_.steps)) m.val_loss = validation_loss();
     // Report before saving: a crash in between repeats this step on resume (its metrics
     // line appears twice) rather than losing it.

@@ -53,8 +53,9 @@ class Trainer {
   bool resume();
   // Runs until opt.steps; on_step sees every step's metrics.
   void run(const std::function<void(const StepMetrics&)>& on_step);
-  // One optimizer step.
-  StepMetrics step();
+  // One optimizer step; its metrics stay valid until the next step. After the first steps of
+  // a batch shape a step allocates nothing.
+  const StepMetrics& step();
   double validation_loss();
   std::string save();  // checkpoint now
 
@@ -74,6 +75,7 @@ class Trainer {
   BatchSampler train_;
   std::vector<std::span<const uint32_t>> val_;
   TrainerState state_;
+  StepMetrics metrics_;  // the last step's (its vector keeps its memory)
   std::vector<int32_t> inputs_, targets_;
 };
 
