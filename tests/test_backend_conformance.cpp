@@ -1,5 +1,5 @@
 // Conformance of the backend's element-wise, row and product ops (backend/ops.h,
-// backend/ops.h, backend/optimizer.h, backend/top_k.h) against scalar double-precision references
+// backend/attention.h, backend/optimizer.h, backend/top_k.h) against scalar double-precision references
 // written here, on random inputs at edge shapes: one element, sizes that are not multiples
 // of 16 or 128, and sizes past the ops' threading thresholds; forward and backward, float
 // and double. The attention op has its own suite (test_backend_ops.cpp). A new backend runs

@@ -102,6 +102,20 @@ ModelWeights random_weights(const ModelConfig& c) {
   return w;
 }
 
+// MoE step 2: slots grouped by expert, in token order within each, and a refill of the same
+// Dispatch keeps nothing of the last one.
+TEST(MoeDispatch, GroupsSlotsByExpertInTokenOrder) {
+  Dispatch d;
+  dispatch({2, 0, 0, 1, 2, 1}, 3, 2, d);  // tokens 0, 1, 2 choose {2, 0}, {0, 1}, {2, 1}
+  EXPECT_EQ(d.offset, (std::vector<int64_t>{0, 2, 4, 6}));
+  EXPECT_EQ(d.slot, (std::vector<int64_t>{1, 2, 3, 5, 0, 4}));
+  EXPECT_EQ(d.token, (std::vector<int64_t>{0, 1, 1, 2, 0, 2}));
+  dispatch({1, 2}, 3, 2, d);
+  EXPECT_EQ(d.offset, (std::vector<int64_t>{0, 0, 1, 2}));
+  EXPECT_EQ(d.slot, (std::vector<int64_t>{0, 1}));
+  EXPECT_EQ(d.token, (std::vector<int64_t>{0, 0}));
+}
+
 TEST(GradCheck, Ops) {
   const int64_t n = 3, dim = 7;
   auto x = random_vec(n * dim), w = random_vec(dim), r = random_vec(n * dim);

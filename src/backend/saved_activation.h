@@ -35,7 +35,7 @@ class SavedActivation {
   // The values [rows, cols]: in place for full, else decoded into memory from arena.
   const T* read(Arena& arena) const;
   std::vector<T> load() const;  // a decoded copy
-  int64_t bytes() const;        // memory held
+  int64_t bytes() const;        // the bytes of the saved values (capacity kept for later saves not counted)
   int64_t rows() const { return rows_; }
   int64_t cols() const { return cols_; }
 

@@ -30,11 +30,10 @@ struct SwigluJob {
   T* out;
 };
 
-// a = gate(x), b = up(x) for every job, as one grouped pass.
+// a = gate(x), b = up(x) for every job, as one grouped pass. products: room for 2 * count
+// (taken by the caller, so that the arena's use does not depend on how many experts are active).
 template <typename T>
-void swiglu_inputs(const SwigluJob<T>* jobs, size_t count, Arena& arena, const LinearGemm& lin) {
-  ArenaScope scope(arena);
-  auto* products = arena.alloc_objects<LinearGemm::Job<T>>(2 * count);
+void swiglu_inputs(const SwigluJob<T>* jobs, size_t count, LinearGemm::Job<T>* products, const LinearGemm& lin) {
   for (size_t i = 0; i < count; ++i) {
     products[2 * i] = {jobs[i].x, jobs[i].m, jobs[i].w->gate_proj, jobs[i].a};
     products[2 * i + 1] = {jobs[i].x, jobs[i].m, jobs[i].w->up_proj, jobs[i].b};
@@ -43,10 +42,9 @@ void swiglu_inputs(const SwigluJob<T>* jobs, size_t count, Arena& arena, const L
 }
 
 // out = down(silu(a) * b) for every job, as one grouped pass (a overwritten by silu(a) * b).
+// products: room for count.
 template <typename T>
-void swiglu_outputs(const SwigluJob<T>* jobs, size_t count, Arena& arena, const LinearGemm& lin) {
-  ArenaScope scope(arena);
-  auto* products = arena.alloc_objects<LinearGemm::Job<T>>(count);
+void swiglu_outputs(const SwigluJob<T>* jobs, size_t count, LinearGemm::Job<T>* products, const LinearGemm& lin) {
   for (size_t i = 0; i < count; ++i) {
     const int64_t size = jobs[i].m * jobs[i].w->gate_proj.rows;
     swiglu_forward(jobs[i].a, jobs[i].b, jobs[i].a, size);
@@ -56,16 +54,16 @@ void swiglu_outputs(const SwigluJob<T>* jobs, size_t count, Arena& arena, const 
 }
 
 // The backward of one SwiGLU MLP from its saved inputs a, b [m, inter]: weight gradients
-// accumulated into g, the input gradient accumulated into dx.
+// accumulated into g, the input gradient accumulated into dx. work: 4 * m * inter values of
+// scratch (the MoE hands each expert its slice of one buffer over the grouped rows).
 template <typename T>
 void swiglu_mlp_backward(const MlpWeights& w, const T* x, int64_t m, const T* a, const T* b, const T* dout,
-                         MlpWeights& g, T* dx, Arena& arena, const LinearGemm& lin) {
-  ArenaScope scope(arena);
+                         MlpWeights& g, T* dx, T* work, const LinearGemm& lin) {
   const int64_t inter = w.gate_proj.rows, dim = w.gate_proj.cols;
-  T* h = arena.alloc<T>(size_t(m * inter));
-  T* dh = arena.alloc<T>(size_t(m * inter));
-  T* da = arena.alloc<T>(size_t(m * inter));
-  T* db = arena.alloc<T>(size_t(m * inter));
+  T* h = work;
+  T* dh = h + m * inter;
+  T* da = dh + m * inter;
+  T* db = da + m * inter;
   swiglu_forward(a, b, h, m * inter);  // recomputed from the saved inputs
   lin.dw(dout, h, mutable_data<T>(g.down_proj), m, inter, dim);
   lin.dx(dout, w.down_proj.as<T>(), dh, m, inter, dim, false);
@@ -137,16 +135,19 @@ void mlp_forward(const MlpWeights& w, const T* x, int64_t m, Arena& arena, T* ou
   ArenaScope scope(arena);
   const int64_t inter = w.gate_proj.rows;
   const SwigluJob<T> job{&w, x, m, arena.alloc<T>(size_t(m * inter)), arena.alloc<T>(size_t(m * inter)), out};
-  swiglu_inputs(&job, 1, arena, lin);
+  auto* products = arena.alloc_objects<LinearGemm::Job<T>>(2);
+  swiglu_inputs(&job, 1, products, lin);
   if (record) record->a.save(job.a, m, inter, saved), record->b.save(job.b, m, inter, saved);
-  swiglu_outputs(&job, 1, arena, lin);
+  swiglu_outputs(&job, 1, products, lin);
 }
 
 template <typename T>
 void mlp_backward(const MlpWeights& w, const T* x, int64_t m, const MlpRecord<T>& act, const T* dout, MlpWeights& g,
                   T* dx, Arena& arena, const LinearGemm& lin) {
   ArenaScope scope(arena);
-  swiglu_mlp_backward(w, x, m, act.a.read(arena), act.b.read(arena), dout, g, dx, arena, lin);
+  const T* a = act.a.read(arena);
+  const T* b = act.b.read(arena);
+  swiglu_mlp_backward(w, x, m, a, b, dout, g, dx, arena.alloc<T>(size_t(4 * m * w.gate_proj.rows)), lin);
 }
 
 template <typename T>
@@ -206,14 +207,15 @@ double moe_forward(const ModelConfig& c, const MoeWeights& w, const T* x, int64_
       jobs[count++] = {&w.experts[size_t(e)], xe + row * dim, d.rows(e), ae + row * inter, be + row * inter,
                        ye + row * dim};
   }
-  swiglu_inputs(jobs, count, arena, lin);
+  auto* products = arena.alloc_objects<LinearGemm::Job<T>>(size_t(2 * (E + 1)));
+  swiglu_inputs(jobs, count, products, lin);
   if (record) {
     const SavedFormat saved = lin.moe_swiglu_input_format();
     record->expert_a.save(ae, n * k, inter, saved), record->expert_b.save(be, n * k, inter, saved);
     if (c.n_shared_experts > 0) record->shared.a.save(jobs[0].a, n, shared_inter, saved),
                                 record->shared.b.save(jobs[0].b, n, shared_inter, saved);
   }
-  swiglu_outputs(jobs, count, arena, lin);
+  swiglu_outputs(jobs, count, products, lin);
   // 4. combine: out[t] = shared(u) + sum_j g_j expert_j(u), in the grouped order
   if (c.n_shared_experts == 0) std::fill(out, out + n * dim, T(0));
   T* g = arena.alloc<T>(size_t(n * k));
@@ -249,11 +251,12 @@ void moe_backward(const ModelConfig& c, const MoeWeights& w, const T* x, int64_t
   std::fill(dxe, dxe + N * k * dim, T(0));
   const T* ae = a.expert_a.read(arena);
   const T* be = a.expert_b.read(arena);
+  T* work = arena.alloc<T>(size_t(4 * N * k * inter));  // every expert's scratch, by grouped rows
   for (int64_t e = 0; e < E; ++e) {
     if (d.rows(e) == 0) continue;
     const int64_t row = d.offset[size_t(e)];
     swiglu_mlp_backward(w.experts[size_t(e)], xe + row * dim, d.rows(e), ae + row * inter, be + row * inter,
-                        dye + row * dim, g.experts[size_t(e)], dxe + row * dim, arena, lin);
+                        dye + row * dim, g.experts[size_t(e)], dxe + row * dim, work + 4 * row * inter, lin);
   }
   scatter_add_rows(dxe, d.token.data(), static_cast<const T*>(nullptr), N * k, dim, dx);
 

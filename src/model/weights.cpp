@@ -231,8 +231,10 @@ FlatLayout flat_layout(const ModelConfig& c, DType dtype, MtpTying mtp) {
     for (int64_t d : s.shape) t.numel *= d;
     if (s.copy_of && mtp == MtpTying::tied) {
       t.tied = true;
+      bool found = false;
       for (const auto& [m, offset] : offsets)
-        if (m == s.copy_of) t.offset = offset;
+        if (m == s.copy_of) t.offset = offset, found = true;
+      if (!found) fail("flat layout: ", s.name, " is tied to a tensor not laid out before it");
     } else {
       if (s.mat == &shape.embed_tokens || s.mat == &shape.lm_head) offsets.push_back({s.mat, t.offset});
       out.numel += (t.numel + align - 1) / align * align;

@@ -160,7 +160,7 @@ void attention_forward(const AttentionArgs<T>& a, T* out, T* probs, int64_t ld_p
   // allocated depends on the tasks, never on which thread the schedule gives which task.
   int64_t slice = 0;
   for (const Task& t : tasks) slice = std::max(slice, t.rows(a.heads) * t.keys);
-  const int threads = n_tasks == 1 ? 1 : omp_get_max_threads();
+  const int threads = int(std::min<int64_t>(n_tasks, omp_get_max_threads()));
   thread_local std::vector<T> scratch_kept;
   std::vector<T>& scratch_all = scratch_kept;
   if (!probs) scratch_all.resize(size_t(slice * threads));
@@ -180,7 +180,7 @@ void attention_forward(const AttentionArgs<T>& a, T* out, T* probs, int64_t ld_p
     run(tasks[0], scratch_all.data());
     return;
   }
-#pragma omp parallel
+#pragma omp parallel num_threads(threads)
   {
     T* scratch = probs ? nullptr : scratch_all.data() + size_t(omp_get_thread_num()) * size_t(slice);
 #pragma omp for schedule(dynamic, 1)
@@ -222,7 +222,7 @@ void attention_backward(const AttentionArgs<T>& a, const T* probs, int64_t ld_pr
   // Each thread's dP buffer: a slice of one buffer sized for the largest task (as in the forward).
   int64_t slice = 0;
   for (const Task& t : tasks) slice = std::max(slice, t.rows(a.heads) * t.keys);
-  const int threads = n_tasks == 1 ? 1 : omp_get_max_threads();
+  const int threads = int(std::min<int64_t>(n_tasks, omp_get_max_threads()));
   thread_local std::vector<T> dp_kept;
   std::vector<T>& dp_all = dp_kept;
   dp_all.resize(size_t(slice * threads));
@@ -275,7 +275,7 @@ void attention_backward(const AttentionArgs<T>& a, const T* probs, int64_t ld_pr
   if (n_tasks == 1) {  // outside any parallel region, as in the forward
     run(0, dp_all.data());
   } else {
-#pragma omp parallel
+#pragma omp parallel num_threads(threads)
     {
       T* dp = dp_all.data() + size_t(omp_get_thread_num()) * size_t(slice);
 #pragma omp for schedule(dynamic, 1)

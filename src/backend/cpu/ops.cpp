@@ -1,5 +1,6 @@
-// Training operations of the CPU backend (see backend/ops.h): products through
-// OpenBLAS (sgemm / dgemm), element-wise loops with OpenMP.
+// The dense and element-wise operations of the CPU backend (see backend/ops.h): products
+// through OpenBLAS (sgemm / dgemm), element-wise and row loops with OpenMP. The products
+// over stored weights (linear, linear_batch, ...) are in linear.cpp.
 #include "backend/ops.h"
 
 #include <omp.h>

@@ -3,6 +3,7 @@
 #include "backend/top_k.h"
 
 #include <algorithm>
+#include <cmath>
 #include <limits>
 #include <numeric>
 #include <vector>
@@ -41,9 +42,11 @@ void top_k_rows(const T* scores, int64_t n, int64_t columns, const TopK& t, int3
         }
         std::iota(order.begin(), order.begin() + t.groups, 0);
         // Best groups first, ties to the lower index (the order a stable sort gives; std::sort
-        // with the index as tie-break needs no temporary buffer).
+        // with the index as tie-break needs no temporary buffer). A NaN score (a diverged
+        // run) ranks last, so the comparison stays a strict weak order.
+        auto score = [&](int32_t g) { return std::isnan(group[size_t(g)]) ? -std::numeric_limits<T>::infinity() : group[size_t(g)]; };
         std::sort(order.begin(), order.begin() + t.groups, [&](int32_t a, int32_t b) {
-          return group[size_t(a)] > group[size_t(b)] || (group[size_t(a)] == group[size_t(b)] && a < b);
+          return score(a) > score(b) || (score(a) == score(b) && a < b);
         });
         for (int64_t gi = t.top_groups; gi < t.groups; ++gi) {
           const int64_t g = order[size_t(gi)];
