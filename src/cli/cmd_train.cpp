@@ -38,14 +38,6 @@ struct TrainFlags {
   int threads = 0;
 };
 
-std::string read_text(const std::string& path) {
-  std::ifstream in(path);
-  if (!in) fail(path, ": cannot open");
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
-
 void run(TrainFlags& f) {
   set_threads(f.threads);
   if ((!f.fp8_accumulator.empty() || !f.fp8_caches.empty()) && f.precision.rfind("fp8", 0) != 0)

@@ -19,5 +19,6 @@ void add_train(CLI::App& app);
 void add_cost(CLI::App& app);
 void add_plot(CLI::App& app);
 void add_perplexity(CLI::App& app);
+void add_export(CLI::App& app);
 
 }  // namespace dsv3::cli

@@ -26,6 +26,8 @@ namespace {
 
 constexpr const char* kPrefix = "checkpoint-";
 
+}  // namespace
+
 void fsync_path(const std::string& path, bool directory) {
   int fd = ::open(path.c_str(), (directory ? O_RDONLY | O_DIRECTORY : O_RDONLY) | O_CLOEXEC);
   if (fd < 0) fail(path, ": cannot open for fsync");
@@ -60,6 +62,8 @@ std::string read_text(const std::string& path) {
   ss << in.rdbuf();
   return ss.str();
 }
+
+namespace {
 
 int64_t step_of(const fs::path& p) {
   const std::string name = p.filename().string();

@@ -45,6 +45,12 @@ std::optional<std::string> latest_checkpoint(const std::string& run_dir);
 TrainerState load_checkpoint(const std::string& dir, const std::string& config_json, const ModelConfig& c,
                              ModelWeights& params, AdamW& opt);
 
+// Files of a checkpoint folder: text written and fsynced on one descriptor (a full disk is
+// an error, not an empty file), a file or folder fsynced, a whole file read.
+void write_text(const std::string& path, const std::string& text);
+void fsync_path(const std::string& path, bool directory);
+std::string read_text(const std::string& path);
+
 // The trainer_state.json of a checkpoint folder alone (step, tokens, data position, seed).
 TrainerState read_trainer_state(const std::string& dir);
 
