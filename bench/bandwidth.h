@@ -1,5 +1,6 @@
 // The machine's read bandwidth, measured in the same run as a benchmark so that its figures
-// can be given as a fraction of it: all threads sum a 512 MiB buffer with AVX-512 loads,
+// can be given as a fraction of it: all threads sum a buffer of at least 512 MiB and twice
+// the last-level cache with AVX-512 loads,
 // best of `passes`. Header-only, for the benchmarks in bench/.
 #pragma once
 #include <immintrin.h>
@@ -8,6 +9,8 @@
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #include <omp.h>
 
+#include <unistd.h>
+
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -15,9 +18,19 @@
 
 namespace dsv3::bench {
 
+// At least this many bytes of copies of a matrix, and of the bandwidth probe: twice the
+// last-level cache (which this machine reports as hundreds of MiB), so that every product
+// reads memory.
+inline int64_t working_set_mib(int64_t at_least) {
+  const long l3 = sysconf(_SC_LEVEL3_CACHE_SIZE);
+  return std::max<int64_t>(at_least, l3 > 0 ? 2 * (int64_t(l3) >> 20) : 0);
+}
+
+
 class Bandwidth {
  public:
-  Bandwidth() : buf_(size_t(1) << 27) {
+  // bytes: the buffer's size (at least twice the last-level cache, so that it reads memory).
+  explicit Bandwidth(size_t bytes = size_t(working_set_mib(512)) << 20) : buf_(bytes / sizeof(float)) {
 #pragma omp parallel for
     for (size_t i = 0; i < buf_.size(); ++i) buf_[i] = float(i & 7);
   }

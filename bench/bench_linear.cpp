@@ -60,7 +60,7 @@ Weights make(const Shape& s, DType dtype, int copies, Rng& rng) {
     w.data.emplace_back(w.bytes);
     uint8_t* p = w.data.back().data();
     if (dtype == DType::f8_e4m3) {
-      for (size_t i = 0; i < w.bytes; ++i) p[i] = uint8_t(rng.next() >> 56) & 0xbe;  // no NaN codes (0x7f, 0xff)
+      for (size_t i = 0; i < w.bytes; ++i) p[i] = uint8_t(rng.next() >> 56) & 0xfe;  // even: no NaN codes (0x7f, 0xff)
       w.scales.emplace_back(size_t(sr * sc), 1e-3f);
     } else if (dtype == DType::bf16) {
       uint16_t* h = reinterpret_cast<uint16_t*>(p);
@@ -100,26 +100,38 @@ double median(std::vector<double> v) {
 
 int main(int argc, char** argv) {
   int rounds = 3;
-  int64_t mib = 384;
+  int64_t mib = 0;  // 0: working_set_mib
   std::vector<int64_t> row_counts = {1, 4};
   std::string which = "all";
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "--rounds" && i + 1 < argc) rounds = std::max(1, std::atoi(argv[++i]));
     else if (a == "--mib" && i + 1 < argc) mib = std::max<int64_t>(64, std::atoll(argv[++i]));
+    else if (a == "--shapes" && i + 1 < argc && std::string(argv[i + 1]) != "bench" &&
+             std::string(argv[i + 1]) != "v3" && std::string(argv[i + 1]) != "all") {
+      std::fprintf(stderr, "--shapes: bench, v3 or all\n");
+      return 1;
+    }
     else if (a == "--shapes" && i + 1 < argc) which = argv[++i];
     else if (a == "--rows" && i + 1 < argc) {
       row_counts.clear();
       for (const char* p = argv[++i]; *p;) {
-        row_counts.push_back(std::max<int64_t>(1, std::strtoll(p, const_cast<char**>(&p), 10)));
-        if (*p == ',') ++p;
+        char* end = nullptr;
+        const long long n = std::strtoll(p, &end, 10);
+        if (end == p || n < 1 || n > 8 || (*end != ',' && *end != 0)) {
+          std::fprintf(stderr, "--rows: a list of row counts 1..8, such as 1,4\n");
+          return 1;
+        }
+        row_counts.push_back(n);
+        p = *end == ',' ? end + 1 : end;
       }
     } else {
       std::fprintf(stderr, "usage: bench_linear [--rounds R] [--rows 1,4] [--mib 384] [--shapes bench|v3|all]\n");
       return 1;
     }
   }
-  std::printf("dsv3 linear() benchmark: %s\n", backend_info().c_str());
+  if (mib == 0) mib = dsv3::bench::working_set_mib(384);
+  std::printf("dsv3 linear() benchmark: %s; %ld MiB of copies per case\n", backend_info().c_str(), long(mib));
   std::printf("%d rounds per case; each round: the read bandwidth around the products, the higher one kept; "
               "medians (min - max) of weight GB/s / that bandwidth\n\n",
               rounds);
@@ -127,7 +139,7 @@ int main(int argc, char** argv) {
               "of measured bandwidth");
   dsv3::bench::Bandwidth bandwidth;
   Rng rng;
-  std::vector<double> all_ratio[3];  // per dtype, every case
+  std::vector<double> all_ratio[3][9];  // per dtype and row count, every shape
   const DType dtypes[3] = {DType::f32, DType::bf16, DType::f8_e4m3};
   auto run_set = [&](const char* model, const Shape* shapes, size_t count) {
     for (size_t si = 0; si < count; ++si) {
@@ -146,7 +158,7 @@ int main(int argc, char** argv) {
             const double limit = std::max(before, bandwidth.measure(2));
             gbs.push_back(t / 1e9), ratio.push_back(t / limit);
           }
-          all_ratio[d].push_back(median(ratio));
+          all_ratio[d][n].push_back(median(ratio));
           auto [lo, hi] = std::minmax_element(ratio.begin(), ratio.end());
           char dims[32];
           std::snprintf(dims, sizeof(dims), "[%ld, %ld]", long(s.rows), long(s.cols));
@@ -160,7 +172,9 @@ int main(int argc, char** argv) {
   };
   if (which == "bench" || which == "all") run_set("bench", kBench, std::size(kBench));
   if (which == "v3" || which == "all") run_set("v3", kV3, std::size(kV3));
-  std::printf("\nmedian over the cases of the fraction of bandwidth: F32 %.1f%%, BF16 %.1f%%, FP8 %.1f%%\n",
-              100 * median(all_ratio[0]), 100 * median(all_ratio[1]), 100 * median(all_ratio[2]));
+  std::printf("\n");
+  for (int64_t n : row_counts)
+    std::printf("%ld row(s), median over the shapes of the fraction of bandwidth: F32 %.1f%%, BF16 %.1f%%, FP8 %.1f%%\n",
+                long(n), 100 * median(all_ratio[0][n]), 100 * median(all_ratio[1][n]), 100 * median(all_ratio[2][n]));
   return 0;
 }

@@ -244,6 +244,15 @@ TEST_F(ExportTest, Cli) {
   ASSERT_EQ(r.status, 0) << r.out;
   EXPECT_NE(r.out.find("in FP8 E4M3"), std::string::npos) << r.out;
   EXPECT_TRUE(fs::exists(out + "/model.safetensors.index.json"));
+  EXPECT_EQ(json::parse(read_text(out + "/config.json"))["quantization_config"]["quant_method"], "fp8");
+  const Checkpoint e(out);
+  EXPECT_EQ(e.find("model.layers.1.mlp.experts.0.up_proj.weight")->dtype, DType::f8_e4m3);
+  // A destination written with a trailing slash, as shell completion gives it, is that folder.
+  const test::CliResult slash =
+      test::run("export --model " + test::golden_dir("tiny-v3-bf16") + " --dtype bf16 --out " + dir_ + "/slash/");
+  ASSERT_EQ(slash.status, 0) << slash.out;
+  EXPECT_NE(slash.out.find("in BF16"), std::string::npos) << slash.out;
+  EXPECT_TRUE(fs::exists(dir_ + "/slash/model.safetensors"));
   const test::CliResult g =
       test::run("generate --model " + out + " --prompt-ids '0 17 3' --max-tokens 4 --temperature 0 --output-ids");
   EXPECT_EQ(g.status, 0) << g.out;

@@ -19,26 +19,30 @@ struct ExportFlags {
   int threads = 0;
 };
 
-// "5GB", "500MB", "2GiB", "1048576": bytes (decimal units as Hugging Face's max_shard_size).
+// "5GB", "500MB", "2GiB", "1.5gb", "1048576": bytes (decimal units as Hugging Face's
+// max_shard_size; the unit's case does not matter).
 int64_t parse_size(const std::string& text) {
   size_t i = 0;
   while (i < text.size() && (std::isdigit(static_cast<unsigned char>(text[i])) || text[i] == '.')) ++i;
-  double value = 0;
+  double value = -1;
   try {
-    value = i ? std::stod(text.substr(0, i)) : -1;
+    size_t used = 0;
+    if (i) value = std::stod(text.substr(0, i), &used);
+    if (used != i) value = -1;  // "1.2.3MB"
   } catch (...) {
     value = -1;
   }
-  const std::string unit = text.substr(i);
+  std::string unit = text.substr(i);
+  for (char& ch : unit) ch = char(std::tolower(static_cast<unsigned char>(ch)));
   double scale = 0;
-  if (unit.empty() || unit == "B") scale = 1;
-  else if (unit == "KB") scale = 1e3;
-  else if (unit == "MB") scale = 1e6;
-  else if (unit == "GB") scale = 1e9;
-  else if (unit == "KiB") scale = 1024.0;
-  else if (unit == "MiB") scale = 1024.0 * 1024;
-  else if (unit == "GiB") scale = 1024.0 * 1024 * 1024;
-  if (value <= 0 || scale == 0 || value * scale < 1)
+  if (unit.empty() || unit == "b") scale = 1;
+  else if (unit == "kb") scale = 1e3;
+  else if (unit == "mb") scale = 1e6;
+  else if (unit == "gb") scale = 1e9;
+  else if (unit == "kib") scale = 1024.0;
+  else if (unit == "mib") scale = 1024.0 * 1024;
+  else if (unit == "gib") scale = 1024.0 * 1024 * 1024;
+  if (value <= 0 || scale == 0 || value * scale < 1 || value * scale > 9e18)
     fail("--max-shard-size '", text, "': expected a positive size such as 5GB, 500MB or 2GiB");
   return int64_t(value * scale);
 }
@@ -49,9 +53,10 @@ void run(const ExportFlags& f) {
   opt.dtype = parse_export_dtype(f.dtype);
   opt.max_shard_bytes = parse_size(f.max_shard_size);
   const ExportSummary s = export_checkpoint(f.model, f.out, opt);
-  std::printf("wrote %s: %ld tensors (%ld weights in FP8 E4M3 with 128x128 scales), %.1f MB in %d shard%s\n",
-              f.out.c_str(), long(s.tensors), long(s.fp8_tensors), double(s.bytes) / 1e6, s.shards,
-              s.shards == 1 ? "" : "s");
+  const std::string fp8 =
+      s.fp8_tensors ? cat(" (", s.fp8_tensors, " weights in FP8 E4M3 with 128x128 scales)") : std::string(" in BF16");
+  std::printf("wrote %s: %ld tensors%s, %.1f MB in %d shard%s\n", f.out.c_str(), long(s.tensors), fp8.c_str(),
+              double(s.bytes) / 1e6, s.shards, s.shards == 1 ? "" : "s");
 }
 
 }  // namespace

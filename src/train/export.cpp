@@ -111,7 +111,9 @@ DType parse_export_dtype(const std::string& name) {
   fail("--dtype '", name, "': expected bf16 or fp8");
 }
 
-ExportSummary export_checkpoint(const std::string& src, const std::string& out, const ExportOptions& opt) {
+namespace {
+
+ExportSummary export_folder(const std::string& src, const std::string& out, const ExportOptions& opt) {
   if (opt.dtype != DType::bf16 && opt.dtype != DType::f8_e4m3)
     fail("export: dtype ", dtype_name(opt.dtype), " is not an export format (BF16 or F8_E4M3)");
   if (opt.max_shard_bytes <= 0) fail("export: the shard size must be positive, not ", opt.max_shard_bytes);
@@ -143,7 +145,9 @@ ExportSummary export_checkpoint(const std::string& src, const std::string& out, 
   };
 
   // Pass 2, into a temporary folder beside the destination, renamed when complete.
-  const fs::path out_path = fs::absolute(fs::path(out)).lexically_normal();
+  fs::path out_path = fs::absolute(fs::path(out)).lexically_normal();
+  if (!out_path.has_filename()) out_path = out_path.parent_path();  // "DIR/" names DIR
+  if (out_path == out_path.root_path()) fail(out, ": not a folder to export into");
   const std::string tmp = (out_path.parent_path() / ("." + out_path.filename().string() + ".export-tmp")).string();
   fs::remove_all(tmp);
   fs::create_directories(tmp);
@@ -198,6 +202,16 @@ ExportSummary export_checkpoint(const std::string& src, const std::string& out, 
     std::error_code ignored;
     fs::remove_all(tmp, ignored);
     throw;
+  }
+}
+
+}  // namespace
+
+ExportSummary export_checkpoint(const std::string& src, const std::string& out, const ExportOptions& opt) {
+  try {
+    return export_folder(src, out, opt);
+  } catch (const fs::filesystem_error& e) {  // a full disk, a read-only folder: say which step
+    fail("export to ", out, ": ", e.what());
   }
 }
 

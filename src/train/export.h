@@ -17,7 +17,7 @@ namespace dsv3 {
 
 struct ExportOptions {
   DType dtype = DType::bf16;                  // bf16 or f8_e4m3
-  int64_t max_shard_bytes = int64_t(5) << 30;  // a shard's tensor bytes, at most (one tensor may exceed it)
+  int64_t max_shard_bytes = 5'000'000'000;  // a shard's tensor bytes, at most (one tensor may exceed it); HF's "5GB"
 };
 
 struct ExportSummary {
