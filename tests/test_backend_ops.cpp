@@ -11,6 +11,8 @@
 #include <vector>
 
 #include "backend/attention.h"
+#include "backend/cpu/threads.h"
+#include "backend/ops.h"
 #include "core/error.h"
 
 namespace dsv3 {
@@ -162,6 +164,45 @@ TEST_P(AttentionOp, BackwardMatchesReference) {
 
 INSTANTIATE_TEST_SUITE_P(Layouts, AttentionOp, testing::Range(size_t(0), layouts().size()),
                          [](const testing::TestParamInfo<size_t>& i) { return std::string(layouts()[i.param].name); });
+
+// Threads that never stall: as many threads as the cores other work leaves free, at least
+// one, at most the user's limit.
+TEST(Threads, ForTheFreeCores) {
+  EXPECT_EQ(cpu::threads_for(2, 0, 2), 2);  // idle
+  EXPECT_EQ(cpu::threads_for(2, 1, 2), 1);  // a busy loop holds one core
+  EXPECT_EQ(cpu::threads_for(2, 5, 2), 1);  // never none
+  EXPECT_EQ(cpu::threads_for(16, 3, 8), 8);  // never more than --threads
+  EXPECT_EQ(cpu::threads_for(16, 10, 8), 6);
+}
+
+// The thread count the backend picks must not change a result: the reductions of training
+// (RMSNorm's weight gradient, the cross-entropy) sum fixed chunks in a fixed order.
+TEST(Threads, ReductionsDoNotDependOnTheThreadCount) {
+  const int64_t n = 300, dim = 256, vocab = 700;
+  std::mt19937 rng(5);
+  std::normal_distribution<float> normal;
+  std::vector<float> x(static_cast<size_t>(n * dim)), dy(static_cast<size_t>(n * dim)), w(static_cast<size_t>(dim)),
+      logits(static_cast<size_t>(n * vocab));
+  for (auto* v : {&x, &dy, &w, &logits})
+    for (float& f : *v) f = normal(rng);
+  std::vector<int32_t> targets(static_cast<size_t>(n));
+  for (auto& t : targets) t = int32_t(rng() % vocab);
+  targets[3] = -1;
+  auto run = [&](int threads, std::vector<float>& dw, std::vector<float>& dlogits) {
+    set_num_threads(threads);
+    std::vector<float> y(x.size()), inv(static_cast<size_t>(n)), dx(x.size(), 0.0f);
+    dw.assign(size_t(dim), 0.0f), dlogits.assign(logits.size(), 0.0f);
+    rmsnorm_forward(x.data(), w.data(), y.data(), inv.data(), n, dim, 1e-6);
+    rmsnorm_backward(dy.data(), x.data(), w.data(), inv.data(), dx.data(), dw.data(), n, dim);
+    return cross_entropy(logits.data(), targets.data(), n, vocab, dlogits.data());
+  };
+  std::vector<float> dw1, dw2, dl1, dl2;
+  const double loss1 = run(1, dw1, dl1), loss2 = run(2, dw2, dl2);
+  set_num_threads(2);
+  EXPECT_EQ(loss1, loss2);
+  EXPECT_EQ(dw1, dw2);
+  EXPECT_EQ(dl1, dl2);
+}
 
 TEST(AttentionOpErrors, ProbabilityRowsTooShortAndQueriesWithoutKeys) {
   Problem<float> p(layouts()[0], 1);

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "backend/cpu/kernels.h"
+#include "backend/cpu/threads.h"
 #include "core/error.h"
 
 namespace dsv3 {
@@ -148,6 +149,7 @@ void check_args(const AttentionArgs<T>& a, const void* probs, int64_t ld_probs) 
 template <typename T>
 void attention_forward(const AttentionArgs<T>& a, T* out, T* probs, int64_t ld_probs) {
   check_args(a, probs, ld_probs);
+  cpu::adapt_threads();
   // Every list and scratch buffer below is thread_local: kept from call to call (OpenMP's
   // threads persist), so that a forward allocates nothing once its shapes have been seen.
   // Lists the threads share are reached through a reference to the calling thread's object
@@ -192,6 +194,7 @@ template <typename T>
 void attention_backward(const AttentionArgs<T>& a, const T* probs, int64_t ld_probs, const T* d_out,
                         const AttentionGrads<T>& g) {
   check_args(a, probs, ld_probs);
+  cpu::adapt_threads();
   if (!probs) fail("attention backward: the forward's probabilities are needed");
   // Whole sequences per task, so that only tasks of one sequence's heads touch its keys'
   // gradients; a shared key or value gradient of a one-head task goes to the task's own

@@ -14,6 +14,7 @@
 
 #include "backend/cpu/kernels.h"
 #include "backend/ops.h"
+#include "backend/cpu/threads.h"
 #include "core/error.h"
 
 namespace dsv3 {
@@ -298,6 +299,7 @@ void dequantize_rows(const Mat& w, int64_t first, int64_t count, float* out) {
 }
 
 void linear(const float* x, int64_t n, const Mat& w, float* y) {
+  cpu::adapt_threads();
   check_dtype(w);
   if (n == 0 || w.rows == 0) return;
   if (w.dtype == DType::f32 && (n > kMaxBatch || w.cols < 64)) {  // BLAS as is (e.g. the attention cache)
@@ -319,6 +321,7 @@ void linear(const float* x, int64_t n, const Mat& w, float* y) {
 }
 
 void linear_batch(const LinearJob* jobs, size_t count) {
+  cpu::adapt_threads();
   // Jobs the row kernels take (few activation rows, BF16 / FP8) share one parallel pass;
   // the others run one by one.
   thread_local std::vector<LinearJob> rowwise;  // kept between calls
@@ -336,6 +339,7 @@ void linear_batch(const LinearJob* jobs, size_t count) {
 }
 
 void linear_t(const float* x, int64_t n, const Mat& w, float* y) {
+  cpu::adapt_threads();
   check_dtype(w);
   if (n == 0 || w.cols == 0) return;
   if (w.dtype == DType::f32) {
@@ -375,6 +379,7 @@ void linear_t(const float* x, int64_t n, const Mat& w, float* y) {
 }
 
 void linear_strided_batch(const StridedLinearJob* jobs, size_t count, int64_t n) {
+  cpu::adapt_threads();
   if (n <= 0) return;
   auto run = [&](const StridedLinearJob& j, std::vector<float>& xs, std::vector<float>& ys) {
     const int64_t in = j.transposed ? j.w.rows : j.w.cols, out = j.transposed ? j.w.cols : j.w.rows;

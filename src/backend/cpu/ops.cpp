@@ -13,12 +13,13 @@
 #include <vector>
 
 #include "backend/cpu/kernels.h"
+#include "backend/cpu/threads.h"
 #include "core/dtype.h"
 #include "core/error.h"
 
 namespace dsv3 {
 
-void set_num_threads(int threads) { omp_set_num_threads(threads); }
+void set_num_threads(int threads) { cpu::set_thread_limit(threads); }
 
 void embedding(const Mat& table, const int32_t* ids, int64_t n, float* out) {
   for (int64_t i = 0; i < n; ++i) {
@@ -30,14 +31,17 @@ void embedding(const Mat& table, const int32_t* ids, int64_t n, float* out) {
 
 template <typename T>
 void matmul(const T* x, const T* w, T* y, int64_t n, int64_t in, int64_t out) {
+  cpu::adapt_threads();
   cpu::gemm<T>(false, true, n, out, in, x, in, w, in, T(0), y, out);
 }
 template <typename T>
 void matmul_dx(const T* dy, const T* w, T* dx, int64_t n, int64_t in, int64_t out, bool accumulate) {
+  cpu::adapt_threads();
   cpu::gemm<T>(false, false, n, in, out, dy, out, w, in, accumulate ? T(1) : T(0), dx, in);
 }
 template <typename T>
 void matmul_dw(const T* dy, const T* x, T* dw, int64_t n, int64_t in, int64_t out) {
+  cpu::adapt_threads();
   cpu::gemm<T>(true, false, out, in, n, dy, out, x, in, T(1), dw, in);
 }
 
@@ -230,19 +234,18 @@ void rmsnorm_forward(const T* x, const T* w, T* y, T* inv_rms, int64_t n, int64_
 // y = x r w with r = (mean(x^2) + eps)^-1/2:  dx = r (dy w) - x r^3 mean((dy w) x),  dw = sum dy x r.
 template <typename T>
 void rmsnorm_backward(const T* dy, const T* x, const T* w, const T* inv_rms, T* dx, T* dw, int64_t n, int64_t dim) {
-  // Rows are independent except for dw: each thread sums its rows' share (static schedule),
-  // and the shares are added in thread order, so the result does not depend on timing
-  // (training resumes bit-exactly).
-  const bool threaded = n * dim > 32768;
-  const int threads = threaded ? omp_get_max_threads() : 1;
+  // Rows are independent except for dw: each chunk of kRows rows sums its share, and the
+  // shares are added in chunk order, so the result depends neither on timing nor on the
+  // number of threads (training resumes bit-exactly, whatever threads the backend runs).
+  constexpr int64_t kRows = 64;
+  const int64_t chunks = (n + kRows - 1) / kRows;
   thread_local std::vector<T> parts_kept;  // kept between calls; shared by reference
   std::vector<T>& parts = parts_kept;
-  parts.assign(static_cast<size_t>(threads * dim), T(0));
-#pragma omp parallel num_threads(threads) if (threaded)
-  {
-    T* dw_part = &parts[size_t(omp_get_thread_num()) * size_t(dim)];
-#pragma omp for schedule(static)
-    for (int64_t i = 0; i < n; ++i) {
+  parts.assign(static_cast<size_t>(chunks * dim), T(0));
+#pragma omp parallel for schedule(static) if (n * dim > 32768)
+  for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+    T* dw_part = &parts[size_t(chunk * dim)];
+    for (int64_t i = chunk * kRows; i < std::min(n, (chunk + 1) * kRows); ++i) {
       const T* xi = x + i * dim;
       const T* gi = dy + i * dim;
       const T r = inv_rms[i];
@@ -255,8 +258,8 @@ void rmsnorm_backward(const T* dy, const T* x, const T* w, const T* inv_rms, T* 
       }
     }
   }
-  for (int t = 0; t < threads; ++t)
-    for (int64_t k = 0; k < dim; ++k) dw[k] += parts[size_t(t) * size_t(dim) + size_t(k)];
+  for (int64_t chunk = 0; chunk < chunks; ++chunk)
+    for (int64_t k = 0; k < dim; ++k) dw[k] += parts[size_t(chunk * dim + k)];
 }
 
 template <typename T>
@@ -296,8 +299,12 @@ template <typename T>
 double cross_entropy(const T* logits, const int32_t* targets, int64_t n, int64_t vocab, T* dlogits, double scale) {
   int64_t count = 0;
   for (int64_t i = 0; i < n; ++i) count += targets[i] >= 0;
-  double total = 0;
-#pragma omp parallel for schedule(static) reduction(+ : total) if (n * vocab > 65536)
+  // Each row's loss in its own slot, summed in row order after: the loss does not depend on
+  // the number of threads.
+  thread_local std::vector<double> row_loss_kept;
+  std::vector<double>& row_loss = row_loss_kept;
+  row_loss.assign(size_t(n), 0.0);
+#pragma omp parallel for schedule(static) if (n * vocab > 65536)
   for (int64_t i = 0; i < n; ++i) {
     const T* z = logits + i * vocab;
     T* dz = dlogits ? dlogits + i * vocab : nullptr;
@@ -308,13 +315,15 @@ double cross_entropy(const T* logits, const int32_t* targets, int64_t n, int64_t
     const T mx = *std::max_element(z, z + vocab);
     double sum = 0;
     for (int64_t v = 0; v < vocab; ++v) sum += std::exp(double(z[v] - mx));
-    total += std::log(sum) + double(mx) - double(z[targets[i]]);
+    row_loss[size_t(i)] = std::log(sum) + double(mx) - double(z[targets[i]]);
     if (dz) {
       const double k = scale / double(std::max<int64_t>(count, 1));
       for (int64_t v = 0; v < vocab; ++v) dz[v] = T(std::exp(double(z[v] - mx)) / sum * k);
       dz[targets[i]] -= T(k);
     }
   }
+  double total = 0;
+  for (double l : row_loss) total += l;
   return count ? total / double(count) : 0.0;
 }
 
