@@ -14,6 +14,7 @@
 #include <type_traits>
 
 #include "backend/cpu/fp8_kernels.h"
+#include "backend/cpu/threads.h"
 #include "backend/cpu/kernels.h"
 #include "core/dtype.h"
 #include "core/error.h"
@@ -443,6 +444,7 @@ void store(const std::vector<float>& c, int64_t count, T* out, bool accumulate) 
 template <typename T>
 void matmul_fp8(const T* x, const T* w, T* y, int64_t n, int64_t in, int64_t out, const Fp8GemmOptions& opt,
                 Fp8Scaling scaling) {
+  cpu::adapt_threads();
   constexpr Fp8Format e4m3 = Fp8Format::e4m3;
   Fp8Workspace& ws = workspace();
   quantize_into(ws.a, as_float(x, n * in, ws.a_f), n, in, Fp8Tiling::row_tiles_1x128, e4m3, scaling);
@@ -455,6 +457,7 @@ void matmul_fp8(const T* x, const T* w, T* y, int64_t n, int64_t in, int64_t out
 template <typename T>
 void matmul_dx_fp8(const T* dy, const T* w, T* dx, int64_t n, int64_t in, int64_t out, bool accumulate,
                    const Fp8GemmOptions& opt, Fp8Scaling scaling) {
+  cpu::adapt_threads();
   constexpr Fp8Format e4m3 = Fp8Format::e4m3;
   Fp8Workspace& ws = workspace();
   quantize_into(ws.a, as_float(dy, n * out, ws.a_f), n, out, Fp8Tiling::row_tiles_1x128, e4m3, scaling);
@@ -468,6 +471,7 @@ void matmul_dx_fp8(const T* dy, const T* w, T* dx, int64_t n, int64_t in, int64_
 template <typename T>
 void matmul_dw_fp8(const T* dy, const T* x, T* dw, int64_t n, int64_t in, int64_t out, const Fp8GemmOptions& opt,
                    Fp8Scaling scaling) {
+  cpu::adapt_threads();
   // Tiles along n: 128x1 in the forward layout, 1x128 once transposed to [out, n] / [in, n].
   constexpr Fp8Format e4m3 = Fp8Format::e4m3;
   Fp8Workspace& ws = workspace();

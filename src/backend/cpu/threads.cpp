@@ -18,21 +18,19 @@ namespace {
 constexpr int64_t kSampleNs = 20'000'000;  // how often the load is looked at
 constexpr int kAgreeing = 2;               // samples that must agree before the count changes
 
-std::atomic<int> g_most{0};  // 0: what OpenMP starts with
+std::atomic<int> g_most{0};        // the limit: --threads, else the threads OpenMP started with
+std::atomic<bool> g_pinned{false};  // pin_threads(): tests that compare thread counts
 
-// Runnable threads on the machine now (the kernel's procs_running), or -1 if unknown.
+// Runnable threads on the machine now (the 4th field of /proc/loadavg, "running/total",
+// the kernel's procs_running; a short file, unlike /proc/stat), or -1 if unknown.
 int procs_running() {
-  FILE* f = std::fopen("/proc/stat", "r");
+  FILE* f = std::fopen("/proc/loadavg", "r");
   if (!f) return -1;
-  char line[256];
-  int n = -1;
-  while (std::fgets(line, sizeof(line), f))
-    if (std::strncmp(line, "procs_running ", 14) == 0) {
-      n = std::atoi(line + 14);
-      break;
-    }
+  double a, b, c;
+  int running = -1, total = 0;
+  if (std::fscanf(f, "%lf %lf %lf %d/%d", &a, &b, &c, &running, &total) != 5) running = -1;
   std::fclose(f);
-  return n;
+  return running;
 }
 
 bool enabled() {
@@ -40,7 +38,19 @@ bool enabled() {
     const char* e = std::getenv("DSV3_ADAPT_THREADS");
     return !(e && std::string(e) == "0") && procs_running() > 0;
   }();
-  return on;
+  return on && !g_pinned.load();
+}
+
+// The limit, fixed at the first call from the threads OpenMP starts with if --threads did not
+// set it (read before this file ever changes the count, so a drop is never taken for the limit).
+int limit() {
+  int most = g_most.load();
+  if (most == 0) {
+    int initial = omp_get_max_threads();
+    g_most.compare_exchange_strong(most, initial);
+    most = g_most.load();
+  }
+  return most;
 }
 
 // Each application thread that calls the backend adapts its own OpenMP thread count.
@@ -62,8 +72,14 @@ int threads_for(int cpus, int others, int most) { return std::clamp(cpus - other
 
 void set_thread_limit(int most) {
   g_most = most;
-  t_plan = Plan{most};
+  t_plan = Plan{};
   omp_set_num_threads(most);
+}
+
+void pin_threads(int threads) {
+  g_pinned = threads > 0;
+  if (threads > 0) omp_set_num_threads(threads);
+  else omp_set_num_threads(limit()), t_plan = Plan{};
 }
 
 void adapt_threads() {
@@ -72,8 +88,11 @@ void adapt_threads() {
   const int64_t now = now_ns();
   if (now < p.next_ns) return;
   p.next_ns = now + kSampleNs;
-  const int most = g_most.load() > 0 ? g_most.load() : omp_get_max_threads();
-  if (p.current == 0) p.current = most;
+  const int most = limit();
+  if (p.current == 0) {  // this thread's first op: start from the limit (a new thread starts from OpenMP's default)
+    p.current = most;
+    omp_set_num_threads(most);
+  }
   const int running = procs_running();
   if (running < 0) return;
   // Our team's threads run (or spin) while we work; everything else is other work. The

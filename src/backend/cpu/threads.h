@@ -2,10 +2,14 @@
 // stall"). An OpenMP team waits at every op's barrier for its slowest thread; when another
 // process holds a core, the OS deschedules one of ours for a whole time slice and two threads
 // ran 3-10x slower than one. So the backend looks at the machine every 20 ms (the runnable
-// threads /proc/stat counts) and runs as many threads as there are cores the rest of the
-// machine leaves free, at most the user's --threads. Results do not depend on the thread
-// count (every reduction sums fixed chunks in a fixed order), so this changes speed only.
-// DSV3_ADAPT_THREADS=0 turns it off. Internal to backend/cpu.
+// threads of /proc/loadavg) and runs as many threads as there are cores the rest of the
+// machine leaves free, at most the user's --threads (or the threads OpenMP started with).
+// dsv3's own kernels give the same results at any thread count (every reduction sums fixed
+// chunks in a fixed order); OpenBLAS's GEMMs can differ in the last bits between one and
+// several threads when K's last block is split differently (K between one and two of its
+// K blocks, e.g. an expert's weight gradient over a few hundred rows), so bit-exact
+// reproduction of a long run wants DSV3_ADAPT_THREADS=0, which turns this off. Internal to
+// backend/cpu.
 #pragma once
 
 namespace dsv3::cpu {
@@ -20,5 +24,9 @@ void adapt_threads();
 
 // The most threads the backend may use (--threads), from now on.
 void set_thread_limit(int most);
+
+// Tests that compare thread counts: exactly `threads` from now on, no adapting (0: adapt
+// again, from the limit).
+void pin_threads(int threads);
 
 }  // namespace dsv3::cpu
