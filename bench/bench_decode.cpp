@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "bandwidth.h"
+#include "backend/ops.h"
 #include "infer/generate.h"
 #include "io/safetensors.h"
 #include "model/transformer.h"
@@ -102,21 +103,63 @@ void write_checkpoint(const std::string& dir, bool fp8) {
   write_safetensors(dir + "/model.safetensors", tensors);
 }
 
-// Bytes of weights one decoded token reads: every dense matrix, the shared and the k
-// routed experts of each MoE layer, the router, the lm_head, one embedding row.
-double bytes_per_token(const Transformer& m) {
+// What one token's pass through the decoder layers uses of every dense matrix, the shared
+// and the k routed experts of each MoE layer and the router, by `measure` (bytes, or
+// weights).
+template <typename Measure>
+double layers_per_token(const Transformer& m, Measure measure) {
   const ModelConfig& c = m.config();
-  const ModelWeights& w = m.weights();
-  double b = double(w.embed_tokens.row_bytes()) + double(w.lm_head.bytes());
-  auto mlp = [](const MlpWeights& e) { return double(e.gate_proj.bytes() + e.up_proj.bytes() + e.down_proj.bytes()); };
-  for (const LayerWeights& l : w.layers) {
+  double b = 0;
+  auto mlp = [&](const MlpWeights& e) { return measure(e.gate_proj) + measure(e.up_proj) + measure(e.down_proj); };
+  for (const LayerWeights& l : m.weights().layers) {
     const MlaWeights& a = l.self_attn;
-    b += double(a.q_a_proj.bytes() + a.q_b_proj.bytes() + a.q_proj.bytes() + a.kv_a_proj_with_mqa.bytes() +
-                a.kv_b_proj.bytes() + a.o_proj.bytes());
-    if (l.is_moe) b += double(l.moe.gate.bytes()) + mlp(l.moe.shared_experts) + double(c.num_experts_per_tok) * mlp(l.moe.experts[0]);
+    b += measure(a.q_a_proj) + measure(a.q_b_proj) + measure(a.q_proj) + measure(a.kv_a_proj_with_mqa) +
+         measure(a.kv_b_proj) + measure(a.o_proj);
+    if (l.is_moe) b += measure(l.moe.gate) + mlp(l.moe.shared_experts) + double(c.num_experts_per_tok) * mlp(l.moe.experts[0]);
     else b += mlp(l.mlp);
   }
   return b;
+}
+
+// Bytes of weights one decoded token reads: the layers', the lm_head, one embedding row.
+double bytes_per_token(const Transformer& m) {
+  const ModelWeights& w = m.weights();
+  return layers_per_token(m, [](const Mat& x) { return double(x.bytes()); }) + double(w.embed_tokens.row_bytes()) +
+         double(w.lm_head.bytes());
+}
+
+// Useful FLOPs of a prefill of n tokens: 2 per weight of the layers for every token, and the
+// lm_head once (only the last position's logits are computed). Attention's own products
+// (QK^T, PV) are left out, as MFU counts do for short prompts.
+double prefill_flops(const Transformer& m, int64_t n) {
+  return 2.0 * double(n) * layers_per_token(m, [](const Mat& x) { return double(x.numel()); }) +
+         2.0 * double(m.weights().lm_head.numel());
+}
+
+// Best prefill tok/s of `runs` prompts of n tokens.
+double prefill_tok_s(Transformer& m, int64_t n, int runs) {
+  std::vector<int32_t> prompt;
+  for (int64_t i = 0; i < n; ++i) prompt.push_back(int32_t(2 + i * 37 % 31000));
+  GenerateOptions opt;
+  opt.max_tokens = 1;
+  opt.stop_at_eos = false;
+  double best = 0;
+  for (int r = 0; r < runs; ++r) best = std::max(best, double(n) / generate(m, prompt, opt).prefill_seconds);
+  return best;
+}
+
+// The float32 GEMM peak through the backend (OpenBLAS sgemm), GFLOP/s, best of `runs`.
+double sgemm_peak(int runs) {
+  const int64_t n = 2048;
+  std::vector<float> a(size_t(n * n), 0.5f), b(size_t(n * n), 0.25f), c(size_t(n * n));
+  matmul<float>(a.data(), b.data(), c.data(), n, n, n);
+  double best = 0;
+  for (int r = 0; r < runs; ++r) {
+    const auto t0 = std::chrono::steady_clock::now();
+    matmul<float>(a.data(), b.data(), c.data(), n, n, n);
+    best = std::max(best, 2.0 * double(n) * n * n / std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / 1e9);
+  }
+  return best;
 }
 
 // Parameters of the checkpoint (FP8 scales not counted).
@@ -204,5 +247,18 @@ int main(int argc, char** argv) {
   }
   std::printf("\nFP8 / BF16 decode speedup: %.2fx (per-round median); ratio of bytes read per token: %.2fx\n",
               median(speedup), bytes[0] / bytes[1]);
+
+  // Prefill against the float32 GEMM peak measured here (the speed issue's target: 70 %).
+  const double peak = sgemm_peak(3);
+  std::printf("\nprefill (best of 3; useful FLOPs: 2 per layer weight per token + the lm_head once) against the "
+              "sgemm peak measured here, %.1f GFLOP/s:\n",
+              peak);
+  for (int f = 0; f < 2; ++f)
+    for (int64_t n : {int64_t(64), int64_t(512)}) {
+      const double t = prefill_tok_s(models[f], n, 3);
+      const double gflops = prefill_flops(models[f], n) / (double(n) / t) / 1e9;
+      std::printf("%-6s %4ld tokens: %7.1f tok/s  %6.1f GFLOP/s  %5.1f%% of the sgemm peak\n", f ? "FP8" : "BF16",
+                  long(n), t, gflops, 100 * gflops / peak);
+    }
   return 0;
 }
