@@ -81,6 +81,9 @@ const std::vector<Layout>& layouts() {
       // cut into several forward tasks, while the backward takes each sequence whole.
       {"absorbed_long_chunked", 4, 8, 4, 8, true, true, {1100, 3}, {0, 2}},
       {"naive_long_chunked", 1, 8, 4, 8, false, false, {2100}, {0}},
+      // Training windows over several causal blocks of 64 queries, with a partial last block.
+      {"naive_windows_causal_blocks", 2, 16, 8, 16, false, false, {130, 70}, {0, 0}},
+      {"absorbed_prefill_causal_blocks", 4, 16, 8, 16, true, true, {150}, {20}},
   };
   return all;
 }

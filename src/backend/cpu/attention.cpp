@@ -112,6 +112,10 @@ void forward_task(const AttentionArgs<T>& a, const Task& t, T* s, int64_t lds, i
 
 // Score entries per task at most, so that a long prompt's scores stay small (16 MiB in float).
 constexpr int64_t kTaskScores = int64_t(1) << 22;
+// Query tokens per causal block: a block computes scores only against the keys its tokens
+// see, so a sequence's attention costs about the lower triangle, not the whole square
+// (half the products of a long prompt or a training window).
+constexpr int64_t kCausalBlock = 64;
 
 // Into tasks (cleared), as sequences().
 template <typename T>
@@ -123,7 +127,9 @@ void forward_tasks(const AttentionArgs<T>& a, bool whole_sequences, std::vector<
   sequences(a, groups);
   for (const Group& g : groups) {
     const int64_t chunk =
-        whole_sequences ? g.nt : std::max<int64_t>(1, kTaskScores / std::max<int64_t>(1, rows_per_token * g.keys));
+        whole_sequences
+            ? g.nt
+            : std::min(kCausalBlock, std::max<int64_t>(1, kTaskScores / std::max<int64_t>(1, rows_per_token * g.keys)));
     for (int64_t t0 = 0; t0 < g.nt; t0 += chunk) {
       const int64_t nt = std::min(chunk, g.nt - t0);
       int64_t keys = 0;
@@ -231,7 +237,7 @@ void attention_backward(const AttentionArgs<T>& a, const T* probs, int64_t ld_pr
   dp_all.resize(size_t(slice * threads));
   auto run = [&](int64_t i, T* dp) {
     const Task& t = tasks[size_t(i)];
-    const int64_t m = t.rows(a.heads), L = t.keys;
+    const int64_t L = t.keys;
     const T* p = probs + (t.t0 * a.heads + std::max<int64_t>(t.head, 0)) * ld_probs;
     const int64_t ldp = t.head < 0 ? ld_probs : a.heads * ld_probs;
     const T* dop = d_out + t.t0 * a.heads * dv + std::max<int64_t>(t.head, 0) * dv;
@@ -246,34 +252,48 @@ void attention_backward(const AttentionArgs<T>& a, const T* probs, int64_t ld_pr
       return key_rows(gv, t, ld);
     };
     Private* mine = per_head ? &priv[size_t(i)] : nullptr;
-    int64_t ldv, ldk, ldq, ldg;
+    int64_t ldv, ldk1, ldk2 = 0, ldgv, ldgk1, ldgk2 = 0;
     const T* v = key_rows(a.v, t, ldv);
-    // out = P v:  dP = d_out v^T,  dv += P^T d_out
-    cpu::gemm<T>(false, true, m, L, dv, dop, lddo, v, ldv, T(0), dp, L);
-    T* gvp = key_grad(g.v, mine ? &mine->v : nullptr, ldg);
-    cpu::gemm<T>(true, false, L, dv, m, p, ldp, dop, lddo, T(1), gvp, ldg);
-    // P = softmax(scale * scores):  dS = scale * P * (dP - sum(P * dP))
-    for (int64_t r = 0; r < m; ++r) {
-      const T* pr = p + r * ldp;
-      T* d = dp + r * L;
-      const int64_t visible = a.key_count[t.token(r, a.heads)];
-      T dot = 0;
-      for (int64_t j = 0; j < visible; ++j) dot += pr[j] * d[j];
-      for (int64_t j = 0; j < visible; ++j) d[j] = T(a.scale) * pr[j] * (d[j] - dot);
-      std::fill(d + visible, d + L, T(0));
+    const T* k1 = key_rows(a.k1, t, ldk1);
+    const T* k2 = a.q2.width > 0 ? key_rows(a.k2, t, ldk2) : nullptr;
+    T* gv = key_grad(g.v, mine ? &mine->v : nullptr, ldgv);
+    T* gk1 = key_grad(g.k1, mine ? &mine->k1 : nullptr, ldgk1);
+    T* gk2 = a.q2.width > 0 ? key_grad(g.k2, mine ? &mine->k2 : nullptr, ldgk2) : nullptr;
+    // Causal blocks of the task's query tokens, each against only the keys its tokens see
+    // (the probabilities past them are zero): about half the products of the whole square.
+    const int64_t per_token = t.head < 0 ? a.heads : 1;
+    for (int64_t c0 = 0; c0 < t.nt; c0 += kCausalBlock) {
+      const int64_t c1 = std::min(t.nt, c0 + kCausalBlock);
+      const int64_t r0 = c0 * per_token, m = (c1 - c0) * per_token;
+      int64_t Lc = 0;
+      for (int64_t tok = t.t0 + c0; tok < t.t0 + c1; ++tok) Lc = std::max(Lc, a.key_count[tok]);
+      const T* pc = p + r0 * ldp;
+      const T* doc = dop + r0 * lddo;
+      // out = P v:  dP = d_out v^T,  dv += P^T d_out
+      cpu::gemm<T>(false, true, m, Lc, dv, doc, lddo, v, ldv, T(0), dp, Lc);
+      cpu::gemm<T>(true, false, Lc, dv, m, pc, ldp, doc, lddo, T(1), gv, ldgv);
+      // P = softmax(scale * scores):  dS = scale * P * (dP - sum(P * dP))
+      for (int64_t r = 0; r < m; ++r) {
+        const T* pr = pc + r * ldp;
+        T* d = dp + r * Lc;
+        const int64_t visible = a.key_count[t.token(r0 + r, a.heads)];
+        T dot = 0;
+        for (int64_t j = 0; j < visible; ++j) dot += pr[j] * d[j];
+        for (int64_t j = 0; j < visible; ++j) d[j] = T(a.scale) * pr[j] * (d[j] - dot);
+        std::fill(d + visible, d + Lc, T(0));
+      }
+      // scores = q1 k1^T + q2 k2^T:  dq += dS k,  dk += dS^T q
+      auto product = [&](const HeadRows<const T>& q, const T* k, int64_t ldk, const HeadRows<T>& gq, T* gk,
+                         int64_t ldgk) {
+        int64_t ldq, ldgq;
+        const T* qp = query_rows(q, t, a.heads, ldq) + r0 * ldq;
+        T* gqp = query_rows(gq, t, a.heads, ldgq) + r0 * ldgq;
+        cpu::gemm<T>(false, false, m, q.width, Lc, dp, Lc, k, ldk, T(1), gqp, ldgq);
+        cpu::gemm<T>(true, false, Lc, q.width, m, dp, Lc, qp, ldq, T(1), gk, ldgk);
+      };
+      product(a.q1, k1, ldk1, g.q1, gk1, ldgk1);
+      if (a.q2.width > 0) product(a.q2, k2, ldk2, g.q2, gk2, ldgk2);
     }
-    // scores = q1 k1^T + q2 k2^T
-    auto product = [&](const HeadRows<const T>& q, const HeadRows<const T>& k, const HeadRows<T>& gq,
-                       const HeadRows<T>& gk, std::vector<T>* own) {
-      const T* qp = query_rows(q, t, a.heads, ldq);
-      const T* kp = key_rows(k, t, ldk);
-      T* gqp = query_rows(gq, t, a.heads, ldg);
-      cpu::gemm<T>(false, false, m, q.width, L, dp, L, kp, ldk, T(1), gqp, ldg);
-      T* gkp = key_grad(gk, own, ldg);
-      cpu::gemm<T>(true, false, L, q.width, m, dp, L, qp, ldq, T(1), gkp, ldg);
-    };
-    product(a.q1, a.k1, g.q1, g.k1, mine ? &mine->k1 : nullptr);
-    if (a.q2.width > 0) product(a.q2, a.k2, g.q2, g.k2, mine ? &mine->k2 : nullptr);
   };
   if (n_tasks == 1) {  // outside any parallel region, as in the forward
     run(0, dp_all.data());
