@@ -18,6 +18,10 @@
 
 namespace {
 std::atomic<int64_t> g_allocations{0};
+// A thread the backend starts using only later (its count follows the machine's load, see
+// backend/cpu/threads.h) sizes its own workspaces on first use: that is not a step's
+// allocation, so the count stays fixed here.
+const bool g_fixed_threads = setenv("DSV3_ADAPT_THREADS", "0", 1) == 0;
 }  // namespace
 
 // The replacements below pair malloc / aligned_alloc with free, which GCC cannot see.
