@@ -113,7 +113,7 @@ TEST_F(ExportTest, Fp8ReproducesTheReleaseEncoding) {
     if (x->dtype == DType::f8_e4m3) {
       ++fp8;
       EXPECT_EQ(std::memcmp(x->data, y->data, x->nbytes), 0) << name << ": codes differ";
-    } else if (name.size() > 10 && name.substr(name.size() - 10) == "_scale_inv") {
+    } else if (name.ends_with("_scale_inv")) {
       const float* a = reinterpret_cast<const float*>(x->data);
       const float* b = reinterpret_cast<const float*>(y->data);
       for (int64_t i = 0; i < x->numel(); ++i) EXPECT_NEAR(b[i], a[i], 2e-7 * a[i]) << name << " block " << i;

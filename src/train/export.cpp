@@ -26,15 +26,11 @@ using json = nlohmann::json;
 
 namespace {
 
-bool ends_with(const std::string& s, const std::string& suffix) {
-  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
-}
-
 // How one tensor is stored in the export: DeepSeek-V3's release keeps the router's
 // correction bias in float32, quantizes the projection weights to E4M3 in FP8 exports, and
 // stores everything else (embeddings, head, norms, router gate, MTP's eh_proj) in BF16.
 DType stored_dtype(const TensorSlot& s, DType target) {
-  if (ends_with(s.name, "e_score_correction_bias")) return DType::f32;
+  if (s.name.ends_with("e_score_correction_bias")) return DType::f32;
   if (target == DType::f8_e4m3 && s.fp8_quantizable) return DType::f8_e4m3;
   return DType::bf16;
 }
@@ -99,7 +95,7 @@ void convert(const TensorSlot& s, DType dtype, Converted& out) {
 // checkpoint's optimizer state and trainer state are not part of a shared model.
 bool copied(const fs::path& p) {
   const std::string n = p.filename().string();
-  return !ends_with(n, ".safetensors") && n != "model.safetensors.index.json" && n != "config.json" &&
+  return !n.ends_with(".safetensors") && n != "model.safetensors.index.json" && n != "config.json" &&
          n != "trainer_state.json" && n[0] != '.';
 }
 
@@ -119,7 +115,6 @@ ExportSummary export_folder(const std::string& src, const std::string& out, cons
   if (opt.max_shard_bytes <= 0) fail("export: the shard size must be positive, not ", opt.max_shard_bytes);
   if (fs::exists(out) && !(fs::is_directory(out) && fs::is_empty(out)))
     fail(out, ": exists and is not an empty folder; export into a new folder");
-  if (fs::exists(src) && fs::exists(out) && fs::equivalent(src, out)) fail(out, ": is the source folder");
 
   const ModelConfig c = ModelConfig::load(src + "/config.json");
   json cfg = json::parse(read_text(src + "/config.json"));
