@@ -9,6 +9,7 @@
 
 #include "backend/cpu/kernels.h"
 #include "backend/ops.h"
+#include "core/error.h"
 
 namespace dsv3 {
 namespace {
@@ -168,6 +169,57 @@ TEST(Ops, RmsnormSoftmaxSwigluByHand) {
   swiglu_forward(a.data(), b.data(), h.data(), 2);
   EXPECT_EQ(h[0], 0.0f);
   EXPECT_FLOAT_EQ(h[1], 2.0f / (1.0f + std::exp(-2.0f)));
+}
+
+
+// The AMX products (many rows, BF16 and FP8 weights) against their scalar twin and the
+// double reference, at shapes that are not multiples of the tile sizes (16 rows, 16 tokens,
+// 32 features) or of the 128x128 FP8 block, on slices that start inside a block, and as
+// one grouped call over jobs of different shapes.
+TEST(AmxKernels, MatchScalarTwinAndReference) {
+  // Without AMX (another CPU, or DSV3_AMX=0) only the twin is checked against the reference.
+  const bool amx = cpu::amx_available();
+  struct Case {
+    int64_t rows, cols, n, first;
+  };
+  const Case cases[] = {{37, 19, 9, 0}, {130, 200, 17, 0}, {300, 257, 33, 0}, {129, 385, 40, 0},
+                        {260, 140, 2, 0}, {1, 32, 16, 0},  {200, 300, 31, 50}, {64, 640, 48, 0}};
+  for (DType dtype : {DType::bf16, DType::f8_e4m3}) {
+    std::vector<RandomMat> mats;
+    std::vector<std::vector<float>> xs, ys;
+    std::vector<LinearJob> jobs;
+    for (const Case& c : cases) mats.push_back(random_mat(dtype, c.rows + c.first, c.cols, uint32_t(c.rows * 7 + c.cols)));
+    for (size_t i = 0; i < std::size(cases); ++i) {
+      const Case& c = cases[i];
+      xs.push_back(random_vec(size_t(c.n * c.cols), uint32_t(i + 1)));
+      ys.emplace_back(size_t(c.n * c.rows), -1.0f);
+    }
+    for (size_t i = 0; i < std::size(cases); ++i)
+      jobs.push_back({xs[i].data(), cases[i].n, mats[i].mat.row_slice(cases[i].first, cases[i].rows), ys[i].data()});
+    if (amx) cpu::linear_amx(jobs.data(), jobs.size());  // all at once, as linear_batch groups them
+    for (size_t i = 0; i < std::size(cases); ++i) {
+      const Case& c = cases[i];
+      const std::string what = cat(dtype_name(dtype), " ", c.rows, "x", c.cols, " n=", c.n, " from row ", c.first);
+      std::vector<float> twin(ys[i].size()), ref(ys[i].size()), alone(ys[i].size());
+      cpu::linear_amx_scalar(xs[i].data(), c.n, jobs[i].w, twin.data());
+      linear_reference(xs[i].data(), c.n, jobs[i].w, ref.data());
+      // Float32 sums in other orders: the split into three BF16 parts loses nothing.
+      const float scale = max_abs(ref) + 1;
+      auto worst = [](const std::vector<float>& a, const std::vector<float>& b) {
+        float w = 0;
+        for (size_t e = 0; e < a.size(); ++e) w = std::max(w, std::abs(a[e] - b[e]));
+        return w;
+      };
+      EXPECT_LE(worst(twin, ref), 2e-6f * scale) << what;
+      if (!amx) continue;
+      EXPECT_LE(worst(ys[i], twin), 2e-6f * scale) << what;
+      EXPECT_LE(worst(ys[i], ref), 2e-6f * scale) << what;
+      LinearJob single = jobs[i];
+      single.y = alone.data();
+      cpu::linear_amx(&single, 1);
+      EXPECT_EQ(alone, ys[i]) << what << ": grouped and alone differ";
+    }
+  }
 }
 
 }  // namespace

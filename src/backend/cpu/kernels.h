@@ -2,8 +2,14 @@
 // and the transposed accumulate. A scalar version (kernels.cpp side) and an AVX-512 one
 // (linear_avx512.cpp), chosen at run time. Internal to backend/cpu.
 #pragma once
+#include <cstddef>
 #include <cstdint>
 #include <string>
+
+namespace dsv3 {
+struct LinearJob;
+struct Mat;
+}
 
 namespace dsv3::cpu {
 
@@ -34,6 +40,15 @@ const RowKernels& scalar_kernels();
 bool avx512_available();
 const RowKernels& avx512_kernels();  // only valid if avx512_available()
 const RowKernels& active_kernels();
+
+// AMX-BF16 products for many activation rows (linear_amx.cpp): true where the CPU has
+// AMX-BF16 and AVX512-BF16 and Linux granted the tile state (DSV3_AMX=0 turns it off).
+bool amx_available();
+// linear() over BF16 / FP8 weights for every job, as one parallel pass over 32-row strips of
+// all the jobs' weights (activations split into two BF16 halves: see linear_amx.cpp).
+void linear_amx(const LinearJob* jobs, size_t count);
+// Its scalar twin: the same split products summed in float, for tests.
+void linear_amx_scalar(const float* x, int64_t n, const Mat& w, float* y);
 
 // C[m, n] (ldc) (+)= A[m, k] * op(B) with op(B) = B^T ([n, k], ldb) if trans_b, else B ([k, n]).
 void sgemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb,

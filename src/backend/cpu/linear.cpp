@@ -306,6 +306,11 @@ void linear(const float* x, int64_t n, const Mat& w, float* y) {
     cpu::sgemm(n, w.rows, w.cols, x, w.cols, reinterpret_cast<const float*>(w.data), w.cols, true, y, w.rows);
     return;
   }
+  if (n > kMaxBatch && (w.dtype == DType::bf16 || w.dtype == DType::f8_e4m3) && cpu::amx_available()) {
+    const LinearJob job{x, n, w, y};
+    cpu::linear_amx(&job, 1);
+    return;
+  }
   if (n > kMaxBatch) {
     const int64_t panel = panel_rows(w);
     float* buf = panel_buffer(size_t(panel * w.cols));
@@ -324,18 +329,24 @@ void linear_batch(const LinearJob* jobs, size_t count) {
   cpu::adapt_threads();
   // Jobs the row kernels take (few activation rows, BF16 / FP8) share one parallel pass;
   // the others run one by one.
-  thread_local std::vector<LinearJob> rowwise;  // kept between calls
-  rowwise.clear();
+  // Jobs with many rows over BF16 / FP8 weights share one AMX pass where the CPU has it.
+  thread_local std::vector<LinearJob> rowwise, tiled;  // kept between calls
+  rowwise.clear(), tiled.clear();
+  const bool amx = cpu::amx_available();
   for (size_t i = 0; i < count; ++i) {
     const LinearJob& j = jobs[i];
     check_dtype(j.w);
-    if (j.n > 0 && j.n <= kMaxBatch &&
-        (j.w.dtype == DType::bf16 || j.w.dtype == DType::f8_e4m3 || (j.w.dtype == DType::f32 && j.w.cols >= 64)))
+    const bool stored_low = j.w.dtype == DType::bf16 || j.w.dtype == DType::f8_e4m3;
+    if (j.n == 0 || j.w.rows == 0) continue;
+    if (j.n <= kMaxBatch && (stored_low || (j.w.dtype == DType::f32 && j.w.cols >= 64)))
       rowwise.push_back(j);
+    else if (amx && stored_low)
+      tiled.push_back(j);
     else
       linear(j.x, j.n, j.w, j.y);
   }
   if (!rowwise.empty()) linear_rowwise(rowwise.data(), rowwise.size());
+  if (!tiled.empty()) cpu::linear_amx(tiled.data(), tiled.size());
 }
 
 void linear_t(const float* x, int64_t n, const Mat& w, float* y) {

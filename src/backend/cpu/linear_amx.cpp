@@ -1,0 +1,393 @@
+// linear() for many activation rows (prefill, experts with many tokens) on Intel AMX: the
+// tile unit multiplies BF16 pairs into float32 accumulators, 16x16x32 per instruction, an
+// order of magnitude beyond float32 FMAs on the same core.
+//
+// Accuracy. The tile unit multiplies BF16 values exactly into float32 sums. Weights in
+// BF16 are exact as they are, and FP8 E4M3 codes are exact in BF16 (their 128x128 block
+// scales are applied to the float32 sums of each 128-wide block of input features). The
+// activations are float32, so each is split into three BF16 values, x = hi + mid + lo
+// (hi = bf16(x), mid = bf16(x - hi), lo = bf16(x - hi - mid): exact, 8 + 8 + 8 bits), and
+// the three products are summed: the result is a float32 GEMM's, to its rounding.
+//
+// Layout. The tile product C += A B takes A as 16 rows of 32 BF16 values (64 bytes) and B in
+// pairs: row p holds (B[2p][c], B[2p+1][c]) for 16 columns c. A is a strip of weight rows
+// as stored (row-major, one copy per strip into a cache-resident buffer, FP8 decoded there);
+// B is the activations, packed once per call so that a tile holds 16 tokens by 32 input
+// features in pairs; C is 16 weight rows by 16 tokens, i.e. y transposed, written to a
+// buffer that one pass turns into y at the end.
+#include <immintrin.h>
+#include <omp.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cpuid.h>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "backend/cpu/kernels.h"
+#include "backend/ops.h"
+
+// GCC 12 warns inside its own intrinsics headers (_mm512_undefined_*): false positives.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+
+#define DSV3_AMX __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,amx-tile,amx-bf16")))
+
+namespace dsv3::cpu {
+
+namespace {
+
+constexpr int64_t kStripRows = 32;  // weight rows per task: two A tiles
+constexpr int64_t kTokens = 16;     // tokens per B tile (its 16 columns)
+constexpr int64_t kStep = 32;       // input features per tile product
+
+// The process must ask Linux for the tile state before a thread uses it (arch_prctl); the
+// CPU must have AMX-TILE, AMX-BF16 and AVX512-BF16 (the splitting), and the OS must save
+// the tile registers (XCR0 bits 17 and 18).
+bool detect_amx() {
+  const char* env = std::getenv("DSV3_AMX");
+  if (env && std::string(env) == "0") return false;
+  const char* kernels = std::getenv("DSV3_KERNELS");
+  if (kernels && std::string(kernels) == "scalar") return false;
+  unsigned a, b, c, d;
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+  const bool amx = (d & (1u << 22)) && (d & (1u << 24));  // AMX-BF16, AMX-TILE
+  if (!amx || !__get_cpuid_count(7, 1, &a, &b, &c, &d) || !(a & (1u << 5))) return false;  // AVX512-BF16
+  if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & (1u << 27))) return false;  // OSXSAVE
+  unsigned lo, hi;
+  __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+  if ((lo & (3u << 17)) != (3u << 17)) return false;
+  constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t bytes_per_row[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Tiles 0-3: C (strip half 0/1 x token tile 0/1); 4-5: A (the strip's halves); 6-7: B.
+DSV3_AMX void configure_tiles() {
+  TileConfig cfg;
+  for (int t = 0; t < 8; ++t) cfg.bytes_per_row[t] = 64, cfg.rows[t] = 16;
+  // GCC 12's _tile_loadconfig tells the compiler it reads only the first 8 bytes, which
+  // let it drop the stores above: the barrier keeps them.
+  __asm__ volatile("" : : "r"(&cfg) : "memory");
+  _tile_loadconfig(&cfg);
+}
+
+// v = hi + mid + lo, three BF16 parts of 16 float32 values.
+DSV3_AMX inline __m512 widen(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
+DSV3_AMX inline void split16(__m512 v, __m256i& hi, __m256i& mid, __m256i& lo) {
+  hi = __m256i(_mm512_cvtneps_pbh(v));
+  v = _mm512_sub_ps(v, widen(hi));
+  mid = __m256i(_mm512_cvtneps_pbh(v));
+  lo = __m256i(_mm512_cvtneps_pbh(_mm512_sub_ps(v, widen(mid))));
+}
+
+// r[i][c] -> r[c][i] for a 16 x 16 block of 32-bit values: pairs within 128-bit lanes,
+// then quads, then lanes across registers.
+DSV3_AMX inline void transpose16(__m512i r[16]) {
+  __m512i t[16], u[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {  // u[i + q], lane l: column 4l + q of rows i..i+3
+    u[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    u[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    u[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    u[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  for (int q = 0; q < 4; ++q) {
+    const __m512i v0 = _mm512_shuffle_i32x4(u[q], u[4 + q], 0x88), v1 = _mm512_shuffle_i32x4(u[q], u[4 + q], 0xdd);
+    const __m512i w0 = _mm512_shuffle_i32x4(u[8 + q], u[12 + q], 0x88),
+                  w1 = _mm512_shuffle_i32x4(u[8 + q], u[12 + q], 0xdd);
+    r[q] = _mm512_shuffle_i32x4(v0, w0, 0x88);
+    r[q + 8] = _mm512_shuffle_i32x4(v0, w0, 0xdd);
+    r[q + 4] = _mm512_shuffle_i32x4(v1, w1, 0x88);
+    r[q + 12] = _mm512_shuffle_i32x4(v1, w1, 0xdd);
+  }
+}
+
+// Activations x[n, k] -> B tiles in pairs, one array per part (hi, mid, lo; `part` values
+// apart): tile (g, s) holds tokens 16g.. and features 32s.., as 16 rows p of 16 tokens x
+// (x[2p], x[2p+1]); tokens past n and features past k are zero. One token group: rows
+// [16g, 16g + 16). A token's 32 features are 16 pairs, one 32-bit value each, so the tile
+// is the transpose of 16 tokens x 16 pairs.
+DSV3_AMX void pack_x_group(const float* x, int64_t n, int64_t k, int64_t g, int64_t steps, uint32_t* parts,
+                           size_t part) {
+  uint32_t* tiles = parts + g * steps * 256;
+  for (int64_t s = 0; s < steps; ++s) {
+    __m512i pairs[3][16];
+    const int64_t left = k - s * kStep;
+    const __mmask16 m0 = __mmask16(left >= 16 ? 0xffff : (1u << left) - 1);
+    const __mmask16 m1 = __mmask16(left >= 32 ? 0xffff : left <= 16 ? 0 : (1u << (left - 16)) - 1);
+    for (int64_t j = 0; j < kTokens; ++j) {
+      const int64_t token = g * kTokens + j;
+      __m256i p[2][3] = {};
+      if (token < n) {
+        const float* row = x + token * k + s * kStep;
+        split16(_mm512_maskz_loadu_ps(m0, row), p[0][0], p[0][1], p[0][2]);
+        split16(_mm512_maskz_loadu_ps(m1, row + 16), p[1][0], p[1][1], p[1][2]);
+      }
+      for (int q = 0; q < 3; ++q) pairs[q][j] = _mm512_inserti64x4(_mm512_castsi256_si512(p[0][q]), p[1][q], 1);
+    }
+    for (int q = 0; q < 3; ++q) {
+      transpose16(pairs[q]);
+      uint32_t* tile = tiles + q * part + s * 256;
+      for (int i = 0; i < 16; ++i) _mm512_storeu_si512(tile + 16 * i, pairs[q][i]);
+    }
+  }
+}
+
+// y[tokens, rows] (row stride ldy) from yt[rows, tokens] (row stride ldt), 16 x 16 blocks
+// in registers, the ragged edges element by element.
+DSV3_AMX void transpose_out(const float* yt, int64_t ldt, int64_t rows, int64_t tokens, float* y, int64_t ldy) {
+  int64_t r = 0;
+  for (; r + 16 <= rows; r += 16) {
+    int64_t t = 0;
+    for (; t + 16 <= tokens; t += 16) {
+      __m512i block[16];
+      for (int i = 0; i < 16; ++i) block[i] = _mm512_loadu_si512(yt + (r + i) * ldt + t);
+      transpose16(block);
+      for (int i = 0; i < 16; ++i) _mm512_storeu_si512(y + (t + i) * ldy + r, block[i]);
+    }
+    for (; t < tokens; ++t)
+      for (int64_t i = r; i < r + 16; ++i) y[t * ldy + i] = yt[i * ldt + t];
+  }
+  for (; r < rows; ++r)
+    for (int64_t t = 0; t < tokens; ++t) y[t * ldy + r] = yt[r * ldt + t];
+}
+
+// Rows [r0, r0 + 32) of w into a row-major BF16 strip of k_pad values, zero beyond w's rows
+// and columns: as stored for BF16; FP8 codes as their (exact) BF16 values, unscaled.
+DSV3_AMX void pack_w_strip(const Mat& w, int64_t r0, int64_t k_pad, uint16_t* strip, float* decoded) {
+  for (int64_t i = 0; i < kStripRows; ++i) {
+    uint16_t* h = strip + i * k_pad;
+    const int64_t r = r0 + i;
+    if (r >= w.rows) {
+      std::memset(h, 0, size_t(k_pad) * 2);
+      continue;
+    }
+    const uint8_t* row = w.data + size_t(r) * w.row_bytes();
+    if (w.dtype == DType::bf16) {
+      std::memcpy(h, row, size_t(w.cols) * 2);
+      std::memset(h + w.cols, 0, size_t(k_pad - w.cols) * 2);
+      continue;
+    }
+    avx512_kernels().convert_fp8(row, decoded, w.cols);
+    for (int64_t c = 0; c < k_pad; c += 16) {
+      const int64_t left = w.cols - c;
+      const __mmask16 m = __mmask16(left >= 16 ? 0xffff : left <= 0 ? 0 : (1u << left) - 1);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(h + c), __m256i(_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, decoded + c))));
+    }
+  }
+}
+
+// The tile products of one step (32 input features): C += A (B_hi + B_mid + B_lo) for the
+// strip's two halves against two token tiles.
+#define DSV3_STEP(s)                                      \
+  _tile_loadd(4, w + (s) * kStep, wstride);               \
+  _tile_loadd(5, w + 16 * k_pad + (s) * kStep, wstride);  \
+  for (int part_index = 0; part_index < 3; ++part_index) { \
+    _tile_loadd(6, b0 + part_index * part + (s) * 256, 64); \
+    _tile_loadd(7, b1 + part_index * part + (s) * 256, 64); \
+    _tile_dpbf16ps(0, 4, 6);                              \
+    _tile_dpbf16ps(1, 4, 7);                              \
+    _tile_dpbf16ps(2, 5, 6);                              \
+    _tile_dpbf16ps(3, 5, 7);                              \
+  }
+
+DSV3_AMX inline void zero_c() {
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+}
+// C tiles to rows x 16-token blocks of out (row stride ld floats): tile 2h + t holds strip
+// half h against token tile t.
+DSV3_AMX inline void store_c(float* out, int64_t ld) {
+  const size_t stride = size_t(ld) * 4;
+  _tile_stored(0, out, stride);
+  _tile_stored(1, out + kTokens, stride);
+  _tile_stored(2, out + 16 * ld, stride);
+  _tile_stored(3, out + 16 * ld + kTokens, stride);
+}
+
+// yt[32 strip rows, groups * 16 tokens] (row stride ldt floats) = strip x^T over all token
+// groups, two at a time (the caller pads the groups to an even count). `parts` holds the
+// packed activations' three parts, `part` values apart.
+DSV3_AMX void strip_product_bf16(const uint16_t* w, int64_t k_pad, const uint32_t* parts, size_t part,
+                                 int64_t groups, float* yt, int64_t ldt) {
+  const int64_t steps = k_pad / kStep;
+  const size_t wstride = size_t(k_pad) * 2;
+  for (int64_t g = 0; g < groups; g += 2) {
+    const uint32_t *b0 = parts + g * steps * 256, *b1 = b0 + steps * 256;
+    zero_c();
+    for (int64_t s = 0; s < steps; ++s) {
+      DSV3_STEP(s)
+    }
+    store_c(yt + g * kTokens, ldt);
+  }
+}
+
+// The same for FP8 codes: each 128-wide block of input features is summed on its own and
+// added to yt times its scale, row by row (a strip may cross a 128-row scale block).
+// row_scales[i] points at the scale row of strip row i.
+DSV3_AMX void strip_product_fp8(const uint16_t* w, int64_t k_pad, const uint32_t* parts, size_t part,
+                                int64_t groups, const float* const* row_scales, float* yt, int64_t ldt) {
+  const int64_t steps = k_pad / kStep, per_block = kFp8Block / kStep;
+  const size_t wstride = size_t(k_pad) * 2;
+  alignas(64) float c[2 * 16][2 * kTokens];  // one block's sums: strip rows x 32 tokens
+  for (int64_t g = 0; g < groups; g += 2) {
+    const uint32_t *b0 = parts + g * steps * 256, *b1 = b0 + steps * 256;
+    float* out = yt + g * kTokens;
+    for (int64_t s0 = 0, block = 0; s0 < steps; s0 += per_block, ++block) {
+      zero_c();
+      for (int64_t s = s0; s < std::min(steps, s0 + per_block); ++s) {
+        DSV3_STEP(s)
+      }
+      store_c(&c[0][0], 2 * kTokens);
+      for (int64_t i = 0; i < kStripRows; ++i) {
+        const __m512 scale = _mm512_set1_ps(row_scales[i][block]);
+        float* o = out + i * ldt;
+        for (int64_t t = 0; t < 2 * kTokens; t += 16) {
+          const __m512 v = _mm512_mul_ps(scale, _mm512_load_ps(&c[i][t]));
+          _mm512_storeu_ps(o + t, block == 0 ? v : _mm512_add_ps(v, _mm512_loadu_ps(o + t)));
+        }
+      }
+    }
+  }
+}
+#undef DSV3_STEP
+
+DSV3_AMX void release_tiles() { _tile_release(); }
+
+// Per job: where its packed activations and its transposed output live.
+struct Plan {
+  int64_t groups = 0, k_pad = 0;  // token groups (even), padded input features
+  size_t x_offset = 0, yt_offset = 0;
+  int64_t ldt = 0;                // yt's row stride: groups * 16
+};
+// uint32 pairs in one part (hi, mid or lo) of a job's packed activations.
+size_t part_size(const Plan& p) { return size_t(p.groups * p.k_pad * kTokens / 2); }
+
+}  // namespace
+
+bool amx_available() {
+  static const bool ok = detect_amx();
+  return ok;
+}
+
+void linear_amx(const LinearJob* jobs, size_t count) {
+  // Buffers of the calling thread, kept between calls (no allocation once grown), shared
+  // with the team by reference (a thread_local named inside the region would be the
+  // worker's own).
+  thread_local std::vector<Plan> plans_kept;
+  thread_local std::vector<uint32_t> packed_x;
+  thread_local std::vector<float> yt;
+  thread_local std::vector<std::pair<int32_t, int64_t>> groups_kept, strips_kept;
+  std::vector<Plan>& plans = plans_kept;
+  std::vector<std::pair<int32_t, int64_t>>& groups = groups_kept;  // (job, token group)
+  std::vector<std::pair<int32_t, int64_t>>& strips = strips_kept;  // (job, first weight row)
+  plans.assign(count, Plan{});
+  groups.clear(), strips.clear();
+  size_t x_size = 0, yt_size = 0;
+  double work = 0;
+  int64_t widest = 0;
+  for (size_t i = 0; i < count; ++i) {
+    const LinearJob& j = jobs[i];
+    Plan& p = plans[i];
+    p.groups = (j.n + 2 * kTokens - 1) / (2 * kTokens) * 2;
+    p.k_pad = (j.w.cols + kStep - 1) / kStep * kStep;
+    p.ldt = p.groups * kTokens;
+    p.x_offset = x_size;
+    x_size += size_t(3 * p.groups * p.k_pad * kTokens / 2);  // three parts, pairs as uint32
+    p.yt_offset = yt_size;
+    yt_size += size_t((j.w.rows + kStripRows - 1) / kStripRows * kStripRows * p.ldt);
+    for (int64_t g = 0; g < p.groups; ++g) groups.emplace_back(int32_t(i), g);
+    for (int64_t r = 0; r < j.w.rows; r += kStripRows) strips.emplace_back(int32_t(i), r);
+    work += double(j.n) * double(j.w.rows) * double(j.w.cols);
+    widest = std::max(widest, p.k_pad);
+  }
+  if (packed_x.size() < x_size) packed_x.resize(x_size);
+  if (yt.size() < yt_size) yt.resize(yt_size);
+  uint32_t* const xbuf = packed_x.data();
+  float* const ytbuf = yt.data();
+
+#pragma omp parallel if (work > 1e6)
+  {
+    // 1. The activations in B-tile pairs.
+#pragma omp for schedule(static)
+    for (size_t u = 0; u < groups.size(); ++u) {
+      const auto [i, g] = groups[u];
+      const Plan& p = plans[size_t(i)];
+      const LinearJob& j = jobs[i];
+      pack_x_group(j.x, j.n, j.w.cols, g, p.k_pad / kStep, xbuf + p.x_offset, part_size(p));
+    }
+    // 2. Strips of 32 weight rows against every token of their job.
+    thread_local std::vector<uint16_t> strip;   // this thread's, kept between calls
+    thread_local std::vector<float> decoded;
+    if (strip.size() < size_t(kStripRows * widest)) strip.resize(size_t(kStripRows * widest));
+    if (decoded.size() < size_t(widest)) decoded.resize(size_t(widest));
+    configure_tiles();
+#pragma omp for schedule(dynamic, 1)
+    for (size_t t = 0; t < strips.size(); ++t) {
+      const auto [i, r0] = strips[t];
+      const Plan& p = plans[size_t(i)];
+      const LinearJob& j = jobs[i];
+      pack_w_strip(j.w, r0, p.k_pad, strip.data(), decoded.data());
+      float* out = ytbuf + p.yt_offset + size_t(r0 * p.ldt);
+      if (j.w.dtype == DType::f8_e4m3) {
+        const float* row_scales[kStripRows];
+        for (int64_t i = 0; i < kStripRows; ++i)
+          row_scales[i] = j.w.scale_inv + ((j.w.row0 + std::min(r0 + i, j.w.rows - 1)) / kFp8Block) * j.w.scale_cols;
+        strip_product_fp8(strip.data(), p.k_pad, xbuf + p.x_offset, part_size(p), p.groups, row_scales, out, p.ldt);
+      } else {
+        strip_product_bf16(strip.data(), p.k_pad, xbuf + p.x_offset, part_size(p), p.groups, out, p.ldt);
+      }
+    }
+    release_tiles();
+    // 3. y = yt^T.
+#pragma omp for schedule(static)
+    for (size_t t = 0; t < strips.size(); ++t) {
+      const auto [i, r0] = strips[t];
+      const Plan& p = plans[size_t(i)];
+      const LinearJob& j = jobs[i];
+      transpose_out(ytbuf + p.yt_offset + r0 * p.ldt, p.ldt, std::min(kStripRows, j.w.rows - r0), j.n, j.y + r0,
+                    j.w.rows);
+    }
+  }
+}
+
+// The scalar twin: the same three-part products, each 128-wide block of input features
+// summed in float and scaled (FP8) or summed straight through (BF16).
+void linear_amx_scalar(const float* x, int64_t n, const Mat& w, float* y) {
+  auto bf16 = [](float v) { return bf16_to_f32(f32_to_bf16(v)); };
+  for (int64_t r = 0; r < w.rows; ++r) {
+    const uint8_t* stored = w.data + size_t(r) * w.row_bytes();
+    for (int64_t t = 0; t < n; ++t) {
+      float total = 0;
+      for (int64_t c0 = 0; c0 < w.cols; c0 += kFp8Block) {
+        float s = 0;
+        for (int64_t c = c0; c < std::min(w.cols, c0 + kFp8Block); ++c) {
+          uint16_t h = 0;
+          if (w.dtype == DType::bf16) std::memcpy(&h, stored + 2 * c, 2);
+          const float wv = w.dtype == DType::bf16 ? bf16_to_f32(h) : fp8_e4m3_to_f32(stored[c]);
+          const float v = x[t * w.cols + c], hi = bf16(v), mid = bf16(v - hi), lo = bf16(v - hi - mid);
+          s += wv * hi + wv * mid + wv * lo;
+        }
+        total += w.dtype == DType::bf16 ? s : s * w.scale_inv[((w.row0 + r) / kFp8Block) * w.scale_cols + c0 / kFp8Block];
+      }
+      y[t * w.rows + r] = total;
+    }
+  }
+}
+
+}  // namespace dsv3::cpu
