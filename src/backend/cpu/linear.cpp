@@ -1,8 +1,10 @@
 // linear() and linear_t(): products with weights kept in their stored dtype.
 // Small batches (decode, at most kMaxBatch rows of x) stream each stored row once through
 // the row kernels, threads splitting the rows (linear) or the columns (linear_t): these
-// are memory-bound, and the weights are read exactly once. Larger batches (prefill,
-// experts with many tokens) dequantize a panel of rows to float32 and hand it to sgemm.
+// are memory-bound, and the weights are read exactly once. Where the CPU has AMX, products
+// of more rows (prefill, experts with several tokens, batched decoding) run on the tile
+// unit (linear_amx.cpp: float32 accuracy through three-part BF16 activations). Otherwise
+// batches beyond kMaxBatch dequantize a panel of rows to float32 and hand it to sgemm.
 #include <omp.h>
 
 #include <algorithm>
@@ -20,6 +22,12 @@
 namespace dsv3 {
 
 using cpu::kMaxBatch;
+
+// The fewest activation rows that go to the AMX tiles (where the CPU has them) rather than
+// the row kernels: from two rows for BF16, whose tile products keep up with memory from
+// there on (the row kernels' FMAs fall behind with every extra row), and from four for FP8,
+// whose decoding into BF16 costs the strips more (bench_linear, few-row products).
+static int64_t amx_min_rows(DType dtype) { return dtype == DType::bf16 ? 2 : 4; }
 
 Mat Mat::row_slice(int64_t first, int64_t count) const {
   Mat m = *this;
@@ -306,7 +314,7 @@ void linear(const float* x, int64_t n, const Mat& w, float* y) {
     cpu::sgemm(n, w.rows, w.cols, x, w.cols, reinterpret_cast<const float*>(w.data), w.cols, true, y, w.rows);
     return;
   }
-  if (n > kMaxBatch && (w.dtype == DType::bf16 || w.dtype == DType::f8_e4m3) && cpu::amx_available()) {
+  if ((w.dtype == DType::bf16 || w.dtype == DType::f8_e4m3) && n >= amx_min_rows(w.dtype) && cpu::amx_available()) {
     const LinearJob job{x, n, w, y};
     cpu::linear_amx(&job, 1);
     return;
@@ -338,10 +346,10 @@ void linear_batch(const LinearJob* jobs, size_t count) {
     check_dtype(j.w);
     const bool stored_low = j.w.dtype == DType::bf16 || j.w.dtype == DType::f8_e4m3;
     if (j.n == 0 || j.w.rows == 0) continue;
-    if (j.n <= kMaxBatch && (stored_low || (j.w.dtype == DType::f32 && j.w.cols >= 64)))
-      rowwise.push_back(j);
-    else if (amx && stored_low)
+    if (amx && stored_low && j.n >= amx_min_rows(j.w.dtype))
       tiled.push_back(j);
+    else if (j.n <= kMaxBatch && (stored_low || (j.w.dtype == DType::f32 && j.w.cols >= 64)))
+      rowwise.push_back(j);
     else
       linear(j.x, j.n, j.w, j.y);
   }

@@ -27,6 +27,7 @@
 #include <string>
 #include <vector>
 
+#include "backend/cpu/fp8_decode.h"
 #include "backend/cpu/kernels.h"
 #include "backend/ops.h"
 
@@ -165,11 +166,17 @@ DSV3_AMX void transpose_out(const float* yt, int64_t ldt, int64_t rows, int64_t 
     for (int64_t t = 0; t < tokens; ++t) y[t * ldy + r] = yt[r * ldt + t];
 }
 
+// The packed strip's row stride, in BF16 values: one cache line more than the row, so that
+// the 16 rows of a tile fall in different L1 sets (at a power-of-two stride they share one
+// set, and every tile load missed).
+inline int64_t strip_stride(int64_t k_pad) { return k_pad + 32; }
+
 // Rows [r0, r0 + 32) of w into a row-major BF16 strip of k_pad values, zero beyond w's rows
-// and columns: as stored for BF16; FP8 codes as their (exact) BF16 values, unscaled.
-DSV3_AMX void pack_w_strip(const Mat& w, int64_t r0, int64_t k_pad, uint16_t* strip, float* decoded) {
+// and columns: as stored for BF16; FP8 codes as their values / 256 (exact in BF16; the
+// caller folds the 256 into the block scales), fetching two rows ahead as it goes.
+DSV3_AMX void pack_w_strip(const Mat& w, int64_t r0, int64_t k_pad, uint16_t* strip) {
   for (int64_t i = 0; i < kStripRows; ++i) {
-    uint16_t* h = strip + i * k_pad;
+    uint16_t* h = strip + i * strip_stride(k_pad);
     const int64_t r = r0 + i;
     if (r >= w.rows) {
       std::memset(h, 0, size_t(k_pad) * 2);
@@ -181,97 +188,143 @@ DSV3_AMX void pack_w_strip(const Mat& w, int64_t r0, int64_t k_pad, uint16_t* st
       std::memset(h + w.cols, 0, size_t(k_pad - w.cols) * 2);
       continue;
     }
-    avx512_kernels().convert_fp8(row, decoded, w.cols);
-    for (int64_t c = 0; c < k_pad; c += 16) {
-      const int64_t left = w.cols - c;
-      const __mmask16 m = __mmask16(left >= 16 ? 0xffff : left <= 0 ? 0 : (1u << left) - 1);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(h + c), __m256i(_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, decoded + c))));
+    const uint8_t* later = r + 2 < w.rows ? row + 2 * w.row_bytes() : nullptr;
+    int64_t c = 0;
+    for (; c + 32 <= w.cols; c += 32) {
+      if (later && c % 64 == 0) _mm_prefetch(reinterpret_cast<const char*>(later + c), _MM_HINT_T0);
+      __m512 lo, hi;
+      decode32_fp8(row + c, lo, hi);
+      _mm512_storeu_si512(h + c, __m512i(_mm512_cvtne2ps_pbh(hi, lo)));
+    }
+    for (; c < k_pad; c += 32) {  // the last codes, then zeros
+      alignas(64) uint8_t tail[32] = {};
+      if (c < w.cols) std::memcpy(tail, row + c, size_t(w.cols - c));
+      __m512 lo, hi;
+      decode32_fp8(tail, lo, hi);
+      _mm512_storeu_si512(h + c, __m512i(_mm512_cvtne2ps_pbh(hi, lo)));
     }
   }
 }
 
-// The tile products of one step (32 input features): C += A (B_hi + B_mid + B_lo) for the
-// strip's two halves against two token tiles.
-#define DSV3_STEP(s)                                      \
-  _tile_loadd(4, w + (s) * kStep, wstride);               \
-  _tile_loadd(5, w + 16 * k_pad + (s) * kStep, wstride);  \
-  for (int part_index = 0; part_index < 3; ++part_index) { \
-    _tile_loadd(6, b0 + part_index * part + (s) * 256, 64); \
-    _tile_loadd(7, b1 + part_index * part + (s) * 256, 64); \
-    _tile_dpbf16ps(0, 4, 6);                              \
-    _tile_dpbf16ps(1, 4, 7);                              \
-    _tile_dpbf16ps(2, 5, 6);                              \
-    _tile_dpbf16ps(3, 5, 7);                              \
-  }
+// A strip's 32 rows of BF16 values as the A tiles read them: a packed copy, or the stored
+// rows themselves (BF16 weights whose rows are whole steps), stride bytes apart. Stored rows
+// are read from memory on the first token pass, each row a short stream the hardware
+// prefetcher picks up late, so that pass fetches a few steps ahead in software.
+struct StripA {
+  const uint8_t* rows;
+  size_t stride;
+  bool from_memory;
+};
+constexpr int64_t kFetchSteps = 8;  // 8 steps x 64 bytes ahead in each of the 32 rows
 
-DSV3_AMX inline void zero_c() {
-  _tile_zero(0);
-  _tile_zero(1);
-  _tile_zero(2);
-  _tile_zero(3);
+// Steps [s0, s1) of 32 input features: C += A (B_hi + B_mid + B_lo) for the strip's two
+// halves (tiles 4, 5). Two token tiles (6, 7): C tile 2h + t is half h, token tile t. One
+// token tile: even steps go to C tiles 0 and 2, odd ones to 1 and 3 (summed by the caller),
+// so that four chains of dependent tile products run, not two.
+template <int kTiles>
+DSV3_AMX inline void run_steps(const StripA& a, const uint32_t* b0, const uint32_t* b1, size_t part, int64_t s0,
+                               int64_t s1, int64_t steps, bool fetch) {
+  const uint8_t* top = a.rows;
+  const uint8_t* bottom = a.rows + 16 * a.stride;
+  auto load_a = [&](int64_t s) {
+    if (fetch && s + kFetchSteps < steps)
+      for (int64_t i = 0; i < kStripRows; ++i)
+        _mm_prefetch(reinterpret_cast<const char*>(top + size_t(i) * a.stride + (s + kFetchSteps) * 64), _MM_HINT_T0);
+    _tile_loadd(4, top + s * 64, a.stride);
+    _tile_loadd(5, bottom + s * 64, a.stride);
+  };
+  int64_t s = s0;
+  if constexpr (kTiles == 1) {
+    for (; s + 1 < s1; s += 2) {
+      load_a(s);
+      for (int q = 0; q < 3; ++q) {
+        _tile_loadd(6, b0 + q * part + s * 256, 64);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(2, 5, 6);
+      }
+      load_a(s + 1);
+      for (int q = 0; q < 3; ++q) {
+        _tile_loadd(7, b0 + q * part + (s + 1) * 256, 64);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(3, 5, 7);
+      }
+    }
+  }
+  for (; s < s1; ++s) {
+    load_a(s);
+    for (int q = 0; q < 3; ++q) {
+      _tile_loadd(6, b0 + q * part + s * 256, 64);
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_dpbf16ps(2, 5, 6);
+      if constexpr (kTiles == 2) {
+        _tile_loadd(7, b1 + q * part + s * 256, 64);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(3, 5, 7);
+      }
+    }
+  }
 }
-// C tiles to rows x 16-token blocks of out (row stride ld floats): tile 2h + t holds strip
-// half h against token tile t.
-DSV3_AMX inline void store_c(float* out, int64_t ld) {
-  const size_t stride = size_t(ld) * 4;
-  _tile_stored(0, out, stride);
-  _tile_stored(1, out + kTokens, stride);
-  _tile_stored(2, out + 16 * ld, stride);
-  _tile_stored(3, out + 16 * ld + kTokens, stride);
+
+// The C tiles into c (32 strip rows x 32 tokens): two token tiles, or one whose odd-step
+// sums (tiles 1, 3) are added to the even ones.
+DSV3_AMX inline void store_c(float (*c)[2 * kTokens], bool two) {
+  constexpr size_t stride = 2 * kTokens * 4;
+  _tile_stored(0, &c[0][0], stride);
+  _tile_stored(1, &c[0][kTokens], stride);
+  _tile_stored(2, &c[16][0], stride);
+  _tile_stored(3, &c[16][kTokens], stride);
+  if (two) return;
+  for (int64_t i = 0; i < kStripRows; ++i)
+    _mm512_store_ps(&c[i][0], _mm512_add_ps(_mm512_load_ps(&c[i][0]), _mm512_load_ps(&c[i][kTokens])));
 }
 
 // yt[32 strip rows, groups * 16 tokens] (row stride ldt floats) = strip x^T over all token
-// groups, two at a time (the caller pads the groups to an even count). `parts` holds the
-// packed activations' three parts, `part` values apart.
-DSV3_AMX void strip_product_bf16(const uint16_t* w, int64_t k_pad, const uint32_t* parts, size_t part,
-                                 int64_t groups, float* yt, int64_t ldt) {
-  const int64_t steps = k_pad / kStep;
-  const size_t wstride = size_t(k_pad) * 2;
+// groups, two at a time. `parts` holds the packed activations' three parts, `part` values
+// apart. FP8: each 128-wide block of input features is summed on its own and added to yt
+// times its scale, row by row (a strip may cross a 128-row scale block); row_scales[i]
+// points at the scale row of strip row i.
+template <bool kFp8>
+DSV3_AMX void strip_product(const StripA& a, int64_t k_pad, const uint32_t* parts, size_t part, int64_t groups,
+                            const float* const* row_scales, float* yt, int64_t ldt) {
+  const int64_t steps = k_pad / kStep, block_steps = kFp8 ? kFp8Block / kStep : steps;
+  alignas(64) float c[kStripRows][2 * kTokens];  // the sums of a pass (FP8: of one block)
   for (int64_t g = 0; g < groups; g += 2) {
-    const uint32_t *b0 = parts + g * steps * 256, *b1 = b0 + steps * 256;
-    zero_c();
-    for (int64_t s = 0; s < steps; ++s) {
-      DSV3_STEP(s)
-    }
-    store_c(yt + g * kTokens, ldt);
-  }
-}
-
-// The same for FP8 codes: each 128-wide block of input features is summed on its own and
-// added to yt times its scale, row by row (a strip may cross a 128-row scale block).
-// row_scales[i] points at the scale row of strip row i.
-DSV3_AMX void strip_product_fp8(const uint16_t* w, int64_t k_pad, const uint32_t* parts, size_t part,
-                                int64_t groups, const float* const* row_scales, float* yt, int64_t ldt) {
-  const int64_t steps = k_pad / kStep, per_block = kFp8Block / kStep;
-  const size_t wstride = size_t(k_pad) * 2;
-  alignas(64) float c[2 * 16][2 * kTokens];  // one block's sums: strip rows x 32 tokens
-  for (int64_t g = 0; g < groups; g += 2) {
-    const uint32_t *b0 = parts + g * steps * 256, *b1 = b0 + steps * 256;
+    const bool two = g + 1 < groups;
+    const uint32_t* b0 = parts + g * steps * 256;
+    const uint32_t* b1 = b0 + steps * 256;
     float* out = yt + g * kTokens;
-    for (int64_t s0 = 0, block = 0; s0 < steps; s0 += per_block, ++block) {
-      zero_c();
-      for (int64_t s = s0; s < std::min(steps, s0 + per_block); ++s) {
-        DSV3_STEP(s)
-      }
-      store_c(&c[0][0], 2 * kTokens);
+    const int64_t width = (two ? 2 : 1) * kTokens;
+    for (int64_t s0 = 0, block = 0; s0 < steps; s0 += block_steps, ++block) {
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      const int64_t s1 = std::min(steps, s0 + block_steps);
+      const bool fetch = g == 0 && a.from_memory;
+      if (two) run_steps<2>(a, b0, b1, part, s0, s1, steps, fetch);
+      else run_steps<1>(a, b0, b1, part, s0, s1, steps, fetch);
+      store_c(c, two);
       for (int64_t i = 0; i < kStripRows; ++i) {
-        const __m512 scale = _mm512_set1_ps(row_scales[i][block]);
         float* o = out + i * ldt;
-        for (int64_t t = 0; t < 2 * kTokens; t += 16) {
-          const __m512 v = _mm512_mul_ps(scale, _mm512_load_ps(&c[i][t]));
-          _mm512_storeu_ps(o + t, block == 0 ? v : _mm512_add_ps(v, _mm512_loadu_ps(o + t)));
+        if constexpr (!kFp8) {
+          for (int64_t t = 0; t < width; t += 16) _mm512_storeu_ps(o + t, _mm512_load_ps(&c[i][t]));
+        } else {
+          const __m512 scale = _mm512_set1_ps(256.0f * row_scales[i][block]);  // codes were / 256
+          for (int64_t t = 0; t < width; t += 16) {
+            const __m512 v = _mm512_mul_ps(scale, _mm512_load_ps(&c[i][t]));
+            _mm512_storeu_ps(o + t, block == 0 ? v : _mm512_add_ps(v, _mm512_loadu_ps(o + t)));
+          }
         }
       }
     }
   }
 }
-#undef DSV3_STEP
 
 DSV3_AMX void release_tiles() { _tile_release(); }
 
 // Per job: where its packed activations and its transposed output live.
 struct Plan {
-  int64_t groups = 0, k_pad = 0;  // token groups (even), padded input features
+  int64_t groups = 0, k_pad = 0;  // token groups of 16, padded input features
   size_t x_offset = 0, yt_offset = 0;
   int64_t ldt = 0;                // yt's row stride: groups * 16
 };
@@ -304,11 +357,11 @@ void linear_amx(const LinearJob* jobs, size_t count) {
   for (size_t i = 0; i < count; ++i) {
     const LinearJob& j = jobs[i];
     Plan& p = plans[i];
-    p.groups = (j.n + 2 * kTokens - 1) / (2 * kTokens) * 2;
+    p.groups = (j.n + kTokens - 1) / kTokens;
     p.k_pad = (j.w.cols + kStep - 1) / kStep * kStep;
     p.ldt = p.groups * kTokens;
     p.x_offset = x_size;
-    x_size += size_t(3 * p.groups * p.k_pad * kTokens / 2);  // three parts, pairs as uint32
+    x_size += 3 * part_size(p);
     p.yt_offset = yt_size;
     yt_size += size_t((j.w.rows + kStripRows - 1) / kStripRows * kStripRows * p.ldt);
     for (int64_t g = 0; g < p.groups; ++g) groups.emplace_back(int32_t(i), g);
@@ -316,6 +369,7 @@ void linear_amx(const LinearJob* jobs, size_t count) {
     work += double(j.n) * double(j.w.rows) * double(j.w.cols);
     widest = std::max(widest, p.k_pad);
   }
+  if (strips.empty()) return;
   if (packed_x.size() < x_size) packed_x.resize(x_size);
   if (yt.size() < yt_size) yt.resize(yt_size);
   uint32_t* const xbuf = packed_x.data();
@@ -331,29 +385,35 @@ void linear_amx(const LinearJob* jobs, size_t count) {
       const LinearJob& j = jobs[i];
       pack_x_group(j.x, j.n, j.w.cols, g, p.k_pad / kStep, xbuf + p.x_offset, part_size(p));
     }
-    // 2. Strips of 32 weight rows against every token of their job.
-    thread_local std::vector<uint16_t> strip;   // this thread's, kept between calls
-    thread_local std::vector<float> decoded;
-    if (strip.size() < size_t(kStripRows * widest)) strip.resize(size_t(kStripRows * widest));
-    if (decoded.size() < size_t(widest)) decoded.resize(size_t(widest));
+    // 2. Strips of 32 weight rows against every token of their job, handed out one at a
+    // time (jobs differ in cost: an MoE layer's experts have different numbers of tokens).
+    thread_local std::vector<uint16_t> strip;  // this thread's, kept between calls
+    if (strip.size() < size_t(kStripRows * strip_stride(widest))) strip.resize(size_t(kStripRows * strip_stride(widest)));
     configure_tiles();
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(dynamic, 1) nowait
     for (size_t t = 0; t < strips.size(); ++t) {
       const auto [i, r0] = strips[t];
       const Plan& p = plans[size_t(i)];
       const LinearJob& j = jobs[i];
-      pack_w_strip(j.w, r0, p.k_pad, strip.data(), decoded.data());
       float* out = ytbuf + p.yt_offset + size_t(r0 * p.ldt);
       if (j.w.dtype == DType::f8_e4m3) {
+        pack_w_strip(j.w, r0, p.k_pad, strip.data());
         const float* row_scales[kStripRows];
         for (int64_t i = 0; i < kStripRows; ++i)
           row_scales[i] = j.w.scale_inv + ((j.w.row0 + std::min(r0 + i, j.w.rows - 1)) / kFp8Block) * j.w.scale_cols;
-        strip_product_fp8(strip.data(), p.k_pad, xbuf + p.x_offset, part_size(p), p.groups, row_scales, out, p.ldt);
+        const StripA a{reinterpret_cast<const uint8_t*>(strip.data()), size_t(strip_stride(p.k_pad)) * 2, false};
+        strip_product<true>(a, p.k_pad, xbuf + p.x_offset, part_size(p), p.groups, row_scales, out, p.ldt);
+      } else if (p.k_pad == j.w.cols && r0 + kStripRows <= j.w.rows && p.groups <= 2) {
+        const StripA a{j.w.data + size_t(r0) * j.w.row_bytes(), j.w.row_bytes(), true};
+        strip_product<false>(a, p.k_pad, xbuf + p.x_offset, part_size(p), p.groups, nullptr, out, p.ldt);
       } else {
-        strip_product_bf16(strip.data(), p.k_pad, xbuf + p.x_offset, part_size(p), p.groups, out, p.ldt);
+        pack_w_strip(j.w, r0, p.k_pad, strip.data());
+        const StripA a{reinterpret_cast<const uint8_t*>(strip.data()), size_t(strip_stride(p.k_pad)) * 2, false};
+        strip_product<false>(a, p.k_pad, xbuf + p.x_offset, part_size(p), p.groups, nullptr, out, p.ldt);
       }
     }
     release_tiles();
+#pragma omp barrier
     // 3. y = yt^T.
 #pragma omp for schedule(static)
     for (size_t t = 0; t < strips.size(); ++t) {

@@ -8,6 +8,7 @@
 
 #include <algorithm>
 
+#include "backend/cpu/fp8_decode.h"
 #include "backend/cpu/kernels.h"
 
 // GCC 12 warns inside its own intrinsics headers (_mm512_undefined_*): false positives.
@@ -93,13 +94,6 @@ DSV3_AVX512 inline void dot_rows_bf16(const uint8_t* w, const float* x, int64_t 
 // already in x, so a row is one accumulation; the low and high 16 codes feed separate
 // accumulators, and a single activation row (decode) unrolls to 64 codes, so that FMA
 // latency does not bound the loop (with one accumulator it ran at half the bandwidth).
-DSV3_AVX512 inline void decode32_fp8(const uint8_t* p, __m512& lo, __m512& hi) {
-  const __m512i c = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  const __m512i h = _mm512_slli_epi16(_mm512_add_epi16(c, _mm512_and_si512(c, _mm512_set1_epi16(0x80))), 7);
-  lo = _mm512_cvtph_ps(_mm512_castsi512_si256(h));
-  hi = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(h, 1));
-}
-
 template <int NB>
 DSV3_AVX512 inline void dot_rows_fp8(const uint8_t* w, const float* x, int64_t ldx, int64_t len, float* acc) {
   __m512 a[NB], b[NB], a2[NB], b2[NB];
