@@ -24,10 +24,11 @@ namespace dsv3 {
 using cpu::kMaxBatch;
 
 // The fewest activation rows that go to the AMX tiles (where the CPU has them) rather than
-// the row kernels: from two rows for BF16, whose tile products keep up with memory from
-// there on (the row kernels' FMAs fall behind with every extra row), and from four for FP8,
-// whose decoding into BF16 costs the strips more (bench_linear, few-row products).
-static int64_t amx_min_rows(DType dtype) { return dtype == DType::bf16 ? 2 : 4; }
+// the row kernels. bench_linear on the bench model's shapes (2026-12-06, fraction of the
+// read bandwidth): BF16 row kernels 66-77 % at 2 rows, 45-63 % at 4, 24-34 % at 8; AMX
+// 38-64 %, 37-63 %, 35-65 %. FP8 row kernels 37-52 %, 24-34 %, 11-16 %; AMX about 22 % from
+// 4 rows on (its decoding into BF16 bounds it). So the row kernels keep up to four rows.
+constexpr int64_t kAmxMinRows = 5;
 
 Mat Mat::row_slice(int64_t first, int64_t count) const {
   Mat m = *this;
@@ -314,7 +315,7 @@ void linear(const float* x, int64_t n, const Mat& w, float* y) {
     cpu::sgemm(n, w.rows, w.cols, x, w.cols, reinterpret_cast<const float*>(w.data), w.cols, true, y, w.rows);
     return;
   }
-  if ((w.dtype == DType::bf16 || w.dtype == DType::f8_e4m3) && n >= amx_min_rows(w.dtype) && cpu::amx_available()) {
+  if ((w.dtype == DType::bf16 || w.dtype == DType::f8_e4m3) && n >= kAmxMinRows && cpu::amx_available()) {
     const LinearJob job{x, n, w, y};
     cpu::linear_amx(&job, 1);
     return;
@@ -346,7 +347,7 @@ void linear_batch(const LinearJob* jobs, size_t count) {
     check_dtype(j.w);
     const bool stored_low = j.w.dtype == DType::bf16 || j.w.dtype == DType::f8_e4m3;
     if (j.n == 0 || j.w.rows == 0) continue;
-    if (amx && stored_low && j.n >= amx_min_rows(j.w.dtype))
+    if (amx && stored_low && j.n >= kAmxMinRows)
       tiled.push_back(j);
     else if (j.n <= kMaxBatch && (stored_low || (j.w.dtype == DType::f32 && j.w.cols >= 64)))
       rowwise.push_back(j);

@@ -89,8 +89,7 @@ DSV3_AVX512 inline void dot_rows_bf16(const uint8_t* w, const float* x, int64_t 
   for (int j = 0; j < NB; ++j) acc[j] += _mm512_reduce_add_ps(_mm512_add_ps(s[j], s2[j]));
 }
 
-// FP8: 32 codes per step decoded in 16-bit lanes, fp16 = (c + (c & 0x80)) << 7, i.e. the
-// sign moves to bit 15 and the magnitude to bits 14..7 (value / 256). The block scales are
+// FP8: 32 codes per step decoded to their values / 256 (decode32_fp8). The block scales are
 // already in x, so a row is one accumulation; the low and high 16 codes feed separate
 // accumulators, and a single activation row (decode) unrolls to 64 codes, so that FMA
 // latency does not bound the loop (with one accumulator it ran at half the bandwidth).
