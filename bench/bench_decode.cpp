@@ -190,6 +190,7 @@ double median(std::vector<double> v) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  prepare_threads(argv);  // the thread runtime as dsv3 itself runs it
   int tokens = 64, rounds = 7;
   std::string dir = (fs::temp_directory_path() / "dsv3-bench-decode").string();
   for (int i = 1; i < argc; ++i) {

@@ -99,6 +99,7 @@ double median(std::vector<double> v) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  prepare_threads(argv);  // the thread runtime as dsv3 itself runs it
   int rounds = 3;
   int64_t mib = 0;  // 0: working_set_mib
   std::vector<int64_t> row_counts = {1, 4};

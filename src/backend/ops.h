@@ -80,6 +80,10 @@ void embedding(const Mat& table, const int32_t* ids, int64_t n, float* out);
 
 // The threads the backend's operations use from now on (> 0).
 void set_num_threads(int threads);
+// First thing in a program's main(): settles how the backend's idle threads wait, which the
+// thread runtime reads only as it starts, so this may execute the program again (argv as
+// given) with that setting in its environment. A setting the user made is kept.
+void prepare_threads(char** argv);
 
 // A one-line description of the CPU kernels in use (SIMD level, BLAS core, threads).
 std::string backend_info();

@@ -4,9 +4,11 @@
 #include <cstdio>
 
 #include "cli/commands.h"
+#include "backend/ops.h"
 #include "core/error.h"
 
 int main(int argc, char** argv) {
+  dsv3::prepare_threads(argv);
   CLI::App app{"dsv3: a C++ engine for DeepSeek-V3-architecture models"};
   app.require_subcommand(1);
   dsv3::cli::add_generate(app);

@@ -20,6 +20,7 @@
 namespace dsv3 {
 
 void set_num_threads(int threads) { cpu::set_thread_limit(threads); }
+void prepare_threads(char** argv) { cpu::prepare_wait_policy(argv); }
 
 void embedding(const Mat& table, const int32_t* ids, int64_t n, float* out) {
   for (int64_t i = 0; i < n; ++i) {

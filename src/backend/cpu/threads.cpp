@@ -10,6 +10,8 @@
 #include <cstdlib>
 #include <string>
 
+#include <unistd.h>
+
 namespace dsv3::cpu {
 
 namespace {
@@ -107,6 +109,12 @@ void adapt_threads() {
   if (p.agreeing < kAgreeing) return;
   p.current = want, p.agreeing = 0;
   omp_set_num_threads(want);
+}
+
+void prepare_wait_policy(char** argv) {
+  if (std::getenv("GOMP_SPINCOUNT") || std::getenv("OMP_WAIT_POLICY") || !argv || !argv[0]) return;
+  if (setenv("GOMP_SPINCOUNT", "30000", 1) != 0) return;
+  execv("/proc/self/exe", argv);  // returns only on failure: then go on with the default
 }
 
 }  // namespace dsv3::cpu
