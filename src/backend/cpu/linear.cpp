@@ -25,9 +25,10 @@ using cpu::kMaxBatch;
 
 // The fewest activation rows that go to the AMX tiles (where the CPU has them) rather than
 // the row kernels. bench_linear on the bench model's shapes (2026-12-06, fraction of the
-// read bandwidth): BF16 row kernels 66-77 % at 2 rows, 45-63 % at 4, 24-34 % at 8; AMX
-// 38-64 %, 37-63 %, 35-65 %. FP8 row kernels 37-52 %, 24-34 %, 11-16 %; AMX about 22 % from
-// 4 rows on (its decoding into BF16 bounds it). So the row kernels keep up to four rows.
+// read bandwidth), row kernels against AMX: BF16 66-77 % vs 38-64 % at 2 rows, 45-63 % vs
+// 37-63 % at 4, 24-34 % vs 30-71 % at 8; FP8 37-52 % vs ~22 % at 2, 24-34 % vs ~22 % at 4,
+// 8-16 % vs 16-26 % at 8 (decoding FP8 into BF16 bounds its strips). So the row kernels
+// keep up to four rows.
 constexpr int64_t kAmxMinRows = 5;
 
 Mat Mat::row_slice(int64_t first, int64_t count) const {
