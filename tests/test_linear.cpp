@@ -52,7 +52,7 @@ RandomMat random_mat(DType dtype, int64_t rows, int64_t cols, uint32_t seed) {
   }
   const int64_t sr = (rows + 127) / 128, sc = (cols + 127) / 128;
   if (dtype == DType::f8_e4m3) {
-    m.scales.resize(size_t(sr * sc));
+    m.scales.resize(size_t(std::max<int64_t>(1, sr * sc)));  // never empty: no columns still has scales
     for (auto& s : m.scales) s = std::ldexp(1.0f, int(rng() % 14) - 10);
   }
   m.mat = Mat{dtype, rows, cols, m.bytes.data(), m.scales.empty() ? nullptr : m.scales.data(), 0, sc};
@@ -183,7 +183,8 @@ TEST(AmxKernels, MatchScalarTwinAndReference) {
     int64_t rows, cols, n, first;
   };
   const Case cases[] = {{37, 19, 9, 0}, {130, 200, 17, 0}, {300, 257, 33, 0}, {129, 385, 40, 0},
-                        {260, 140, 2, 0}, {1, 32, 16, 0},  {200, 300, 31, 50}, {64, 640, 48, 0}};
+                        {260, 140, 2, 0}, {1, 32, 16, 0},  {200, 300, 31, 50}, {64, 640, 48, 0},
+                        {20, 0, 7, 0}};  // no input features: y = 0
   for (DType dtype : {DType::bf16, DType::f8_e4m3}) {
     std::vector<RandomMat> mats;
     std::vector<std::vector<float>> xs, ys;

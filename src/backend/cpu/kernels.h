@@ -45,7 +45,7 @@ const RowKernels& active_kernels();
 // AMX-BF16 and AVX512-BF16 and Linux granted the tile state (DSV3_AMX=0 turns it off).
 bool amx_available();
 // linear() over BF16 / FP8 weights for every job, as one parallel pass over 32-row strips of
-// all the jobs' weights (activations split into two BF16 halves: see linear_amx.cpp).
+// all the jobs' weights (activations split into three BF16 parts: see linear_amx.cpp).
 void linear_amx(const LinearJob* jobs, size_t count);
 // Its scalar twin: the same split products summed in float, for tests.
 void linear_amx_scalar(const float* x, int64_t n, const Mat& w, float* y);

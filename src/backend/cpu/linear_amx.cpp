@@ -1,4 +1,5 @@
-// linear() for many activation rows (prefill, experts with many tokens) on Intel AMX: the
+// linear() for five or more activation rows (prefill, experts with several tokens, batched
+// decoding) on Intel AMX: the
 // tile unit multiplies BF16 pairs into float32 accumulators, 16x16x32 per instruction, an
 // order of magnitude beyond float32 FMAs on the same core.
 //
@@ -11,7 +12,8 @@
 //
 // Layout. The tile product C += A B takes A as 16 rows of 32 BF16 values (64 bytes) and B in
 // pairs: row p holds (B[2p][c], B[2p+1][c]) for 16 columns c. A is a strip of weight rows
-// as stored (row-major, one copy per strip into a cache-resident buffer, FP8 decoded there);
+// as stored (row-major: BF16 rows read in place when they are whole steps and one pass over
+// the tokens suffices, otherwise copied into a cache-resident strip; FP8 decoded there);
 // B is the activations, packed once per call so that a tile holds 16 tokens by 32 input
 // features in pairs; C is 16 weight rows by 16 tokens, i.e. y transposed, written to a
 // buffer that one pass turns into y at the end.
@@ -35,7 +37,7 @@
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #pragma GCC diagnostic ignored "-Wuninitialized"
 
-#define DSV3_AMX __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,amx-tile,amx-bf16")))
+#define DSV3_AMX __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,f16c,amx-tile,amx-bf16")))
 
 namespace dsv3::cpu {
 
@@ -58,9 +60,11 @@ bool detect_amx() {
   const bool amx = (d & (1u << 22)) && (d & (1u << 24));  // AMX-BF16, AMX-TILE
   if (!amx || !__get_cpuid_count(7, 1, &a, &b, &c, &d) || !(a & (1u << 5))) return false;  // AVX512-BF16
   if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & (1u << 27))) return false;  // OSXSAVE
+  if (!avx512_available()) return false;  // the packing and the FP8 decoding use AVX-512
   unsigned lo, hi;
   __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
-  if ((lo & (3u << 17)) != (3u << 17)) return false;
+  if ((lo & 0xe6u) != 0xe6u) return false;              // AVX-512 state saved by the OS
+  if ((lo & (3u << 17)) != (3u << 17)) return false;    // tile state too
   constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
   return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
 }
@@ -357,6 +361,10 @@ void linear_amx(const LinearJob* jobs, size_t count) {
   for (size_t i = 0; i < count; ++i) {
     const LinearJob& j = jobs[i];
     Plan& p = plans[i];
+    if (j.w.cols == 0) {  // no input features: y = 0 (no strip would write it)
+      std::fill(j.y, j.y + j.n * j.w.rows, 0.0f);
+      continue;
+    }
     p.groups = (j.n + kTokens - 1) / kTokens;
     p.k_pad = (j.w.cols + kStep - 1) / kStep * kStep;
     p.ldt = p.groups * kTokens;

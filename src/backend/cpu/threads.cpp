@@ -113,8 +113,16 @@ void adapt_threads() {
 
 void prepare_wait_policy(char** argv) {
   if (std::getenv("GOMP_SPINCOUNT") || std::getenv("OMP_WAIT_POLICY") || !argv || !argv[0]) return;
+  const char* preload = std::getenv("LD_PRELOAD");
+  if (preload && std::string(preload).find("vgpreload") != std::string::npos) return;  // valgrind
+  char exe[4096];
+  const ssize_t len = readlink("/proc/self/exe", exe, sizeof(exe) - 1);
+  if (len <= 0) return;
+  exe[len] = 0;
+  if (std::string(exe).find("/ld-linux") != std::string::npos) return;  // started through the loader
   if (setenv("GOMP_SPINCOUNT", "30000", 1) != 0) return;
-  execv("/proc/self/exe", argv);  // returns only on failure: then go on with the default
+  execv(exe, argv);  // returns only on failure: then go on with the default
+  unsetenv("GOMP_SPINCOUNT");
 }
 
 }  // namespace dsv3::cpu

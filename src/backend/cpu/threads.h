@@ -26,14 +26,15 @@ void adapt_threads();
 void set_thread_limit(int most);
 
 // How long an idle OpenMP thread spins before it sleeps. libgomp's default spin (300,000
-// rounds, milliseconds) kept the second thread spinning through the serial stretches of a
+// rounds of its wait loop: milliseconds) kept the second thread spinning through the serial stretches of a
 // prefill, and the first thread ran them slower meanwhile: on the 2-core development machine
 // (a VM) prefill of 64 tokens was 1.3-1.45x faster and of 512 tokens 1.08-1.12x with a spin
 // of 30,000 rounds, while decode (whose parallel regions follow each other within
 // microseconds) and training stayed the same within noise (bench_decode and dsv3 train,
 // alternating runs, 2026-12-06). libgomp reads GOMP_SPINCOUNT only as it starts, so if
 // neither it nor OMP_WAIT_POLICY is set, this sets it and executes the program again; if
-// that fails, the program goes on as it is.
+// that fails, the program goes on as it is. Not under valgrind (the new program would run
+// outside it) nor when /proc/self/exe is the dynamic loader (ld.so ./dsv3 ...).
 void prepare_wait_policy(char** argv);
 
 // Tests that compare thread counts: exactly `threads` from now on, no adapting (0: adapt
