@@ -26,9 +26,9 @@ using cpu::kMaxBatch;
 // The fewest activation rows that go to the AMX tiles (where the CPU has them) rather than
 // the row kernels. bench_linear on the bench model's shapes (2026-12-06, fraction of the
 // read bandwidth), row kernels against AMX: BF16 66-77 % vs 38-64 % at 2 rows, 45-63 % vs
-// 37-63 % at 4, 24-34 % vs 30-71 % at 8; FP8 37-52 % vs ~22 % at 2, 24-34 % vs ~22 % at 4,
-// 8-16 % vs 16-26 % at 8 (decoding FP8 into BF16 bounds its strips). So the row kernels
-// keep up to four rows.
+// 37-63 % at 4, 24-34 % vs 30-73 % at 8; FP8 37-52 % vs ~22 % at 2, 24-34 % vs ~22 % at 4,
+// 8-16 % vs 18-33 % at 8 (decoding FP8 into BF16 bounds its strips; the 2- and 4-row AMX
+// figures predate inlining that decoder). So the row kernels keep up to four rows.
 constexpr int64_t kAmxMinRows = 5;
 
 Mat Mat::row_slice(int64_t first, int64_t count) const {
