@@ -411,7 +411,9 @@ void linear_amx(const LinearJob* jobs, size_t count) {
           row_scales[i] = j.w.scale_inv + ((j.w.row0 + std::min(r0 + i, j.w.rows - 1)) / kFp8Block) * j.w.scale_cols;
         const StripA a{reinterpret_cast<const uint8_t*>(strip.data()), size_t(strip_stride(p.k_pad)) * 2, false};
         strip_product<true>(a, p.k_pad, xbuf + p.x_offset, part_size(p), p.groups, row_scales, out, p.ldt);
-      } else if (p.k_pad == j.w.cols && r0 + kStripRows <= j.w.rows && p.groups <= 2) {
+      } else if (p.k_pad == j.w.cols && r0 + kStripRows <= j.w.rows && (p.groups <= 2 || j.w.row_bytes() % 4096 != 0)) {
+        // In place: read from memory on the first token pass, from L2 on later ones (unless
+        // the rows lie a multiple of 4 KiB apart: then a tile's 16 rows share L1 sets).
         const StripA a{j.w.data + size_t(r0) * j.w.row_bytes(), j.w.row_bytes(), true};
         strip_product<false>(a, p.k_pad, xbuf + p.x_offset, part_size(p), p.groups, nullptr, out, p.ldt);
       } else {
