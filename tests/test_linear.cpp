@@ -184,7 +184,7 @@ TEST(AmxKernels, MatchScalarTwinAndReference) {
   };
   const Case cases[] = {{37, 19, 9, 0}, {130, 200, 17, 0}, {300, 257, 33, 0}, {129, 385, 40, 0},
                         {260, 140, 2, 0}, {1, 32, 16, 0},  {200, 300, 31, 50}, {64, 640, 48, 0},
-                        {20, 0, 7, 0}};  // no input features: y = 0
+                        {150, 256, 40, 70}, {20, 0, 7, 0}};  // the last: no input features, y = 0
   for (DType dtype : {DType::bf16, DType::f8_e4m3}) {
     std::vector<RandomMat> mats;
     std::vector<std::vector<float>> xs, ys;
