@@ -340,7 +340,7 @@ DSV3_AMX void release_tiles() { _tile_release(); }
 struct Plan {
   int64_t groups = 0, k_pad = 0;  // token groups of 16, padded input features
   size_t x_offset = 0, yt_offset = 0;
-  int64_t ldt = 0;                // yt's row stride: groups * 16
+  int64_t ldt = 0;                // yt's row stride: groups * 16 + 16
 };
 // uint32 pairs in one part (hi, mid or lo) of a job's packed activations.
 size_t part_size(const Plan& p) { return size_t(p.groups * p.k_pad * kTokens / 2); }
@@ -382,7 +382,7 @@ void linear_amx(const LinearJob* jobs, size_t count) {
     }
     p.groups = (j.n + kTokens - 1) / kTokens;
     p.k_pad = (j.w.cols + kStep - 1) / kStep * kStep;
-    p.ldt = p.groups * kTokens;
+    p.ldt = p.groups * kTokens + 16;  // a line more than the tokens: no power-of-two stride (L1 sets)
     p.x_offset = x_size;
     x_size += 3 * part_size(p);
     p.yt_offset = yt_size;
