@@ -82,7 +82,7 @@ TEST(Allocations, CounterSeesAVector) {  // the hook works: a test that can fail
 // over a growing cache, BF16 or FP8 weights) allocates nothing.
 TEST(Allocations, DecodeStepsAllocateNothing) {
   for (const char* name : {"tiny-v3-bf16", "tiny-v3-fp8", "tiny-v2lite-bf16"})
-    for (AttnForm form : {AttnForm::absorbed, AttnForm::naive}) {
+    for (AttnForm form : {AttnForm::absorbed, AttnForm::naive, AttnForm::automatic}) {
       Transformer model(test::golden_dir(name));
       model.attn_form = form;
       const ModelConfig& c = model.config();
@@ -100,7 +100,7 @@ TEST(Allocations, DecodeStepsAllocateNothing) {
           token = int32_t(2 + (token * 13 + step) % (c.vocab_size - 2));
         }
       });
-      EXPECT_EQ(n, 0) << name << (form == AttnForm::absorbed ? " absorbed" : " naive");
+      EXPECT_EQ(n, 0) << name << (form == AttnForm::absorbed ? " absorbed" : form == AttnForm::naive ? " naive" : " auto");
     }
 }
 

@@ -23,7 +23,9 @@ struct Case {
 };
 
 std::string case_name(const testing::TestParamInfo<Case>& info) {
-  std::string s = info.param.checkpoint + (info.param.form == AttnForm::absorbed ? "_absorbed" : "_naive");
+  std::string s = info.param.checkpoint + (info.param.form == AttnForm::absorbed ? "_absorbed"
+                                           : info.param.form == AttnForm::naive  ? "_naive"
+                                                                                 : "_auto");
   std::replace(s.begin(), s.end(), '-', '_');
   return s;
 }
@@ -168,7 +170,9 @@ INSTANTIATE_TEST_SUITE_P(Checkpoints, Golden,
                          testing::Values(Case{"tiny-v3-bf16", AttnForm::absorbed}, Case{"tiny-v3-bf16", AttnForm::naive},
                                          Case{"tiny-v3-fp8", AttnForm::absorbed}, Case{"tiny-v3-fp8", AttnForm::naive},
                                          Case{"tiny-v2lite-bf16", AttnForm::absorbed},
-                                         Case{"tiny-v2lite-bf16", AttnForm::naive}),
+                                         Case{"tiny-v2lite-bf16", AttnForm::naive},
+                                         Case{"tiny-v3-bf16", AttnForm::automatic}, Case{"tiny-v3-fp8", AttnForm::automatic},
+                                         Case{"tiny-v2lite-bf16", AttnForm::automatic}),
                          case_name);
 
 TEST(GoldenErrors, OutOfRangeTokenIsRejected) {
@@ -219,4 +223,16 @@ TEST(GoldenErrors, ContextOverflowIsRejected) {
 }
 
 }  // namespace
+// AttnForm::automatic on DeepSeek-V3's attention shape: the naive form for a prefill, the
+// absorbed one for decoding, and absorbed when the expanded keys and values would be large.
+TEST(AttnFormChoice, NaiveForPrefillAbsorbedForDecoding) {
+  ModelConfig c;
+  c.hidden_size = 7168, c.num_attention_heads = 128, c.q_lora_rank = 1536, c.kv_lora_rank = 512;
+  c.qk_nope_head_dim = 128, c.qk_rope_head_dim = 64, c.v_head_dim = 128;
+  EXPECT_EQ(cheaper_attn_form(c, 512, 512, 512.0 * 513 / 2), AttnForm::naive);
+  EXPECT_EQ(cheaper_attn_form(c, 1, 4096, 4096), AttnForm::absorbed);
+  EXPECT_EQ(cheaper_attn_form(c, 2, 4096, 8191), AttnForm::absorbed);  // an MTP verification step
+  EXPECT_EQ(cheaper_attn_form(c, 4096, 4096, 4096.0 * 4097 / 2), AttnForm::absorbed);  // 512 MiB expanded
+}
+
 }  // namespace dsv3

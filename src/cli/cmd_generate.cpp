@@ -17,7 +17,7 @@ namespace dsv3::cli {
 namespace {
 
 struct GenerateFlags {
-  std::string model, prompt, prompt_ids, attn = "absorbed";
+  std::string model, prompt, prompt_ids, attn = "auto";
   int64_t max_tokens = 128;
   float temperature = 0.8f, top_p = 0.95f;
   int64_t top_k = 40;
@@ -62,6 +62,7 @@ void run(const GenerateFlags& f) {
   }
   Transformer model(f.model);
   if (f.attn == "naive") model.attn_form = AttnForm::naive;
+  if (f.attn == "absorbed") model.attn_form = AttnForm::absorbed;
   for (size_t i = 0; i < prompt.size(); ++i)
     if (prompt[i] >= model.config().vocab_size)
       fail("--prompt-ids: id ", prompt[i], " at index ", i, " is outside the vocabulary [0, ", model.config().vocab_size, ")");
@@ -120,7 +121,8 @@ void add_generate(CLI::App& app) {
   cmd->add_option("--top-k", f->top_k, "sample from the k most likely tokens; 0 = all")->capture_default_str();
   cmd->add_option("--seed", f->seed, "random seed (default: from the clock)");
   cmd->add_flag("--output-ids", f->output_ids, "print the generated ids as one JSON array");
-  cmd->add_option("--attn", f->attn, "MLA form: absorbed (default) or naive")->check(CLI::IsMember({"absorbed", "naive"}));
+  cmd->add_option("--attn", f->attn, "MLA form: auto (default: naive for prefill, absorbed for decoding, by multiply-adds), absorbed or naive")
+      ->check(CLI::IsMember({"auto", "absorbed", "naive"}));
   cmd->add_option("--threads,-t", f->threads, "CPU threads (default: all)");
   cmd->callback([f] { run(*f); });
 }

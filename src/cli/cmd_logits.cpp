@@ -14,7 +14,7 @@ namespace dsv3::cli {
 namespace {
 
 struct LogitsFlags {
-  std::string model, ids, out, attn = "absorbed";
+  std::string model, ids, out, attn = "auto";
   int threads = 0;
 };
 
@@ -23,6 +23,7 @@ void run(const LogitsFlags& f) {
   std::vector<int32_t> ids = parse_ids(f.ids, "--ids");
   Transformer model(f.model);
   if (f.attn == "naive") model.attn_form = AttnForm::naive;
+  if (f.attn == "absorbed") model.attn_form = AttnForm::absorbed;
   const ModelConfig& c = model.config();
   for (size_t i = 0; i < ids.size(); ++i)
     if (ids[i] >= c.vocab_size) fail("--ids: id ", ids[i], " at index ", i, " is outside the vocabulary [0, ", c.vocab_size, ")");
@@ -43,7 +44,8 @@ void add_logits(CLI::App& app) {
   cmd->add_option("--model,-m", f->model, "checkpoint folder")->required()->check(CLI::ExistingDirectory);
   cmd->add_option("--ids", f->ids, "token ids: \"1 2 3\"")->required();
   cmd->add_option("--out,-o", f->out, "output .safetensors file (tensor 'logits' [n, vocab])")->required();
-  cmd->add_option("--attn", f->attn, "MLA form: absorbed (default) or naive")->check(CLI::IsMember({"absorbed", "naive"}));
+  cmd->add_option("--attn", f->attn, "MLA form: auto (default: naive for prefill, absorbed for decoding, by multiply-adds), absorbed or naive")
+      ->check(CLI::IsMember({"auto", "absorbed", "naive"}));
   cmd->add_option("--threads,-t", f->threads, "CPU threads (default: all)");
   cmd->callback([f] { run(*f); });
 }

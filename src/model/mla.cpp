@@ -94,6 +94,15 @@ AttentionArgs<T> naive_args(const Dims& d, const T* q, const T* kvb, const T* k_
   return a;
 }
 
+template <typename T>
+AttnForm form_for(AttnForm form, const ModelConfig& c, const KeyRanges& k, int64_t n) {
+  if (form != AttnForm::automatic) return form;
+  if constexpr (!std::is_same_v<T, float>) return AttnForm::naive;  // absorbed runs in float only
+  double pairs = 0;
+  for (int64_t t = 0; t < n; ++t) pairs += double(k.count[t]);
+  return cheaper_attn_form(c, n, k.hi - k.lo, pairs);
+}
+
 // Attention in the latent space (absorbed form): q_lat[t, h] = W_uk_h^T q_nope[t, h] (C
 // values) scores against the latents directly, o_lat = P c_kv, and o[t, h] = W_uv_h o_lat[t, h].
 void absorbed_attention(const Dims& d, const MlaWeights& w, const float* q, const float* latent, const float* k_pe,
@@ -122,6 +131,19 @@ void absorbed_attention(const Dims& d, const MlaWeights& w, const float* q, cons
 }
 
 }  // namespace
+
+// naive: every key row's k_nope and v expanded (keys x C x H x (D+V)), then each attended
+// pair costs H x (D+R) for the score and H x V for the output; absorbed: each token's query
+// taken into the latent space and its output out of it (n x H x C x (D+V)), each pair
+// H x (C+R) and H x C.
+AttnForm cheaper_attn_form(const ModelConfig& c, int64_t n, int64_t keys, double pairs) {
+  const Dims d(c);
+  const double H = double(d.H), rows = double(keys);
+  const double naive = rows * d.C * H * (d.D + d.V) + pairs * H * (d.D + d.R + d.V);
+  const double absorbed = double(n) * H * d.C * (d.D + d.V) + pairs * H * (2.0 * d.C + d.R);
+  const double expanded_bytes = rows * H * (d.D + d.V) * sizeof(float);
+  return naive < absorbed && expanded_bytes <= double(256 << 20) ? AttnForm::naive : AttnForm::absorbed;
+}
 
 template <typename T>
 void mla_forward(const MlaContext& ctx, const MlaWeights& w, const T* x, const TokenRows& tokens, LayerCache<T> cache,
@@ -175,7 +197,7 @@ void mla_forward(const MlaContext& ctx, const MlaWeights& w, const T* x, const T
   const T* latent = cache.latent + k.lo * d.C;
   const T* k_pe = cache.k_pe + k.lo * d.R;
   T* o = arena.alloc<T>(size_t(n * d.H * d.V));  // attention output per head, [n, H*V]
-  if (ctx.form == AttnForm::absorbed) {
+  if (form_for<T>(ctx.form, c, k, n) == AttnForm::absorbed) {
     if constexpr (std::is_same_v<T, float>) absorbed_attention(d, w, q, latent, k_pe, k, n, scale, arena, o);
     else fail("mla: the absorbed form runs in float only");
   } else {

@@ -5,7 +5,7 @@
 //   absorbed: W_uk is folded into the query and W_uv applied after attention, so attention
 //             runs in the latent space (the form for decoding; float only);
 //   naive:    k_nope and v are re-expanded from the latent for every key row (the form
-//             training differentiates, and a check of the other).
+//             training differentiates, and a check of the other; cheaper for prefill).
 // T is float (inference, training) or double (gradient checks). Uses backend ops only.
 // What training keeps for the backward follows §3.2.3 and §3.3.3: the low-rank latents c_q
 // and c_kv, not their RMSNorms nor the up-projected queries, keys and values (the backward
@@ -23,7 +23,14 @@
 
 namespace dsv3 {
 
-enum class AttnForm { absorbed, naive };
+// automatic: per forward, the form with fewer multiply-adds: naive when many new tokens
+// attend over keys expanded once (prefill), absorbed when few tokens attend over a long cache
+// (decoding); naive also only while its expanded keys and values stay within 256 MiB.
+enum class AttnForm { absorbed, naive, automatic };
+
+// The form with fewer multiply-adds for n tokens attending over `keys` cache rows in
+// `pairs` (token, key) pairs (what AttnForm::automatic runs).
+AttnForm cheaper_attn_form(const ModelConfig& c, int64_t n, int64_t keys, double pairs);
 
 // One layer's latent cache: row r holds the latent [kv_lora_rank] and the RoPE key
 // [qk_rope_head_dim] of the token whose TokenRows row is r.

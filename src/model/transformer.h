@@ -48,7 +48,7 @@ class Transformer {
 
   const ModelConfig& config() const { return config_; }
   const ModelWeights& weights() const { return weights_; }
-  AttnForm attn_form = AttnForm::absorbed;
+  AttnForm attn_form = AttnForm::automatic;
 
   // Runs tokens[0..n) at positions cache.length() .. +n, appending to the cache. Writes
   // float32 logits [n, vocab] if all_rows, else only the last position's [vocab].
