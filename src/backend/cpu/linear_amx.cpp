@@ -219,7 +219,7 @@ struct StripA {
   size_t stride;
   bool from_memory;
 };
-constexpr int64_t kFetchSteps = 8;  // 8 steps x 64 bytes ahead in each of the 32 rows
+constexpr int64_t kFetchSteps = 4;  // 4 steps x 64 bytes ahead in each of the 32 rows
 
 // Steps [s0, s1) of 32 input features: C += A (B_hi + B_mid + B_lo) for the strip's two
 // halves (tiles 4, 5). Two token tiles (6, 7): C tile 2h + t is half h, token tile t. One
@@ -230,6 +230,10 @@ DSV3_AMX inline void run_steps(const StripA& a, const uint32_t* b0, const uint32
                                int64_t s1, int64_t steps, bool fetch) {
   const uint8_t* top = a.rows;
   const uint8_t* bottom = a.rows + 16 * a.stride;
+  if (fetch && s0 == 0)  // the strip's first steps, all at once
+    for (int64_t i = 0; i < kStripRows; ++i)
+      for (int64_t f = 0; f < std::min(kFetchSteps, steps); ++f)
+        _mm_prefetch(reinterpret_cast<const char*>(top + size_t(i) * a.stride + f * 64), _MM_HINT_T0);
   auto load_a = [&](int64_t s) {
     if (fetch && s + kFetchSteps < steps)
       for (int64_t i = 0; i < kStripRows; ++i)
