@@ -152,11 +152,20 @@ void check_backward(const Layout& l, double tol) {
     v.v = {g[4].data(), p.args.v.row_stride, p.args.v.head_stride, p.args.v.width};
     return v;
   };
-  std::vector<std::vector<T>> g, g_ref;
+  std::vector<std::vector<T>> g, g_ref, g_lse;
   attention_backward(p.args, probs.data(), ld, d_out.data(), grads(g));
   attention_backward_reference(p.args, probs.data(), ld, d_out.data(), grads(g_ref));
+  // Without the probabilities: the forward keeps each row's log-sum-exp, the backward
+  // recomputes them block by block.
+  std::vector<T> out_lse(out.size()), lse(size_t(p.n * l.heads), T(7));
+  attention_forward(p.args, out_lse.data(), static_cast<T*>(nullptr), 0, lse.data());
+  EXPECT_LT(max_abs_diff(out_lse, out), tol) << l.name << " out (lse)";
+  attention_backward(p.args, static_cast<const T*>(nullptr), 0, d_out.data(), grads(g_lse), lse.data());
   const char* names[] = {"q1", "q2", "k1", "k2", "v"};
-  for (size_t i = 0; i < g.size(); ++i) EXPECT_LT(max_abs_diff(g[i], g_ref[i]), tol) << l.name << " d" << names[i];
+  for (size_t i = 0; i < g.size(); ++i) {
+    EXPECT_LT(max_abs_diff(g[i], g_ref[i]), tol) << l.name << " d" << names[i];
+    EXPECT_LT(max_abs_diff(g_lse[i], g_ref[i]), tol) << l.name << " d" << names[i] << " (recomputed probabilities)";
+  }
 }
 
 TEST_P(AttentionOp, BackwardMatchesReference) {

@@ -34,20 +34,25 @@ struct AttentionArgs {
 
 // out[n, heads, v.width] (dense, overwritten). If probs is given, the softmax rows are kept
 // there: row (t * heads + h) at probs + (t * heads + h) * ld_probs, key_count[t] values,
-// zeros after them up to the sequence's key count (ld_probs >= every key_count).
+// zeros after them up to the sequence's key count (ld_probs >= every key_count). If lse is
+// given, each row's log-sum-exp of its scaled scores goes to lse[t * heads + h]: all the
+// backward needs to recompute the probabilities, n * heads values instead of the n x keys
+// square per head.
 template <typename T>
-void attention_forward(const AttentionArgs<T>& a, T* out, T* probs = nullptr, int64_t ld_probs = 0);
+void attention_forward(const AttentionArgs<T>& a, T* out, T* probs = nullptr, int64_t ld_probs = 0,
+                       T* lse = nullptr);
 
 // The gradients, accumulated (+=) into views laid out like q1, q2, k1, k2, v (k2's and a
 // shared view's head contributions summed), from d_out [n, heads, v.width] and the probs
-// the forward kept.
+// the forward kept, or (probs null) its log-sum-exp rows: then each causal block's
+// probabilities are recomputed from the scores, exp(scale * score - lse), as they are used.
 template <typename T>
 struct AttentionGrads {
   HeadRows<T> q1, q2, k1, k2, v;
 };
 template <typename T>
 void attention_backward(const AttentionArgs<T>& a, const T* probs, int64_t ld_probs, const T* d_out,
-                        const AttentionGrads<T>& g);
+                        const AttentionGrads<T>& g, const T* lse = nullptr);
 
 // The scalar double-precision twins: the numerical reference of the conformance test.
 template <typename T>

@@ -205,12 +205,7 @@ void mla_forward(const MlaContext& ctx, const MlaWeights& w, const T* x, const T
     T* kvb = arena.alloc<T>(size_t((k.hi - k.lo) * d.H * (d.D + d.V)));
     ctx.lin.forward(latent, w.kv_b_proj, kvb, k.hi - k.lo);
     const AttentionArgs<T> a = naive_args(d, q, kvb, k_pe, k, n, scale);
-    T* probs = nullptr;
-    if (record) {
-      record->ld_p = *std::max_element(k.count, k.count + n);
-      probs = sized(record->p, n * d.H * record->ld_p);
-    }
-    attention_forward(a, o, probs, record ? record->ld_p : 0);
+    attention_forward(a, o, static_cast<T*>(nullptr), 0, record ? sized(record->lse, n * d.H) : nullptr);
   }
   ctx.lin.forward(o, w.o_proj, out, n);
   if (record) record->o.save(o, n, d.H * d.V, ctx.lin.attention_output_format());
@@ -225,7 +220,7 @@ void mla_backward(const MlaContext& ctx, const MlaWeights& w, const T* x, const 
   const double* cos = ctx.angles.cos.data();
   const double* sin = ctx.angles.sin.data();
   if (rec.c.size() != size_t(n * d.C) || rec.k_pe.size() != size_t(n * d.R) ||
-      rec.cq.size() != size_t(n * d.Lq) || rec.p.size() != size_t(n * d.H * rec.ld_p))
+      rec.cq.size() != size_t(n * d.Lq) || rec.lse.size() != size_t(n * d.H))
     fail("mla backward: the record is not of a forward over these ", n, " tokens");
   ArenaScope scope(arena);
 
@@ -257,7 +252,7 @@ void mla_backward(const MlaContext& ctx, const MlaWeights& w, const T* x, const 
   ga.k1 = {dkvb, d.H * (d.D + d.V), d.D + d.V, d.D};
   ga.k2 = {dkv + d.C, d.C + d.R, 0, d.R};
   ga.v = {dkvb + d.D, d.H * (d.D + d.V), d.D + d.V, d.V};
-  attention_backward(a, rec.p.data(), rec.ld_p, d_o, ga);
+  attention_backward(a, static_cast<const T*>(nullptr), 0, d_o, ga, rec.lse.data());
   // RoPE is a rotation: its backward rotates the gradients back.
   rope_rotate(dq + d.D, n, d.H * d.QK, d.H, d.QK, d.R, cos, sin, true);
   rope_rotate(dkv + d.C, n, d.C + d.R, 1, 0, d.R, cos, sin, true);

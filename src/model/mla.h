@@ -9,8 +9,9 @@
 // T is float (inference, training) or double (gradient checks). Uses backend ops only.
 // What training keeps for the backward follows §3.2.3 and §3.3.3: the low-rank latents c_q
 // and c_kv, not their RMSNorms nor the up-projected queries, keys and values (the backward
-// recomputes them), and the attention output in lin.attention_output_format() (E5M6 in FP8
-// training).
+// recomputes them), the attention output in lin.attention_output_format() (E5M6 in FP8
+// training), and of the softmax only each row's log-sum-exp (the probabilities are
+// recomputed block by block).
 #pragma once
 #include <cstdint>
 #include <vector>
@@ -54,10 +55,12 @@ struct MlaRecord {
   std::vector<T> cq;     // q_a_proj output c_q [n, q_lora_rank] (q_lora_rank > 0)
   std::vector<T> c;      // latent c_kv before kv_a_layernorm [n, kv_lora_rank]
   std::vector<T> k_pe;   // [n, qk_rope_head_dim], RoPE applied
-  std::vector<T> p;      // attention probabilities, row t*H + h: [n*H, ld_p], 0 past the causal edge
-  int64_t ld_p = 0;
+  // Per (token t, head h), row t*H + h: the log-sum-exp of the softmax over its scaled
+  // scores. The backward recomputes the attention probabilities from it, a causal block at
+  // a time, so the n x n square per head is never stored.
+  std::vector<T> lse;
   SavedActivation<T> o;  // [n, H*v_head_dim] attention output, the input of o_proj
-  int64_t bytes() const { return int64_t((cq.size() + c.size() + k_pe.size() + p.size()) * sizeof(T)) + o.bytes(); }
+  int64_t bytes() const { return int64_t((cq.size() + c.size() + k_pe.size() + lse.size()) * sizeof(T)) + o.bytes(); }
 };
 
 // out[n, hidden] = MLA(x[n, hidden]) (overwritten) for the tokens placed by `tokens`:

@@ -70,10 +70,15 @@ P* key_rows(const HeadRows<P>& k, const Task& t, int64_t& ld) {
   return k.data + t.first * k.row_stride + std::max<int64_t>(t.head, 0) * k.head_stride;
 }
 
+// Where a task's row r keeps its log-sum-exp: (token, head) rows of the whole op, t*heads + h.
+inline int64_t lse_row(const Task& t, int64_t r, int64_t heads) {
+  return t.head < 0 ? t.t0 * heads + r : (t.t0 + r) * heads + t.head;
+}
+
 // s = scale * s, softmax over the first `visible` entries, zeros after them up to `width`,
-// per row.
+// per row; with lse, each row's log-sum-exp of the scaled scores (max + log of the sum).
 template <typename T>
-void causal_softmax(const AttentionArgs<T>& a, const Task& t, T* s, int64_t lds, int64_t width) {
+void causal_softmax(const AttentionArgs<T>& a, const Task& t, T* s, int64_t lds, int64_t width, T* lse) {
   const int64_t rows = t.rows(a.heads);
 #pragma omp parallel for schedule(static) if (!omp_in_parallel() && rows * t.keys > 65536)
   for (int64_t r = 0; r < rows; ++r) {
@@ -86,13 +91,14 @@ void causal_softmax(const AttentionArgs<T>& a, const Task& t, T* s, int64_t lds,
     const T inv = T(1.0 / sum);
     for (int64_t j = 0; j < visible; ++j) row[j] *= inv;
     std::fill(row + visible, row + width, T(0));
+    if (lse) lse[lse_row(t, r, a.heads)] = T(double(mx) + std::log(sum));
   }
 }
 
 // The task's scores and probabilities into s (lds; rows zero-filled to `width` columns),
 // then its output rows.
 template <typename T>
-void forward_task(const AttentionArgs<T>& a, const Task& t, T* s, int64_t lds, int64_t width, T* out) {
+void forward_task(const AttentionArgs<T>& a, const Task& t, T* s, int64_t lds, int64_t width, T* out, T* lse) {
   const int64_t m = t.rows(a.heads), dv = a.v.width;
   int64_t ldq, ldk;
   const T* q1 = query_rows(a.q1, t, a.heads, ldq);
@@ -103,7 +109,7 @@ void forward_task(const AttentionArgs<T>& a, const Task& t, T* s, int64_t lds, i
     const T* k2 = key_rows(a.k2, t, ldk);
     cpu::gemm<T>(false, true, m, t.keys, a.q2.width, q2, ldq, k2, ldk, T(1), s, lds);
   }
-  causal_softmax(a, t, s, lds, width);
+  causal_softmax(a, t, s, lds, width, lse);
   int64_t ldv;
   const T* v = key_rows(a.v, t, ldv);
   T* o = out + t.t0 * a.heads * dv + std::max<int64_t>(t.head, 0) * dv;
@@ -153,7 +159,7 @@ void check_args(const AttentionArgs<T>& a, const void* probs, int64_t ld_probs) 
 }  // namespace
 
 template <typename T>
-void attention_forward(const AttentionArgs<T>& a, T* out, T* probs, int64_t ld_probs) {
+void attention_forward(const AttentionArgs<T>& a, T* out, T* probs, int64_t ld_probs, T* lse) {
   check_args(a, probs, ld_probs);
   cpu::adapt_threads();
   // Every list and scratch buffer below is thread_local: kept from call to call (OpenMP's
@@ -176,9 +182,9 @@ void attention_forward(const AttentionArgs<T>& a, T* out, T* probs, int64_t ld_p
     if (probs) {
       // Rows (t * heads + h): consecutive for all heads, heads * ld_probs apart for one.
       T* s = probs + (t.t0 * a.heads + std::max<int64_t>(t.head, 0)) * ld_probs;
-      forward_task(a, t, s, t.head < 0 ? ld_probs : a.heads * ld_probs, t.group_keys, out);
+      forward_task(a, t, s, t.head < 0 ? ld_probs : a.heads * ld_probs, t.group_keys, out, lse);
     } else {
-      forward_task(a, t, scratch, t.keys, t.keys, out);
+      forward_task(a, t, scratch, t.keys, t.keys, out, lse);
     }
   };
   if (n_tasks == 1) {
@@ -198,10 +204,10 @@ void attention_forward(const AttentionArgs<T>& a, T* out, T* probs, int64_t ld_p
 
 template <typename T>
 void attention_backward(const AttentionArgs<T>& a, const T* probs, int64_t ld_probs, const T* d_out,
-                        const AttentionGrads<T>& g) {
+                        const AttentionGrads<T>& g, const T* lse) {
   check_args(a, probs, ld_probs);
   cpu::adapt_threads();
-  if (!probs) fail("attention backward: the forward's probabilities are needed");
+  if (!probs && !lse) fail("attention backward: the forward's probabilities or their log-sum-exp are needed");
   // Whole sequences per task, so that only tasks of one sequence's heads touch its keys'
   // gradients; a shared key or value gradient of a one-head task goes to the task's own
   // buffer, summed into place afterwards in task order (deterministic).
@@ -232,14 +238,17 @@ void attention_backward(const AttentionArgs<T>& a, const T* probs, int64_t ld_pr
   int64_t slice = 0;
   for (const Task& t : tasks) slice = std::max(slice, t.rows(a.heads) * t.keys);
   const int threads = int(std::min<int64_t>(n_tasks, omp_get_max_threads()));
+  // Without kept probabilities, each thread recomputes a causal block's into a second slice.
   thread_local std::vector<T> dp_kept;
   std::vector<T>& dp_all = dp_kept;
-  dp_all.resize(size_t(slice * threads));
+  const int64_t per_thread = probs ? slice : 2 * slice;
+  dp_all.resize(size_t(per_thread * threads));
   auto run = [&](int64_t i, T* dp) {
     const Task& t = tasks[size_t(i)];
     const int64_t L = t.keys;
-    const T* p = probs + (t.t0 * a.heads + std::max<int64_t>(t.head, 0)) * ld_probs;
+    const T* p = probs ? probs + (t.t0 * a.heads + std::max<int64_t>(t.head, 0)) * ld_probs : nullptr;
     const int64_t ldp = t.head < 0 ? ld_probs : a.heads * ld_probs;
+    T* recomputed = dp + slice;
     const T* dop = d_out + t.t0 * a.heads * dv + std::max<int64_t>(t.head, 0) * dv;
     const int64_t lddo = t.head < 0 ? dv : a.heads * dv;
     // The gradient of a key-side view: in place, or this task's buffer if shared by heads.
@@ -267,14 +276,31 @@ void attention_backward(const AttentionArgs<T>& a, const T* probs, int64_t ld_pr
       const int64_t r0 = c0 * per_token, m = (c1 - c0) * per_token;
       int64_t Lc = 0;
       for (int64_t tok = t.t0 + c0; tok < t.t0 + c1; ++tok) Lc = std::max(Lc, a.key_count[tok]);
-      const T* pc = p + r0 * ldp;
+      const T* pc = p ? p + r0 * ldp : recomputed;
+      const int64_t ldpc = p ? ldp : Lc;
+      if (!p) {  // P = exp(scale * (q1 k1^T + q2 k2^T) - lse) over the visible keys, 0 after them
+        int64_t ldq;
+        const T* q1 = query_rows(a.q1, t, a.heads, ldq) + r0 * ldq;
+        cpu::gemm<T>(false, true, m, Lc, a.q1.width, q1, ldq, k1, ldk1, T(0), recomputed, Lc);
+        if (a.q2.width > 0) {
+          const T* q2 = query_rows(a.q2, t, a.heads, ldq) + r0 * ldq;
+          cpu::gemm<T>(false, true, m, Lc, a.q2.width, q2, ldq, k2, ldk2, T(1), recomputed, Lc);
+        }
+        for (int64_t r = 0; r < m; ++r) {
+          T* row = recomputed + r * Lc;
+          const int64_t visible = a.key_count[t.token(r0 + r, a.heads)];
+          const T l = lse[lse_row(t, r0 + r, a.heads)];
+          for (int64_t j = 0; j < visible; ++j) row[j] = std::exp(row[j] * T(a.scale) - l);
+          std::fill(row + visible, row + Lc, T(0));
+        }
+      }
       const T* doc = dop + r0 * lddo;
       // out = P v:  dP = d_out v^T,  dv += P^T d_out
       cpu::gemm<T>(false, true, m, Lc, dv, doc, lddo, v, ldv, T(0), dp, Lc);
-      cpu::gemm<T>(true, false, Lc, dv, m, pc, ldp, doc, lddo, T(1), gv, ldgv);
+      cpu::gemm<T>(true, false, Lc, dv, m, pc, ldpc, doc, lddo, T(1), gv, ldgv);
       // P = softmax(scale * scores):  dS = scale * P * (dP - sum(P * dP))
       for (int64_t r = 0; r < m; ++r) {
-        const T* pr = pc + r * ldp;
+        const T* pr = pc + r * ldpc;
         T* d = dp + r * Lc;
         const int64_t visible = a.key_count[t.token(r0 + r, a.heads)];
         T dot = 0;
@@ -300,7 +326,7 @@ void attention_backward(const AttentionArgs<T>& a, const T* probs, int64_t ld_pr
   } else {
 #pragma omp parallel num_threads(threads)
     {
-      T* dp = dp_all.data() + size_t(omp_get_thread_num()) * size_t(slice);
+      T* dp = dp_all.data() + size_t(omp_get_thread_num()) * size_t(per_thread);
 #pragma omp for schedule(dynamic, 1)
       for (int64_t i = 0; i < n_tasks; ++i) run(i, dp);
     }
@@ -400,9 +426,9 @@ void attention_backward_reference(const AttentionArgs<T>& a, const T* probs, int
 }
 
 #define DSV3_INSTANTIATE(T)                                                                                    \
-  template void attention_forward<T>(const AttentionArgs<T>&, T*, T*, int64_t);                               \
+  template void attention_forward<T>(const AttentionArgs<T>&, T*, T*, int64_t, T*);                               \
   template void attention_backward<T>(const AttentionArgs<T>&, const T*, int64_t, const T*,                   \
-                                      const AttentionGrads<T>&);                                               \
+                                      const AttentionGrads<T>&, const T*);                                     \
   template void attention_forward_reference<T>(const AttentionArgs<T>&, T*, T*, int64_t);                     \
   template void attention_backward_reference<T>(const AttentionArgs<T>&, const T*, int64_t, const T*,         \
                                                 const AttentionGrads<T>&);
