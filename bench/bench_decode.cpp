@@ -192,14 +192,18 @@ double median(std::vector<double> v) {
 int main(int argc, char** argv) {
   prepare_threads(argv);  // the thread runtime as dsv3 itself runs it
   int tokens = 64, rounds = 7;
+  std::string attn = "auto";  // the MLA form, as dsv3 generate's --attn
   std::string dir = (fs::temp_directory_path() / "dsv3-bench-decode").string();
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     if (a == "--tokens" && i + 1 < argc) tokens = std::atoi(argv[++i]);
     else if (a == "--rounds" && i + 1 < argc) rounds = std::max(1, std::atoi(argv[++i]));
     else if (a == "--dir" && i + 1 < argc) dir = argv[++i];
+    else if (a == "--attn" && i + 1 < argc && (std::string(argv[i + 1]) == "auto" || std::string(argv[i + 1]) == "absorbed" ||
+                                              std::string(argv[i + 1]) == "naive"))
+      attn = argv[++i];
     else {
-      std::fprintf(stderr, "usage: bench_decode [--tokens N] [--rounds R] [--dir DIR]\n");
+      std::fprintf(stderr, "usage: bench_decode [--tokens N] [--rounds R] [--dir DIR] [--attn auto|absorbed|naive]\n");
       return 1;
     }
   }
@@ -217,6 +221,8 @@ int main(int argc, char** argv) {
   // the higher figure (the machine's limit at that moment); the ratios are taken per round,
   // and the medians over the rounds are reported with their range.
   Transformer models[2] = {Transformer(dir + "/bf16"), Transformer(dir + "/fp8")};
+  for (Transformer& m : models)
+    m.attn_form = attn == "naive" ? AttnForm::naive : attn == "absorbed" ? AttnForm::absorbed : AttnForm::automatic;
   double bytes[2], params[2];
   for (int f = 0; f < 2; ++f) {
     bytes[f] = bytes_per_token(models[f]);

@@ -109,6 +109,7 @@ for name, tok, first, last in (("dsv3", d, d_first, d_last), ("PyTorch", t, t_fi
 print(f"\nMFLOP/token: dsv3 cost --seq {S} (6 x active matmul weights + causal attention + MTP). "
       f"MFU against the fp32 GEMM peak measured here: {peak:.1f} GFLOP/s (bench_gemm, {T} threads; "
       f"{p1:.1f} before, {p2:.1f} after the runs). ln(vocab) = {math.log(2048):.3f}.")
-print(f"targets: dsv3 >= 3x PyTorch: {'met' if d >= 3 * t else 'MISSED'} ({d / t:.2f}x); "
-      f"MFU >= 40 %: {'met' if d * flops / 1e9 >= 0.4 * peak else 'MISSED'} ({100 * d * flops / 1e9 / peak:.1f} %)")
+# The speed issue's target (issue 12): 55 % of the sgemm peak; the ratio to PyTorch is reported.
+print(f"target: MFU >= 55 % of the sgemm peak: {'met' if d * flops / 1e9 >= 0.55 * peak else 'MISSED'} "
+      f"({100 * d * flops / 1e9 / peak:.1f} %); dsv3 / PyTorch: {d / t:.2f}x")
 EOF
