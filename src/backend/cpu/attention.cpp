@@ -234,9 +234,11 @@ void attention_backward(const AttentionArgs<T>& a, const T* probs, int64_t ld_pr
   std::vector<Private>& priv = priv_kept;
   priv.resize(per_head ? tasks.size() : 0);
   for (Private& x : priv) x.k1.clear(), x.k2.clear(), x.v.clear();
-  // Each thread's dP buffer: a slice of one buffer sized for the largest task (as in the forward).
+  // Each thread's dP buffer (and, recomputing, its P buffer): a slice of one buffer sized for
+  // the largest causal block of any task, never a whole sequence's square.
   int64_t slice = 0;
-  for (const Task& t : tasks) slice = std::max(slice, t.rows(a.heads) * t.keys);
+  for (const Task& t : tasks)
+    slice = std::max(slice, std::min(t.nt, kCausalBlock) * (t.head < 0 ? a.heads : 1) * t.keys);
   const int threads = int(std::min<int64_t>(n_tasks, omp_get_max_threads()));
   // Without kept probabilities, each thread recomputes a causal block's into a second slice.
   thread_local std::vector<T> dp_kept;
