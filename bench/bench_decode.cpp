@@ -264,8 +264,13 @@ int main(int argc, char** argv) {
     for (int64_t n : {int64_t(64), int64_t(512)}) {
       const double t = prefill_tok_s(models[f], n, 3);
       const double gflops = prefill_flops(models[f], n) / (double(n) / t) / 1e9;
-      std::printf("%-6s %4ld tokens: %7.1f tok/s  %6.1f GFLOP/s  %5.1f%% of the sgemm peak\n", f ? "FP8" : "BF16",
+      std::printf("%-6s %4ld tokens: %7.1f tok/s  %6.1f GFLOP/s  %5.1f%% of the sgemm peak", f ? "FP8" : "BF16",
                   long(n), t, gflops, 100 * gflops / peak);
+      // The speed issue's other prefill target: 2.5x the 64-token tok/s it measured on this
+      // machine before the work (230 BF16, 224 FP8). A run of today's code with the old
+      // choices (DSV3_AMX=0 GOMP_SPINCOUNT=300000 --attn absorbed) gives the same-sitting view.
+      if (n == 64) std::printf("  (%.1fx the speed issue's %d tok/s)", t / (f ? 224.0 : 230.0), f ? 224 : 230);
+      std::printf("\n");
     }
   return 0;
 }
