@@ -57,6 +57,15 @@ TEST_P(Cli, GreedyGenerateMatchesGolden) {
   expect += "]";
   EXPECT_THAT(r.out, testing::HasSubstr(expect + "\n"));
   EXPECT_THAT(r.out, testing::HasSubstr("decode:"));
+  // Speculative decoding with the MTP module: the same greedy tokens, and its statistics.
+  CliResult s = run("generate --model " + dir + " --prompt-ids " + ids_arg(prompt) + " --max-tokens " +
+                    std::to_string(want.size()) + " --temperature 0 --output-ids --speculative mtp");
+  ASSERT_EQ(s.status, 0) << s.out;
+  EXPECT_THAT(s.out, testing::HasSubstr(expect + "\n"));
+  EXPECT_THAT(s.out, testing::HasSubstr("MTP drafts accepted"));
+  CliResult bad = run("generate --model " + dir + " --prompt-ids " + ids_arg(prompt) + " --speculative mtp --draft 2");
+  EXPECT_NE(bad.status, 0);
+  EXPECT_THAT(bad.out, testing::HasSubstr("--draft 2"));
 }
 
 INSTANTIATE_TEST_SUITE_P(Golden, Cli, testing::Values("tiny-v3-bf16", "tiny-v3-fp8", "tiny-v2lite-bf16"),

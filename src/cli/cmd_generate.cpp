@@ -24,6 +24,8 @@ struct GenerateFlags {
   int64_t seed = -1;
   bool output_ids = false;
   int threads = 0;
+  std::string speculative;  // "" or "mtp"
+  int64_t draft = 1;
 };
 
 // The length of the longest prefix of s that does not end inside a UTF-8 sequence (text
@@ -69,6 +71,9 @@ void run(const GenerateFlags& f) {
 
   GenerateOptions opt;
   opt.max_tokens = f.max_tokens;
+  opt.speculative_mtp = f.speculative == "mtp";
+  if (f.draft != 1)
+    fail("--draft ", f.draft, ": the MTP module drafts one token per step (DeepSeek-V3 ships one module, depth 1)");
   opt.sampling.temperature = f.temperature;
   opt.sampling.top_p = f.top_p;
   opt.sampling.top_k = f.top_k;
@@ -100,11 +105,17 @@ void run(const GenerateFlags& f) {
     std::printf("\n");
   }
   std::fflush(stdout);
-  std::fprintf(stderr, "prefill: %zu tokens in %.3f s (%.1f tok/s) | decode: %ld tokens in %.3f s (%.1f tok/s)%s\n",
-               prompt.size(), r.prefill_seconds, double(prompt.size()) / std::max(r.prefill_seconds, 1e-9),
-               long(r.decode_steps), r.decode_seconds,
-               r.decode_steps > 0 ? double(r.decode_steps) / std::max(r.decode_seconds, 1e-9) : 0.0,
+  // Decoded tokens: those after the first (which the prefill's logits give).
+  const long decoded = long(std::max<size_t>(r.tokens.size(), 1) - 1);
+  std::fprintf(stderr, "prefill: %zu tokens in %.3f s (%.1f tok/s) | decode: %ld tokens in %.3f s (%.1f tok/s)%s",
+               prompt.size(), r.prefill_seconds, double(prompt.size()) / std::max(r.prefill_seconds, 1e-9), decoded,
+               r.decode_seconds, decoded > 0 ? double(decoded) / std::max(r.decode_seconds, 1e-9) : 0.0,
                r.stopped_at_eos ? " | stopped at EOS" : "");
+  if (opt.speculative_mtp)
+    std::fprintf(stderr, " | MTP drafts accepted: %ld of %ld (%.1f %%), %.2f tokens per main-model step",
+                 long(r.accepted), long(r.drafted), r.drafted ? 100.0 * double(r.accepted) / double(r.drafted) : 0.0,
+                 r.decode_steps ? double(decoded) / double(r.decode_steps) : 0.0);
+  std::fprintf(stderr, "\n");
 }
 
 }  // namespace
@@ -123,6 +134,11 @@ void add_generate(CLI::App& app) {
   cmd->add_flag("--output-ids", f->output_ids, "print the generated ids as one JSON array");
   cmd->add_option("--attn", f->attn, "MLA form: auto (default: naive for prefill, absorbed for decoding, by multiply-adds), absorbed or naive")
       ->check(CLI::IsMember({"auto", "absorbed", "naive"}));
+  cmd->add_option("--speculative", f->speculative,
+                  "speculative decoding: mtp (the checkpoint's MTP module drafts, the model checks; same output "
+                  "distribution, greedy output unchanged)")
+      ->check(CLI::IsMember({"mtp"}));
+  cmd->add_option("--draft", f->draft, "tokens drafted per step (the MTP module: 1)")->capture_default_str();
   cmd->add_option("--threads,-t", f->threads, "CPU threads (default: all)");
   cmd->callback([f] { run(*f); });
 }

@@ -14,14 +14,29 @@ struct GenerateOptions {
   int64_t max_tokens = 128;
   SamplingParams sampling;
   bool stop_at_eos = true;
+  // Speculative decoding with the checkpoint's MTP module (§2.2, §5.4.3): it drafts the
+  // token after next, and one forward of the main model over [next, draft] checks it. A
+  // draft is accepted with probability min(1, p/q) (p the model's, q the draft's sampling
+  // distribution) and otherwise replaced by a draw from max(0, p - q): the output follows
+  // the model's own sampling distribution, and under greedy decoding it is the plain greedy
+  // output (up to ties within float rounding: the check's two-row forward rounds its sums in
+  // another order than a one-row step).
+  bool speculative_mtp = false;
 };
 
 struct GenerateResult {
   std::vector<int32_t> tokens;  // generated, EOS included if it was produced
   bool stopped_at_eos = false;
   double prefill_seconds = 0, decode_seconds = 0;
-  int64_t decode_steps = 0;  // forward passes after the prefill
+  int64_t decode_steps = 0;  // forward passes of the main model after the prefill
+  int64_t drafted = 0, accepted = 0;  // speculative decoding: drafts checked, drafts kept
 };
+
+// One check of speculative sampling: the draft d was drawn from q; returns d if it is
+// accepted (with probability min(1, p[d] / q[d])), else a draw from max(0, p - q)
+// renormalised, and says which. Whatever q is, the token returned is distributed as p.
+int32_t check_draft(const std::vector<float>& p, const std::vector<float>& q, int32_t d, Sampler& sampler,
+                    bool& accepted);
 
 // on_token is called with each generated token as soon as it is chosen.
 GenerateResult generate(Transformer& model, const std::vector<int32_t>& prompt, const GenerateOptions& opt,

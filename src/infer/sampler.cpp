@@ -52,4 +52,58 @@ int32_t Sampler::sample(const float* logits, int64_t vocab) {
   return candidates_[keep - 1].second;
 }
 
+void Sampler::distribution(const float* logits, int64_t vocab, std::vector<float>& probs) {
+  for (int64_t i = 0; i < vocab; ++i)
+    if (!std::isfinite(logits[i])) fail("logit ", i, " is ", logits[i], ": the model produced non-finite values");
+  probs.assign(size_t(vocab), 0.0f);
+  if (p_.temperature == 0) {
+    probs[size_t(std::max_element(logits, logits + vocab) - logits)] = 1.0f;
+    return;
+  }
+  // The same candidates, order and cut-offs as sample().
+  candidates_.resize(size_t(vocab));
+  for (int64_t i = 0; i < vocab; ++i) candidates_[size_t(i)] = {logits[i] / p_.temperature, int32_t(i)};
+  auto by_logit = [](const auto& a, const auto& b) { return a.first > b.first || (a.first == b.first && a.second < b.second); };
+  size_t keep = candidates_.size();
+  if (p_.top_k > 0 && size_t(p_.top_k) < keep) {
+    keep = size_t(p_.top_k);
+    std::partial_sort(candidates_.begin(), candidates_.begin() + long(keep), candidates_.end(), by_logit);
+  } else {
+    std::sort(candidates_.begin(), candidates_.end(), by_logit);
+  }
+  const float mx = candidates_[0].first;
+  double total = 0;
+  for (size_t i = 0; i < keep; ++i) total += (candidates_[i].first = std::exp(candidates_[i].first - mx));
+  if (p_.top_p < 1) {
+    double cum = 0;
+    for (size_t i = 0; i < keep; ++i) {
+      cum += candidates_[i].first / total;
+      if (cum >= p_.top_p) {
+        keep = i + 1;
+        break;
+      }
+    }
+    total = 0;
+    for (size_t i = 0; i < keep; ++i) total += candidates_[i].first;
+  }
+  for (size_t i = 0; i < keep; ++i) probs[size_t(candidates_[i].second)] = float(candidates_[i].first / total);
+}
+
+int32_t Sampler::draw(const std::vector<float>& weights) {
+  double total = 0;
+  for (float w : weights) total += w;
+  if (!(total > 0)) fail("sampling from a distribution with no mass");
+  double u = std::uniform_real_distribution<double>(0.0, total)(rng_);
+  int32_t last = 0;
+  for (size_t i = 0; i < weights.size(); ++i) {
+    if (weights[i] <= 0) continue;
+    last = int32_t(i);
+    u -= weights[i];
+    if (u < 0) return int32_t(i);
+  }
+  return last;
+}
+
+double Sampler::uniform() { return std::uniform_real_distribution<double>(0.0, 1.0)(rng_); }
+
 }  // namespace dsv3

@@ -20,6 +20,14 @@ class Sampler {
   explicit Sampler(const SamplingParams& p);  // throws Error on out-of-range parameters
   int32_t sample(const float* logits, int64_t vocab);  // throws Error on non-finite logits
 
+  // What sample() draws from, as a dense distribution over the vocabulary (probs, resized):
+  // the temperature, top-k and top-p applied and renormalised; greedy is one-hot on the
+  // argmax. Speculative decoding compares the draft's and the model's.
+  void distribution(const float* logits, int64_t vocab, std::vector<float>& probs);
+  // A token drawn from a dense distribution (weights need not sum to 1; not all zero).
+  int32_t draw(const std::vector<float>& weights);
+  double uniform();  // in [0, 1)
+
  private:
   SamplingParams p_;
   std::mt19937_64 rng_;

@@ -5,13 +5,15 @@
 #include "core/error.h"
 #include "model/block.h"
 #include "model/head.h"
+#include "model/mtp.h"
 
 namespace dsv3 {
 
-KvCache::KvCache(const ModelConfig& c, int64_t capacity) : capacity_(capacity) {
-  latent_.resize(size_t(c.num_hidden_layers));
-  k_pe_.resize(size_t(c.num_hidden_layers));
-  for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
+KvCache::KvCache(const ModelConfig& c, int64_t capacity, int64_t layers) : capacity_(capacity) {
+  if (layers < 0) layers = c.num_hidden_layers;
+  latent_.resize(size_t(layers));
+  k_pe_.resize(size_t(layers));
+  for (int64_t i = 0; i < layers; ++i) {
     latent_[size_t(i)].resize(size_t(capacity * c.kv_lora_rank));
     k_pe_[size_t(i)].resize(size_t(capacity * c.qk_rope_head_dim));
   }
@@ -56,6 +58,7 @@ void Transformer::forward(const int32_t* tokens, int64_t n, KvCache& cache, floa
     }
   }
   cache.advance(n);
+  last_hidden_ = h;
   if (trace) {
     trace->prenorm_hidden.assign(h, h + n * dim);
     trace->hidden.resize(size_t(n * dim));
@@ -64,6 +67,28 @@ void Transformer::forward(const int32_t* tokens, int64_t n, KvCache& cache, floa
   }
   if (all_rows) head_forward(c, weights_.norm, weights_.lm_head, h, n, logits, arena_);
   else head_forward(c, weights_.norm, weights_.lm_head, h + (n - 1) * dim, 1, logits, arena_);
+}
+
+void Transformer::forward_mtp(const int32_t* next_tokens, const float* h_prev, int64_t n, KvCache& cache,
+                              float* logits) {
+  const ModelConfig& c = config_;
+  const int64_t dim = c.hidden_size, start = cache.length();
+  if (weights_.mtp.empty()) fail("this checkpoint has no MTP module (num_nextn_predict_layers = 0)");
+  if (n <= 0) fail("forward_mtp: no tokens");
+  if (start + n > cache.capacity())
+    fail("context full: ", start + n, " positions needed, the MTP cache holds ", cache.capacity());
+  for (int64_t i = 0; i < n; ++i)
+    if (next_tokens[i] < 0 || next_tokens[i] >= c.vocab_size)
+      fail("token id ", next_tokens[i], " at index ", i, " is out of range [0, ", c.vocab_size, ")");
+  const MtpWeights& w = weights_.mtp[0];
+  mtp_arena_.reset();
+  mtp_rows_.set_sequence(start, n);
+  rope_.angles(mtp_rows_.pos, mtp_angles_);
+  const BlockContext ctx{{c, mtp_angles_, attn_form}};
+  float* h = mtp_arena_.alloc(size_t(n * dim));
+  mtp_forward<float>(ctx, w, next_tokens, h_prev, mtp_rows_, cache.layer(0), h, mtp_arena_, nullptr, &moe_state_);
+  cache.advance(n);
+  head_forward(c, w.shared_head_norm, w.shared_head_head, h + (n - 1) * dim, 1, logits, mtp_arena_);
 }
 
 }  // namespace dsv3

@@ -20,7 +20,8 @@ namespace dsv3 {
 // Per layer, per position: kv_lora_rank + qk_rope_head_dim floats (MLA's compressed cache).
 class KvCache {
  public:
-  KvCache(const ModelConfig& c, int64_t capacity);
+  // layers < 0: the main model's num_hidden_layers; an MTP module's cache has 1.
+  KvCache(const ModelConfig& c, int64_t capacity, int64_t layers = -1);
   int64_t capacity() const { return capacity_; }
   int64_t length() const { return length_; }  // positions filled
   void clear() { length_ = 0; }
@@ -54,6 +55,16 @@ class Transformer {
   // float32 logits [n, vocab] if all_rows, else only the last position's [vocab].
   void forward(const int32_t* tokens, int64_t n, KvCache& cache, float* logits, bool all_rows,
                ForwardTrace* trace = nullptr);
+  // The residual stream of the last forward's tokens after the last block, before the final
+  // norm [n, hidden]: h^0 of the MTP module (§2.2). Valid until the next forward.
+  const float* last_hidden() const { return last_hidden_; }
+
+  // The MTP module at depth 1 (layer num_hidden_layers, §2.2) as an inference module over a
+  // latent cache of its own (KvCache with 1 layer): n tokens at positions cache.length() ..,
+  // where token i combines h_prev[i] (the main model's h^0 at that position) with
+  // next_tokens[i] (the token one ahead). Writes the last token's logits [vocab], its
+  // prediction of the token two ahead. The speculative decoder's draft.
+  void forward_mtp(const int32_t* next_tokens, const float* h_prev, int64_t n, KvCache& cache, float* logits);
 
  private:
   ModelConfig config_;
@@ -65,6 +76,10 @@ class Transformer {
   RopeAngles angles_;          // of their positions
   MoeState<float> moe_state_;  // an MoE layer's routing and dispatch (one layer at a time)
   Arena arena_;                // every other activation and scratch
+  const float* last_hidden_ = nullptr;  // in arena_, see last_hidden()
+  Arena mtp_arena_;                     // forward_mtp's, so last_hidden() outlives it
+  TokenRows mtp_rows_;
+  RopeAngles mtp_angles_;
 };
 
 }  // namespace dsv3
