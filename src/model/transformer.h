@@ -13,6 +13,7 @@
 #include "model/mla.h"
 #include "model/moe.h"
 #include "model/rope.h"
+#include "model/token_rows.h"
 #include "model/weights.h"
 
 namespace dsv3 {
@@ -55,6 +56,14 @@ class Transformer {
   // float32 logits [n, vocab] if all_rows, else only the last position's [vocab].
   void forward(const int32_t* tokens, int64_t n, KvCache& cache, float* logits, bool all_rows,
                ForwardTrace* trace = nullptr);
+  // One pass over tokens of several sequences (a batch step: prompts being read, sequences
+  // decoding), each token at rows.pos[i] of its sequence and in cache row rows.row[i]; a
+  // sequence's tokens are consecutive, its rows consecutive in `cache` from its position 0
+  // at row - pos, and sequences' rows do not overlap. Writes the logits of the tokens
+  // listed in logit_tokens ([count, vocab], in that order). The cache's length is not used.
+  void forward_rows(const int32_t* tokens, const TokenRows& rows, KvCache& cache, const int64_t* logit_tokens,
+                    int64_t count, float* logits);
+
   // The residual stream of the last forward's tokens after the last block, before the final
   // norm [n, hidden]: h^0 of the MTP module (§2.2). Valid until the next forward.
   const float* last_hidden() const { return last_hidden_; }

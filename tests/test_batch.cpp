@@ -1,0 +1,96 @@
+// A batch step (Transformer::forward_rows): tokens of several sequences at different
+// positions in one pass, some reading their prompt in chunks while others decode, give each
+// sequence the logits it gets alone (within the golden tolerance, 1e-4 of the largest
+// logit), on every golden checkpoint and in each MLA form.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+
+#include "golden_util.h"
+#include "model/transformer.h"
+
+namespace dsv3 {
+namespace {
+
+struct Case {
+  const char* checkpoint;
+  AttnForm form;
+};
+
+class BatchStep : public testing::TestWithParam<Case> {};
+
+TEST_P(BatchStep, EachSequenceGetsItsLogitsAlone) {
+  Transformer model(test::golden_dir(GetParam().checkpoint));
+  model.attn_form = GetParam().form;
+  const ModelConfig& c = model.config();
+  const int64_t vocab = c.vocab_size;
+  SafetensorsFile golden(test::golden_dir(GetParam().checkpoint) + "/golden.safetensors");
+  const auto all = test::read_i32(golden, "tokens_3");
+  // Three sequences: prompts of 7, 12 and 5 tokens, then 6 tokens each decoded one by one.
+  const std::vector<std::vector<int32_t>> seqs = {{all.begin(), all.begin() + 13},
+                                                 {all.begin() + 3, all.begin() + 21},
+                                                 {all.begin() + 9, all.begin() + 20}};
+  const int64_t prompt_len[3] = {7, 12, 5}, S = 3, cap = 32;
+
+  // Alone: every position's logits of each sequence, prompt at once then one token a step.
+  std::vector<std::vector<float>> alone(S);
+  for (int64_t s = 0; s < S; ++s) {
+    const auto& seq = seqs[size_t(s)];
+    KvCache cache(c, cap);
+    alone[size_t(s)].resize(seq.size() * size_t(vocab));
+    model.forward(seq.data(), prompt_len[s], cache, alone[size_t(s)].data(), true);
+    for (size_t p = size_t(prompt_len[s]); p < seq.size(); ++p)
+      model.forward(&seq[p], 1, cache, alone[size_t(s)].data() + p * size_t(vocab), false);
+  }
+
+  // Batched, one shared cache (sequence s in rows [s * cap, s * cap + cap)): sequence 2
+  // joins late and reads its prompt in two chunks while the others decode.
+  KvCache cache(c, S * cap);
+  int64_t done[3] = {0, 0, 0};  // positions already run
+  auto step = [&](const std::vector<std::pair<int64_t, int64_t>>& work) {  // (sequence, tokens)
+    std::vector<int32_t> ids;
+    TokenRows rows;
+    std::vector<int64_t> want, which;
+    for (auto [s, len] : work)
+      for (int64_t i = 0; i < len; ++i) {
+        const int64_t p = done[s] + i;
+        ids.push_back(seqs[size_t(s)][size_t(p)]);
+        rows.pos.push_back(p), rows.row.push_back(s * cap + p);
+        want.push_back(int64_t(ids.size()) - 1), which.push_back(s * 1000 + p);
+      }
+    std::vector<float> logits(want.size() * size_t(vocab));
+    model.forward_rows(ids.data(), rows, cache, want.data(), int64_t(want.size()), logits.data());
+    for (size_t j = 0; j < want.size(); ++j) {
+      const int64_t s = which[j] / 1000, p = which[j] % 1000;
+      const float* ref = alone[size_t(s)].data() + size_t(p * vocab);
+      const float tol = 1e-4f * test::max_abs(std::vector<float>(ref, ref + vocab));
+      EXPECT_LE(test::max_abs_diff(logits.data() + j * size_t(vocab), ref, size_t(vocab)), tol)
+          << "sequence " << s << " position " << p;
+    }
+    for (auto [s, len] : work) done[s] += len;
+  };
+  step({{0, 7}, {1, 12}});          // two prompts at once
+  step({{0, 1}, {1, 1}, {2, 3}});   // decoding, and the third prompt's first chunk
+  step({{2, 2}, {0, 1}, {1, 1}});   // its second chunk, in another order
+  while (done[0] < 13 || done[1] < 18 || done[2] < 11) {
+    std::vector<std::pair<int64_t, int64_t>> work;
+    for (int64_t s = 0; s < S; ++s)
+      if (done[s] < int64_t(seqs[size_t(s)].size())) work.push_back({s, 1});
+    step(work);  // sequences leave as they finish
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Checkpoints, BatchStep,
+                         testing::Values(Case{"tiny-v3-bf16", AttnForm::automatic}, Case{"tiny-v3-bf16", AttnForm::absorbed},
+                                         Case{"tiny-v3-bf16", AttnForm::naive}, Case{"tiny-v3-fp8", AttnForm::automatic},
+                                         Case{"tiny-v2lite-bf16", AttnForm::automatic}),
+                         [](const testing::TestParamInfo<Case>& i) {
+                           std::string s = i.param.checkpoint;
+                           std::replace(s.begin(), s.end(), '-', '_');
+                           return s + (i.param.form == AttnForm::absorbed ? "_absorbed"
+                                       : i.param.form == AttnForm::naive  ? "_naive"
+                                                                          : "_auto");
+                         });
+
+}  // namespace
+}  // namespace dsv3
