@@ -7,6 +7,9 @@
 #include <algorithm>
 
 #include "golden_util.h"
+#include "core/error.h"
+#include "infer/batch.h"
+#include "infer/generate.h"
 #include "model/transformer.h"
 
 namespace dsv3 {
@@ -91,6 +94,59 @@ INSTANTIATE_TEST_SUITE_P(Checkpoints, BatchStep,
                                        : i.param.form == AttnForm::naive  ? "_naive"
                                                                           : "_auto");
                          });
+
+// The batch engine: greedy sequences added at different steps (one while others decode,
+// one into the slot a cancelled sequence left), with a step budget that makes long prompts
+// take several steps, each produce the tokens generate() gives it alone.
+TEST(BatchEngine, SequencesGetTheirTokensAlone) {
+  Transformer model(test::golden_dir("tiny-v3-bf16"));
+  SafetensorsFile golden(test::golden_dir("tiny-v3-bf16") + "/golden.safetensors");
+  const auto all = test::read_i32(golden, "tokens_3");
+  const std::vector<std::vector<int32_t>> prompts = {{all.begin(), all.begin() + 9},
+                                                    {all.begin() + 4, all.begin() + 30},
+                                                    {all.begin() + 11, all.begin() + 14},
+                                                    {all.begin() + 20, all.begin() + 27}};
+  GenerateOptions opt;
+  opt.max_tokens = 12;
+  opt.stop_at_eos = false;
+  std::vector<std::vector<int32_t>> alone;
+  for (const auto& p : prompts) alone.push_back(generate(model, p, opt).tokens);
+
+  BatchEngine engine(model, 3, 64, 16);  // 3 slots; at most 16 tokens a step
+  std::vector<int64_t> id(prompts.size(), -1);
+  id[0] = engine.add(prompts[0], opt);
+  id[1] = engine.add(prompts[1], opt);
+  const int64_t doomed = engine.add(prompts[2], opt);
+  EXPECT_EQ(engine.add(prompts[3], opt), -1);  // all three slots busy
+  ASSERT_TRUE(engine.step());
+  engine.cancel(doomed);
+  EXPECT_TRUE(engine.sequence(doomed).cancelled);
+  id[2] = engine.add(prompts[2], opt);  // into the freed slot, while the others run
+  ASSERT_GE(id[2], 0);
+  int steps = 0;
+  while (engine.step()) {
+    if (++steps == 3) id[3] = engine.add(prompts[3], opt);  // waits for a slot: -1 until one frees
+    if (id[3] < 0 && engine.running() < 3) id[3] = engine.add(prompts[3], opt);
+  }
+  ASSERT_GE(id[3], 0);
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    const auto& s = engine.sequence(id[i]);
+    EXPECT_TRUE(s.finished);
+    EXPECT_EQ(s.tokens, alone[i]) << "sequence " << i;
+  }
+}
+
+TEST(BatchEngine, BadRequestsNameTheProblem) {
+  Transformer model(test::golden_dir("tiny-v3-bf16"));
+  GenerateOptions opt;
+  opt.max_tokens = 8;
+  BatchEngine engine(model, 2, 16, 32);
+  EXPECT_THROW(engine.add({}, opt), Error);
+  EXPECT_THROW(engine.add({1, 2, 100000}, opt), Error);
+  EXPECT_THROW(engine.add(std::vector<int32_t>(12, 1), opt), Error);  // 12 + 8 > 16 positions
+  EXPECT_THROW(BatchEngine(model, 0, 16), Error);
+  EXPECT_FALSE(engine.step());  // nothing running
+}
 
 }  // namespace
 }  // namespace dsv3

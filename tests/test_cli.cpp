@@ -75,6 +75,43 @@ INSTANTIATE_TEST_SUITE_P(Golden, Cli, testing::Values("tiny-v3-bf16", "tiny-v3-f
                            return s;
                          });
 
+// --prompts: several prompts in one batch, each result the greedy tokens of the prompt alone.
+TEST(CliBatch, PromptsFileGivesEachPromptsTokens) {
+  const std::string dir = test::golden_dir("tiny-v3-bf16");
+  SafetensorsFile golden(dir + "/golden.safetensors");
+  const auto all = test::read_i32(golden, "tokens_3");
+  const std::string file = testing::TempDir() + "/prompts.jsonl";
+  std::vector<std::vector<int32_t>> prompts = {{all.begin(), all.begin() + 5}, {all.begin() + 7, all.begin() + 19},
+                                               {all.begin() + 2, all.begin() + 4}};
+  {
+    std::ofstream out(file);
+    for (const auto& p : prompts) {
+      out << "{\"prompt_ids\": [";
+      for (size_t i = 0; i < p.size(); ++i) out << (i ? ", " : "") << p[i];
+      out << "]}\n";
+    }
+  }
+  CliResult r = run("generate --model " + dir + " --prompts " + file + " --max-tokens 9 --temperature 0 --max-batch 2");
+  ASSERT_EQ(r.status, 0) << r.out;
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    CliResult one = run("generate --model " + dir + " --prompt-ids " + ids_arg(prompts[i]) +
+                        " --max-tokens 9 --temperature 0 --output-ids");
+    ASSERT_EQ(one.status, 0) << one.out;
+    const std::string ids = one.out.substr(one.out.find('['), one.out.find(']') - one.out.find('[') + 1);
+    std::string compact;  // the batch's JSON has no spaces
+    for (char ch : ids) if (ch != ' ') compact += ch;
+    EXPECT_THAT(r.out, testing::HasSubstr("\"ids\":" + compact + ",\"index\":" + std::to_string(i))) << i;
+  }
+  std::ofstream(file) << "{\"prompt_ids\": [1, 2]}\nnot json\n";
+  r = run("generate --model " + dir + " --prompts " + file);
+  EXPECT_EQ(r.status, 1);
+  EXPECT_THAT(r.out, testing::HasSubstr("line 2: not JSON"));
+  std::ofstream(file) << "{\"prompt_ids\": [1, 9999]}\n";
+  r = run("generate --model " + dir + " --prompts " + file);
+  EXPECT_EQ(r.status, 1);
+  EXPECT_THAT(r.out, testing::HasSubstr("line 1: token id 9999 is outside the vocabulary"));
+}
+
 TEST(CliErrors, BadInputNamesTheProblem) {
   const std::string dir = test::golden_dir("tiny-v3-bf16");
   CliResult r = run("generate --model " + dir + " --prompt-ids \"1 abc\"");

@@ -3,11 +3,14 @@
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
+#include <fstream>
 #include <memory>
+#include <nlohmann/json.hpp>
 
 #include "cli/args.h"
 #include "cli/commands.h"
 #include "core/error.h"
+#include "infer/batch.h"
 #include "infer/generate.h"
 #include "tokenizer/tokenizer.h"
 #include "tokenizer/tokenizer_config.h"
@@ -26,6 +29,8 @@ struct GenerateFlags {
   int threads = 0;
   std::string speculative;  // "" or "mtp"
   int64_t draft = 1;
+  std::string prompts;  // a JSONL file: many prompts in one batch
+  int64_t max_batch = 16;
 };
 
 // The length of the longest prefix of s that does not end inside a UTF-8 sequence (text
@@ -41,8 +46,137 @@ size_t complete_utf8(const std::string& s) {
   return n;
 }
 
+// A text prompt's ids: a BOS token first if the folder's tokenizer_config.json asks for one
+// (add_bos_token), as the checkpoint's own tokenizer does.
+std::vector<int32_t> encode_prompt(const Tokenizer& tokenizer, const std::string& model_dir, const std::string& text) {
+  std::vector<int32_t> prompt;
+  const std::string config_path = model_dir + "/tokenizer_config.json";
+  if (std::filesystem::exists(config_path)) {
+    const TokenizerConfig tc = load_tokenizer_config(config_path);
+    if (tc.add_bos_token && tc.bos_token)
+      if (auto bos = tokenizer.token_id(*tc.bos_token)) prompt.push_back(*bos);
+  }
+  const auto ids = tokenizer.encode(text);
+  prompt.insert(prompt.end(), ids.begin(), ids.end());
+  return prompt;
+}
+
+// --prompts FILE.jsonl: one JSON object per line, {"prompt": "text"} or {"prompt_ids": [ids]},
+// optionally "max_tokens"; all run together in batches of --max-batch sequences. One JSON line
+// per result on stdout as each finishes: index (the line's, from 0), text (with a tokenizer),
+// ids, prompt_tokens, tokens, finish_reason ("stop" at EOS, "length"), seconds to the first
+// token and in all.
+void run_batch(const GenerateFlags& f, const GenerateOptions& base) {
+  Transformer model(f.model);
+  if (f.attn == "naive") model.attn_form = AttnForm::naive;
+  if (f.attn == "absorbed") model.attn_form = AttnForm::absorbed;
+  std::unique_ptr<Tokenizer> tokenizer;
+  const std::string tok_path = f.model + "/tokenizer.json";
+  if (std::filesystem::exists(tok_path)) tokenizer = std::make_unique<Tokenizer>(tok_path);
+  std::ifstream in(f.prompts);
+  if (!in) fail("--prompts: cannot read ", f.prompts);
+  struct Request {
+    std::vector<int32_t> prompt;
+    GenerateOptions opt;
+  };
+  std::vector<Request> requests;
+  std::string line;
+  for (int64_t n = 1; std::getline(in, line); ++n) {
+    if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
+    nlohmann::json j;
+    try {
+      j = nlohmann::json::parse(line);
+    } catch (const nlohmann::json::exception& e) {
+      fail(f.prompts, " line ", n, ": not JSON (", e.what(), ")");
+    }
+    if (!j.is_object()) fail(f.prompts, " line ", n, ": expected an object");
+    Request r;
+    r.opt = base;
+    r.opt.sampling.seed = base.sampling.seed + uint64_t(requests.size());
+    if (j.contains("max_tokens")) {
+      if (!j["max_tokens"].is_number_integer() || j["max_tokens"].get<int64_t>() < 1)
+        fail(f.prompts, " line ", n, ": max_tokens must be a positive integer");
+      r.opt.max_tokens = j["max_tokens"].get<int64_t>();
+    }
+    if (j.contains("prompt_ids")) {
+      if (!j["prompt_ids"].is_array()) fail(f.prompts, " line ", n, ": prompt_ids must be an array of token ids");
+      for (const auto& v : j["prompt_ids"]) {
+        if (!v.is_number_integer()) fail(f.prompts, " line ", n, ": prompt_ids must be an array of token ids");
+        r.prompt.push_back(v.get<int32_t>());
+      }
+    } else if (j.contains("prompt") && j["prompt"].is_string()) {
+      if (!tokenizer) fail(f.prompts, " line ", n, ": a text prompt needs ", tok_path, " (or give prompt_ids)");
+      r.prompt = encode_prompt(*tokenizer, f.model, j["prompt"].get<std::string>());
+    } else {
+      fail(f.prompts, " line ", n, ": expected \"prompt\" (a string) or \"prompt_ids\" (an array)");
+    }
+    if (r.prompt.empty()) fail(f.prompts, " line ", n, ": the prompt is empty");
+    for (int32_t id : r.prompt)
+      if (id < 0 || id >= model.config().vocab_size)
+        fail(f.prompts, " line ", n, ": token id ", id, " is outside the vocabulary [0, ", model.config().vocab_size, ")");
+    requests.push_back(std::move(r));
+  }
+  if (requests.empty()) fail("--prompts: ", f.prompts, " has no prompts");
+  int64_t max_len = 0;
+  for (const Request& r : requests) max_len = std::max<int64_t>(max_len, int64_t(r.prompt.size()) + r.opt.max_tokens);
+  if (max_len > model.config().max_position_embeddings)
+    fail("--prompts: a prompt + max-tokens needs ", max_len, " positions, beyond max_position_embeddings (",
+         model.config().max_position_embeddings, ")");
+  const int64_t slots = std::min<int64_t>(f.max_batch, int64_t(requests.size()));
+  BatchEngine engine(model, slots, max_len, std::max<int64_t>(512, slots));
+  std::vector<int64_t> ids(requests.size(), -1);
+  std::vector<bool> reported(requests.size(), false);
+  size_t next = 0;
+  int64_t generated = 0;
+  const auto t0 = std::chrono::steady_clock::now();
+  for (;;) {
+    while (next < requests.size()) {
+      const int64_t id = engine.add(requests[next].prompt, requests[next].opt);
+      if (id < 0) break;
+      ids[next++] = id;
+    }
+    if (!engine.step() && next == requests.size()) break;
+    for (size_t i = 0; i < next; ++i) {
+      const auto& s = engine.sequence(ids[i]);
+      if (!s.finished || reported[i]) continue;
+      reported[i] = true;
+      generated += int64_t(s.tokens.size());
+      nlohmann::json out;
+      out["index"] = i;
+      if (tokenizer) out["text"] = tokenizer->decode(s.tokens, true);
+      out["ids"] = s.tokens;
+      out["prompt_tokens"] = s.prompt.size();
+      out["tokens"] = s.tokens.size();
+      out["finish_reason"] = s.stopped_at_eos ? "stop" : "length";
+      out["first_token_seconds"] = s.first_token_seconds;
+      out["seconds"] = s.seconds;
+      std::printf("%s\n", out.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace).c_str());
+      std::fflush(stdout);
+    }
+  }
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  std::fprintf(stderr, "%zu prompts, %ld tokens generated in %.3f s (%.1f tok/s), up to %ld at once\n", requests.size(),
+               long(generated), seconds, double(generated) / std::max(seconds, 1e-9), long(slots));
+}
+
 void run(const GenerateFlags& f) {
   set_threads(f.threads);
+  if (!f.prompts.empty()) {
+    if (!f.prompt.empty() || !f.prompt_ids.empty()) fail("give --prompts, or one of --prompt and --prompt-ids, not both");
+    if (!f.speculative.empty()) fail("--speculative runs one sequence; it does not combine with --prompts yet");
+    if (f.max_batch < 1) fail("--max-batch must be >= 1");
+    if (f.max_tokens < 1) fail("--max-tokens must be >= 1");
+    GenerateOptions opt;
+    opt.max_tokens = f.max_tokens;
+    opt.sampling.temperature = f.temperature;
+    opt.sampling.top_p = f.top_p;
+    opt.sampling.top_k = f.top_k;
+    opt.sampling.seed = f.seed >= 0 ? uint64_t(f.seed)
+                                    : uint64_t(std::chrono::steady_clock::now().time_since_epoch().count());
+    Sampler check(opt.sampling);  // bad sampling flags fail before the model loads
+    run_batch(f, opt);
+    return;
+  }
   if (f.prompt.empty() == f.prompt_ids.empty()) fail("give exactly one of --prompt and --prompt-ids");
   std::unique_ptr<Tokenizer> tokenizer;
   std::vector<int32_t> prompt;
@@ -50,14 +184,7 @@ void run(const GenerateFlags& f) {
     const std::string path = f.model + "/tokenizer.json";
     if (!std::filesystem::exists(path)) fail(f.model, ": no tokenizer.json, needed for --prompt (or pass --prompt-ids)");
     tokenizer = std::make_unique<Tokenizer>(path);
-    const std::string config_path = f.model + "/tokenizer_config.json";
-    if (std::filesystem::exists(config_path)) {
-      const TokenizerConfig tc = load_tokenizer_config(config_path);
-      if (tc.add_bos_token && tc.bos_token)
-        if (auto bos = tokenizer->token_id(*tc.bos_token)) prompt.push_back(*bos);
-    }
-    const auto ids = tokenizer->encode(f.prompt);
-    prompt.insert(prompt.end(), ids.begin(), ids.end());
+    prompt = encode_prompt(*tokenizer, f.model, f.prompt);
     if (prompt.empty()) fail("--prompt: the prompt encodes to no tokens");
   } else {
     prompt = parse_ids(f.prompt_ids, "--prompt-ids");
@@ -139,6 +266,10 @@ void add_generate(CLI::App& app) {
                   "distribution, greedy output unchanged)")
       ->check(CLI::IsMember({"mtp"}));
   cmd->add_option("--draft", f->draft, "tokens drafted per step (the MTP module: 1)")->capture_default_str();
+  cmd->add_option("--prompts", f->prompts,
+                  "a JSONL file of prompts ({\"prompt\": text} or {\"prompt_ids\": [ids]}, optional max_tokens) "
+                  "generated together; one JSON line per result");
+  cmd->add_option("--max-batch", f->max_batch, "with --prompts: sequences running at once")->capture_default_str();
   cmd->add_option("--threads,-t", f->threads, "CPU threads (default: all)");
   cmd->callback([f] { run(*f); });
 }

@@ -1,0 +1,65 @@
+// Many sequences generated together: every step is one forward pass over the next tokens of
+// all running sequences (Transformer::forward_rows), so each weight is read once per step for
+// all of them. Sequences join at any step and read their prompt in chunks within a per-step
+// token budget while the others keep decoding (chunked prefill), and leave when they finish
+// or are cancelled. Each sequence holds a fixed range of rows of one latent cache
+// (max_len rows; a paged cache that shares prompt pages is the next step). A sequence's
+// tokens are those it gets alone (tests: within the golden tolerance). Uses model and sampler.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "infer/generate.h"
+#include "infer/sampler.h"
+#include "model/transformer.h"
+
+namespace dsv3 {
+
+class BatchEngine {
+ public:
+  struct Sequence {
+    std::vector<int32_t> prompt, tokens;  // tokens: generated so far (EOS included)
+    int64_t read = 0;                     // prompt tokens already in the cache
+    bool finished = false, stopped_at_eos = false, cancelled = false;
+    double first_token_seconds = 0, seconds = 0;  // since add()
+  };
+
+  // Room for max_sequences running at once, each up to max_len positions (prompt and
+  // generated tokens); a step runs at most step_tokens tokens (decoders first, then prompt
+  // chunks in the order the sequences were added).
+  BatchEngine(Transformer& model, int64_t max_sequences, int64_t max_len, int64_t step_tokens = 512);
+
+  // A new sequence; its id. Throws Error (naming the problem) for an empty or out-of-range
+  // prompt, or a prompt plus max_tokens beyond max_len; returns -1 when all slots are busy.
+  int64_t add(std::vector<int32_t> prompt, const GenerateOptions& opt);
+  void cancel(int64_t id);  // finishes it now; its slot is free for the next add()
+  // One forward over the running sequences; false if none was running.
+  bool step();
+  const Sequence& sequence(int64_t id) const { return *seqs_.at(size_t(id)); }
+  int64_t running() const;
+
+ private:
+  struct Slot {
+    int64_t id = -1;  // the sequence in it, or -1
+  };
+  struct State {
+    GenerateOptions opt;
+    std::unique_ptr<Sampler> sampler;
+    int64_t slot = -1;
+    double started = 0;
+  };
+  Transformer& model_;
+  int64_t max_len_, step_tokens_;
+  std::vector<Slot> slots_;
+  std::vector<std::unique_ptr<Sequence>> seqs_;
+  std::vector<State> states_;
+  KvCache cache_;
+  // Reused by every step:
+  std::vector<int32_t> ids_;
+  TokenRows rows_;
+  std::vector<int64_t> want_, owner_;
+  std::vector<float> logits_;
+};
+
+}  // namespace dsv3
