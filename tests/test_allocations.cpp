@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "golden_util.h"
+#include "infer/batch.h"
 #include "model/training.h"
 #include "model/transformer.h"
 #include "train/trainer.h"
@@ -102,6 +103,26 @@ TEST(Allocations, DecodeStepsAllocateNothing) {
       });
       EXPECT_EQ(n, 0) << name << (form == AttnForm::absorbed ? " absorbed" : form == AttnForm::naive ? " naive" : " auto");
     }
+}
+
+// Batched decoding: once its sequences are reading no prompt, a BatchEngine step (one
+// forward over every sequence's next token, sampling each) allocates nothing.
+TEST(Allocations, BatchStepsAllocateNothing) {
+  Transformer model(test::golden_dir("tiny-v3-bf16"));
+  GenerateOptions opt;
+  opt.max_tokens = 40;
+  opt.stop_at_eos = false;
+  BatchEngine engine(model, 3, 64, 64);
+  for (int s = 0; s < 3; ++s) {
+    std::vector<int32_t> prompt(size_t(6 + 5 * s));
+    for (size_t i = 0; i < prompt.size(); ++i) prompt[i] = int32_t(2 + (7 * i + s) % 400);
+    engine.add(prompt, opt);
+  }
+  for (int i = 0; i < 4; ++i) engine.step();  // prompts read, buffers sized
+  const int64_t n = allocations_in([&] {
+    for (int i = 0; i < 16; ++i) engine.step();
+  });
+  EXPECT_EQ(n, 0);
 }
 
 // A prefill of the same length again allocates nothing either.

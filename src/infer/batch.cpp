@@ -52,6 +52,8 @@ int64_t BatchEngine::add(std::vector<int32_t> prompt, const GenerateOptions& opt
   const int64_t id = int64_t(seqs_.size());
   seqs_.push_back(std::make_unique<Sequence>());
   seqs_.back()->prompt = std::move(prompt);
+  seqs_.back()->tokens.reserve(size_t(opt.max_tokens));  // steps append without allocating
+  chunk_.push_back(0);
   State st;
   st.opt = opt;
   st.sampler = std::make_unique<Sampler>(opt.sampling);
@@ -75,7 +77,8 @@ bool BatchEngine::step() {
   ids_.clear(), rows_.pos.clear(), rows_.row.clear(), want_.clear(), owner_.clear();
   int64_t budget = step_tokens_;
   // Decoding sequences first (one token each), then prompt chunks in the order of arrival.
-  std::vector<int64_t> order;
+  std::vector<int64_t>& order = order_;  // kept between steps, as every buffer here
+  order.clear();
   for (const Slot& s : slots_)
     if (s.id >= 0) order.push_back(s.id);
   std::sort(order.begin(), order.end());
@@ -94,6 +97,7 @@ bool BatchEngine::step() {
       --budget;
     } else if (budget > 0) {  // a chunk of the prompt; logits once its last token is in
       const int64_t len = std::min(budget, P - s.read);
+      chunk_[size_t(id)] = len;
       for (int64_t i = 0; i < len; ++i) {
         ids_.push_back(s.prompt[size_t(s.read + i)]);
         rows_.pos.push_back(s.read + i), rows_.row.push_back(base + s.read + i);
@@ -107,15 +111,7 @@ bool BatchEngine::step() {
   logits_.resize(want_.size() * size_t(vocab));
   model_.forward_rows(ids_.data(), rows_, cache_, want_.data(), int64_t(want_.size()), logits_.data());
   // Prompt chunks now in the cache.
-  for (int64_t id : order) {
-    Sequence& s = *seqs_[size_t(id)];
-    if (s.read < int64_t(s.prompt.size())) {
-      int64_t in = 0;
-      const int64_t base = states_[size_t(id)].slot * max_len_;
-      for (size_t i = 0; i < ids_.size(); ++i) in += rows_.row[i] >= base && rows_.row[i] < base + max_len_;
-      s.read += in;
-    }
-  }
+  for (int64_t id : order) seqs_[size_t(id)]->read += chunk_[size_t(id)], chunk_[size_t(id)] = 0;
   const double now = now_seconds();
   for (size_t j = 0; j < want_.size(); ++j) {
     const int64_t id = owner_[j];

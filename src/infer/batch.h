@@ -58,7 +58,7 @@ class BatchEngine {
   // Reused by every step:
   std::vector<int32_t> ids_;
   TokenRows rows_;
-  std::vector<int64_t> want_, owner_;
+  std::vector<int64_t> want_, owner_, order_, chunk_;
   std::vector<float> logits_;
 };
 
