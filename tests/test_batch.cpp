@@ -136,6 +136,24 @@ TEST(BatchEngine, SequencesGetTheirTokensAlone) {
   }
 }
 
+// A lone prompt longer than a step's budget: steps that only read prompt (no logits) first.
+TEST(BatchEngine, LongPromptReadOverSeveralSteps) {
+  Transformer model(test::golden_dir("tiny-v3-fp8"));
+  SafetensorsFile golden(test::golden_dir("tiny-v3-fp8") + "/golden.safetensors");
+  const auto all = test::read_i32(golden, "tokens_3");
+  const std::vector<int32_t> prompt(all.begin(), all.begin() + 21);
+  GenerateOptions opt;
+  opt.max_tokens = 6;
+  opt.stop_at_eos = false;
+  const auto alone = generate(model, prompt, opt).tokens;
+  BatchEngine engine(model, 1, 32, 8);  // 21 prompt tokens at 8 a step
+  const int64_t id = engine.add(prompt, opt);
+  int steps = 0;
+  while (engine.step()) ++steps;
+  EXPECT_EQ(steps, 3 + 5);  // 8 + 8 + 5 prompt tokens (the last with the first token), then 5 more
+  EXPECT_EQ(engine.sequence(id).tokens, alone);
+}
+
 TEST(BatchEngine, BadRequestsNameTheProblem) {
   Transformer model(test::golden_dir("tiny-v3-bf16"));
   GenerateOptions opt;

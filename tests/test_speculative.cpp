@@ -32,6 +32,44 @@ TEST_P(Speculative, GreedyOutputIsPlainGreedy) {
   EXPECT_EQ(spec.decode_steps + spec.accepted, int64_t(spec.tokens.size()) - 1);  // each step: 1 token, 2 if accepted
 }
 
+// The MTP module's alignment: each draft is the module's greedy prediction at the position
+// before the checked token (its h and the checked token, predicting the token after), as a
+// reference run of the module over the whole generated sequence gives it.
+TEST_P(Speculative, DraftsAreTheModulesPredictionsAtTheirPositions) {
+  Transformer model(test::golden_dir(GetParam()));
+  const ModelConfig& c = model.config();
+  SafetensorsFile golden(test::golden_dir(GetParam()) + "/golden.safetensors");
+  const auto prompt = test::read_i32(golden, "greedy_prompt");
+  GenerateOptions opt;
+  opt.max_tokens = 32;
+  opt.stop_at_eos = false;
+  opt.speculative_mtp = true;
+  const GenerateResult r = generate(model, prompt, opt);
+  std::vector<int32_t> full = prompt;
+  full.insert(full.end(), r.tokens.begin(), r.tokens.end());
+  const int64_t len = int64_t(full.size()), dim = c.hidden_size, P = int64_t(prompt.size());
+  // h_i of every position, then the module's prediction at each position i (h_i, token i+1).
+  KvCache cache(c, len);
+  std::vector<float> logits(size_t(len * c.vocab_size));
+  model.forward(full.data(), len, cache, logits.data(), true);
+  const std::vector<float> h(model.last_hidden(), model.last_hidden() + len * dim);
+  KvCache mtp_cache(c, len, 1);
+  std::vector<int32_t> predicted(size_t(len), -1);
+  std::vector<float> row(size_t(c.vocab_size));
+  for (int64_t i = 0; i + 1 < len; ++i) {
+    model.forward_mtp(&full[size_t(i + 1)], h.data() + i * dim, 1, mtp_cache, row.data());
+    predicted[size_t(i)] = int32_t(std::max_element(row.begin(), row.end()) - row.begin());
+  }
+  // Replay the checks: the first checks token P with the draft for P + 1.
+  ASSERT_FALSE(r.drafts.empty());
+  int64_t k = P;
+  for (size_t j = 0; j < r.drafts.size(); ++j) {
+    ASSERT_LT(k + 1, len);
+    EXPECT_EQ(r.drafts[j], predicted[size_t(k - 1)]) << "draft " << j << " for position " << k + 1;
+    k += r.drafts[j] == full[size_t(k + 1)] ? 2 : 1;
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(Checkpoints, Speculative, testing::Values("tiny-v3-bf16", "tiny-v3-fp8", "tiny-v2lite-bf16"),
                          [](const testing::TestParamInfo<const char*>& i) {
                            std::string s = i.param;

@@ -63,7 +63,8 @@ std::vector<int32_t> encode_prompt(const Tokenizer& tokenizer, const std::string
 
 // --prompts FILE.jsonl: one JSON object per line, {"prompt": "text"} or {"prompt_ids": [ids]},
 // optionally "max_tokens"; all run together in batches of --max-batch sequences. One JSON line
-// per result on stdout as each finishes: index (the line's, from 0), text (with a tokenizer),
+// per result on stdout as each finishes: index (the request's: non-blank lines counted from
+// 0), text (with a tokenizer),
 // ids, prompt_tokens, tokens, finish_reason ("stop" at EOS, "length"), seconds to the first
 // token and in all.
 void run_batch(const GenerateFlags& f, const GenerateOptions& base) {
@@ -94,15 +95,20 @@ void run_batch(const GenerateFlags& f, const GenerateOptions& base) {
     r.opt = base;
     r.opt.sampling.seed = base.sampling.seed + uint64_t(requests.size());
     if (j.contains("max_tokens")) {
-      if (!j["max_tokens"].is_number_integer() || j["max_tokens"].get<int64_t>() < 1)
-        fail(f.prompts, " line ", n, ": max_tokens must be a positive integer");
+      if (!j["max_tokens"].is_number_integer() || j["max_tokens"].get<int64_t>() < 1 ||
+          j["max_tokens"].get<int64_t>() > model.config().max_position_embeddings)
+        fail(f.prompts, " line ", n, ": max_tokens must be an integer in [1, max_position_embeddings = ",
+             model.config().max_position_embeddings, "]");
       r.opt.max_tokens = j["max_tokens"].get<int64_t>();
     }
     if (j.contains("prompt_ids")) {
       if (!j["prompt_ids"].is_array()) fail(f.prompts, " line ", n, ": prompt_ids must be an array of token ids");
       for (const auto& v : j["prompt_ids"]) {
         if (!v.is_number_integer()) fail(f.prompts, " line ", n, ": prompt_ids must be an array of token ids");
-        r.prompt.push_back(v.get<int32_t>());
+        const int64_t id = v.is_number_unsigned() && v.get<uint64_t>() > uint64_t(INT64_MAX) ? INT64_MAX : v.get<int64_t>();
+        if (id < 0 || id >= model.config().vocab_size)
+          fail(f.prompts, " line ", n, ": token id ", id, " is outside the vocabulary [0, ", model.config().vocab_size, ")");
+        r.prompt.push_back(int32_t(id));
       }
     } else if (j.contains("prompt") && j["prompt"].is_string()) {
       if (!tokenizer) fail(f.prompts, " line ", n, ": a text prompt needs ", tok_path, " (or give prompt_ids)");
@@ -166,6 +172,7 @@ void run(const GenerateFlags& f) {
     if (!f.speculative.empty()) fail("--speculative runs one sequence; it does not combine with --prompts yet");
     if (f.max_batch < 1) fail("--max-batch must be >= 1");
     if (f.max_tokens < 1) fail("--max-tokens must be >= 1");
+    if (f.draft != 1) fail("--draft goes with --speculative, which does not combine with --prompts yet");
     GenerateOptions opt;
     opt.max_tokens = f.max_tokens;
     opt.sampling.temperature = f.temperature;
@@ -199,6 +206,7 @@ void run(const GenerateFlags& f) {
   GenerateOptions opt;
   opt.max_tokens = f.max_tokens;
   opt.speculative_mtp = f.speculative == "mtp";
+  if (f.draft != 1 && !opt.speculative_mtp) fail("--draft ", f.draft, " goes with --speculative mtp");
   if (f.draft != 1)
     fail("--draft ", f.draft, ": the MTP module drafts one token per step (DeepSeek-V3 ships one module, depth 1)");
   opt.sampling.temperature = f.temperature;

@@ -16,18 +16,26 @@ double now_seconds() {
 
 }  // namespace
 
+namespace {
+
+// The cache rows of a batch (max_sequences slots of max_len rows), after checking both.
+int64_t cache_rows(const ModelConfig& c, int64_t max_sequences, int64_t max_len, int64_t step_tokens) {
+  if (max_sequences < 1) fail("batch: room for at least one sequence is needed, not ", max_sequences);
+  if (max_len < 1) fail("batch: sequences need at least one position, not ", max_len);
+  if (max_len > c.max_position_embeddings)
+    fail("batch: ", max_len, " positions per sequence exceed max_position_embeddings (", c.max_position_embeddings, ")");
+  if (step_tokens < max_sequences) fail("batch: a step of ", step_tokens, " tokens cannot advance ", max_sequences, " sequences");
+  return max_sequences * max_len;
+}
+
+}  // namespace
+
 BatchEngine::BatchEngine(Transformer& model, int64_t max_sequences, int64_t max_len, int64_t step_tokens)
     : model_(model),
       max_len_(max_len),
       step_tokens_(step_tokens),
-      slots_(size_t(std::max<int64_t>(max_sequences, 0))),
-      cache_(model.config(), std::max<int64_t>(max_sequences, 1) * std::max<int64_t>(max_len, 1)) {
-  if (max_sequences < 1) fail("batch: room for at least one sequence is needed, not ", max_sequences);
-  if (max_len < 1) fail("batch: sequences need at least one position, not ", max_len);
-  if (max_len > model.config().max_position_embeddings)
-    fail("batch: ", max_len, " positions per sequence exceed max_position_embeddings (",
-         model.config().max_position_embeddings, ")");
-  if (step_tokens < max_sequences) fail("batch: a step of ", step_tokens, " tokens cannot advance ", max_sequences, " sequences");
+      cache_(model.config(), cache_rows(model.config(), max_sequences, max_len, step_tokens)) {
+  slots_.resize(size_t(max_sequences));
 }
 
 int64_t BatchEngine::running() const {
@@ -44,7 +52,7 @@ int64_t BatchEngine::add(std::vector<int32_t> prompt, const GenerateOptions& opt
       fail("batch: prompt token ", prompt[i], " at index ", i, " is outside the vocabulary [0, ", c.vocab_size, ")");
   if (opt.max_tokens < 1) fail("batch: max-tokens must be >= 1");
   if (opt.speculative_mtp) fail("batch: speculative decoding runs one sequence at a time for now");
-  if (int64_t(prompt.size()) + opt.max_tokens > max_len_)
+  if (opt.max_tokens > max_len_ - int64_t(prompt.size()))  // (no overflow for a huge max_tokens)
     fail("batch: prompt (", prompt.size(), " tokens) + max-tokens (", opt.max_tokens, ") exceeds the ", max_len_,
          " positions a sequence has");
   auto free = std::find_if(slots_.begin(), slots_.end(), [](const Slot& s) { return s.id < 0; });
@@ -71,6 +79,7 @@ void BatchEngine::cancel(int64_t id) {
   s.finished = s.cancelled = true;
   s.seconds = now_seconds() - st.started;
   slots_[size_t(st.slot)].id = -1;
+  st.sampler.reset();
 }
 
 bool BatchEngine::step() {
@@ -82,10 +91,12 @@ bool BatchEngine::step() {
   for (const Slot& s : slots_)
     if (s.id >= 0) order.push_back(s.id);
   std::sort(order.begin(), order.end());
-  std::stable_partition(order.begin(), order.end(), [&](int64_t id) {
-    const Sequence& s = *seqs_[size_t(id)];
-    return s.read == int64_t(s.prompt.size());
-  });
+  // Decoders first (stable, without std::stable_partition's temporary buffer).
+  size_t decoders = 0;
+  for (size_t i = 0; i < order.size(); ++i) {
+    const Sequence& s = *seqs_[size_t(order[i])];
+    if (s.read == int64_t(s.prompt.size())) std::rotate(order.begin() + long(decoders), order.begin() + long(i), order.begin() + long(i) + 1), ++decoders;
+  }
   for (int64_t id : order) {
     Sequence& s = *seqs_[size_t(id)];
     const int64_t base = states_[size_t(id)].slot * max_len_, P = int64_t(s.prompt.size());
@@ -110,8 +121,6 @@ bool BatchEngine::step() {
   const int64_t vocab = model_.config().vocab_size;
   logits_.resize(want_.size() * size_t(vocab));
   model_.forward_rows(ids_.data(), rows_, cache_, want_.data(), int64_t(want_.size()), logits_.data());
-  // Prompt chunks now in the cache.
-  for (int64_t id : order) seqs_[size_t(id)]->read += chunk_[size_t(id)], chunk_[size_t(id)] = 0;
   const double now = now_seconds();
   for (size_t j = 0; j < want_.size(); ++j) {
     const int64_t id = owner_[j];
@@ -125,8 +134,11 @@ bool BatchEngine::step() {
       s.finished = true, s.stopped_at_eos = eos;
       s.seconds = now - st.started;
       slots_[size_t(st.slot)].id = -1;
+      st.sampler.reset();  // a finished sequence keeps its tokens, not its sampler's buffers
     }
   }
+  // Prompt chunks now in the cache.
+  for (int64_t id : order) seqs_[size_t(id)]->read += chunk_[size_t(id)], chunk_[size_t(id)] = 0;
   return true;
 }
 

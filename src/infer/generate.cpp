@@ -27,7 +27,9 @@ GenerateResult generate_speculative(Transformer& model, const std::vector<int32_
                                     const std::function<void(int32_t)>& on_token) {
   const ModelConfig& c = model.config();
   const int64_t vocab = c.vocab_size, dim = c.hidden_size, P = int64_t(prompt.size());
-  const int64_t capacity = P + opt.max_tokens + 1;  // the last check may hold one draft more
+  // A check feeds [t, d] only while two tokens are still to come, so P + max_tokens - 1
+  // rows suffice, as for plain decoding.
+  const int64_t capacity = P + opt.max_tokens;
   GenerateResult r;
   Sampler sampler(opt.sampling);
   KvCache cache(c, capacity), mtp_cache(c, capacity, 1);
@@ -64,6 +66,7 @@ GenerateResult generate_speculative(Transformer& model, const std::vector<int32_
     }
     sampler.distribution(draft_logits.data(), vocab, q);
     const int32_t d = sampler.draw(q);
+    r.drafts.push_back(d);
     const int32_t pair[2] = {t, d};
     model.forward(pair, 2, cache, logits.data(), true);
     ++r.decode_steps, ++r.drafted;
@@ -98,6 +101,8 @@ GenerateResult generate(Transformer& model, const std::vector<int32_t>& prompt, 
   const ModelConfig& c = model.config();
   if (prompt.empty()) fail("the prompt is empty");
   if (opt.max_tokens < 0) fail("max-tokens must be >= 0");
+  if (opt.max_tokens > c.max_position_embeddings)  // (and no overflow below)
+    fail("max-tokens (", opt.max_tokens, ") exceeds max_position_embeddings (", c.max_position_embeddings, ")");
   const int64_t needed = int64_t(prompt.size()) + opt.max_tokens;
   if (needed > c.max_position_embeddings)
     fail("prompt (", prompt.size(), " tokens) + max-tokens (", opt.max_tokens, ") exceeds max_position_embeddings (",
@@ -107,9 +112,6 @@ GenerateResult generate(Transformer& model, const std::vector<int32_t>& prompt, 
   if (opt.speculative_mtp) {
     if (c.num_nextn_predict_layers < 1 || model.weights().mtp.empty())
       fail("--speculative mtp: this checkpoint has no MTP module (num_nextn_predict_layers = 0)");
-    if (needed + 1 > c.max_position_embeddings)
-      fail("prompt (", prompt.size(), " tokens) + max-tokens (", opt.max_tokens,
-           ") + the draft position exceeds max_position_embeddings (", c.max_position_embeddings, ")");
     return generate_speculative(model, prompt, opt, on_token);
   }
   Sampler sampler(opt.sampling);

@@ -30,6 +30,7 @@ struct GenerateResult {
   double prefill_seconds = 0, decode_seconds = 0;
   int64_t decode_steps = 0;  // forward passes of the main model after the prefill
   int64_t drafted = 0, accepted = 0;  // speculative decoding: drafts checked, drafts kept
+  std::vector<int32_t> drafts;        // the drafts, in order (tests check the MTP's alignment)
 };
 
 // One check of speculative sampling: the draft d was drawn from q; returns d if it is
