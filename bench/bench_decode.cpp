@@ -24,6 +24,7 @@
 
 #include "bandwidth.h"
 #include "backend/ops.h"
+#include "infer/batch.h"
 #include "infer/generate.h"
 #include "io/safetensors.h"
 #include "model/transformer.h"
@@ -171,6 +172,27 @@ double param_count(const std::string& dir) {
   return n;
 }
 
+// Generated tok/s of `count` prompts of 16 tokens, `tokens` tokens each, through the batch
+// engine with at most `batch` sequences at once (1: one after another), greedy.
+double batch_tok_s(Transformer& m, int count, int batch, int tokens) {
+  GenerateOptions opt;
+  opt.max_tokens = tokens;
+  opt.stop_at_eos = false;
+  BatchEngine engine(m, batch, 16 + tokens, 512);
+  int next = 0;
+  const auto t0 = std::chrono::steady_clock::now();
+  for (;;) {
+    while (next < count) {
+      std::vector<int32_t> prompt;
+      for (int i = 0; i < 16; ++i) prompt.push_back(int32_t(2 + (next * 7 + i * 37) % 31000));
+      if (engine.add(prompt, opt) < 0) break;
+      ++next;
+    }
+    if (!engine.step() && next == count) break;
+  }
+  return double(count) * tokens / std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
 // Decode tok/s of one generation of `tokens` tokens after a fixed 64-token prompt.
 double decode_tok_s(Transformer& m, int tokens) {
   std::vector<int32_t> prompt;
@@ -254,6 +276,18 @@ int main(int argc, char** argv) {
   }
   std::printf("\nFP8 / BF16 decode speedup: %.2fx (per-round median); ratio of bytes read per token: %.2fx\n",
               median(speedup), bytes[0] / bytes[1]);
+
+  // Batched decoding: the same prompts with 8 sequences at once against one at a time.
+  std::printf("\nbatched decoding (8 prompts of 16 tokens, %d generated each, greedy; best of 2):\n", tokens);
+  for (int f = 0; f < 2; ++f) {
+    double one = 0, eight = 0;
+    for (int r = 0; r < 2; ++r) {
+      one = std::max(one, batch_tok_s(models[f], 8, 1, tokens));
+      eight = std::max(eight, batch_tok_s(models[f], 8, 8, tokens));
+    }
+    std::printf("%-6s one at a time %7.1f tok/s, 8 at once %7.1f tok/s: %.2fx\n", f ? "FP8" : "BF16", one, eight,
+                eight / one);
+  }
 
   // Prefill against the float32 GEMM peak measured here (the speed issue's target: 70 %).
   const double peak = sgemm_peak(3);
