@@ -136,6 +136,36 @@ TEST(BatchEngine, SequencesGetTheirTokensAlone) {
   }
 }
 
+// Fork: a sequence copied mid-generation continues exactly as the original (greedy), with
+// its prompt not run again, and a sampled fork differs.
+TEST(BatchEngine, ForkContinuesFromTheParent) {
+  Transformer model(test::golden_dir("tiny-v2lite-bf16"));
+  SafetensorsFile golden(test::golden_dir("tiny-v2lite-bf16") + "/golden.safetensors");
+  const auto all = test::read_i32(golden, "tokens_3");
+  const std::vector<int32_t> prompt(all.begin() + 2, all.begin() + 12);
+  GenerateOptions opt;
+  opt.max_tokens = 14;
+  opt.stop_at_eos = false;
+  const auto alone = generate(model, prompt, opt).tokens;
+  BatchEngine engine(model, 3, 32, 64);
+  const int64_t parent = engine.add(prompt, opt);
+  for (int i = 0; i < 5; ++i) engine.step();  // prompt read, 5 tokens out
+  EXPECT_THROW(engine.fork(parent, GenerateOptions{}), Error);  // max_tokens 128 > 32 positions: refused by add()
+  const int64_t greedy = engine.fork(parent, opt);
+  GenerateOptions hot = opt;
+  hot.sampling.temperature = 2.0f, hot.sampling.seed = 3;
+  const int64_t sampled = engine.fork(parent, hot);
+  ASSERT_GE(greedy, 0);
+  ASSERT_GE(sampled, 0);
+  EXPECT_EQ(engine.sequence(greedy).tokens.size(), 5u);
+  while (engine.step()) {
+  }
+  EXPECT_EQ(engine.sequence(parent).tokens, alone);
+  EXPECT_EQ(engine.sequence(greedy).tokens, alone);
+  EXPECT_NE(engine.sequence(sampled).tokens, alone);
+  EXPECT_TRUE(std::equal(alone.begin(), alone.begin() + 5, engine.sequence(sampled).tokens.begin()));
+}
+
 // A lone prompt longer than a step's budget: steps that only read prompt (no logits) first.
 TEST(BatchEngine, LongPromptReadOverSeveralSteps) {
   Transformer model(test::golden_dir("tiny-v3-fp8"));

@@ -72,6 +72,24 @@ int64_t BatchEngine::add(std::vector<int32_t> prompt, const GenerateOptions& opt
   return id;
 }
 
+int64_t BatchEngine::fork(int64_t id, const GenerateOptions& opt) {
+  const Sequence& parent = *seqs_.at(size_t(id));
+  if (parent.finished) fail("batch: cannot fork sequence ", id, ": it has finished");
+  if (parent.read < int64_t(parent.prompt.size()) || parent.tokens.empty())
+    fail("batch: cannot fork sequence ", id, " before its prompt is read");
+  if (opt.max_tokens <= int64_t(parent.tokens.size()))
+    fail("batch: a fork's max-tokens (", opt.max_tokens, ") must exceed the ", parent.tokens.size(), " tokens it inherits");
+  const int64_t child = add(parent.prompt, opt);
+  if (child < 0) return -1;
+  Sequence& s = *seqs_[size_t(child)];
+  s.read = int64_t(s.prompt.size());
+  s.tokens = parent.tokens;  // within the capacity add() reserved (max_tokens > these)
+  // In the cache: the prompt and every generated token but the last (the next step's input).
+  const int64_t rows = s.read + int64_t(s.tokens.size()) - 1;
+  cache_.copy_rows(states_[size_t(id)].slot * max_len_, states_[size_t(child)].slot * max_len_, rows);
+  return child;
+}
+
 void BatchEngine::cancel(int64_t id) {
   Sequence& s = *seqs_.at(size_t(id));
   State& st = states_[size_t(id)];

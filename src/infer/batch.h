@@ -34,6 +34,12 @@ class BatchEngine {
   // prompt, or a prompt plus max_tokens beyond max_len; returns -1 when all slots are busy.
   int64_t add(std::vector<int32_t> prompt, const GenerateOptions& opt);
   void cancel(int64_t id);  // finishes it now; its slot is free for the next add()
+  // A new sequence that continues from where `id` is now (its prompt read, its tokens so
+  // far), sampling with opt (opt.max_tokens counts all its tokens, the inherited ones too):
+  // the parent's cache rows are copied into the new slot, so the prompt is not run again
+  // (n > 1 completions of one prompt). -1 if no slot is free; Error if id is still reading
+  // its prompt or has finished.
+  int64_t fork(int64_t id, const GenerateOptions& opt);
   // One forward over the running sequences; false if none was running.
   bool step();
   const Sequence& sequence(int64_t id) const { return *seqs_.at(size_t(id)); }

@@ -26,6 +26,16 @@ void KvCache::truncate(int64_t n) {
   length_ = n;
 }
 
+void KvCache::copy_rows(int64_t from, int64_t to, int64_t count) {
+  if (count < 0 || from < 0 || to < 0 || from + count > capacity_ || to + count > capacity_)
+    fail("KV cache: cannot copy ", count, " rows from ", from, " to ", to, " of ", capacity_);
+  for (size_t l = 0; l < latent_.size(); ++l) {
+    const size_t C = latent_[l].size() / size_t(capacity_), R = k_pe_[l].size() / size_t(capacity_);
+    std::copy_n(latent_[l].begin() + long(size_t(from) * C), size_t(count) * C, latent_[l].begin() + long(size_t(to) * C));
+    std::copy_n(k_pe_[l].begin() + long(size_t(from) * R), size_t(count) * R, k_pe_[l].begin() + long(size_t(to) * R));
+  }
+}
+
 Transformer::Transformer(const std::string& dir)
     : config_(ModelConfig::load(dir + "/config.json")),
       checkpoint_(std::make_unique<Checkpoint>(dir)),

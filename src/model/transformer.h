@@ -30,6 +30,8 @@ class KvCache {
   // the next forward continues at position n.
   void truncate(int64_t n);
   LayerCache<float> layer(int64_t i) { return {latent_[size_t(i)].data(), k_pe_[size_t(i)].data()}; }
+  // Rows [from, from + count) copied to [to, to + count) in every layer (a forked sequence).
+  void copy_rows(int64_t from, int64_t to, int64_t count);
   void advance(int64_t n) { length_ += n; }
 
  private:
