@@ -2,14 +2,17 @@
 // positions in one pass, some reading their prompt in chunks while others decode, give each
 // sequence the logits it gets alone (within the golden tolerance, 1e-4 of the largest
 // logit), on every golden checkpoint and in each MLA form.
+#include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <tuple>
 
 #include "golden_util.h"
 #include "core/error.h"
 #include "infer/batch.h"
 #include "infer/generate.h"
+#include "model/paged_cache.h"
 #include "model/transformer.h"
 
 namespace dsv3 {
@@ -94,6 +97,81 @@ INSTANTIATE_TEST_SUITE_P(Checkpoints, BatchStep,
                                        : i.param.form == AttnForm::naive  ? "_naive"
                                                                           : "_auto");
                          });
+
+// The same batch steps over a paged cache: sequences' positions in 64-position pages drawn
+// from one pool (in an order that interleaves the sequences' pages), keys read through the
+// gather; and a fork that shares its parent's pages, copying only the page it writes into.
+TEST_P(BatchStep, PagedCacheGivesTheSameLogits) {
+  Transformer model(test::golden_dir(GetParam().checkpoint));
+  model.attn_form = GetParam().form;
+  const ModelConfig& c = model.config();
+  const int64_t vocab = c.vocab_size;
+  SafetensorsFile golden(test::golden_dir(GetParam().checkpoint) + "/golden.safetensors");
+  const auto all = test::read_i32(golden, "tokens_3");
+  ASSERT_GE(all.size(), 100u);
+  // Sequence 0: 70 tokens (a full page and a partial one); sequence 1 forks it after 70 and
+  // continues differently; sequence 2: 30 tokens of its own.
+  std::vector<int32_t> s0(all.begin(), all.begin() + 76), s1(all.begin(), all.begin() + 70), s2(all.begin() + 40, all.begin() + 70);
+  for (int i = 0; i < 6; ++i) s1.push_back(all[size_t(80 + i)]);
+  auto alone = [&](const std::vector<int32_t>& seq) {
+    KvCache cache(c, 128);
+    std::vector<float> logits(seq.size() * size_t(vocab));
+    model.forward(seq.data(), int64_t(seq.size()), cache, logits.data(), true);
+    return logits;
+  };
+  const auto want0 = alone(s0), want1 = alone(s1), want2 = alone(s2);
+
+  PagedKvCache cache(c, 6);
+  PageTable t0, t2, t1;
+  auto step = [&](std::vector<std::tuple<PageTable*, const std::vector<int32_t>*, int64_t, const std::vector<float>*>> work) {
+    std::vector<int32_t> ids;
+    std::vector<const PageTable*> tables;
+    std::vector<int64_t> pos, want;
+    std::vector<const float*> ref;
+    for (auto& [t, seq, len, w] : work) {
+      const int64_t from = t->length;
+      extend(cache, *t, len);
+      for (int64_t i = 0; i < len; ++i) {
+        ids.push_back((*seq)[size_t(from + i)]), tables.push_back(t), pos.push_back(from + i);
+        want.push_back(int64_t(ids.size()) - 1), ref.push_back(w->data() + (from + i) * vocab);
+      }
+    }
+    TokenRows rows;
+    KeyGather keys;
+    paged_rows(tables.data(), pos.data(), int64_t(ids.size()), rows, keys);
+    std::vector<float> logits(want.size() * size_t(vocab));
+    model.forward_rows(ids.data(), rows, cache, keys, want.data(), int64_t(want.size()), logits.data());
+    for (size_t j = 0; j < want.size(); ++j) {
+      const float tol = 1e-4f * test::max_abs(std::vector<float>(ref[j], ref[j] + vocab));
+      EXPECT_LE(test::max_abs_diff(logits.data() + j * size_t(vocab), ref[j], size_t(vocab)), tol) << "token " << j;
+    }
+  };
+  step({{&t0, &s0, 40, &want0}, {&t2, &s2, 20, &want2}});  // pages: t0 gets 0, t2 gets 1
+  step({{&t2, &s2, 10, &want2}, {&t0, &s0, 30, &want0}});  // t0's second page comes after t2's
+  EXPECT_EQ(t0.pages.size(), 2u);
+  t1 = fork(cache, t0);  // shares both pages, the second one partial (70 of 128 positions)
+  EXPECT_EQ(cache.refs(t0.pages[0]), 2);
+  EXPECT_EQ(cache.refs(t0.pages[1]), 2);
+  for (int i = 0; i < 6; ++i) step({{&t0, &s0, 1, &want0}, {&t1, &s1, 1, &want1}});  // each writes its own copy
+  EXPECT_EQ(cache.refs(t0.pages[0]), 2);  // the full page stays shared
+  EXPECT_NE(t0.pages[1], t1.pages[1]);    // the written one was copied
+  EXPECT_EQ(cache.refs(t0.pages[1]), 1);
+  release(cache, t0), release(cache, t1), release(cache, t2);
+  EXPECT_EQ(cache.free_pages(), cache.pages());
+}
+
+TEST(PagedKvCache, AFullPoolNamesItsSize) {
+  Transformer model(test::golden_dir("tiny-v3-bf16"));
+  PagedKvCache cache(model.config(), 2);
+  PageTable t;
+  extend(cache, t, 128);
+  try {
+    extend(cache, t, 1);
+    FAIL() << "no error";
+  } catch (const Error& e) {
+    EXPECT_THAT(std::string(e.what()), testing::HasSubstr("KV cache full: all 2 pages (128 positions)"));
+  }
+}
 
 // The batch engine: greedy sequences added at different steps (one while others decode,
 // one into the slot a cancelled sequence left), with a step budget that makes long prompts

@@ -155,9 +155,11 @@ void mla_forward(const MlaContext& ctx, const MlaWeights& w, const T* x, const T
   if (tokens.row.size() != tokens.pos.size())
     fail("mla: ", tokens.pos.size(), " positions but ", tokens.row.size(), " cache rows");
   for (int64_t t = 0; t < n; ++t)
-    if (tokens.pos[size_t(t)] < 0 || tokens.first_row(t) < 0)
+    if (tokens.pos[size_t(t)] < 0 || (!cache.gather && tokens.first_row(t) < 0))
       fail("mla: token ", t, " at position ", tokens.pos[size_t(t)], " in cache row ", tokens.row[size_t(t)],
            " has no room for its sequence's earlier positions");
+  if (cache.gather && cache.gather->keys.size() != n)
+    fail("mla: key rows given for ", cache.gather->keys.size(), " tokens, not ", n);
   if (ctx.angles.cos.size() < size_t(n * d.R / 2) || ctx.angles.sin.size() < size_t(n * d.R / 2))
     fail("mla: RoPE angles for ", ctx.angles.cos.size() / size_t(std::max<int64_t>(d.R / 2, 1)), " tokens, not ", n);
   if (record && (ctx.form != AttnForm::naive || !cache.empty()))
@@ -192,10 +194,21 @@ void mla_forward(const MlaContext& ctx, const MlaWeights& w, const T* x, const T
   rope_rotate(kv + d.C, n, d.C + d.R, 1, 0, d.R, ctx.angles.cos.data(), ctx.angles.sin.data(), false);
   copy_rows(kv + d.C, d.C + d.R, n, d.R, cache.k_pe, d.R, tokens.row.data());
 
-  const KeyRanges k = key_ranges(tokens, arena);
+  // A paged cache: every sequence's keys gathered into one range first.
+  const T* latent_rows = cache.latent;
+  const T* k_pe_rows = cache.k_pe;
+  if (cache.gather) {
+    const int64_t G = int64_t(cache.gather->rows.size());
+    T* gl = arena.alloc<T>(size_t(G * d.C));
+    T* gk = arena.alloc<T>(size_t(G * d.R));
+    gather_rows(cache.latent, d.C, cache.gather->rows.data(), static_cast<const T*>(nullptr), G, d.C, gl, d.C);
+    gather_rows(cache.k_pe, d.R, cache.gather->rows.data(), static_cast<const T*>(nullptr), G, d.R, gk, d.R);
+    latent_rows = gl, k_pe_rows = gk;
+  }
+  const KeyRanges k = key_ranges(cache.gather ? cache.gather->keys : tokens, arena);
   const double scale = softmax_scale(c);
-  const T* latent = cache.latent + k.lo * d.C;
-  const T* k_pe = cache.k_pe + k.lo * d.R;
+  const T* latent = latent_rows + k.lo * d.C;
+  const T* k_pe = k_pe_rows + k.lo * d.R;
   T* o = arena.alloc<T>(size_t(n * d.H * d.V));  // attention output per head, [n, H*V]
   if (form_for<T>(ctx.form, c, k, n) == AttnForm::absorbed) {
     if constexpr (std::is_same_v<T, float>) absorbed_attention(d, w, q, latent, k_pe, k, n, scale, arena, o);

@@ -33,12 +33,23 @@ enum class AttnForm { absorbed, naive, automatic };
 // `pairs` (token, key) pairs (what AttnForm::automatic runs).
 AttnForm cheaper_attn_form(const ModelConfig& c, int64_t n, int64_t keys, double pairs);
 
+// The keys of a paged cache (infer's PagedKvCache): a sequence's positions lie in pages
+// anywhere in the cache, so before attention each layer gathers them, sequence after
+// sequence, into one contiguous range (arena scratch, per pass; the pages themselves are
+// shared between sequences and never copied for it).
+struct KeyGather {
+  std::vector<int64_t> rows;  // cache row of gathered key j: each sequence's positions 0 .. its last
+  TokenRows keys;             // per pass token: its position, and its own row in the gathered range
+};
+
 // One layer's latent cache: row r holds the latent [kv_lora_rank] and the RoPE key
-// [qk_rope_head_dim] of the token whose TokenRows row is r.
+// [qk_rope_head_dim] of the token whose TokenRows row is r. With `gather`, a token's
+// earlier positions are not the rows before its own: they are listed there.
 template <typename T>
 struct LayerCache {
   T* latent = nullptr;
   T* k_pe = nullptr;
+  const KeyGather* gather = nullptr;
   bool empty() const { return latent == nullptr; }
 };
 

@@ -8,6 +8,7 @@
 #include "model/block.h"
 #include "model/head.h"
 #include "model/mtp.h"
+#include "model/paged_cache.h"
 
 namespace dsv3 {
 
@@ -81,16 +82,17 @@ void Transformer::forward(const int32_t* tokens, int64_t n, KvCache& cache, floa
   else head_forward(c, weights_.norm, weights_.lm_head, h + (n - 1) * dim, 1, logits, arena_);
 }
 
-void Transformer::forward_rows(const int32_t* tokens, const TokenRows& rows, KvCache& cache,
-                               const int64_t* logit_tokens, int64_t count, float* logits) {
+template <typename LayerOf>
+void Transformer::run_rows(const int32_t* tokens, const TokenRows& rows, int64_t cache_rows, LayerOf layer_of,
+                           const int64_t* logit_tokens, int64_t count, float* logits) {
   const ModelConfig& c = config_;
   const int64_t n = rows.size(), dim = c.hidden_size;
   if (n <= 0) fail("forward: no tokens");
   for (int64_t i = 0; i < n; ++i) {
     if (tokens[i] < 0 || tokens[i] >= c.vocab_size)
       fail("token id ", tokens[i], " at index ", i, " is out of range [0, ", c.vocab_size, ")");
-    if (rows.row[size_t(i)] < 0 || rows.row[size_t(i)] >= cache.capacity())
-      fail("token ", i, ": cache row ", rows.row[size_t(i)], " outside the cache's ", cache.capacity(), " rows");
+    if (rows.row[size_t(i)] < 0 || rows.row[size_t(i)] >= cache_rows)
+      fail("token ", i, ": cache row ", rows.row[size_t(i)], " outside the cache's ", cache_rows, " rows");
   }
   for (int64_t j = 0; j < count; ++j)
     if (logit_tokens[j] < 0 || logit_tokens[j] >= n) fail("logits asked for token ", logit_tokens[j], " of ", n);
@@ -100,12 +102,29 @@ void Transformer::forward_rows(const int32_t* tokens, const TokenRows& rows, KvC
   float* h = arena_.alloc(size_t(n * dim));
   embed_forward(weights_.embed_tokens, tokens, n, h, arena_);
   for (int64_t l = 0; l < c.num_hidden_layers; ++l)
-    block_forward<float>(ctx, weights_.layers[size_t(l)], rows, cache.layer(l), h, arena_, nullptr, &moe_state_);
+    block_forward<float>(ctx, weights_.layers[size_t(l)], rows, layer_of(l), h, arena_, nullptr, &moe_state_);
   last_hidden_ = h;
   float* picked = arena_.alloc(size_t(count * dim));
   for (int64_t j = 0; j < count; ++j)
     std::copy(h + logit_tokens[j] * dim, h + (logit_tokens[j] + 1) * dim, picked + j * dim);
   head_forward(c, weights_.norm, weights_.lm_head, picked, count, logits, arena_);
+}
+
+void Transformer::forward_rows(const int32_t* tokens, const TokenRows& rows, KvCache& cache,
+                               const int64_t* logit_tokens, int64_t count, float* logits) {
+  run_rows(tokens, rows, cache.capacity(), [&](int64_t l) { return cache.layer(l); }, logit_tokens, count, logits);
+}
+
+void Transformer::forward_rows(const int32_t* tokens, const TokenRows& rows, PagedKvCache& cache, const KeyGather& keys,
+                               const int64_t* logit_tokens, int64_t count, float* logits) {
+  run_rows(
+      tokens, rows, cache.pages() * PagedKvCache::kPageTokens,
+      [&](int64_t l) {
+        LayerCache<float> layer = cache.layer(l);
+        layer.gather = &keys;
+        return layer;
+      },
+      logit_tokens, count, logits);
 }
 
 void Transformer::forward_mtp(const int32_t* next_tokens, const float* h_prev, int64_t n, KvCache& cache,

@@ -18,6 +18,8 @@
 
 namespace dsv3 {
 
+class PagedKvCache;
+
 // Per layer, per position: kv_lora_rank + qk_rope_head_dim floats (MLA's compressed cache).
 class KvCache {
  public:
@@ -65,6 +67,10 @@ class Transformer {
   // listed in logit_tokens ([count, vocab], in that order). The cache's length is not used.
   void forward_rows(const int32_t* tokens, const TokenRows& rows, KvCache& cache, const int64_t* logit_tokens,
                     int64_t count, float* logits);
+  // The same over a paged cache: rows are the tokens' rows in the pool, and each sequence's
+  // keys are read through `keys` (paged_rows() in paged_cache.h fills both).
+  void forward_rows(const int32_t* tokens, const TokenRows& rows, PagedKvCache& cache, const KeyGather& keys,
+                    const int64_t* logit_tokens, int64_t count, float* logits);
 
   // The residual stream of the last forward's tokens after the last block, before the final
   // norm [n, hidden]: h^0 of the MTP module (§2.2). Valid until the next forward.
@@ -78,6 +84,10 @@ class Transformer {
   void forward_mtp(const int32_t* next_tokens, const float* h_prev, int64_t n, KvCache& cache, float* logits);
 
  private:
+  template <typename LayerOf>
+  void run_rows(const int32_t* tokens, const TokenRows& rows, int64_t cache_rows, LayerOf layer_of,
+                const int64_t* logit_tokens, int64_t count, float* logits);
+
   ModelConfig config_;
   std::unique_ptr<Checkpoint> checkpoint_;  // owns the mapped files the weights point into
   ModelWeights weights_;
