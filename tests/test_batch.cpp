@@ -226,15 +226,18 @@ TEST(BatchEngine, ForkContinuesFromTheParent) {
   opt.stop_at_eos = false;
   const auto alone = generate(model, prompt, opt).tokens;
   BatchEngine engine(model, 3, 32, 64);
+  const int64_t all_free = engine.free_pages();
   const int64_t parent = engine.add(prompt, opt);
   for (int i = 0; i < 5; ++i) engine.step();  // prompt read, 5 tokens out
   EXPECT_THROW(engine.fork(parent, GenerateOptions{}), Error);  // max_tokens 128 > 32 positions: refused by add()
+  const int64_t before = engine.free_pages();
   const int64_t greedy = engine.fork(parent, opt);
   GenerateOptions hot = opt;
   hot.sampling.temperature = 2.0f, hot.sampling.seed = 3;
   const int64_t sampled = engine.fork(parent, hot);
   ASSERT_GE(greedy, 0);
   ASSERT_GE(sampled, 0);
+  EXPECT_EQ(engine.free_pages(), before);  // the forks share the parent's page: nothing copied yet
   EXPECT_EQ(engine.sequence(greedy).tokens.size(), 5u);
   while (engine.step()) {
   }
@@ -242,6 +245,7 @@ TEST(BatchEngine, ForkContinuesFromTheParent) {
   EXPECT_EQ(engine.sequence(greedy).tokens, alone);
   EXPECT_NE(engine.sequence(sampled).tokens, alone);
   EXPECT_TRUE(std::equal(alone.begin(), alone.begin() + 5, engine.sequence(sampled).tokens.begin()));
+  EXPECT_EQ(engine.free_pages(), all_free);  // every page back in the pool
 }
 
 // A lone prompt longer than a step's budget: steps that only read prompt (no logits) first.

@@ -93,6 +93,10 @@ TEST(CliBatch, PromptsFileGivesEachPromptsTokens) {
   }
   CliResult r = run("generate --model " + dir + " --prompts " + file + " --max-tokens 9 --temperature 0 --max-batch 2");
   ASSERT_EQ(r.status, 0) << r.out;
+  // A page pool of one page: the sequences wait for it one after another, same tokens.
+  CliResult paged = run("generate --model " + dir + " --prompts " + file +
+                        " --max-tokens 9 --temperature 0 --max-batch 2 --kv-cache-tokens 64");
+  ASSERT_EQ(paged.status, 0) << paged.out;
   for (size_t i = 0; i < prompts.size(); ++i) {
     CliResult one = run("generate --model " + dir + " --prompt-ids " + ids_arg(prompts[i]) +
                         " --max-tokens 9 --temperature 0 --output-ids");
@@ -101,7 +105,11 @@ TEST(CliBatch, PromptsFileGivesEachPromptsTokens) {
     std::string compact;  // the batch's JSON has no spaces
     for (char ch : ids) if (ch != ' ') compact += ch;
     EXPECT_THAT(r.out, testing::HasSubstr("\"ids\":" + compact + ",\"index\":" + std::to_string(i))) << i;
+    EXPECT_THAT(paged.out, testing::HasSubstr("\"ids\":" + compact + ",\"index\":" + std::to_string(i))) << i;
   }
+  r = run("generate --model " + dir + " --prompts " + file + " --max-tokens 60 --kv-cache-tokens 64");
+  EXPECT_EQ(r.status, 1);
+  EXPECT_THAT(r.out, testing::HasSubstr("pages of 64 positions; the cache has 1"));
   std::ofstream(file) << "{\"prompt_ids\": [1, 2]}\nnot json\n";
   r = run("generate --model " + dir + " --prompts " + file);
   EXPECT_EQ(r.status, 1);

@@ -31,6 +31,7 @@ struct GenerateFlags {
   int64_t draft = 1;
   std::string prompts;  // a JSONL file: many prompts in one batch
   int64_t max_batch = 16;
+  int64_t kv_cache_tokens = 0;  // the batch's page pool (0: room for every sequence at its longest)
 };
 
 // The length of the longest prefix of s that does not end inside a UTF-8 sequence (text
@@ -129,7 +130,7 @@ void run_batch(const GenerateFlags& f, const GenerateOptions& base) {
     fail("--prompts: a prompt + max-tokens needs ", max_len, " positions, beyond max_position_embeddings (",
          model.config().max_position_embeddings, ")");
   const int64_t slots = std::min<int64_t>(f.max_batch, int64_t(requests.size()));
-  BatchEngine engine(model, slots, max_len, std::max<int64_t>(512, slots));
+  BatchEngine engine(model, slots, max_len, std::max<int64_t>(512, slots), f.kv_cache_tokens);
   std::vector<int64_t> ids(requests.size(), -1);
   std::vector<bool> reported(requests.size(), false);
   size_t next = 0;
@@ -278,6 +279,9 @@ void add_generate(CLI::App& app) {
                   "a JSONL file of prompts ({\"prompt\": text} or {\"prompt_ids\": [ids]}, optional max_tokens) "
                   "generated together; one JSON line per result");
   cmd->add_option("--max-batch", f->max_batch, "with --prompts: sequences running at once")->capture_default_str();
+  cmd->add_option("--kv-cache-tokens", f->kv_cache_tokens,
+                  "with --prompts: positions of latent cache in all, in pages of 64 (default: every sequence at its "
+                  "longest); sequences wait for pages as others finish");
   cmd->add_option("--threads,-t", f->threads, "CPU threads (default: all)");
   cmd->callback([f] { run(*f); });
 }

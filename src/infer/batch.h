@@ -2,9 +2,11 @@
 // all running sequences (Transformer::forward_rows), so each weight is read once per step for
 // all of them. Sequences join at any step and read their prompt in chunks within a per-step
 // token budget while the others keep decoding (chunked prefill), and leave when they finish
-// or are cancelled. Each sequence holds a fixed range of rows of one latent cache
-// (max_len rows; a paged cache that shares prompt pages is the next step). A sequence's
-// tokens are those it gets alone (tests: within the golden tolerance). Uses model and sampler.
+// or are cancelled. Their latent caches are page tables into one pool of 64-position pages
+// (model/paged_cache.h), sized once from a token budget: pages are taken as a sequence grows
+// and returned when it leaves, and a fork shares its parent's pages (the prompt is neither
+// run nor copied again). A sequence's tokens are those it gets alone (tests: within the
+// golden tolerance). Uses model and sampler.
 #pragma once
 #include <cstdint>
 #include <memory>
@@ -12,6 +14,7 @@
 
 #include "infer/generate.h"
 #include "infer/sampler.h"
+#include "model/paged_cache.h"
 #include "model/transformer.h"
 
 namespace dsv3 {
@@ -25,25 +28,29 @@ class BatchEngine {
     double first_token_seconds = 0, seconds = 0;  // since add()
   };
 
-  // Room for max_sequences running at once, each up to max_len positions (prompt and
-  // generated tokens); a step runs at most step_tokens tokens (decoders first, then prompt
-  // chunks in the order the sequences were added).
-  BatchEngine(Transformer& model, int64_t max_sequences, int64_t max_len, int64_t step_tokens = 512);
+  // Up to max_sequences running at once, each up to max_len positions (prompt and generated
+  // tokens); a step runs at most step_tokens tokens (decoders first, then prompt chunks in
+  // the order the sequences were added); cache_tokens positions of pages in all (0: room
+  // for max_sequences sequences of max_len).
+  BatchEngine(Transformer& model, int64_t max_sequences, int64_t max_len, int64_t step_tokens = 512,
+              int64_t cache_tokens = 0);
 
   // A new sequence; its id. Throws Error (naming the problem) for an empty or out-of-range
-  // prompt, or a prompt plus max_tokens beyond max_len; returns -1 when all slots are busy.
+  // prompt, or a prompt plus max_tokens beyond max_len; returns -1 while all sequence places
+  // are taken or the free pages cannot hold it to its end beside the running ones' growth.
   int64_t add(std::vector<int32_t> prompt, const GenerateOptions& opt);
   void cancel(int64_t id);  // finishes it now; its slot is free for the next add()
   // A new sequence that continues from where `id` is now (its prompt read, its tokens so
   // far), sampling with opt (opt.max_tokens counts all its tokens, the inherited ones too):
-  // the parent's cache rows are copied into the new slot, so the prompt is not run again
-  // (n > 1 completions of one prompt). -1 if no slot is free; Error if id is still reading
-  // its prompt or has finished.
+  // it shares the parent's pages (a shared page is copied only when one of them writes into
+  // it), so the prompt is neither run nor copied again (n > 1 completions of one prompt). -1
+  // as add(); Error if id is still reading its prompt or has finished.
   int64_t fork(int64_t id, const GenerateOptions& opt);
   // One forward over the running sequences; false if none was running.
   bool step();
   const Sequence& sequence(int64_t id) const { return *seqs_.at(size_t(id)); }
   int64_t running() const;
+  int64_t free_pages() const { return cache_.free_pages(); }
 
  private:
   struct Slot {
@@ -54,16 +61,25 @@ class BatchEngine {
     std::unique_ptr<Sampler> sampler;
     int64_t slot = -1;
     double started = 0;
+    PageTable table;  // its positions' pages
+    int64_t end = 0;  // the positions it may reach: prompt + max_tokens - 1
   };
+  int64_t pages_still_needed() const;  // by the running sequences, to reach their ends
+  // add(), with the pages the new sequence will take (-1: all it will reach).
+  int64_t add_sequence(std::vector<int32_t> prompt, const GenerateOptions& opt, int64_t new_pages);
+  void finish(int64_t id);             // frees its place and pages
   Transformer& model_;
   int64_t max_len_, step_tokens_;
   std::vector<Slot> slots_;
   std::vector<std::unique_ptr<Sequence>> seqs_;
   std::vector<State> states_;
-  KvCache cache_;
+  PagedKvCache cache_;
   // Reused by every step:
   std::vector<int32_t> ids_;
+  std::vector<const PageTable*> tables_;
+  std::vector<int64_t> pos_;
   TokenRows rows_;
+  KeyGather keys_;
   std::vector<int64_t> want_, owner_, order_, chunk_;
   std::vector<float> logits_;
 };
