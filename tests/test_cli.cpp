@@ -63,9 +63,13 @@ TEST_P(Cli, GreedyGenerateMatchesGolden) {
   ASSERT_EQ(s.status, 0) << s.out;
   EXPECT_THAT(s.out, testing::HasSubstr(expect + "\n"));
   EXPECT_THAT(s.out, testing::HasSubstr("MTP drafts accepted"));
-  CliResult bad = run("generate --model " + dir + " --prompt-ids " + ids_arg(prompt) + " --speculative mtp --draft 2");
-  EXPECT_NE(bad.status, 0);
-  EXPECT_THAT(bad.out, testing::HasSubstr("--draft 2"));
+  CliResult chained = run("generate --model " + dir + " --prompt-ids " + ids_arg(prompt) + " --max-tokens " +
+                          std::to_string(want.size()) + " --temperature 0 --output-ids --speculative mtp --draft 3");
+  ASSERT_EQ(chained.status, 0) << chained.out;
+  EXPECT_THAT(chained.out, testing::HasSubstr(expect + "\n"));
+  CliResult bad = run("generate --model " + dir + " --prompt-ids " + ids_arg(prompt) + " --speculative mtp --draft 9");
+  EXPECT_EQ(bad.status, 1);
+  EXPECT_THAT(bad.out, testing::HasSubstr("--draft must be in 1..8, not 9"));
 }
 
 INSTANTIATE_TEST_SUITE_P(Golden, Cli, testing::Values("tiny-v3-bf16", "tiny-v3-fp8", "tiny-v2lite-bf16"),

@@ -26,10 +26,13 @@ TEST_P(Speculative, GreedyOutputIsPlainGreedy) {
   opt.stop_at_eos = false;
   const GenerateResult plain = generate(model, prompt, opt);
   opt.speculative_mtp = true;
-  const GenerateResult spec = generate(model, prompt, opt);
-  EXPECT_EQ(spec.tokens, plain.tokens);
-  EXPECT_GT(spec.drafted, 0);
-  EXPECT_EQ(spec.decode_steps + spec.accepted, int64_t(spec.tokens.size()) - 1);  // each step: 1 token, 2 if accepted
+  for (int64_t draft = 1; draft <= 4; ++draft) {  // beyond 1: the module chained on its own output
+    opt.draft = draft;
+    const GenerateResult spec = generate(model, prompt, opt);
+    EXPECT_EQ(spec.tokens, plain.tokens) << "draft " << draft;
+    EXPECT_GT(spec.drafted, 0);
+    EXPECT_EQ(spec.decode_steps + spec.accepted, int64_t(spec.tokens.size()) - 1);  // a check: 1 token + those kept
+  }
 }
 
 // The MTP module's alignment: each draft is the module's greedy prediction at the position
@@ -110,9 +113,10 @@ TEST(SpeculativeSampling, TokensFollowTheModelsDistribution) {
   std::map<std::pair<int32_t, int32_t>, int> seen;
   int64_t drafted = 0, accepted = 0;
   GenerateOptions opt;
-  opt.max_tokens = 3;  // t0 from the prompt, then one checked draft
+  opt.max_tokens = 4;  // t0 from the prompt, then one check of two drafts decides t1
   opt.stop_at_eos = false;
   opt.speculative_mtp = true;
+  opt.draft = 2;
   opt.sampling = sp;
   for (int s = 0; s < runs; ++s) {
     opt.sampling.seed = uint64_t(s);
@@ -157,6 +161,17 @@ TEST(SpeculativeSampling, CheckDraftReturnsTheModelsDistribution) {
   EXPECT_LT(chi2, 16.27) << "chi-square, 3 degrees of freedom, p = 0.001";
   // Acceptance probability: sum over d of q(d) min(1, p(d)/q(d)) = sum min(p, q) = 0.5.
   EXPECT_NEAR(double(accepted) / n, 0.5, 0.02);
+
+  // The test tells a wrong rule apart: "keep the draft if it is the model's most likely token,
+  // else draw from the model" skews the output towards the draft's choices.
+  std::vector<int> naive(p.size(), 0);
+  for (int i = 0; i < n; ++i) {
+    const int32_t d = sampler.draw(q);
+    ++naive[size_t(d == 1 ? d : sampler.draw(p))];
+  }
+  double chi2_naive = 0;
+  for (size_t t = 0; t < 4; ++t) chi2_naive += (naive[t] - p[t] * n) * (naive[t] - p[t] * n) / (p[t] * n);
+  EXPECT_GT(chi2_naive, 16.27) << "the naive rule should fail the same chi-square test";
 }
 
 }  // namespace

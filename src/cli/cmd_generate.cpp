@@ -208,8 +208,8 @@ void run(const GenerateFlags& f) {
   opt.max_tokens = f.max_tokens;
   opt.speculative_mtp = f.speculative == "mtp";
   if (f.draft != 1 && !opt.speculative_mtp) fail("--draft ", f.draft, " goes with --speculative mtp");
-  if (f.draft != 1)
-    fail("--draft ", f.draft, ": the MTP module drafts one token per step (DeepSeek-V3 ships one module, depth 1)");
+  if (f.draft < 1 || f.draft > 8) fail("--draft must be in 1..8, not ", f.draft);
+  opt.draft = f.draft;
   opt.sampling.temperature = f.temperature;
   opt.sampling.top_p = f.top_p;
   opt.sampling.top_k = f.top_k;
@@ -274,7 +274,8 @@ void add_generate(CLI::App& app) {
                   "speculative decoding: mtp (the checkpoint's MTP module drafts, the model checks; same output "
                   "distribution, greedy output unchanged)")
       ->check(CLI::IsMember({"mtp"}));
-  cmd->add_option("--draft", f->draft, "tokens drafted per step (the MTP module: 1)")->capture_default_str();
+  cmd->add_option("--draft", f->draft, "with --speculative mtp: tokens drafted per check, 1..8 (beyond 1 the module "
+                  "is chained on its own output)")->capture_default_str();
   cmd->add_option("--prompts", f->prompts,
                   "a JSONL file of prompts ({\"prompt\": text} or {\"prompt_ids\": [ids]}, optional max_tokens) "
                   "generated together; one JSON line per result");

@@ -26,16 +26,17 @@ namespace {
 GenerateResult generate_speculative(Transformer& model, const std::vector<int32_t>& prompt, const GenerateOptions& opt,
                                     const std::function<void(int32_t)>& on_token) {
   const ModelConfig& c = model.config();
-  const int64_t vocab = c.vocab_size, dim = c.hidden_size, P = int64_t(prompt.size());
-  // A check feeds [t, d] only while two tokens are still to come, so P + max_tokens - 1
-  // rows suffice, as for plain decoding.
+  const int64_t vocab = c.vocab_size, dim = c.hidden_size, P = int64_t(prompt.size()), N = opt.draft;
+  // A check feeds [t, d_1 .. d_n] only while n + 1 tokens are still to come, so P +
+  // max_tokens - 1 rows suffice, as for plain decoding.
   const int64_t capacity = P + opt.max_tokens;
   GenerateResult r;
   Sampler sampler(opt.sampling);
   KvCache cache(c, capacity), mtp_cache(c, capacity, 1);
-  std::vector<float> logits(static_cast<size_t>(2 * vocab)), draft_logits(static_cast<size_t>(vocab)), p, q;
-  std::vector<float> hidden(static_cast<size_t>(2 * dim));
-  std::vector<int32_t> next;
+  std::vector<float> logits(static_cast<size_t>((N + 1) * vocab)), draft_logits(static_cast<size_t>(vocab)), p;
+  std::vector<std::vector<float>> q(static_cast<size_t>(N));  // each draft's distribution
+  std::vector<float> hidden(static_cast<size_t>((N + 1) * dim)), chained(static_cast<size_t>(dim));
+  std::vector<int32_t> next, check, drafts;
   using clock = std::chrono::steady_clock;
   // Emits a token; true when generation ends with it.
   auto emit = [&](int32_t t) {
@@ -43,6 +44,12 @@ GenerateResult generate_speculative(Transformer& model, const std::vector<int32_
     if (on_token) on_token(t);
     if (opt.stop_at_eos && c.is_eos(t)) return r.stopped_at_eos = true;
     return int64_t(r.tokens.size()) >= opt.max_tokens;
+  };
+  // The MTP module over newly committed positions (h rows, each with the token after it):
+  // its prediction two ahead of the last, and its output state there (for a chained draft).
+  auto mtp = [&](const int32_t* tokens_after, const float* h, int64_t n) {
+    model.forward_mtp(tokens_after, h, n, mtp_cache, draft_logits.data());
+    std::copy(model.last_mtp_hidden() + (n - 1) * dim, model.last_mtp_hidden() + n * dim, chained.begin());
   };
 
   auto t0 = clock::now();
@@ -54,41 +61,60 @@ GenerateResult generate_speculative(Transformer& model, const std::vector<int32_
   // The MTP module over the prompt: position i combines h_i with token i+1 (the last with t).
   next.assign(prompt.begin() + 1, prompt.end());
   next.push_back(t);
-  model.forward_mtp(next.data(), model.last_hidden(), P, mtp_cache, draft_logits.data());
+  mtp(next.data(), model.last_hidden(), P);
   bool done = emit(t);
   while (!done) {
-    if (int64_t(r.tokens.size()) + 1 == opt.max_tokens) {  // one token left: a plain step
+    const int64_t left = opt.max_tokens - int64_t(r.tokens.size());
+    if (left == 1) {  // one token left: a plain step
       model.forward(&t, 1, cache, logits.data(), false);
       ++r.decode_steps;
       sampler.distribution(logits.data(), vocab, p);
       emit(sampler.draw(p));
       break;
     }
-    sampler.distribution(draft_logits.data(), vocab, q);
-    const int32_t d = sampler.draw(q);
-    r.drafts.push_back(d);
-    const int32_t pair[2] = {t, d};
-    model.forward(pair, 2, cache, logits.data(), true);
-    ++r.decode_steps, ++r.drafted;
-    std::copy(model.last_hidden(), model.last_hidden() + 2 * dim, hidden.begin());
-    sampler.distribution(logits.data(), vocab, p);  // the model's distribution after t
-    bool accepted = false;
-    const int32_t a = check_draft(p, q, d, sampler, accepted);
-    if (accepted) {  // d, then the model's token after it
-      ++r.accepted;
-      if ((done = emit(d))) break;
-      sampler.distribution(logits.data() + vocab, vocab, p);
-      const int32_t after = sampler.draw(p);
-      done = emit(after);
-      const int32_t pair_next[2] = {d, after};
-      if (!done) model.forward_mtp(pair_next, hidden.data(), 2, mtp_cache, draft_logits.data());
-      t = after;
-    } else {  // rejected: a, drawn from what the draft under-covers; d's position dropped
-      cache.truncate(cache.length() - 1);
-      done = emit(a);
-      if (!done) model.forward_mtp(&a, hidden.data(), 1, mtp_cache, draft_logits.data());
-      t = a;
+    // Drafts: the first from the module's last committed position, each further one from the
+    // module applied to its own output and the draft before (speculative positions of the
+    // module's cache, dropped after the check).
+    const int64_t n = std::min(N, left - 1), committed = mtp_cache.length();
+    drafts.clear();
+    for (int64_t j = 0; j < n; ++j) {
+      if (j > 0) model.forward_mtp(&drafts.back(), chained.data(), 1, mtp_cache, draft_logits.data()),
+                 std::copy(model.last_mtp_hidden(), model.last_mtp_hidden() + dim, chained.begin());
+      sampler.distribution(draft_logits.data(), vocab, q[size_t(j)]);
+      drafts.push_back(sampler.draw(q[size_t(j)]));
     }
+    mtp_cache.truncate(committed);
+    r.drafts.insert(r.drafts.end(), drafts.begin(), drafts.end());
+    // One forward of the model over [t, d_1 .. d_n] checks them in order.
+    check.assign(1, t);
+    check.insert(check.end(), drafts.begin(), drafts.end());
+    model.forward(check.data(), n + 1, cache, logits.data(), true);
+    std::copy(model.last_hidden(), model.last_hidden() + (n + 1) * dim, hidden.begin());
+    ++r.decode_steps, r.drafted += n;
+    int64_t kept = 0;
+    int32_t last = -1;
+    for (; kept < n; ++kept) {
+      sampler.distribution(logits.data() + kept * vocab, vocab, p);  // the model's after position kept
+      bool accepted = false;
+      last = check_draft(p, q[size_t(kept)], drafts[size_t(kept)], sampler, accepted);
+      if (!accepted) break;
+      ++r.accepted;
+      if ((done = emit(last))) break;
+    }
+    if (done) break;
+    if (kept == n) {  // all kept: the model's token after the last draft too
+      sampler.distribution(logits.data() + n * vocab, vocab, p);
+      last = sampler.draw(p);
+    }
+    // Committed: t and the kept drafts; the rejected drafts' positions are dropped.
+    cache.truncate(cache.length() - (n - kept));
+    done = emit(last);
+    if (done) break;
+    // The module over the committed positions, with the true states of the model.
+    next.assign(drafts.begin(), drafts.begin() + kept);
+    next.push_back(last);
+    mtp(next.data(), hidden.data(), kept + 1);
+    t = last;
   }
   r.decode_seconds = std::chrono::duration<double>(clock::now() - t0).count();
   return r;
@@ -112,6 +138,7 @@ GenerateResult generate(Transformer& model, const std::vector<int32_t>& prompt, 
   if (opt.speculative_mtp) {
     if (c.num_nextn_predict_layers < 1 || model.weights().mtp.empty())
       fail("--speculative mtp: this checkpoint has no MTP module (num_nextn_predict_layers = 0)");
+    if (opt.draft < 1 || opt.draft > 8) fail("--draft must be in 1..8, not ", opt.draft);
     return generate_speculative(model, prompt, opt, on_token);
   }
   Sampler sampler(opt.sampling);

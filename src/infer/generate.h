@@ -22,6 +22,10 @@ struct GenerateOptions {
   // output (up to ties within float rounding: the check's two-row forward rounds its sums in
   // another order than a one-row step).
   bool speculative_mtp = false;
+  // Drafts per check (1..8): beyond the first, the module is applied again to its own output
+  // and the draft before it (the released module was trained for depth 1, so later drafts
+  // are accepted less often). The model checks all of them in one forward of draft + 1 tokens.
+  int64_t draft = 1;
 };
 
 struct GenerateResult {

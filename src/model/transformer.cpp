@@ -146,6 +146,7 @@ void Transformer::forward_mtp(const int32_t* next_tokens, const float* h_prev, i
   float* h = mtp_arena_.alloc(size_t(n * dim));
   mtp_forward<float>(ctx, w, next_tokens, h_prev, mtp_rows_, cache.layer(0), h, mtp_arena_, nullptr, &moe_state_);
   cache.advance(n);
+  last_mtp_hidden_ = h;
   head_forward(c, w.shared_head_norm, w.shared_head_head, h + (n - 1) * dim, 1, logits, mtp_arena_);
 }
 

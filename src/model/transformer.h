@@ -82,6 +82,9 @@ class Transformer {
   // next_tokens[i] (the token one ahead). Writes the last token's logits [vocab], its
   // prediction of the token two ahead. The speculative decoder's draft.
   void forward_mtp(const int32_t* next_tokens, const float* h_prev, int64_t n, KvCache& cache, float* logits);
+  // The module's output states h^1 of the last forward_mtp's tokens [n, hidden] (what a
+  // chained draft feeds back in as h_prev). Valid until the next forward_mtp.
+  const float* last_mtp_hidden() const { return last_mtp_hidden_; }
 
  private:
   template <typename LayerOf>
@@ -98,6 +101,7 @@ class Transformer {
   MoeState<float> moe_state_;  // an MoE layer's routing and dispatch (one layer at a time)
   Arena arena_;                // every other activation and scratch
   const float* last_hidden_ = nullptr;  // in arena_, see last_hidden()
+  const float* last_mtp_hidden_ = nullptr;  // in mtp_arena_
   Arena mtp_arena_;                     // forward_mtp's, so last_hidden() outlives it
   TokenRows mtp_rows_;
   RopeAngles mtp_angles_;
