@@ -129,6 +129,46 @@ double bytes_per_token(const Transformer& m) {
          double(w.lm_head.bytes());
 }
 
+// Bytes of weights one step of B decoding sequences reads: every dense matrix, the router
+// and shared experts once, and of the routed experts the expected number that B tokens
+// choose, E (1 - (1 - k/E)^B) per layer (routing taken as uniform: an estimate), then B
+// rows of the lm_head's product (the whole head once) and B embedding rows.
+double bytes_per_step(const Transformer& m, int B) {
+  const ModelConfig& c = m.config();
+  const ModelWeights& w = m.weights();
+  const double E = double(c.n_routed_experts), k = double(c.num_experts_per_tok);
+  const double experts = E > 0 ? E * (1 - std::pow(1 - k / E, B)) : 0;
+  double b = 0;
+  auto mlp = [](const MlpWeights& e) { return double(e.gate_proj.bytes() + e.up_proj.bytes() + e.down_proj.bytes()); };
+  for (const LayerWeights& l : w.layers) {
+    const MlaWeights& a = l.self_attn;
+    b += double(a.q_a_proj.bytes() + a.q_b_proj.bytes() + a.q_proj.bytes() + a.kv_a_proj_with_mqa.bytes() +
+                a.kv_b_proj.bytes() + a.o_proj.bytes());
+    if (l.is_moe) b += double(l.moe.gate.bytes()) + mlp(l.moe.shared_experts) + experts * mlp(l.moe.experts[0]);
+    else b += mlp(l.mlp);
+  }
+  return b + double(w.lm_head.bytes()) + B * double(w.embed_tokens.row_bytes());
+}
+
+// Time of one forward of n new tokens after a 64-token prompt (best of `runs`): a speculative
+// check of n - 1 drafts against a one-token step.
+double step_seconds(Transformer& m, int n, int runs) {
+  const ModelConfig& c = m.config();
+  KvCache cache(c, 64 + 16);
+  std::vector<int32_t> ids;
+  for (int i = 0; i < 64 + 16; ++i) ids.push_back(int32_t(2 + i * 37 % 31000));
+  std::vector<float> logits(size_t(n) * size_t(c.vocab_size));
+  m.forward(ids.data(), 64, cache, logits.data(), false);
+  double best = 1e9;
+  for (int r = 0; r < runs; ++r) {
+    cache.truncate(64);
+    const auto t0 = std::chrono::steady_clock::now();
+    m.forward(ids.data() + 64, n, cache, logits.data(), true);
+    best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  }
+  return best;
+}
+
 // Useful FLOPs of a prefill of n tokens: 2 per weight of the layers for every token, and the
 // lm_head once (only the last position's logits are computed). Attention's own products
 // (QK^T, PV) are left out, as MFU counts do for short prompts.
@@ -287,6 +327,32 @@ int main(int argc, char** argv) {
     }
     std::printf("%-6s one at a time %7.1f tok/s, 8 at once %7.1f tok/s: %.2fx\n", f ? "FP8" : "BF16", one, eight,
                 eight / one);
+  }
+
+  // Aggregate decoding throughput against the batch size (the batched-inference issue's
+  // target: batch 16 at >= 8x batch 1), with the weights a step reads as a fraction of the
+  // bandwidth measured here.
+  const double bw_now = std::max(bandwidth.measure(2), bandwidth.measure(2));
+  std::printf("\ndecode throughput by batch (B prompts of 16 tokens, 32 generated each, all at once; weights read "
+              "per step estimated for uniform routing; bandwidth %.1f GB/s):\n", bw_now / 1e9);
+  for (int f = 0; f < 2; ++f) {
+    double base = 0;
+    for (int B : {1, 2, 4, 8, 16, 32}) {
+      const double t = batch_tok_s(models[f], B, B, 32);
+      if (B == 1) base = t;
+      const double steps_per_s = t / B;
+      std::printf("%-6s batch %2d: %7.1f tok/s (%5.2fx batch 1), weights %5.1f GB/s = %5.1f%% of bandwidth\n",
+                  f ? "FP8" : "BF16", B, t, t / base, bytes_per_step(models[f], B) * steps_per_s / 1e9,
+                  100 * bytes_per_step(models[f], B) * steps_per_s / bw_now);
+    }
+  }
+  // A speculative check: one forward of n = drafts + 1 tokens against a one-token step.
+  std::printf("\nspeculative check cost (one forward of 1 + N tokens against one token, best of 5):\n");
+  for (int f = 0; f < 2; ++f) {
+    const double one = step_seconds(models[f], 1, 5);
+    std::printf("%-6s", f ? "FP8" : "BF16");
+    for (int n : {2, 3, 5}) std::printf("  N=%d: %.2fx", n - 1, step_seconds(models[f], n, 5) / one);
+    std::printf("\n");
   }
 
   // Prefill against the float32 GEMM peak measured here (the speed issue's target: 70 %).
