@@ -333,8 +333,9 @@ int main(int argc, char** argv) {
   // target: batch 16 at >= 8x batch 1), with the weights a step reads as a fraction of the
   // bandwidth measured here.
   const double bw_now = std::max(bandwidth.measure(2), bandwidth.measure(2));
-  std::printf("\ndecode throughput by batch (B prompts of 16 tokens, 32 generated each, all at once; weights read "
-              "per step estimated for uniform routing; bandwidth %.1f GB/s):\n", bw_now / 1e9);
+  std::printf("\ndecode throughput by batch (B prompts of 16 tokens, 32 generated each, all at once, the prompts' "
+              "reading included; weights read per step estimated for decoding steps and uniform routing; bandwidth "
+              "%.1f GB/s):\n", bw_now / 1e9);
   for (int f = 0; f < 2; ++f) {
     double base = 0;
     for (int B : {1, 2, 4, 8, 16, 32}) {

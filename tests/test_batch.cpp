@@ -160,6 +160,23 @@ TEST_P(BatchStep, PagedCacheGivesTheSameLogits) {
   EXPECT_EQ(cache.free_pages(), cache.pages());
 }
 
+// A fork at a page boundary shares only full pages: each side's next write takes a page of
+// its own, nothing is copied.
+TEST(PagedKvCache, ForkAtAPageBoundaryCopiesNothing) {
+  Transformer model(test::golden_dir("tiny-v3-bf16"));
+  PagedKvCache cache(model.config(), 4);
+  PageTable a;
+  extend(cache, a, 64);
+  PageTable b = fork(cache, a);
+  EXPECT_EQ(cache.refs(a.pages[0]), 2);
+  extend(cache, a, 1), extend(cache, b, 1);
+  EXPECT_EQ(a.pages[0], b.pages[0]);
+  EXPECT_NE(a.pages[1], b.pages[1]);
+  EXPECT_EQ(cache.free_pages(), 1);  // 3 taken: the shared one and one each
+  release(cache, a), release(cache, b);
+  EXPECT_EQ(cache.free_pages(), 4);
+}
+
 TEST(PagedKvCache, AFullPoolNamesItsSize) {
   Transformer model(test::golden_dir("tiny-v3-bf16"));
   PagedKvCache cache(model.config(), 2);

@@ -186,6 +186,7 @@ void run(const GenerateFlags& f) {
     return;
   }
   if (f.prompt.empty() == f.prompt_ids.empty()) fail("give exactly one of --prompt and --prompt-ids");
+  if (f.kv_cache_tokens != 0 || f.max_batch != 16) fail("--kv-cache-tokens and --max-batch go with --prompts");
   std::unique_ptr<Tokenizer> tokenizer;
   std::vector<int32_t> prompt;
   if (!f.prompt.empty()) {

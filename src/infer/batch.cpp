@@ -27,7 +27,7 @@ int64_t cache_pages(const ModelConfig& c, int64_t max_sequences, int64_t max_len
   if (max_len > c.max_position_embeddings)
     fail("batch: ", max_len, " positions per sequence exceed max_position_embeddings (", c.max_position_embeddings, ")");
   if (step_tokens < max_sequences) fail("batch: a step of ", step_tokens, " tokens cannot advance ", max_sequences, " sequences");
-  if (cache_tokens < 0) fail("batch: --kv-cache-tokens must be >= 0, not ", cache_tokens);
+  if (cache_tokens < 0) fail("batch: the cache's tokens must be >= 0, not ", cache_tokens);
   const int64_t P = PagedKvCache::kPageTokens;
   const int64_t tokens = cache_tokens > 0 ? cache_tokens : max_sequences * ((max_len + P - 1) / P * P);
   return (tokens + P - 1) / P;
@@ -45,8 +45,9 @@ BatchEngine::BatchEngine(Transformer& model, int64_t max_sequences, int64_t max_
       cache_(model.config(), cache_pages(model.config(), max_sequences, max_len, step_tokens, cache_tokens)) {
   slots_.resize(size_t(max_sequences));
   // Every step's lists at their largest, so that steps allocate nothing.
-  const size_t most = size_t(std::min<int64_t>(max_sequences * max_len, cache_.pages() * PagedKvCache::kPageTokens));
-  keys_.rows.reserve(most + size_t(step_tokens));
+  keys_.rows.reserve(size_t(max_sequences * max_len + step_tokens));  // forks gather shared pages once each
+  want_.reserve(size_t(max_sequences)), owner_.reserve(size_t(max_sequences)), order_.reserve(size_t(max_sequences));
+  logits_.reserve(size_t(max_sequences * model.config().vocab_size));
   ids_.reserve(size_t(step_tokens)), tables_.reserve(size_t(step_tokens)), pos_.reserve(size_t(step_tokens));
   rows_.pos.reserve(size_t(step_tokens)), rows_.row.reserve(size_t(step_tokens));
   keys_.keys.pos.reserve(size_t(step_tokens)), keys_.keys.row.reserve(size_t(step_tokens));
@@ -141,6 +142,7 @@ int64_t BatchEngine::fork(int64_t id, const GenerateOptions& opt) {
   // The prompt and every generated token but the last (the next step's input): the parent's
   // pages, shared.
   State& st = states_[size_t(child)];
+  st.inherited = int64_t(s.tokens.size());
   std::vector<int32_t> reserved = std::move(st.table.pages);
   st.table = dsv3::fork(cache_, states_[size_t(id)].table);
   if (st.table.pages.capacity() < reserved.capacity()) st.table.pages.reserve(reserved.capacity());
@@ -203,7 +205,7 @@ bool BatchEngine::step() {
     State& st = states_[size_t(id)];
     const int32_t t = st.sampler->sample(logits_.data() + j * size_t(vocab), vocab);
     s.tokens.push_back(t);
-    if (s.tokens.size() == 1) s.first_token_seconds = now - st.started;
+    if (int64_t(s.tokens.size()) == st.inherited + 1) s.first_token_seconds = now - st.started;
     const bool eos = st.opt.stop_at_eos && model_.config().is_eos(t);
     if (eos || int64_t(s.tokens.size()) >= st.opt.max_tokens) {
       s.finished = true, s.stopped_at_eos = eos;

@@ -25,7 +25,7 @@ class BatchEngine {
     std::vector<int32_t> prompt, tokens;  // tokens: generated so far (EOS included)
     int64_t read = 0;                     // prompt tokens already in the cache
     bool finished = false, stopped_at_eos = false, cancelled = false;
-    double first_token_seconds = 0, seconds = 0;  // since add()
+    double first_token_seconds = 0, seconds = 0;  // since add() (a fork: to its first own token)
   };
 
   // Up to max_sequences running at once, each up to max_len positions (prompt and generated
@@ -63,6 +63,7 @@ class BatchEngine {
     double started = 0;
     PageTable table;  // its positions' pages
     int64_t end = 0;  // the positions it may reach: prompt + max_tokens - 1
+    int64_t inherited = 0;  // tokens a fork started with
   };
   int64_t pages_still_needed() const;  // by the running sequences, to reach their ends
   // add(), with the pages the new sequence will take (-1: all it will reach).

@@ -158,8 +158,16 @@ void mla_forward(const MlaContext& ctx, const MlaWeights& w, const T* x, const T
     if (tokens.pos[size_t(t)] < 0 || (!cache.gather && tokens.first_row(t) < 0))
       fail("mla: token ", t, " at position ", tokens.pos[size_t(t)], " in cache row ", tokens.row[size_t(t)],
            " has no room for its sequence's earlier positions");
-  if (cache.gather && cache.gather->keys.size() != n)
-    fail("mla: key rows given for ", cache.gather->keys.size(), " tokens, not ", n);
+  if (cache.gather) {
+    const KeyGather& g = *cache.gather;
+    if (g.keys.size() != n) fail("mla: key rows given for ", g.keys.size(), " tokens, not ", n);
+    const int64_t G = int64_t(g.rows.size());
+    for (int64_t t = 0; t < n; ++t)
+      if (g.keys.pos[size_t(t)] != tokens.pos[size_t(t)] || g.keys.first_row(t) < 0 || g.keys.row[size_t(t)] >= G)
+        fail("mla: token ", t, "'s gathered keys do not match its position ", tokens.pos[size_t(t)]);
+    for (int64_t r : g.rows)
+      if (r < 0) fail("mla: gathered key row ", r, " is negative");
+  }
   if (ctx.angles.cos.size() < size_t(n * d.R / 2) || ctx.angles.sin.size() < size_t(n * d.R / 2))
     fail("mla: RoPE angles for ", ctx.angles.cos.size() / size_t(std::max<int64_t>(d.R / 2, 1)), " tokens, not ", n);
   if (record && (ctx.form != AttnForm::naive || !cache.empty()))

@@ -117,6 +117,9 @@ void Transformer::forward_rows(const int32_t* tokens, const TokenRows& rows, KvC
 
 void Transformer::forward_rows(const int32_t* tokens, const TokenRows& rows, PagedKvCache& cache, const KeyGather& keys,
                                const int64_t* logit_tokens, int64_t count, float* logits) {
+  const int64_t pool = cache.pages() * PagedKvCache::kPageTokens;
+  for (int64_t r : keys.rows)
+    if (r < 0 || r >= pool) fail("forward: gathered key row ", r, " outside the cache's ", pool, " rows");
   run_rows(
       tokens, rows, cache.pages() * PagedKvCache::kPageTokens,
       [&](int64_t l) {
