@@ -265,6 +265,72 @@ TEST(BatchEngine, ForkContinuesFromTheParent) {
   EXPECT_EQ(engine.free_pages(), all_free);  // every page back in the pool
 }
 
+// Speculative decoding inside the batch: 32 sequences at once, every fourth plain and the
+// others checking 1..4 MTP drafts a step, prompts of different lengths read in chunks, each
+// greedy sequence ending with the tokens of plain decoding alone; on every golden checkpoint.
+class BatchSpeculation : public testing::TestWithParam<const char*> {};
+
+TEST_P(BatchSpeculation, ThirtyTwoSequencesGetTheirPlainTokens) {
+  Transformer model(test::golden_dir(GetParam()));
+  SafetensorsFile golden(test::golden_dir(GetParam()) + "/golden.safetensors");
+  const auto all = test::read_i32(golden, "tokens_3");
+  GenerateOptions plain;
+  plain.max_tokens = 10;
+  plain.stop_at_eos = false;
+  std::vector<std::vector<int32_t>> prompts, alone, alone_drafts;
+  for (int i = 0; i < 32; ++i) {
+    prompts.emplace_back(all.begin() + i, all.begin() + i + 3 + (i * 7) % 23);
+    alone.push_back(generate(model, prompts.back(), plain).tokens);
+    GenerateOptions spec = plain;
+    spec.speculative_mtp = true, spec.draft = 1 + i % 4;
+    alone_drafts.push_back(generate(model, prompts.back(), spec).drafts);  // the drafts alone
+  }
+  BatchEngine engine(model, 32, 40, 48);  // a step of 48 tokens: prompts read in chunks
+  std::vector<int64_t> ids;
+  for (int i = 0; i < 32; ++i) {
+    GenerateOptions opt = plain;
+    opt.speculative_mtp = i % 4 != 0;
+    opt.draft = 1 + i % 4;
+    ids.push_back(engine.add(prompts[size_t(i)], opt));
+    ASSERT_GE(ids.back(), 0);
+  }
+  while (engine.step()) {
+  }
+  for (int i = 0; i < 32; ++i) {
+    EXPECT_EQ(engine.sequence(ids[size_t(i)]).tokens, alone[size_t(i)]) << "sequence " << i;
+    // The same drafts as alone: the module sees the same states at the same positions.
+    if (i % 4 != 0) EXPECT_EQ(engine.sequence(ids[size_t(i)]).drafts, alone_drafts[size_t(i)]) << "sequence " << i;
+  }
+  EXPECT_EQ(engine.free_pages(), BatchEngine(model, 32, 40, 48).free_pages());  // every page back
+}
+
+INSTANTIATE_TEST_SUITE_P(Checkpoints, BatchSpeculation, testing::Values("tiny-v3-bf16", "tiny-v3-fp8", "tiny-v2lite-bf16"),
+                         [](const testing::TestParamInfo<const char*>& i) {
+                           std::string s = i.param;
+                           std::replace(s.begin(), s.end(), '-', '_');
+                           return s;
+                         });
+
+// Prefill chunks of two tokens (a step budget of 2) with speculative sequences.
+TEST(BatchEngine, SpeculativeWithTwoTokenSteps) {
+  Transformer model(test::golden_dir("tiny-v3-bf16"));
+  SafetensorsFile golden(test::golden_dir("tiny-v3-bf16") + "/golden.safetensors");
+  const auto all = test::read_i32(golden, "tokens_3");
+  GenerateOptions opt;
+  opt.max_tokens = 12;
+  opt.stop_at_eos = false;
+  const std::vector<int32_t> a(all.begin(), all.begin() + 9), b(all.begin() + 20, all.begin() + 33);
+  const auto alone_a = generate(model, a, opt).tokens, alone_b = generate(model, b, opt).tokens;
+  opt.speculative_mtp = true;
+  opt.draft = 3;
+  BatchEngine engine(model, 2, 32, 2);
+  const int64_t ia = engine.add(a, opt), ib = engine.add(b, opt);
+  while (engine.step()) {
+  }
+  EXPECT_EQ(engine.sequence(ia).tokens, alone_a);
+  EXPECT_EQ(engine.sequence(ib).tokens, alone_b);
+}
+
 // A lone prompt longer than a step's budget: steps that only read prompt (no logits) first.
 TEST(BatchEngine, LongPromptReadOverSeveralSteps) {
   Transformer model(test::golden_dir("tiny-v3-fp8"));

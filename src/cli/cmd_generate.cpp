@@ -134,7 +134,7 @@ void run_batch(const GenerateFlags& f, const GenerateOptions& base) {
   std::vector<int64_t> ids(requests.size(), -1);
   std::vector<bool> reported(requests.size(), false);
   size_t next = 0;
-  int64_t generated = 0;
+  int64_t generated = 0, drafted = 0, accepted = 0;
   const auto t0 = std::chrono::steady_clock::now();
   for (;;) {
     while (next < requests.size()) {
@@ -148,6 +148,7 @@ void run_batch(const GenerateFlags& f, const GenerateOptions& base) {
       if (!s.finished || reported[i]) continue;
       reported[i] = true;
       generated += int64_t(s.tokens.size());
+      drafted += int64_t(s.drafts.size()), accepted += s.accepted;
       nlohmann::json out;
       out["index"] = i;
       if (tokenizer) out["text"] = tokenizer->decode(s.tokens, true);
@@ -162,18 +163,22 @@ void run_batch(const GenerateFlags& f, const GenerateOptions& base) {
     }
   }
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  std::fprintf(stderr, "%zu prompts, %ld tokens generated in %.3f s (%.1f tok/s), up to %ld at once\n", requests.size(),
+  std::fprintf(stderr, "%zu prompts, %ld tokens generated in %.3f s (%.1f tok/s), up to %ld at once", requests.size(),
                long(generated), seconds, double(generated) / std::max(seconds, 1e-9), long(slots));
+  if (base.speculative_mtp)
+    std::fprintf(stderr, " | MTP drafts accepted: %ld of %ld (%.1f %%)", long(accepted), long(drafted),
+                 drafted ? 100.0 * double(accepted) / double(drafted) : 0.0);
+  std::fprintf(stderr, "\n");
 }
 
 void run(const GenerateFlags& f) {
   set_threads(f.threads);
   if (!f.prompts.empty()) {
     if (!f.prompt.empty() || !f.prompt_ids.empty()) fail("give --prompts, or one of --prompt and --prompt-ids, not both");
-    if (!f.speculative.empty()) fail("--speculative runs one sequence; it does not combine with --prompts yet");
     if (f.max_batch < 1) fail("--max-batch must be >= 1");
     if (f.max_tokens < 1) fail("--max-tokens must be >= 1");
-    if (f.draft != 1) fail("--draft goes with --speculative, which does not combine with --prompts yet");
+    if (f.draft != 1 && f.speculative.empty()) fail("--draft ", f.draft, " goes with --speculative mtp");
+    if (f.draft < 1 || f.draft > 8) fail("--draft must be in 1..8, not ", f.draft);
     GenerateOptions opt;
     opt.max_tokens = f.max_tokens;
     opt.sampling.temperature = f.temperature;
@@ -181,6 +186,8 @@ void run(const GenerateFlags& f) {
     opt.sampling.top_k = f.top_k;
     opt.sampling.seed = f.seed >= 0 ? uint64_t(f.seed)
                                     : uint64_t(std::chrono::steady_clock::now().time_since_epoch().count());
+    opt.speculative_mtp = f.speculative == "mtp";
+    opt.draft = f.draft;
     Sampler check(opt.sampling);  // bad sampling flags fail before the model loads
     run_batch(f, opt);
     return;

@@ -91,7 +91,11 @@ int64_t BatchEngine::add_sequence(std::vector<int32_t> prompt, const GenerateOpt
     if (prompt[i] < 0 || prompt[i] >= c.vocab_size)
       fail("batch: prompt token ", prompt[i], " at index ", i, " is outside the vocabulary [0, ", c.vocab_size, ")");
   if (opt.max_tokens < 1) fail("batch: max-tokens must be >= 1");
-  if (opt.speculative_mtp) fail("batch: speculative decoding runs one sequence at a time for now");
+  if (opt.speculative_mtp) {
+    if (c.num_nextn_predict_layers < 1 || model_.weights().mtp.empty())
+      fail("batch: --speculative mtp: this checkpoint has no MTP module (num_nextn_predict_layers = 0)");
+    if (opt.draft < 1 || opt.draft > 8) fail("batch: --draft must be in 1..8, not ", opt.draft);
+  }
   if (opt.max_tokens > max_len_ - int64_t(prompt.size()))  // (no overflow for a huge max_tokens)
     fail("batch: prompt (", prompt.size(), " tokens) + max-tokens (", opt.max_tokens, ") exceeds the ", max_len_,
          " positions a sequence has");
@@ -117,6 +121,13 @@ int64_t BatchEngine::add_sequence(std::vector<int32_t> prompt, const GenerateOpt
   st.started = now_seconds();
   st.end = end;
   st.table.pages.reserve(size_t(pages_for(end)));
+  if (opt.speculative_mtp) {
+    seqs_.back()->drafts.reserve(size_t(opt.max_tokens * opt.draft));
+    st.mtp = std::make_unique<KvCache>(c, end + 1, 1);
+    st.draft_logits.resize(size_t(c.vocab_size)), st.mtp_hidden.resize(size_t(c.hidden_size));
+    st.q.assign(size_t(opt.draft), std::vector<float>(size_t(c.vocab_size)));
+    st.drafts.reserve(size_t(opt.draft)), st.next.reserve(size_t(std::max<int64_t>(end + 1, opt.draft + 1)));
+  }
   states_.push_back(std::move(st));
   free->id = id;
   return id;
@@ -143,6 +154,18 @@ int64_t BatchEngine::fork(int64_t id, const GenerateOptions& opt) {
   // pages, shared.
   State& st = states_[size_t(child)];
   st.inherited = int64_t(s.tokens.size());
+  const State& from = states_[size_t(id)];
+  if (st.mtp && from.mtp) {  // the module's cache and prediction too (copied: one layer)
+    const ModelConfig& c = model_.config();
+    const int64_t len = from.mtp->length();
+    const LayerCache<float> src = from.mtp->layer(0), dst = st.mtp->layer(0);
+    std::copy_n(src.latent, size_t(len * c.kv_lora_rank), dst.latent);
+    std::copy_n(src.k_pe, size_t(len * c.qk_rope_head_dim), dst.k_pe);
+    st.mtp->advance(len);
+    st.draft_logits = from.draft_logits, st.mtp_hidden = from.mtp_hidden;
+  } else if (st.mtp) {
+    fail("batch: a speculative fork needs a speculative parent (its MTP cache)");
+  }
   std::vector<int32_t> reserved = std::move(st.table.pages);
   st.table = dsv3::fork(cache_, states_[size_t(id)].table);
   if (st.table.pages.capacity() < reserved.capacity()) st.table.pages.reserve(reserved.capacity());
@@ -158,10 +181,31 @@ void BatchEngine::cancel(int64_t id) {
   finish(id);
 }
 
+void BatchEngine::run_mtp(State& st, const int32_t* next_tokens, const float* hidden, int64_t n) {
+  const int64_t dim = model_.config().hidden_size;
+  model_.forward_mtp(next_tokens, hidden, n, *st.mtp, st.draft_logits.data());
+  std::copy(model_.last_mtp_hidden() + (n - 1) * dim, model_.last_mtp_hidden() + n * dim, st.mtp_hidden.begin());
+}
+
+bool BatchEngine::emit(int64_t id, int32_t t, double now) {
+  Sequence& s = *seqs_[size_t(id)];
+  State& st = states_[size_t(id)];
+  s.tokens.push_back(t);
+  if (int64_t(s.tokens.size()) == st.inherited + 1) s.first_token_seconds = now - st.started;
+  const bool eos = st.opt.stop_at_eos && model_.config().is_eos(t);
+  if (!eos && int64_t(s.tokens.size()) < st.opt.max_tokens) return false;
+  s.finished = true, s.stopped_at_eos = eos;
+  s.seconds = now - st.started;
+  finish(id);
+  return true;
+}
+
 bool BatchEngine::step() {
-  ids_.clear(), tables_.clear(), pos_.clear(), want_.clear(), owner_.clear();
+  ids_.clear(), tables_.clear(), pos_.clear(), want_.clear(), owner_.clear(), work_.clear();
   int64_t budget = step_tokens_;
-  // Decoding sequences first (one token each), then prompt chunks in the order of arrival.
+  const int64_t vocab = model_.config().vocab_size, dim = model_.config().hidden_size;
+  // Decoding sequences first (one token each, or a speculative check of 1 + drafts), then
+  // prompt chunks in the order of arrival.
   std::vector<int64_t>& order = order_;  // kept between steps, as every buffer here
   order.clear();
   for (const Slot& s : slots_)
@@ -175,46 +219,98 @@ bool BatchEngine::step() {
   }
   for (int64_t id : order) {
     Sequence& s = *seqs_[size_t(id)];
-    PageTable& table = states_[size_t(id)].table;
+    State& st = states_[size_t(id)];
+    PageTable& table = st.table;
     const int64_t P = int64_t(s.prompt.size());
-    if (s.read == P) {  // decoding: the last token in, its logits out
-      const int64_t pos = P + int64_t(s.tokens.size()) - 1;
-      extend(cache_, table, 1);
+    if (s.read == P) {  // decoding: the last token in (and drafts after it), logits for each
+      const int64_t pos = P + int64_t(s.tokens.size()) - 1, left = st.opt.max_tokens - int64_t(s.tokens.size());
+      const int64_t n = st.mtp ? std::min<int64_t>({st.opt.draft, left - 1, std::max<int64_t>(budget - 1, 0)}) : 0;
+      st.drafts.clear();
+      if (n > 0) {  // drafts: the module's prediction, then the module chained on its own output
+        const int64_t committed = st.mtp->length();
+        for (int64_t j = 0; j < n; ++j) {
+          if (j > 0) {
+            model_.forward_mtp(&st.drafts.back(), st.mtp_hidden.data(), 1, *st.mtp, st.draft_logits.data());
+            std::copy(model_.last_mtp_hidden(), model_.last_mtp_hidden() + dim, st.mtp_hidden.begin());
+          }
+          st.sampler->distribution(st.draft_logits.data(), vocab, st.q[size_t(j)]);
+          st.drafts.push_back(st.sampler->draw(st.q[size_t(j)]));
+        }
+        st.mtp->truncate(committed);
+        s.drafts.insert(s.drafts.end(), st.drafts.begin(), st.drafts.end());
+      }
+      extend(cache_, table, n + 1);
+      work_.push_back({id, int64_t(ids_.size()), n + 1, int64_t(want_.size()), n + 1, n, false});
       ids_.push_back(s.tokens.back()), tables_.push_back(&table), pos_.push_back(pos);
       want_.push_back(int64_t(ids_.size()) - 1), owner_.push_back(id);
-      --budget;
+      for (int64_t j = 0; j < n; ++j) {
+        ids_.push_back(st.drafts[size_t(j)]), tables_.push_back(&table), pos_.push_back(pos + 1 + j);
+        want_.push_back(int64_t(ids_.size()) - 1), owner_.push_back(id);
+      }
+      budget -= n + 1;
     } else if (budget > 0) {  // a chunk of the prompt; logits once its last token is in
       const int64_t len = std::min(budget, P - s.read);
       chunk_[size_t(id)] = len;
       extend(cache_, table, len);
+      const bool last = s.read + len == P;
+      work_.push_back({id, int64_t(ids_.size()), len, int64_t(want_.size()), last ? 1 : 0, 0, true});
       for (int64_t i = 0; i < len; ++i)
         ids_.push_back(s.prompt[size_t(s.read + i)]), tables_.push_back(&table), pos_.push_back(s.read + i);
-      if (s.read + len == P) want_.push_back(int64_t(ids_.size()) - 1), owner_.push_back(id);
+      if (last) want_.push_back(int64_t(ids_.size()) - 1), owner_.push_back(id);
       budget -= len;
     }
   }
   if (ids_.empty()) return false;
-  const int64_t vocab = model_.config().vocab_size;
   logits_.resize(want_.size() * size_t(vocab));
   paged_rows(tables_.data(), pos_.data(), int64_t(ids_.size()), rows_, keys_);
   model_.forward_rows(ids_.data(), rows_, cache_, keys_, want_.data(), int64_t(want_.size()), logits_.data());
+  const float* hidden = model_.last_hidden();  // the pass's states, until the next forward_rows
   const double now = now_seconds();
-  for (size_t j = 0; j < want_.size(); ++j) {
-    const int64_t id = owner_[j];
-    Sequence& s = *seqs_[size_t(id)];
-    State& st = states_[size_t(id)];
-    const int32_t t = st.sampler->sample(logits_.data() + j * size_t(vocab), vocab);
-    s.tokens.push_back(t);
-    if (int64_t(s.tokens.size()) == st.inherited + 1) s.first_token_seconds = now - st.started;
-    const bool eos = st.opt.stop_at_eos && model_.config().is_eos(t);
-    if (eos || int64_t(s.tokens.size()) >= st.opt.max_tokens) {
-      s.finished = true, s.stopped_at_eos = eos;
-      s.seconds = now - st.started;
-      finish(id);
+  for (const Work& w : work_) {
+    Sequence& s = *seqs_[size_t(w.id)];
+    State& st = states_[size_t(w.id)];
+    const float* rows = logits_.data() + w.first_logit * vocab;
+    if (w.prompt) {
+      const int64_t from = s.read, P = int64_t(s.prompt.size());
+      s.read += w.len, chunk_[size_t(w.id)] = 0;
+      int32_t first = -1;
+      if (w.logit_rows) first = st.sampler->sample(rows, vocab);
+      if (st.mtp) {  // the module over the chunk: position i with token i+1 (the last one: the first token)
+        st.next.assign(s.prompt.begin() + from + 1, s.prompt.begin() + std::min<int64_t>(from + w.len + 1, P));
+        if (w.logit_rows) st.next.push_back(first);
+        if (!st.next.empty()) run_mtp(st, st.next.data(), hidden + w.offset * dim, int64_t(st.next.size()));
+      }
+      if (w.logit_rows) emit(w.id, first, now);
+      continue;
     }
+    if (w.drafts == 0) {  // a plain decoding step
+      const int32_t t = st.sampler->sample(rows, vocab);
+      if (!emit(w.id, t, now) && st.mtp) run_mtp(st, &t, hidden + w.offset * dim, 1);
+      continue;
+    }
+    // A speculative check: drafts kept in order by the speculative-sampling rule.
+    int64_t kept = 0;
+    int32_t last = -1;
+    bool done = false;
+    for (; kept < w.drafts; ++kept) {
+      st.sampler->distribution(rows + kept * vocab, vocab, p_);
+      bool accepted = false;
+      last = check_draft(p_, st.q[size_t(kept)], st.drafts[size_t(kept)], *st.sampler, accepted);
+      if (!accepted) break;
+      ++s.accepted;
+      if ((done = emit(w.id, last, now))) break;
+    }
+    if (done) continue;  // finished: its pages are returned
+    if (kept == w.drafts) {  // all kept: the model's token after the last draft too
+      st.sampler->distribution(rows + w.drafts * vocab, vocab, p_);
+      last = st.sampler->draw(p_);
+    }
+    truncate(cache_, st.table, st.table.length - (w.drafts - kept));  // rejected drafts' positions
+    if (emit(w.id, last, now)) continue;
+    st.next.assign(st.drafts.begin(), st.drafts.begin() + kept);
+    st.next.push_back(last);
+    run_mtp(st, st.next.data(), hidden + w.offset * dim, kept + 1);
   }
-  // Prompt chunks now in the cache.
-  for (int64_t id : order) seqs_[size_t(id)]->read += chunk_[size_t(id)], chunk_[size_t(id)] = 0;
   return true;
 }
 

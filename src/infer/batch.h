@@ -26,6 +26,8 @@ class BatchEngine {
     int64_t read = 0;                     // prompt tokens already in the cache
     bool finished = false, stopped_at_eos = false, cancelled = false;
     double first_token_seconds = 0, seconds = 0;  // since add() (a fork: to its first own token)
+    std::vector<int32_t> drafts;  // speculative decoding: every draft checked, in order
+    int64_t accepted = 0;         // drafts kept
   };
 
   // Up to max_sequences running at once, each up to max_len positions (prompt and generated
@@ -64,7 +66,25 @@ class BatchEngine {
     PageTable table;  // its positions' pages
     int64_t end = 0;  // the positions it may reach: prompt + max_tokens - 1
     int64_t inherited = 0;  // tokens a fork started with
+    // Speculative decoding (opt.speculative_mtp): the MTP module's own latent cache, its
+    // prediction at the last committed position and its output state there, and each
+    // step's drafts with their distributions.
+    std::unique_ptr<KvCache> mtp;
+    std::vector<float> draft_logits, mtp_hidden;
+    std::vector<std::vector<float>> q;
+    std::vector<int32_t> drafts, next;
   };
+  // One sequence's share of a step: its tokens [offset, offset + len) of the pass, its
+  // logits rows [first_logit, first_logit + logit_rows), its drafts (speculative decoders).
+  struct Work {
+    int64_t id, offset, len, first_logit, logit_rows, drafts;
+    bool prompt;
+  };
+  // The MTP module over positions of s whose next tokens are known, with the model's states
+  // for them (rows of the pass's last_hidden()).
+  void run_mtp(State& st, const int32_t* next_tokens, const float* hidden, int64_t n);
+  // Emits a token; true when the sequence ends with it.
+  bool emit(int64_t id, int32_t t, double now);
   int64_t pages_still_needed() const;  // by the running sequences, to reach their ends
   // add(), with the pages the new sequence will take (-1: all it will reach).
   int64_t add_sequence(std::vector<int32_t> prompt, const GenerateOptions& opt, int64_t new_pages);
@@ -82,7 +102,8 @@ class BatchEngine {
   TokenRows rows_;
   KeyGather keys_;
   std::vector<int64_t> want_, owner_, order_, chunk_;
-  std::vector<float> logits_;
+  std::vector<Work> work_;
+  std::vector<float> logits_, p_;
 };
 
 }  // namespace dsv3

@@ -50,6 +50,13 @@ void extend(PagedKvCache& cache, PageTable& t, int64_t n) {
   t.length += n;
 }
 
+void truncate(PagedKvCache& cache, PageTable& t, int64_t length) {
+  if (length < 0 || length > t.length) fail("paged KV cache: cannot truncate ", t.length, " positions to ", length);
+  const size_t keep = size_t((length + PagedKvCache::kPageTokens - 1) / PagedKvCache::kPageTokens);
+  while (t.pages.size() > keep) cache.release(t.pages.back()), t.pages.pop_back();
+  t.length = length;
+}
+
 PageTable fork(PagedKvCache& cache, const PageTable& t) {
   for (int32_t p : t.pages) cache.retain(p);
   return t;

@@ -48,6 +48,8 @@ struct PageTable {
 // Makes positions [t.length, t.length + n) writable (pages allocated; a shared page about to
 // be written copied first) and counts them written.
 void extend(PagedKvCache& cache, PageTable& t, int64_t n);
+// Keeps positions [0, length) and returns the pages past them (rejected speculative drafts).
+void truncate(PagedKvCache& cache, PageTable& t, int64_t length);
 // A table sharing every page of t (one holder more each).
 PageTable fork(PagedKvCache& cache, const PageTable& t);
 // Returns t's pages to the pool; t is empty after.
