@@ -304,17 +304,11 @@ TEST_P(BatchSpeculation, ThirtyTwoSequencesGetTheirPlainTokens) {
   EXPECT_EQ(engine.free_pages(), BatchEngine(model, 32, 40, 48).free_pages());  // every page back
 }
 
-INSTANTIATE_TEST_SUITE_P(Checkpoints, BatchSpeculation, testing::Values("tiny-v3-bf16", "tiny-v3-fp8", "tiny-v2lite-bf16"),
-                         [](const testing::TestParamInfo<const char*>& i) {
-                           std::string s = i.param;
-                           std::replace(s.begin(), s.end(), '-', '_');
-                           return s;
-                         });
 
 // Prefill chunks of two tokens (a step budget of 2) with speculative sequences.
-TEST(BatchEngine, SpeculativeWithTwoTokenSteps) {
-  Transformer model(test::golden_dir("tiny-v3-bf16"));
-  SafetensorsFile golden(test::golden_dir("tiny-v3-bf16") + "/golden.safetensors");
+TEST_P(BatchSpeculation, TwoTokenSteps) {
+  Transformer model(test::golden_dir(GetParam()));
+  SafetensorsFile golden(test::golden_dir(GetParam()) + "/golden.safetensors");
   const auto all = test::read_i32(golden, "tokens_3");
   GenerateOptions opt;
   opt.max_tokens = 12;
@@ -330,6 +324,13 @@ TEST(BatchEngine, SpeculativeWithTwoTokenSteps) {
   EXPECT_EQ(engine.sequence(ia).tokens, alone_a);
   EXPECT_EQ(engine.sequence(ib).tokens, alone_b);
 }
+
+INSTANTIATE_TEST_SUITE_P(Checkpoints, BatchSpeculation, testing::Values("tiny-v3-bf16", "tiny-v3-fp8", "tiny-v2lite-bf16"),
+                         [](const testing::TestParamInfo<const char*>& i) {
+                           std::string s = i.param;
+                           std::replace(s.begin(), s.end(), '-', '_');
+                           return s;
+                         });
 
 // A lone prompt longer than a step's budget: steps that only read prompt (no logits) first.
 TEST(BatchEngine, LongPromptReadOverSeveralSteps) {

@@ -8,7 +8,12 @@
 #include <algorithm>
 #include <map>
 
+#include <filesystem>
+#include <fstream>
+
+#include "core/error.h"
 #include "golden_util.h"
+#include "io/safetensors.h"
 #include "infer/generate.h"
 #include "model/transformer.h"
 
@@ -172,6 +177,41 @@ TEST(SpeculativeSampling, CheckDraftReturnsTheModelsDistribution) {
   double chi2_naive = 0;
   for (size_t t = 0; t < 4; ++t) chi2_naive += (naive[t] - p[t] * n) * (naive[t] - p[t] * n) / (p[t] * n);
   EXPECT_GT(chi2_naive, 16.27) << "the naive rule should fail the same chi-square test";
+}
+
+// A checkpoint without an MTP module (its layer dropped, num_nextn_predict_layers 0): asked
+// for speculative decoding, a clear error; plain decoding still runs.
+TEST(SpeculativeErrors, ACheckpointWithoutMtpSaysSo) {
+  namespace fs = std::filesystem;
+  const std::string src = test::golden_dir("tiny-v3-bf16"), dir = testing::TempDir() + "/no-mtp";
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  std::ifstream in(src + "/config.json");
+  std::string config((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  const size_t at = config.find("\"num_nextn_predict_layers\"");
+  ASSERT_NE(at, std::string::npos);
+  const size_t colon = config.find(':', at), end = config.find_first_of(",}", colon);
+  config.replace(colon + 1, end - colon - 1, " 0");
+  std::ofstream(dir + "/config.json") << config;
+  Transformer full(src);
+  const std::string mtp_prefix = "model.layers." + std::to_string(full.config().num_hidden_layers) + ".";
+  SafetensorsFile weights(src + "/model.safetensors");
+  std::vector<TensorToWrite> kept;
+  for (const auto& [name, t] : weights.tensors())
+    if (name.rfind(mtp_prefix, 0) != 0) kept.push_back({name, t.dtype, t.shape, t.data});
+  write_safetensors(dir + "/model.safetensors", kept);
+  Transformer model(dir);
+  GenerateOptions opt;
+  opt.max_tokens = 4;
+  opt.speculative_mtp = true;
+  try {
+    generate(model, {1, 2, 3}, opt);
+    FAIL() << "no error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("no MTP module"), std::string::npos) << e.what();
+  }
+  opt.speculative_mtp = false;
+  EXPECT_EQ(generate(model, {1, 2, 3}, opt).tokens.size(), 4u);
 }
 
 }  // namespace
