@@ -46,8 +46,11 @@ BatchEngine::BatchEngine(Transformer& model, int64_t max_sequences, int64_t max_
   slots_.resize(size_t(max_sequences));
   // Every step's lists at their largest, so that steps allocate nothing.
   keys_.rows.reserve(size_t(max_sequences * max_len + step_tokens));  // forks gather shared pages once each
-  want_.reserve(size_t(max_sequences)), owner_.reserve(size_t(max_sequences)), order_.reserve(size_t(max_sequences));
-  logits_.reserve(size_t(max_sequences * model.config().vocab_size));
+  // A step's logits rows: a decoder's 1 + drafts (at most 8), never more than its tokens.
+  const int64_t logit_rows = std::min<int64_t>(step_tokens, max_sequences * 9);
+  want_.reserve(size_t(logit_rows)), owner_.reserve(size_t(logit_rows)), order_.reserve(size_t(max_sequences));
+  work_.reserve(size_t(max_sequences));
+  logits_.reserve(size_t(logit_rows * model.config().vocab_size));
   ids_.reserve(size_t(step_tokens)), tables_.reserve(size_t(step_tokens)), pos_.reserve(size_t(step_tokens));
   rows_.pos.reserve(size_t(step_tokens)), rows_.row.reserve(size_t(step_tokens));
   keys_.keys.pos.reserve(size_t(step_tokens)), keys_.keys.row.reserve(size_t(step_tokens));
@@ -217,6 +220,10 @@ bool BatchEngine::step() {
     const Sequence& s = *seqs_[size_t(order[i])];
     if (s.read == int64_t(s.prompt.size())) std::rotate(order.begin() + long(decoders), order.begin() + long(i), order.begin() + long(i) + 1), ++decoders;
   }
+  // Drafts take what the budget leaves after one token for each decoder and one for the
+  // first waiting prompt, so that a step never exceeds step_tokens and prompts keep moving.
+  const int64_t pending_prompt = order.size() > decoders ? 1 : 0;
+  int64_t decoders_left = int64_t(decoders);
   for (int64_t id : order) {
     Sequence& s = *seqs_[size_t(id)];
     State& st = states_[size_t(id)];
@@ -224,7 +231,9 @@ bool BatchEngine::step() {
     const int64_t P = int64_t(s.prompt.size());
     if (s.read == P) {  // decoding: the last token in (and drafts after it), logits for each
       const int64_t pos = P + int64_t(s.tokens.size()) - 1, left = st.opt.max_tokens - int64_t(s.tokens.size());
-      const int64_t n = st.mtp ? std::min<int64_t>({st.opt.draft, left - 1, std::max<int64_t>(budget - 1, 0)}) : 0;
+      const int64_t spare = budget - decoders_left - pending_prompt;
+      --decoders_left;
+      const int64_t n = st.mtp ? std::min<int64_t>({st.opt.draft, left - 1, std::max<int64_t>(spare, 0)}) : 0;
       st.drafts.clear();
       if (n > 0) {  // drafts: the module's prediction, then the module chained on its own output
         const int64_t committed = st.mtp->length();

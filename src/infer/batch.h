@@ -53,6 +53,7 @@ class BatchEngine {
   const Sequence& sequence(int64_t id) const { return *seqs_.at(size_t(id)); }
   int64_t running() const;
   int64_t free_pages() const { return cache_.free_pages(); }
+  int64_t last_step_tokens() const { return int64_t(ids_.size()); }  // tokens the last step ran
 
  private:
   struct Slot {
