@@ -125,6 +125,28 @@ TEST(Allocations, BatchStepsAllocateNothing) {
   EXPECT_EQ(n, 0);
 }
 
+// Speculative sequences in the batch (drafts chained by the MTP module, checks, rollbacks)
+// allocate nothing either once running.
+TEST(Allocations, SpeculativeBatchStepsAllocateNothing) {
+  Transformer model(test::golden_dir("tiny-v3-bf16"));
+  GenerateOptions opt;
+  opt.max_tokens = 40;
+  opt.stop_at_eos = false;
+  opt.speculative_mtp = true;
+  opt.draft = 3;
+  BatchEngine engine(model, 3, 64, 64);
+  for (int s = 0; s < 3; ++s) {
+    std::vector<int32_t> prompt(size_t(6 + 5 * s));
+    for (size_t i = 0; i < prompt.size(); ++i) prompt[i] = int32_t(2 + (7 * i + s) % 400);
+    engine.add(prompt, opt);
+  }
+  for (int i = 0; i < 4; ++i) engine.step();  // prompts read, buffers sized
+  const int64_t n = allocations_in([&] {
+    for (int i = 0; i < 8; ++i) engine.step();
+  });
+  EXPECT_EQ(n, 0);
+}
+
 // A prefill of the same length again allocates nothing either.
 TEST(Allocations, RepeatedPrefillAllocatesNothing) {
   Transformer model(test::golden_dir("tiny-v3-fp8"));

@@ -177,7 +177,10 @@ void attention_forward(const AttentionArgs<T>& a, T* out, T* probs, int64_t ld_p
   const int threads = int(std::min<int64_t>(n_tasks, omp_get_max_threads()));
   thread_local std::vector<T> scratch_kept;
   std::vector<T>& scratch_all = scratch_kept;
-  if (!probs) scratch_all.resize(size_t(slice * threads));
+  // Grown, never shrunk, and with headroom: callers alternate shapes (the model and its MTP
+  // module, growing contexts), and an exact fit would reallocate at every step.
+  if (!probs && scratch_all.size() < size_t(slice * threads))
+    scratch_all.resize(std::max(size_t(slice * threads), 2 * scratch_all.size()));
   auto run = [&](const Task& t, T* scratch) {
     if (probs) {
       // Rows (t * heads + h): consecutive for all heads, heads * ld_probs apart for one.
@@ -244,7 +247,7 @@ void attention_backward(const AttentionArgs<T>& a, const T* probs, int64_t ld_pr
   thread_local std::vector<T> dp_kept;
   std::vector<T>& dp_all = dp_kept;
   const int64_t per_thread = probs ? slice : 2 * slice;
-  dp_all.resize(size_t(per_thread * threads));
+  if (dp_all.size() < size_t(per_thread * threads)) dp_all.resize(std::max(size_t(per_thread * threads), 2 * dp_all.size()));
   auto run = [&](int64_t i, T* dp) {
     const Task& t = tasks[size_t(i)];
     const int64_t L = t.keys;
