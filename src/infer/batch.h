@@ -5,8 +5,10 @@
 // or are cancelled. Their latent caches are page tables into one pool of 64-position pages
 // (model/paged_cache.h), sized once from a token budget: pages are taken as a sequence grows
 // and returned when it leaves, and a fork shares its parent's pages (the prompt is neither
-// run nor copied again). A sequence's tokens are those it gets alone (tests: within the
-// golden tolerance). Uses model and sampler.
+// run nor copied again). A sequence with GenerateOptions::speculative_mtp drafts with the
+// MTP module (its own small latent cache) before each step and has its drafts checked in
+// rows of the shared pass, within what the step's budget leaves. A sequence's tokens are
+// those it gets alone (tests: within the golden tolerance). Uses model and sampler.
 #pragma once
 #include <cstdint>
 #include <memory>
