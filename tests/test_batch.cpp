@@ -301,7 +301,9 @@ TEST_P(BatchSpeculation, ThirtyTwoSequencesGetTheirPlainTokens) {
   for (int i = 0; i < 32; ++i) {
     EXPECT_EQ(engine.sequence(ids[size_t(i)]).tokens, alone[size_t(i)]) << "sequence " << i;
     // The same drafts as alone: the module sees the same states at the same positions.
-    if (i % 4 != 0) EXPECT_EQ(engine.sequence(ids[size_t(i)]).drafts, alone_drafts[size_t(i)]) << "sequence " << i;
+    if (i % 4 != 0) {
+      EXPECT_EQ(engine.sequence(ids[size_t(i)]).drafts, alone_drafts[size_t(i)]) << "sequence " << i;
+    }
   }
   EXPECT_EQ(engine.free_pages(), BatchEngine(model, 32, 40, 160).free_pages());  // every page back
 }

@@ -62,6 +62,30 @@ std::vector<int32_t> encode_prompt(const Tokenizer& tokenizer, const std::string
   return prompt;
 }
 
+// The checkpoint, with --attn applied.
+std::unique_ptr<Transformer> load_model(const GenerateFlags& f) {
+  auto model = std::make_unique<Transformer>(f.model);
+  if (f.attn == "naive") model->attn_form = AttnForm::naive;
+  if (f.attn == "absorbed") model->attn_form = AttnForm::absorbed;
+  return model;
+}
+
+// The generation options the flags give (the seed from the clock unless --seed).
+GenerateOptions generate_options(const GenerateFlags& f) {
+  if (f.draft != 1 && f.speculative.empty()) fail("--draft ", f.draft, " goes with --speculative mtp");
+  if (f.draft < 1 || f.draft > 8) fail("--draft must be in 1..8, not ", f.draft);
+  GenerateOptions opt;
+  opt.max_tokens = f.max_tokens;
+  opt.speculative_mtp = f.speculative == "mtp";
+  opt.draft = f.draft;
+  opt.sampling.temperature = f.temperature;
+  opt.sampling.top_p = f.top_p;
+  opt.sampling.top_k = f.top_k;
+  opt.sampling.seed = f.seed >= 0 ? uint64_t(f.seed)
+                                  : uint64_t(std::chrono::steady_clock::now().time_since_epoch().count());
+  return opt;
+}
+
 // --prompts FILE.jsonl: one JSON object per line, {"prompt": "text"} or {"prompt_ids": [ids]},
 // optionally "max_tokens"; all run together in batches of --max-batch sequences. One JSON line
 // per result on stdout as each finishes: index (the request's: non-blank lines counted from
@@ -69,9 +93,8 @@ std::vector<int32_t> encode_prompt(const Tokenizer& tokenizer, const std::string
 // ids, prompt_tokens, tokens, finish_reason ("stop" at EOS, "length"), seconds to the first
 // token and in all.
 void run_batch(const GenerateFlags& f, const GenerateOptions& base) {
-  Transformer model(f.model);
-  if (f.attn == "naive") model.attn_form = AttnForm::naive;
-  if (f.attn == "absorbed") model.attn_form = AttnForm::absorbed;
+  const std::unique_ptr<Transformer> loaded = load_model(f);
+  Transformer& model = *loaded;
   std::unique_ptr<Tokenizer> tokenizer;
   const std::string tok_path = f.model + "/tokenizer.json";
   if (std::filesystem::exists(tok_path)) tokenizer = std::make_unique<Tokenizer>(tok_path);
@@ -177,17 +200,7 @@ void run(const GenerateFlags& f) {
     if (!f.prompt.empty() || !f.prompt_ids.empty()) fail("give --prompts, or one of --prompt and --prompt-ids, not both");
     if (f.max_batch < 1) fail("--max-batch must be >= 1");
     if (f.max_tokens < 1) fail("--max-tokens must be >= 1");
-    if (f.draft != 1 && f.speculative.empty()) fail("--draft ", f.draft, " goes with --speculative mtp");
-    if (f.draft < 1 || f.draft > 8) fail("--draft must be in 1..8, not ", f.draft);
-    GenerateOptions opt;
-    opt.max_tokens = f.max_tokens;
-    opt.sampling.temperature = f.temperature;
-    opt.sampling.top_p = f.top_p;
-    opt.sampling.top_k = f.top_k;
-    opt.sampling.seed = f.seed >= 0 ? uint64_t(f.seed)
-                                    : uint64_t(std::chrono::steady_clock::now().time_since_epoch().count());
-    opt.speculative_mtp = f.speculative == "mtp";
-    opt.draft = f.draft;
+    const GenerateOptions opt = generate_options(f);
     Sampler check(opt.sampling);  // bad sampling flags fail before the model loads
     run_batch(f, opt);
     return;
@@ -205,24 +218,13 @@ void run(const GenerateFlags& f) {
   } else {
     prompt = parse_ids(f.prompt_ids, "--prompt-ids");
   }
-  Transformer model(f.model);
-  if (f.attn == "naive") model.attn_form = AttnForm::naive;
-  if (f.attn == "absorbed") model.attn_form = AttnForm::absorbed;
+  const GenerateOptions opt = generate_options(f);
+  const std::unique_ptr<Transformer> loaded = load_model(f);
+  Transformer& model = *loaded;
   for (size_t i = 0; i < prompt.size(); ++i)
     if (prompt[i] >= model.config().vocab_size)
       fail("--prompt-ids: id ", prompt[i], " at index ", i, " is outside the vocabulary [0, ", model.config().vocab_size, ")");
 
-  GenerateOptions opt;
-  opt.max_tokens = f.max_tokens;
-  opt.speculative_mtp = f.speculative == "mtp";
-  if (f.draft != 1 && !opt.speculative_mtp) fail("--draft ", f.draft, " goes with --speculative mtp");
-  if (f.draft < 1 || f.draft > 8) fail("--draft must be in 1..8, not ", f.draft);
-  opt.draft = f.draft;
-  opt.sampling.temperature = f.temperature;
-  opt.sampling.top_p = f.top_p;
-  opt.sampling.top_k = f.top_k;
-  opt.sampling.seed = f.seed >= 0 ? uint64_t(f.seed)
-                                  : uint64_t(std::chrono::steady_clock::now().time_since_epoch().count());
   bool first = true;
   std::vector<int32_t> generated;
   size_t printed = 0;

@@ -14,11 +14,12 @@ Sampler::Sampler(const SamplingParams& p) : p_(p), rng_(p.seed) {
   if (p.top_k < 0) fail("top-k must be >= 0, got ", p.top_k);
 }
 
-int32_t Sampler::sample(const float* logits, int64_t vocab) {
+void Sampler::check_finite(const float* logits, int64_t vocab) const {
   for (int64_t i = 0; i < vocab; ++i)
     if (!std::isfinite(logits[i])) fail("logit ", i, " is ", logits[i], ": the model produced non-finite values");
-  if (p_.temperature == 0) return int32_t(std::max_element(logits, logits + vocab) - logits);
+}
 
+size_t Sampler::filter(const float* logits, int64_t vocab, double& total) {
   candidates_.resize(size_t(vocab));
   for (int64_t i = 0; i < vocab; ++i) candidates_[size_t(i)] = {logits[i] / p_.temperature, int32_t(i)};
   auto by_logit = [](const auto& a, const auto& b) { return a.first > b.first || (a.first == b.first && a.second < b.second); };
@@ -30,7 +31,7 @@ int32_t Sampler::sample(const float* logits, int64_t vocab) {
     std::sort(candidates_.begin(), candidates_.end(), by_logit);
   }
   const float mx = candidates_[0].first;
-  double total = 0;
+  total = 0;
   for (size_t i = 0; i < keep; ++i) total += (candidates_[i].first = std::exp(candidates_[i].first - mx));
   if (p_.top_p < 1) {  // smallest prefix whose probability reaches top_p
     double cum = 0;
@@ -44,6 +45,14 @@ int32_t Sampler::sample(const float* logits, int64_t vocab) {
     total = 0;
     for (size_t i = 0; i < keep; ++i) total += candidates_[i].first;
   }
+  return keep;
+}
+
+int32_t Sampler::sample(const float* logits, int64_t vocab) {
+  check_finite(logits, vocab);
+  if (p_.temperature == 0) return int32_t(std::max_element(logits, logits + vocab) - logits);
+  double total = 0;
+  const size_t keep = filter(logits, vocab, total);
   double u = std::uniform_real_distribution<double>(0.0, total)(rng_);
   for (size_t i = 0; i < keep; ++i) {
     u -= candidates_[i].first;
@@ -53,39 +62,14 @@ int32_t Sampler::sample(const float* logits, int64_t vocab) {
 }
 
 void Sampler::distribution(const float* logits, int64_t vocab, std::vector<float>& probs) {
-  for (int64_t i = 0; i < vocab; ++i)
-    if (!std::isfinite(logits[i])) fail("logit ", i, " is ", logits[i], ": the model produced non-finite values");
+  check_finite(logits, vocab);
   probs.assign(size_t(vocab), 0.0f);
   if (p_.temperature == 0) {
     probs[size_t(std::max_element(logits, logits + vocab) - logits)] = 1.0f;
     return;
   }
-  // The same candidates, order and cut-offs as sample().
-  candidates_.resize(size_t(vocab));
-  for (int64_t i = 0; i < vocab; ++i) candidates_[size_t(i)] = {logits[i] / p_.temperature, int32_t(i)};
-  auto by_logit = [](const auto& a, const auto& b) { return a.first > b.first || (a.first == b.first && a.second < b.second); };
-  size_t keep = candidates_.size();
-  if (p_.top_k > 0 && size_t(p_.top_k) < keep) {
-    keep = size_t(p_.top_k);
-    std::partial_sort(candidates_.begin(), candidates_.begin() + long(keep), candidates_.end(), by_logit);
-  } else {
-    std::sort(candidates_.begin(), candidates_.end(), by_logit);
-  }
-  const float mx = candidates_[0].first;
   double total = 0;
-  for (size_t i = 0; i < keep; ++i) total += (candidates_[i].first = std::exp(candidates_[i].first - mx));
-  if (p_.top_p < 1) {
-    double cum = 0;
-    for (size_t i = 0; i < keep; ++i) {
-      cum += candidates_[i].first / total;
-      if (cum >= p_.top_p) {
-        keep = i + 1;
-        break;
-      }
-    }
-    total = 0;
-    for (size_t i = 0; i < keep; ++i) total += candidates_[i].first;
-  }
+  const size_t keep = filter(logits, vocab, total);  // the same candidates and cut-offs as sample()
   for (size_t i = 0; i < keep; ++i) probs[size_t(candidates_[i].second)] = float(candidates_[i].first / total);
 }
 

@@ -29,6 +29,11 @@ class Sampler {
   double uniform();  // in [0, 1)
 
  private:
+  void check_finite(const float* logits, int64_t vocab) const;
+  // candidates_ <- the tokens temperature, top-k and top-p keep, first, with their unnormalised
+  // weights; returns how many, and their weights' sum in total.
+  size_t filter(const float* logits, int64_t vocab, double& total);
+
   SamplingParams p_;
   std::mt19937_64 rng_;
   std::vector<std::pair<float, int32_t>> candidates_;
