@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cmath>
 #include <tuple>
 
 #include "golden_util.h"
@@ -263,6 +264,124 @@ TEST(BatchEngine, ForkContinuesFromTheParent) {
   EXPECT_NE(engine.sequence(sampled).tokens, alone);
   EXPECT_TRUE(std::equal(alone.begin(), alone.begin() + 5, engine.sequence(sampled).tokens.begin()));
   EXPECT_EQ(engine.free_pages(), all_free);  // every page back in the pool
+}
+
+// n > 1 completions of one prompt: siblings wait for the first sequence to read the prompt,
+// then share its pages and sample their own first tokens from the same logits row. Greedy
+// siblings equal the sequence alone, a sampled one differs from its first token on (for
+// some seed), a speculative parent's siblings check drafts too, and every page comes back.
+TEST(BatchEngine, SiblingsShareTheirPromptRunOnce) {
+  Transformer model(test::golden_dir("tiny-v3-bf16"));
+  SafetensorsFile golden(test::golden_dir("tiny-v3-bf16") + "/golden.safetensors");
+  const auto all = test::read_i32(golden, "tokens_3");
+  const std::vector<int32_t> prompt(all.begin(), all.begin() + 70);  // more than a page
+  GenerateOptions opt;
+  opt.max_tokens = 10;
+  opt.stop_at_eos = false;
+  const auto alone = generate(model, prompt, opt).tokens;
+  for (bool speculative : {false, true}) {
+    GenerateOptions o = opt;
+    o.speculative_mtp = speculative, o.draft = 2;
+    BatchEngine engine(model, 4, 96, 32);  // the prompt is read over 3 steps
+    const int64_t all_free = engine.free_pages();
+    const int64_t first = engine.add(prompt, o);
+    const int64_t greedy = engine.add_sibling(first, o);
+    ASSERT_GE(greedy, 0);
+    engine.step();
+    std::vector<int64_t> hot;
+    for (uint64_t seed = 1; seed <= 2; ++seed) {  // joining while the prompt is being read
+      GenerateOptions h = o;
+      h.sampling.temperature = 1.5f, h.sampling.seed = seed;
+      hot.push_back(engine.add_sibling(first, h));
+      ASSERT_GE(hot.back(), 0);
+    }
+    int64_t before = engine.free_pages();
+    while (engine.sequence(first).read < int64_t(prompt.size())) engine.step();
+    EXPECT_EQ(engine.sequence(greedy).read, int64_t(prompt.size()));
+    EXPECT_EQ(engine.sequence(greedy).tokens.size(), 1u);
+    // The siblings took no page of their own: only the first copy of the shared partial one
+    // comes when each writes its second position.
+    EXPECT_GE(engine.free_pages(), before - 1);
+    while (engine.step()) {
+    }
+    EXPECT_EQ(engine.sequence(first).tokens, alone) << "speculative " << speculative;
+    EXPECT_EQ(engine.sequence(greedy).tokens, alone) << "speculative " << speculative;
+    EXPECT_TRUE(engine.sequence(hot[0]).tokens != alone || engine.sequence(hot[1]).tokens != alone);
+    EXPECT_EQ(engine.free_pages(), all_free);
+    EXPECT_THROW(engine.add_sibling(first, o), Error);  // finished
+  }
+  // A cancelled first sequence leaves its sibling to read the prompt itself.
+  BatchEngine engine(model, 2, 96, 16);
+  const int64_t first = engine.add(prompt, opt), sibling = engine.add_sibling(first, opt);
+  engine.step();
+  engine.cancel(first);
+  while (engine.step()) {
+  }
+  EXPECT_EQ(engine.sequence(sibling).tokens, alone);
+}
+
+// A prefix cache's use of the engine: a finished sequence's pages, kept through on_release,
+// start a later sequence whose prompt begins with the same tokens; it reads only the rest
+// and gets the tokens it gets alone. Log-probabilities: the softmax of the logits alone.
+TEST(BatchEngine, SharedPrefixPagesAndLogprobs) {
+  Transformer model(test::golden_dir("tiny-v3-bf16"));
+  const ModelConfig& c = model.config();
+  SafetensorsFile golden(test::golden_dir("tiny-v3-bf16") + "/golden.safetensors");
+  const auto all = test::read_i32(golden, "tokens_3");
+  std::vector<int32_t> first_prompt(all.begin(), all.begin() + 70), second_prompt(all.begin(), all.begin() + 66);
+  second_prompt.push_back(7), second_prompt.push_back(9);
+  GenerateOptions opt;
+  opt.max_tokens = 6;
+  opt.stop_at_eos = false;
+  opt.logprobs = 3;
+  const auto alone = generate(model, second_prompt, opt).tokens;
+  BatchEngine engine(model, 2, 128, 64);
+  const int64_t all_free = engine.free_pages();
+  PageTable kept;
+  engine.on_release = [&](int64_t, const PageTable& t, int64_t valid) {
+    EXPECT_EQ(valid, 70 + 6 - 1);
+    kept.pages.assign(t.pages.begin(), t.pages.begin() + valid / PagedKvCache::kPageTokens);
+    kept.length = int64_t(kept.pages.size()) * PagedKvCache::kPageTokens;
+    for (int32_t p : kept.pages) engine.pages().retain(p);
+  };
+  const int64_t a = engine.add(first_prompt, opt);
+  while (engine.step()) {
+  }
+  ASSERT_EQ(kept.length, 64);
+  EXPECT_EQ(engine.free_pages(), all_free - 1);  // the kept page
+  engine.on_release = nullptr;
+  const int64_t b = engine.add(second_prompt, opt, kept);
+  ASSERT_GE(b, 0);
+  EXPECT_EQ(engine.sequence(b).read, 64);
+  engine.step();
+  EXPECT_EQ(engine.last_step_tokens(), 4);  // only the 4 tokens past the shared page
+  while (engine.step()) {
+  }
+  EXPECT_EQ(engine.sequence(b).tokens, alone);
+  // A prefix as long as the prompt is refused: the last prompt token must be run for logits.
+  EXPECT_THROW(engine.add(std::vector<int32_t>(all.begin(), all.begin() + 64), opt, kept), Error);
+  release(engine.pages(), kept);
+  EXPECT_EQ(engine.free_pages(), all_free);
+  // Log-probabilities of sequence a: those of the logits of its prompt + tokens alone.
+  const auto& s = engine.sequence(a);
+  ASSERT_EQ(s.logprobs.size(), s.tokens.size());
+  std::vector<int32_t> ids = first_prompt;
+  ids.insert(ids.end(), s.tokens.begin(), s.tokens.end() - 1);
+  KvCache cache(c, int64_t(ids.size()));
+  std::vector<float> logits(ids.size() * size_t(c.vocab_size));
+  model.forward(ids.data(), int64_t(ids.size()), cache, logits.data(), true);
+  for (size_t i = 0; i < s.tokens.size(); ++i) {
+    const float* row = logits.data() + (first_prompt.size() - 1 + i) * size_t(c.vocab_size);
+    double z = 0;
+    for (int64_t v = 0; v < c.vocab_size; ++v) z += std::exp(double(row[v]));
+    const auto& lp = s.logprobs[i];
+    EXPECT_NEAR(lp.logprob, row[s.tokens[i]] - std::log(z), 1e-3);
+    ASSERT_EQ(lp.top.size(), 3u);
+    EXPECT_EQ(lp.top[0].first, s.tokens[i]);  // greedy: the chosen token is the most likely
+    EXPECT_GE(lp.top[0].second, lp.top[1].second);
+    EXPECT_GE(lp.top[1].second, lp.top[2].second);
+    EXPECT_NEAR(lp.top[2].second, row[lp.top[2].first] - std::log(z), 1e-3);
+  }
 }
 
 // Speculative decoding inside the batch: 32 sequences at once, every fourth plain and the

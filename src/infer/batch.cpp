@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 
 #include "core/error.h"
 
@@ -33,6 +34,25 @@ int64_t cache_pages(const ModelConfig& c, int64_t max_sequences, int64_t max_len
   return (tokens + P - 1) / P;
 }
 
+// The chosen token's log-probability under softmax(row) and the k most likely tokens'.
+TokenLogprobs token_logprobs(const float* row, int64_t vocab, int32_t chosen, int64_t k) {
+  float m = row[0];
+  for (int64_t i = 1; i < vocab; ++i) m = std::max(m, row[i]);
+  double sum = 0;
+  for (int64_t i = 0; i < vocab; ++i) sum += std::exp(double(row[i] - m));
+  const float log_z = m + float(std::log(sum));
+  TokenLogprobs out;
+  out.logprob = row[chosen] - log_z;
+  k = std::min(k, vocab);
+  std::vector<int32_t> ids(static_cast<size_t>(vocab));
+  for (int64_t i = 0; i < vocab; ++i) ids[size_t(i)] = int32_t(i);
+  std::partial_sort(ids.begin(), ids.begin() + k, ids.end(), [&](int32_t a, int32_t b) {
+    return row[a] > row[b] || (row[a] == row[b] && a < b);
+  });
+  for (int64_t i = 0; i < k; ++i) out.top.emplace_back(ids[size_t(i)], row[ids[size_t(i)]] - log_z);
+  return out;
+}
+
 int64_t pages_for(int64_t positions) { return (positions + PagedKvCache::kPageTokens - 1) / PagedKvCache::kPageTokens; }
 
 }  // namespace
@@ -61,8 +81,11 @@ int64_t BatchEngine::pages_still_needed() const {
   std::vector<int32_t> shared;  // partial last pages held by several sequences
   for (const Slot& s : slots_)
     if (s.id >= 0) {
-      const PageTable& t = states_[size_t(s.id)].table;
-      n += std::max<int64_t>(0, pages_for(states_[size_t(s.id)].end) - int64_t(t.pages.size()));
+      const State& st = states_[size_t(s.id)];
+      const PageTable& t = st.table;
+      // A waiting sibling will share its prompt's whole pages.
+      const int64_t shared_prompt = st.waits_for >= 0 ? int64_t(seqs_[size_t(s.id)]->prompt.size()) / PagedKvCache::kPageTokens : 0;
+      n += std::max<int64_t>(0, pages_for(st.end) - shared_prompt - int64_t(t.pages.size()));
       if (t.length % PagedKvCache::kPageTokens != 0 && cache_.refs(t.pages.back()) > 1) shared.push_back(t.pages.back());
     }
   // A partial page shared by r sequences is copied by the first r - 1 that write into it.
@@ -75,6 +98,13 @@ int64_t BatchEngine::pages_still_needed() const {
 void BatchEngine::finish(int64_t id) {
   State& st = states_[size_t(id)];
   slots_[size_t(st.slot)].id = -1;
+  if (on_release) {
+    // Positions whose keys are of the sequence's own tokens: not those of drafts checked
+    // after the token it ended with, nor of its last token (never fed back).
+    const Sequence& s = *seqs_[size_t(id)];
+    const int64_t own = s.tokens.empty() ? s.read : int64_t(s.prompt.size() + s.tokens.size()) - 1;
+    on_release(id, st.table, std::min(st.table.length, own));
+  }
   release(cache_, st.table);
   st.sampler.reset();  // a finished sequence keeps its tokens, not its sampler's buffers
 }
@@ -86,6 +116,62 @@ int64_t BatchEngine::running() const {
 }
 
 int64_t BatchEngine::add(std::vector<int32_t> prompt, const GenerateOptions& opt) { return add_sequence(std::move(prompt), opt, -1); }
+
+int64_t BatchEngine::add(std::vector<int32_t> prompt, const GenerateOptions& opt, const PageTable& prefix) {
+  if (prefix.length == 0) return add(std::move(prompt), opt);
+  if (prefix.length < 0 || prefix.length >= int64_t(prompt.size()))
+    fail("batch: a shared prefix of ", prefix.length, " positions must be shorter than the prompt (", prompt.size(), " tokens)");
+  if (int64_t(prefix.pages.size()) != pages_for(prefix.length))
+    fail("batch: a shared prefix of ", prefix.length, " positions needs ", pages_for(prefix.length), " pages, not ", prefix.pages.size());
+  if (opt.speculative_mtp) fail("batch: a speculative sequence cannot start from a shared prefix (its MTP cache would lack it)");
+  const int64_t end = int64_t(prompt.size()) + opt.max_tokens - 1;
+  const int64_t id = add_sequence(std::move(prompt), opt, std::max<int64_t>(0, pages_for(end) - prefix.length / PagedKvCache::kPageTokens));
+  if (id < 0) return -1;
+  State& st = states_[size_t(id)];
+  std::vector<int32_t> reserved = std::move(st.table.pages);
+  st.table = dsv3::fork(cache_, prefix);
+  if (st.table.pages.capacity() < reserved.capacity()) st.table.pages.reserve(reserved.capacity());
+  seqs_[size_t(id)]->read = seqs_[size_t(id)]->cached = prefix.length;
+  return id;
+}
+
+int64_t BatchEngine::add_sibling(int64_t id, const GenerateOptions& opt) {
+  const Sequence& parent = *seqs_.at(size_t(id));
+  if (parent.finished) fail("batch: cannot add a sibling to sequence ", id, ": it has finished");
+  if (parent.read == int64_t(parent.prompt.size())) fail("batch: cannot add a sibling to sequence ", id, ": its prompt is read");
+  if (opt.speculative_mtp != states_[size_t(id)].opt.speculative_mtp)
+    fail("batch: a sibling decodes speculatively exactly when the sequence it shares a prompt with does");
+  const int64_t P = int64_t(parent.prompt.size()), end = P + opt.max_tokens - 1;
+  const int64_t child = add_sequence(parent.prompt, opt, std::max<int64_t>(0, pages_for(end) - P / PagedKvCache::kPageTokens));
+  if (child >= 0) states_[size_t(child)].waits_for = id;
+  return child;
+}
+
+void BatchEngine::start_siblings(int64_t id, const float* row, const float* hidden_row, double now) {
+  const Sequence& parent = *seqs_[size_t(id)];
+  const State& from = states_[size_t(id)];
+  for (const Slot& slot : slots_) {
+    if (slot.id < 0 || states_[size_t(slot.id)].waits_for != id) continue;
+    Sequence& s = *seqs_[size_t(slot.id)];
+    State& st = states_[size_t(slot.id)];
+    st.waits_for = -1;
+    std::vector<int32_t> reserved = std::move(st.table.pages);
+    st.table = dsv3::fork(cache_, from.table);
+    if (st.table.pages.capacity() < reserved.capacity()) st.table.pages.reserve(reserved.capacity());
+    s.read = parent.read;
+    const int32_t first = st.sampler->sample(row, model_.config().vocab_size);
+    if (st.mtp) {  // the parent's module cache but its last position, which takes this first token
+      const ModelConfig& c = model_.config();
+      const int64_t len = from.mtp->length() - 1;
+      const LayerCache<float> src = from.mtp->layer(0), dst = st.mtp->layer(0);
+      std::copy_n(src.latent, size_t(len * c.kv_lora_rank), dst.latent);
+      std::copy_n(src.k_pe, size_t(len * c.qk_rope_head_dim), dst.k_pe);
+      st.mtp->advance(len);
+      run_mtp(st, &first, hidden_row, 1);
+    }
+    emit(slot.id, first, now, row);
+  }
+}
 
 int64_t BatchEngine::add_sequence(std::vector<int32_t> prompt, const GenerateOptions& opt, int64_t new_pages) {
   const ModelConfig& c = model_.config();
@@ -181,6 +267,8 @@ void BatchEngine::cancel(int64_t id) {
   if (s.finished) return;
   s.finished = s.cancelled = true;
   s.seconds = now_seconds() - st.started;
+  for (State& other : states_)  // siblings waiting for it read the prompt themselves
+    if (other.waits_for == id) other.waits_for = -1;
   finish(id);
 }
 
@@ -190,10 +278,11 @@ void BatchEngine::run_mtp(State& st, const int32_t* next_tokens, const float* hi
   std::copy(model_.last_mtp_hidden() + (n - 1) * dim, model_.last_mtp_hidden() + n * dim, st.mtp_hidden.begin());
 }
 
-bool BatchEngine::emit(int64_t id, int32_t t, double now) {
+bool BatchEngine::emit(int64_t id, int32_t t, double now, const float* row) {
   Sequence& s = *seqs_[size_t(id)];
   State& st = states_[size_t(id)];
   s.tokens.push_back(t);
+  if (st.opt.logprobs >= 0) s.logprobs.push_back(token_logprobs(row, model_.config().vocab_size, t, st.opt.logprobs));
   if (int64_t(s.tokens.size()) == st.inherited + 1) s.first_token_seconds = now - st.started;
   const bool eos = st.opt.stop_at_eos && model_.config().is_eos(t);
   if (!eos && int64_t(s.tokens.size()) < st.opt.max_tokens) return false;
@@ -212,7 +301,7 @@ bool BatchEngine::step() {
   std::vector<int64_t>& order = order_;  // kept between steps, as every buffer here
   order.clear();
   for (const Slot& s : slots_)
-    if (s.id >= 0) order.push_back(s.id);
+    if (s.id >= 0 && states_[size_t(s.id)].waits_for < 0) order.push_back(s.id);  // siblings wait
   std::sort(order.begin(), order.end());
   // Decoders first (stable, without std::stable_partition's temporary buffer).
   size_t decoders = 0;
@@ -289,12 +378,15 @@ bool BatchEngine::step() {
         if (w.logit_rows) st.next.push_back(first);
         if (!st.next.empty()) run_mtp(st, st.next.data(), hidden + w.offset * dim, int64_t(st.next.size()));
       }
-      if (w.logit_rows) emit(w.id, first, now);
+      if (w.logit_rows) {
+        start_siblings(w.id, rows, hidden + (w.offset + w.len - 1) * dim, now);
+        emit(w.id, first, now, rows);
+      }
       continue;
     }
     if (w.drafts == 0) {  // a plain decoding step
       const int32_t t = st.sampler->sample(rows, vocab);
-      if (!emit(w.id, t, now) && st.mtp) run_mtp(st, &t, hidden + w.offset * dim, 1);
+      if (!emit(w.id, t, now, rows) && st.mtp) run_mtp(st, &t, hidden + w.offset * dim, 1);
       continue;
     }
     // A speculative check: drafts kept in order by the speculative-sampling rule.
@@ -307,7 +399,7 @@ bool BatchEngine::step() {
       last = check_draft(p_, st.q[size_t(kept)], st.drafts[size_t(kept)], *st.sampler, accepted);
       if (!accepted) break;
       ++s.accepted;
-      if ((done = emit(w.id, last, now))) break;
+      if ((done = emit(w.id, last, now, rows + kept * vocab))) break;
     }
     if (done) continue;  // finished: its pages are returned
     if (kept == w.drafts) {  // all kept: the model's token after the last draft too
@@ -315,7 +407,7 @@ bool BatchEngine::step() {
       last = st.sampler->draw(p_);
     }
     truncate(cache_, st.table, st.table.length - (w.drafts - kept));  // rejected drafts' positions
-    if (emit(w.id, last, now)) continue;
+    if (emit(w.id, last, now, rows + kept * vocab)) continue;
     st.next.assign(st.drafts.begin(), st.drafts.begin() + kept);
     st.next.push_back(last);
     run_mtp(st, st.next.data(), hidden + w.offset * dim, kept + 1);

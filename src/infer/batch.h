@@ -11,6 +11,7 @@
 // those it gets alone (tests: within the golden tolerance). Uses model and sampler.
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <vector>
 
@@ -30,6 +31,8 @@ class BatchEngine {
     double first_token_seconds = 0, seconds = 0;  // since add() (a fork: to its first own token)
     std::vector<int32_t> drafts;  // speculative decoding: every draft checked, in order
     int64_t accepted = 0;         // drafts kept
+    int64_t cached = 0;           // prompt positions that came from a shared prefix (add's prefix)
+    std::vector<TokenLogprobs> logprobs;  // per token, with GenerateOptions::logprobs >= 0
   };
 
   // Up to max_sequences running at once, each up to max_len positions (prompt and generated
@@ -43,6 +46,15 @@ class BatchEngine {
   // prompt, or a prompt plus max_tokens beyond max_len; returns -1 while all sequence places
   // are taken or the free pages cannot hold it to its end beside the running ones' growth.
   int64_t add(std::vector<int32_t> prompt, const GenerateOptions& opt);
+  // add(), with the prompt's first prefix.length positions already in prefix's pages (a
+  // prefix cache's): the sequence shares them (one holder more each; a shared page is copied
+  // before it is written) and reads only the rest. prefix.length < the prompt's length.
+  int64_t add(std::vector<int32_t> prompt, const GenerateOptions& opt, const PageTable& prefix);
+  // A sequence with id's prompt that waits for id to read it, then shares its pages and
+  // samples its own first token from the same logits (n > 1 completions of one prompt: the
+  // prompt is run once). -1 as add(); Error if id has already read its prompt or finished.
+  // If id is cancelled first, the sibling reads the prompt itself.
+  int64_t add_sibling(int64_t id, const GenerateOptions& opt);
   void cancel(int64_t id);  // finishes it now; its slot is free for the next add()
   // A new sequence that continues from where `id` is now (its prompt read, its tokens so
   // far), sampling with opt (opt.max_tokens counts all its tokens, the inherited ones too):
@@ -56,6 +68,13 @@ class BatchEngine {
   int64_t running() const;
   int64_t free_pages() const { return cache_.free_pages(); }
   int64_t last_step_tokens() const { return int64_t(ids_.size()); }  // tokens the last step ran
+  int64_t max_sequences() const { return int64_t(slots_.size()); }
+  int64_t max_len() const { return max_len_; }
+  PagedKvCache& pages() { return cache_; }
+  // Called as a sequence leaves (finished or cancelled) with its page table and how many of
+  // its positions hold keys of its own tokens (prompt, then generated): a prefix cache keeps
+  // the pages it wants (PagedKvCache::retain) before they are returned.
+  std::function<void(int64_t id, const PageTable& table, int64_t valid)> on_release;
 
  private:
   struct Slot {
@@ -69,6 +88,7 @@ class BatchEngine {
     PageTable table;  // its positions' pages
     int64_t end = 0;  // the positions it may reach: prompt + max_tokens - 1
     int64_t inherited = 0;  // tokens a fork started with
+    int64_t waits_for = -1;  // a sibling: the sequence whose prompt it shares (add_sibling)
     // Speculative decoding (opt.speculative_mtp): the MTP module's own latent cache, its
     // prediction at the last committed position and its output state there, and each
     // step's drafts with their distributions.
@@ -86,8 +106,11 @@ class BatchEngine {
   // The MTP module over positions of s whose next tokens are known, with the model's states
   // for them (rows of the pass's last_hidden()).
   void run_mtp(State& st, const int32_t* next_tokens, const float* hidden, int64_t n);
-  // Emits a token; true when the sequence ends with it.
-  bool emit(int64_t id, int32_t t, double now);
+  // Emits a token (chosen from the logits row); true when the sequence ends with it.
+  bool emit(int64_t id, int32_t t, double now, const float* row);
+  // Siblings waiting for id, now that its prompt is read: they share its pages and sample
+  // their first tokens from its last prompt row.
+  void start_siblings(int64_t id, const float* row, const float* hidden_row, double now);
   int64_t pages_still_needed() const;  // by the running sequences, to reach their ends
   // add(), with the pages the new sequence will take (-1: all it will reach).
   int64_t add_sequence(std::vector<int32_t> prompt, const GenerateOptions& opt, int64_t new_pages);

@@ -3,6 +3,7 @@
 #pragma once
 #include <cstdint>
 #include <functional>
+#include <utility>
 #include <vector>
 
 #include "infer/sampler.h"
@@ -26,6 +27,15 @@ struct GenerateOptions {
   // and the draft before it (the released module was trained for depth 1, so later drafts
   // are accepted less often). The model checks all of them in one forward of draft + 1 tokens.
   int64_t draft = 1;
+  // The batch engine records each token's log-probability under the model (the softmax of
+  // its raw logits, before temperature or filtering, as OpenAI's API reports them) and the
+  // `logprobs` most likely tokens beside it (0..20); -1: nothing recorded.
+  int64_t logprobs = -1;
+};
+
+struct TokenLogprobs {
+  float logprob = 0;                             // the chosen token's
+  std::vector<std::pair<int32_t, float>> top;    // most likely first
 };
 
 struct GenerateResult {
