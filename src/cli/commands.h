@@ -20,5 +20,6 @@ void add_cost(CLI::App& app);
 void add_plot(CLI::App& app);
 void add_perplexity(CLI::App& app);
 void add_export(CLI::App& app);
+void add_serve(CLI::App& app);
 
 }  // namespace dsv3::cli

@@ -81,7 +81,7 @@ int64_t BatchEngine::pages_still_needed() const {
   std::vector<int32_t> shared;  // partial last pages held by several sequences
   for (const Slot& s : slots_)
     if (s.id >= 0) {
-      const State& st = states_[size_t(s.id)];
+      const State& st = (*states_[size_t(s.id)]);
       const PageTable& t = st.table;
       // A waiting sibling will share its prompt's whole pages.
       const int64_t shared_prompt = st.waits_for >= 0 ? int64_t(seqs_[size_t(s.id)]->prompt.size()) / PagedKvCache::kPageTokens : 0;
@@ -96,7 +96,7 @@ int64_t BatchEngine::pages_still_needed() const {
 }
 
 void BatchEngine::finish(int64_t id) {
-  State& st = states_[size_t(id)];
+  State& st = (*states_[size_t(id)]);
   slots_[size_t(st.slot)].id = -1;
   if (on_release) {
     // Positions whose keys are of the sequence's own tokens: not those of drafts checked
@@ -127,7 +127,7 @@ int64_t BatchEngine::add(std::vector<int32_t> prompt, const GenerateOptions& opt
   const int64_t end = int64_t(prompt.size()) + opt.max_tokens - 1;
   const int64_t id = add_sequence(std::move(prompt), opt, std::max<int64_t>(0, pages_for(end) - prefix.length / PagedKvCache::kPageTokens));
   if (id < 0) return -1;
-  State& st = states_[size_t(id)];
+  State& st = (*states_[size_t(id)]);
   std::vector<int32_t> reserved = std::move(st.table.pages);
   st.table = dsv3::fork(cache_, prefix);
   if (st.table.pages.capacity() < reserved.capacity()) st.table.pages.reserve(reserved.capacity());
@@ -139,21 +139,21 @@ int64_t BatchEngine::add_sibling(int64_t id, const GenerateOptions& opt) {
   const Sequence& parent = *seqs_.at(size_t(id));
   if (parent.finished) fail("batch: cannot add a sibling to sequence ", id, ": it has finished");
   if (parent.read == int64_t(parent.prompt.size())) fail("batch: cannot add a sibling to sequence ", id, ": its prompt is read");
-  if (opt.speculative_mtp != states_[size_t(id)].opt.speculative_mtp)
+  if (opt.speculative_mtp != (*states_[size_t(id)]).opt.speculative_mtp)
     fail("batch: a sibling decodes speculatively exactly when the sequence it shares a prompt with does");
   const int64_t P = int64_t(parent.prompt.size()), end = P + opt.max_tokens - 1;
   const int64_t child = add_sequence(parent.prompt, opt, std::max<int64_t>(0, pages_for(end) - P / PagedKvCache::kPageTokens));
-  if (child >= 0) states_[size_t(child)].waits_for = id;
+  if (child >= 0) (*states_[size_t(child)]).waits_for = id;
   return child;
 }
 
 void BatchEngine::start_siblings(int64_t id, const float* row, const float* hidden_row, double now) {
   const Sequence& parent = *seqs_[size_t(id)];
-  const State& from = states_[size_t(id)];
+  const State& from = (*states_[size_t(id)]);
   for (const Slot& slot : slots_) {
-    if (slot.id < 0 || states_[size_t(slot.id)].waits_for != id) continue;
+    if (slot.id < 0 || (*states_[size_t(slot.id)]).waits_for != id) continue;
     Sequence& s = *seqs_[size_t(slot.id)];
-    State& st = states_[size_t(slot.id)];
+    State& st = (*states_[size_t(slot.id)]);
     st.waits_for = -1;
     std::vector<int32_t> reserved = std::move(st.table.pages);
     st.table = dsv3::fork(cache_, from.table);
@@ -217,7 +217,7 @@ int64_t BatchEngine::add_sequence(std::vector<int32_t> prompt, const GenerateOpt
     st.q.assign(size_t(opt.draft), std::vector<float>(size_t(c.vocab_size)));
     st.drafts.reserve(size_t(opt.draft)), st.next.reserve(size_t(std::max<int64_t>(end + 1, opt.draft + 1)));
   }
-  states_.push_back(std::move(st));
+  states_.push_back(std::make_unique<State>(std::move(st)));
   free->id = id;
   return id;
 }
@@ -230,7 +230,7 @@ int64_t BatchEngine::fork(int64_t id, const GenerateOptions& opt) {
   if (opt.max_tokens <= int64_t(parent.tokens.size()))
     fail("batch: a fork's max-tokens (", opt.max_tokens, ") must exceed the ", parent.tokens.size(), " tokens it inherits");
   // The fork's pages: those past the parent's, and one more copy of a shared partial page.
-  const PageTable& shared = states_[size_t(id)].table;
+  const PageTable& shared = (*states_[size_t(id)]).table;
   const bool partial = shared.length % PagedKvCache::kPageTokens != 0;
   const int64_t end = int64_t(parent.prompt.size()) + opt.max_tokens - 1;
   const int64_t pages = std::max<int64_t>(0, pages_for(end) - int64_t(shared.pages.size())) + partial;
@@ -241,9 +241,9 @@ int64_t BatchEngine::fork(int64_t id, const GenerateOptions& opt) {
   s.tokens = parent.tokens;  // within the capacity add() reserved (max_tokens > these)
   // The prompt and every generated token but the last (the next step's input): the parent's
   // pages, shared.
-  State& st = states_[size_t(child)];
+  State& st = (*states_[size_t(child)]);
   st.inherited = int64_t(s.tokens.size());
-  const State& from = states_[size_t(id)];
+  const State& from = (*states_[size_t(id)]);
   if (st.mtp && from.mtp) {  // the module's cache and prediction too (copied: one layer)
     const ModelConfig& c = model_.config();
     const int64_t len = from.mtp->length();
@@ -256,20 +256,31 @@ int64_t BatchEngine::fork(int64_t id, const GenerateOptions& opt) {
     fail("batch: a speculative fork needs a speculative parent (its MTP cache)");
   }
   std::vector<int32_t> reserved = std::move(st.table.pages);
-  st.table = dsv3::fork(cache_, states_[size_t(id)].table);
+  st.table = dsv3::fork(cache_, (*states_[size_t(id)]).table);
   if (st.table.pages.capacity() < reserved.capacity()) st.table.pages.reserve(reserved.capacity());
   return child;
 }
 
 void BatchEngine::cancel(int64_t id) {
   Sequence& s = *seqs_.at(size_t(id));
-  State& st = states_[size_t(id)];
+  State& st = (*states_[size_t(id)]);
   if (s.finished) return;
   s.finished = s.cancelled = true;
   s.seconds = now_seconds() - st.started;
-  for (State& other : states_)  // siblings waiting for it read the prompt themselves
-    if (other.waits_for == id) other.waits_for = -1;
+  for (auto& other : states_)  // siblings waiting for it read the prompt themselves
+    if (other && other->waits_for == id) other->waits_for = -1;
   finish(id);
+}
+
+void BatchEngine::forget(int64_t id) {
+  if (!seqs_.at(size_t(id))) return;
+  if (!seqs_[size_t(id)]->finished) fail("batch: cannot forget sequence ", id, ": it is running");
+  seqs_[size_t(id)].reset(), states_[size_t(id)].reset();
+}
+
+const BatchEngine::Sequence& BatchEngine::sequence(int64_t id) const {
+  if (!seqs_.at(size_t(id))) fail("batch: sequence ", id, " was forgotten");
+  return *seqs_[size_t(id)];
 }
 
 void BatchEngine::run_mtp(State& st, const int32_t* next_tokens, const float* hidden, int64_t n) {
@@ -280,7 +291,7 @@ void BatchEngine::run_mtp(State& st, const int32_t* next_tokens, const float* hi
 
 bool BatchEngine::emit(int64_t id, int32_t t, double now, const float* row) {
   Sequence& s = *seqs_[size_t(id)];
-  State& st = states_[size_t(id)];
+  State& st = (*states_[size_t(id)]);
   s.tokens.push_back(t);
   if (st.opt.logprobs >= 0) s.logprobs.push_back(token_logprobs(row, model_.config().vocab_size, t, st.opt.logprobs));
   if (int64_t(s.tokens.size()) == st.inherited + 1) s.first_token_seconds = now - st.started;
@@ -301,7 +312,7 @@ bool BatchEngine::step() {
   std::vector<int64_t>& order = order_;  // kept between steps, as every buffer here
   order.clear();
   for (const Slot& s : slots_)
-    if (s.id >= 0 && states_[size_t(s.id)].waits_for < 0) order.push_back(s.id);  // siblings wait
+    if (s.id >= 0 && (*states_[size_t(s.id)]).waits_for < 0) order.push_back(s.id);  // siblings wait
   std::sort(order.begin(), order.end());
   // Decoders first (stable, without std::stable_partition's temporary buffer).
   size_t decoders = 0;
@@ -315,7 +326,7 @@ bool BatchEngine::step() {
   int64_t decoders_left = int64_t(decoders);
   for (int64_t id : order) {
     Sequence& s = *seqs_[size_t(id)];
-    State& st = states_[size_t(id)];
+    State& st = (*states_[size_t(id)]);
     PageTable& table = st.table;
     const int64_t P = int64_t(s.prompt.size());
     if (s.read == P) {  // decoding: the last token in (and drafts after it), logits for each
@@ -366,7 +377,7 @@ bool BatchEngine::step() {
   const double now = now_seconds();
   for (const Work& w : work_) {
     Sequence& s = *seqs_[size_t(w.id)];
-    State& st = states_[size_t(w.id)];
+    State& st = (*states_[size_t(w.id)]);
     const float* rows = logits_.data() + w.first_logit * vocab;
     if (w.prompt) {
       const int64_t from = s.read, P = int64_t(s.prompt.size());

@@ -64,13 +64,17 @@ class BatchEngine {
   int64_t fork(int64_t id, const GenerateOptions& opt);
   // One forward over the running sequences; false if none was running.
   bool step();
-  const Sequence& sequence(int64_t id) const { return *seqs_.at(size_t(id)); }
+  const Sequence& sequence(int64_t id) const;
+  // Frees a finished sequence's tokens and state (a server forgets each after answering);
+  // sequence(id) is an Error after.
+  void forget(int64_t id);
   int64_t running() const;
   int64_t free_pages() const { return cache_.free_pages(); }
   int64_t last_step_tokens() const { return int64_t(ids_.size()); }  // tokens the last step ran
   int64_t max_sequences() const { return int64_t(slots_.size()); }
   int64_t max_len() const { return max_len_; }
   PagedKvCache& pages() { return cache_; }
+  const PagedKvCache& pages() const { return cache_; }
   // Called as a sequence leaves (finished or cancelled) with its page table and how many of
   // its positions hold keys of its own tokens (prompt, then generated): a prefix cache keeps
   // the pages it wants (PagedKvCache::retain) before they are returned.
@@ -119,7 +123,7 @@ class BatchEngine {
   int64_t max_len_, step_tokens_;
   std::vector<Slot> slots_;
   std::vector<std::unique_ptr<Sequence>> seqs_;
-  std::vector<State> states_;
+  std::vector<std::unique_ptr<State>> states_;  // null once forgotten, as seqs_
   PagedKvCache cache_;
   // Reused by every step:
   std::vector<int32_t> ids_;
