@@ -11,7 +11,12 @@ packages=(
   libcli11-dev                                 # command-line flags
   libpcre2-dev zlib1g-dev                      # tokenizer regexes (PCRE2 JIT), .gz corpora
   libgtest-dev libgmock-dev libbenchmark-dev   # tests and benchmarks
+  libcpp-httplib-dev                           # dsv3 serve's HTTP server
 )
+# Node.js runs the official `openai` client against dsv3 serve in the tests. The machine's
+# own Node (with its npm) is kept; Debian's is installed only when there is none.
+command -v node >/dev/null || packages+=(nodejs)
+command -v npm >/dev/null || packages+=(npm)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -22,6 +27,17 @@ if ((${#missing[@]})); then
   [[ $(id -u) -ne 0 ]] && SUDO="sudo"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+# The official OpenAI client for Node, pinned (6.x runs on Node 18 and 20; 7.x needs 22),
+# into build/npm where the server tests look for it.
+OPENAI_NPM_VERSION=6.30.1
+if [[ ! -f build/npm/node_modules/openai/package.json ]] ||
+   ! grep -q "\"version\": \"$OPENAI_NPM_VERSION\"" build/npm/node_modules/openai/package.json; then
+  echo "setup: installing the openai npm client $OPENAI_NPM_VERSION into build/npm"
+  mkdir -p build/npm
+  npm install --prefix build/npm --no-audit --no-fund --no-save --loglevel=error "openai@$OPENAI_NPM_VERSION" >/dev/null ||
+    echo "setup: warning: npm could not install openai@$OPENAI_NPM_VERSION; the server's client test will fail" >&2
 fi
 
 BUILD_TYPE=${BUILD_TYPE:-Release}

@@ -76,7 +76,8 @@ void Scheduler::check(const Request& r) const {
 bool Scheduler::submit(const std::shared_ptr<Request>& r) {
   {
     std::lock_guard lock(mutex_);
-    if (stop_ || int64_t(incoming_.size()) + gauges_.queued >= max_queue_) return false;
+    if (stop_ || waiting_ >= max_queue_) return false;
+    ++waiting_;
     {
       std::lock_guard request_lock(r->mutex);
       r->choices.resize(r->options.size());
@@ -98,7 +99,7 @@ void Scheduler::wake() {
 Gauges Scheduler::gauges() const {
   std::lock_guard lock(mutex_);
   Gauges g = gauges_;
-  g.queued += int64_t(incoming_.size());
+  g.queued = waiting_;
   return g;
 }
 
@@ -120,7 +121,6 @@ void Scheduler::run() {
       fail_all(e.what());
     }
     std::lock_guard lock(mutex_);
-    gauges_.queued = int64_t(pending_.size());
     gauges_.running = engine_.running();
     gauges_.free_pages = engine_.free_pages();
     gauges_.cached_pages = cache_.blocks();
@@ -141,6 +141,7 @@ void Scheduler::cancel_requested() {
     lock.unlock();
     r.changed.notify_all();
     it = pending_.erase(it);
+    --waiting_;
   }
   for (Active& a : active_) {
     std::lock_guard lock(a.request->mutex);
@@ -153,7 +154,7 @@ void Scheduler::cancel_requested() {
 
 void Scheduler::admit() {
   // First come, first served: a request that does not fit yet waits, and so do those after it.
-  while (!pending_.empty() && try_admit(pending_.front())) pending_.pop_front();
+  while (!pending_.empty() && try_admit(pending_.front())) pending_.pop_front(), --waiting_;
 }
 
 bool Scheduler::try_admit(const std::shared_ptr<Request>& r) {
@@ -265,6 +266,7 @@ void Scheduler::fail_all(const std::string& why) {
   std::lock_guard lock(mutex_);
   for (auto& r : incoming_) fail_request(*r);
   incoming_.clear();
+  waiting_ = 0;
 }
 
 }  // namespace dsv3::serve

@@ -101,6 +101,7 @@ class Scheduler {
   std::condition_variable wake_;
   std::deque<std::shared_ptr<Request>> incoming_;
   bool stop_ = false, woken_ = false;
+  std::atomic<int64_t> waiting_{0};  // requests submitted and not yet admitted (or dropped)
   Gauges gauges_;
   std::thread thread_;
 };

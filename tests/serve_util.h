@@ -1,0 +1,85 @@
+// Helpers for the server tests: a servable folder (a golden checkpoint with a 500-token
+// tokenizer learnt from the bundled corpus, so that text round-trips through its vocabulary)
+// and a real server on a free loopback port, in process.
+#pragma once
+#include <httplib.h>
+
+#include <filesystem>
+#include <memory>
+#include <string>
+#include <thread>
+
+#include "golden_util.h"
+#include "malformed_util.h"
+#include "serve/server.h"
+#include "tokenizer/bpe_trainer.h"
+#include "tokenizer/corpus.h"
+#include "tokenizer/tokenizer_config.h"
+
+namespace dsv3::test {
+
+// tiny-v3-bf16 (vocabulary 500, an MTP module) with a tokenizer of exactly 500 ids.
+inline const std::string& servable_model() {
+  static const std::string dir = [] {
+    const std::string d = testing::TempDir() + "/dsv3_servable_" + std::to_string(::getpid());
+    std::filesystem::create_directories(d);
+    BpeTrainer trainer(BpeTrainerOptions{.vocab_size = 500});
+    CorpusReader reader({DSV3_CORPUS});
+    std::string chunk;
+    bool doc_end = false;
+    while (reader.next(chunk, doc_end)) trainer.add_text(chunk);
+    write_trained_tokenizer(d, trainer.train(), default_special_tokens());
+    for (const char* f : {"config.json", "model.safetensors"})
+      std::filesystem::copy_file(golden_dir("tiny-v3-bf16") + "/" + f, d + "/" + f, std::filesystem::copy_options::overwrite_existing);
+    return d;
+  }();
+  return dir;
+}
+
+// A server with its model loaded, listening on 127.0.0.1 at port().
+class TestServer {
+ public:
+  explicit TestServer(serve::SchedulerOptions so = {}, serve::ServerOptions opt = {}, bool speculative = false)
+      : model_(servable_model()), tokenizer_(servable_model() + "/tokenizer.json"),
+        config_(load_tokenizer_config(servable_model())) {
+    opt.host = "127.0.0.1", opt.port = 0;
+    server_ = std::make_unique<serve::Server>(opt, metrics_);
+    port_ = server_->bind();
+    listener_ = std::thread([this] { server_->listen(); });
+    served_.name = "tiny";
+    served_.tokenizer = &tokenizer_, served_.config = &config_;
+    if (so.max_len == 0) so.max_len = model_.config().max_position_embeddings;
+    served_.context = so.max_len, served_.max_n = so.max_sequences;
+    served_.speculative = speculative;
+    scheduler_ = std::make_unique<serve::Scheduler>(model_, so, metrics_);
+    server_->ready(&served_, scheduler_.get());
+  }
+  ~TestServer() {
+    server_->stop();
+    listener_.join();
+    scheduler_.reset();
+  }
+  int port() const { return port_; }
+  httplib::Client client() const {
+    httplib::Client c("127.0.0.1", port_);
+    c.set_read_timeout(60, 0);
+    return c;
+  }
+  Transformer& model() { return model_; }
+  const Tokenizer& tokenizer() const { return tokenizer_; }
+  const TokenizerConfig& config() const { return config_; }
+  serve::Scheduler& scheduler() { return *scheduler_; }
+
+ private:
+  Transformer model_;
+  Tokenizer tokenizer_;
+  TokenizerConfig config_;
+  serve::Metrics metrics_;
+  serve::ServedModel served_;
+  std::unique_ptr<serve::Server> server_;
+  std::unique_ptr<serve::Scheduler> scheduler_;
+  std::thread listener_;
+  int port_ = 0;
+};
+
+}  // namespace dsv3::test

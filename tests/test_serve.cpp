@@ -1,0 +1,594 @@
+// dsv3 serve: the OpenAI request checks, streaming text (UTF-8, stop strings, reasoning), the
+// context cache, and a real server on a loopback port: greedy answers equal generate()
+// alone and 16 at once, streaming, n > 1, stop strings, log-probabilities, cache hits in
+// 64-token blocks with the same text, OpenAI's errors for bad input, the API key, a full
+// queue, 32 streaming clients, a stalled and a vanishing client, and every page back after.
+#include <arpa/inet.h>
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <thread>
+
+#include "core/error.h"
+#include "infer/generate.h"
+#include "serve/openai.h"
+#include "serve/prefix_cache.h"
+#include "serve/text_stream.h"
+#include "serve_util.h"
+#include "tokenizer/chat_template.h"
+
+namespace dsv3 {
+namespace {
+
+using nlohmann::json;
+using testing::HasSubstr;
+
+struct Reply {
+  int status = 0;
+  json body;
+  std::string raw;
+};
+
+Reply post(httplib::Client& c, const std::string& path, const std::string& body, const httplib::Headers& headers = {}) {
+  auto res = c.Post(path.c_str(), headers, body, "application/json");
+  Reply r;
+  if (!res) {
+    r.raw = "no answer: " + httplib::to_string(res.error());
+    return r;
+  }
+  r.status = res->status, r.raw = res->body;
+  r.body = json::parse(res->body, nullptr, false);
+  return r;
+}
+Reply post(httplib::Client& c, const std::string& path, const json& body, const httplib::Headers& headers = {}) {
+  return post(c, path, body.dump(), headers);
+}
+
+// Text as the server sends it: special tokens dropped, invalid UTF-8 as U+FFFD.
+std::string as_sent(const Tokenizer& tok, const std::vector<int32_t>& tokens) {
+  return json::parse(serve::dump(json(tok.decode(tokens, true)))).get<std::string>();
+}
+
+// The value of a metric line "name value" in /metrics.
+double metric(httplib::Client& c, const std::string& name) {
+  auto res = c.Get("/metrics");
+  if (!res) return NAN;
+  const std::string& t = res->body;
+  const size_t at = t.find("\n" + name + " ");
+  if (at == std::string::npos) return NAN;
+  return std::stod(t.substr(at + name.size() + 2));
+}
+
+// The events of a streamed answer: the JSON of each "data:" line before [DONE].
+std::vector<json> events(const std::string& raw, bool& done) {
+  std::vector<json> out;
+  done = false;
+  size_t at = 0;
+  while ((at = raw.find("data: ", at)) != std::string::npos) {
+    const size_t end = raw.find("\n\n", at);
+    const std::string data = raw.substr(at + 6, end - at - 6);
+    at = end;
+    if (data == "[DONE]") {
+      done = true;
+      break;
+    }
+    out.push_back(json::parse(data));
+  }
+  return out;
+}
+
+// --- Streaming text -------------------------------------------------------------------
+
+TEST(TextStream, StopStringsAcrossTokensAndSplitCharacters) {
+  const Tokenizer tok(test::servable_model() + "/tokenizer.json");
+  // A stop string spanning several tokens: the text before it, and nothing of it, is sent.
+  const auto ids = tok.encode("And God said, Let there be light: and there was light.");
+  serve::TextStream s(&tok, {"there was"});
+  std::string sent;
+  bool go = true;
+  for (size_t i = 0; i < ids.size() && go; ++i) {
+    go = s.push(ids[i]);
+    sent += s.take_content();
+    EXPECT_EQ(sent.find("there w"), std::string::npos) << "a stop string's start was sent early";
+  }
+  EXPECT_TRUE(s.stopped());
+  s.finish();
+  sent += s.take_content();
+  EXPECT_EQ(sent, "And God said, Let there be light: and ");
+  // A character split over byte tokens is held until complete.
+  const auto e = tok.encode("é");
+  ASSERT_EQ(e.size(), 2u);
+  serve::TextStream u(&tok, {});
+  u.push(e[0]);
+  EXPECT_EQ(u.take_content(), "");
+  u.push(e[1]);
+  EXPECT_EQ(u.take_content(), "é");
+  // Without a stop string everything comes out by the end, stop-like prefixes included.
+  serve::TextStream t(&tok, {"light!"});
+  for (int32_t id : ids) t.push(id);
+  t.finish();
+  EXPECT_EQ(t.take_content(), "And God said, Let there be light: and there was light.");
+}
+
+TEST(TextStream, ReasoningIsSplitFromTheAnswer) {
+  const Tokenizer tok(test::servable_model() + "/tokenizer.json");
+  for (bool in_prompt : {false, true}) {
+    const std::string text = std::string(in_prompt ? "" : "<think>") + "Seth begat Enos.</think>\n\nSeth.";
+    serve::TextStream s(&tok, {}, true, true, in_prompt);
+    std::string content, reasoning;
+    for (int32_t id : tok.encode(text)) {
+      s.push(id);
+      content += s.take_content(), reasoning += s.take_reasoning();
+    }
+    s.finish();
+    content += s.take_content(), reasoning += s.take_reasoning();
+    EXPECT_EQ(reasoning, "Seth begat Enos.");
+    EXPECT_EQ(content, "Seth.");
+  }
+  serve::TextStream plain(&tok, {}, true, true, false);  // a reasoning model that does not think
+  for (int32_t id : tok.encode("Seth.")) plain.push(id);
+  plain.finish();
+  EXPECT_EQ(plain.take_content(), "Seth.");
+  EXPECT_EQ(plain.take_reasoning(), "");
+}
+
+// --- Request checks ---------------------------------------------------------------------
+
+class OpenAiRequest : public testing::Test {
+ protected:
+  OpenAiRequest() : tok_(test::servable_model() + "/tokenizer.json"), config_(load_tokenizer_config(test::servable_model())) {
+    m_.name = "tiny", m_.tokenizer = &tok_, m_.config = &config_, m_.context = 256, m_.max_n = 4;
+  }
+  serve::CompletionRequest parse(const std::string& body, bool chat = true) {
+    return serve::parse_completion_request(json::parse(body), chat, m_, state_);
+  }
+  // The error a body gets: status, param and message.
+  serve::ApiError error(const std::string& body, bool chat = true) {
+    try {
+      parse(body, chat);
+    } catch (const serve::ApiError& e) {
+      return e;
+    }
+    ADD_FAILURE() << "no error for " << body;
+    return serve::ApiError(0, "", "");
+  }
+  Tokenizer tok_;
+  TokenizerConfig config_;
+  serve::ServedModel m_;
+  EncodeState state_;
+};
+
+TEST_F(OpenAiRequest, ChatIsRenderedAndOptionsRead) {
+  const auto r = parse(R"({"model": "tiny", "messages": [{"role": "system", "content": "Be brief."},
+      {"role": "user", "content": [{"type": "text", "text": "Who begat "}, {"type": "text", "text": "Enos?"}]}],
+      "max_tokens": 7, "temperature": 0.5, "top_p": 0.9, "top_k": 20, "seed": 11, "n": 2, "stop": ["\n", "Amen"],
+      "stream": true, "stream_options": {"include_usage": true}, "logprobs": true, "top_logprobs": 3, "user": "u1"})");
+  const std::string expect =
+      apply_chat_template(config_, nlohmann::ordered_json::parse(R"([{"role": "system", "content": "Be brief."},
+      {"role": "user", "content": "Who begat Enos?"}])"), true);
+  EXPECT_EQ(r.prompt, tok_.encode(expect));
+  ASSERT_EQ(r.options.size(), 2u);
+  EXPECT_EQ(r.options[0].max_tokens, 7);
+  EXPECT_FLOAT_EQ(r.options[0].sampling.temperature, 0.5f);
+  EXPECT_FLOAT_EQ(r.options[0].sampling.top_p, 0.9f);
+  EXPECT_EQ(r.options[0].sampling.top_k, 20);
+  EXPECT_EQ(r.options[0].sampling.seed, 11u);
+  EXPECT_EQ(r.options[1].sampling.seed, 12u);  // n > 1: each choice its own seed
+  EXPECT_EQ(r.stop, (std::vector<std::string>{"\n", "Amen"}));
+  EXPECT_TRUE(r.stream && r.include_usage);
+  EXPECT_EQ(r.logprobs, 3);
+  // Completions: a string (with BOS when the tokenizer asks), or token ids as they are.
+  const auto c = parse(R"({"model": "tiny", "prompt": [5, 6, 7], "max_completion_tokens": 3})", false);
+  EXPECT_EQ(c.prompt, (std::vector<int32_t>{5, 6, 7}));
+  EXPECT_EQ(c.options[0].max_tokens, 3);
+  EXPECT_EQ(c.options[0].sampling.temperature, 1.0f);  // OpenAI's default
+  EXPECT_EQ(parse(R"({"model": "tiny", "prompt": "In the beginning"})", false).options[0].max_tokens, 256 - int64_t(parse(R"({"model": "tiny", "prompt": "In the beginning"})", false).prompt.size()));
+}
+
+TEST_F(OpenAiRequest, BadFieldsAreNamed) {
+  struct Case {
+    const char* body;
+    int status;
+    const char* param;
+    const char* says;
+  };
+  const Case cases[] = {
+      {R"([1, 2])", 400, "", "JSON object"},
+      {R"({"messages": [{"role": "user", "content": "hi"}]})", 400, "model", "required"},
+      {R"({"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]})", 404, "model", "does not exist"},
+      {R"({"model": "tiny"})", 400, "messages", "required"},
+      {R"({"model": "tiny", "messages": []})", 400, "messages", "non-empty"},
+      {R"({"model": "tiny", "messages": [{"role": "wizard", "content": "hi"}]})", 400, "messages[0].role", "unknown role"},
+      {R"({"model": "tiny", "messages": [{"role": "user"}]})", 400, "messages[0].content", "required"},
+      {R"({"model": "tiny", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]})", 400, "messages[0].content", "text"},
+      {R"({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "temperature": "hot"})", 400, "temperature", "number"},
+      {R"({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "temperature": 2.5})", 400, "temperature", "[0, 2]"},
+      {R"({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "top_p": 0})", 400, "top_p", "(0, 1]"},
+      {R"({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": -1})", 400, "max_tokens", "[1,"},
+      {R"({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1.5})", 400, "max_tokens", "integer"},
+      {R"({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1e300})", 400, "max_tokens", "integer"},
+      {R"({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 18446744073709551615})", 400, "max_tokens", "range"},
+      {R"({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1000})", 400, "max_tokens", "context length"},
+      {R"({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "n": 5})", 400, "n", "[1, 4]"},
+      {R"({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "stop": ["a", "b", "c", "d", "e"]})", 400, "stop", "at most 4"},
+      {R"({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "stop": [1]})", 400, "stop", "string"},
+      {R"({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "stop": ""})", 400, "stop", "empty"},
+      {R"({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "stream_options": {"include_usage": true}})", 400, "stream_options", "stream"},
+      {R"({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2})", 400, "top_logprobs", "logprobs"},
+      {R"({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "logprobs": true, "top_logprobs": 21})", 400, "top_logprobs", "[0, 20]"},
+      {R"({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "presence_penalty": 0.5})", 400, "presence_penalty", "not supported"},
+      {R"({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "logit_bias": {"5": 10}})", 400, "logit_bias", "not supported"},
+      {R"({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]})", 400, "tools", "not supported"},
+      {R"({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}})", 400, "response_format", "not supported"},
+      {R"({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "seed": "x"})", 400, "seed", "integer"},
+      {R"({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "user": 5})", 400, "user", "string"},
+  };
+  for (const Case& c : cases) {
+    const serve::ApiError e = error(c.body);
+    EXPECT_EQ(e.status, c.status) << c.body;
+    EXPECT_EQ(e.param, c.param) << c.body;
+    EXPECT_THAT(e.message, HasSubstr(c.says)) << c.body;
+  }
+  const std::string long_prompt = json(std::string(2000, 'x')).dump();
+  EXPECT_EQ(error(R"({"model": "tiny", "prompt": )" + long_prompt + "}", false).code, "context_length_exceeded");
+  EXPECT_EQ(error(R"({"model": "tiny", "prompt": [1, -2]})", false).param, "prompt");
+  EXPECT_EQ(error(R"({"model": "tiny", "prompt": [[1], [2]]})", false).param, "prompt");
+  EXPECT_EQ(error(R"({"model": "tiny", "prompt": "x", "echo": true})", false).param, "echo");
+  EXPECT_EQ(error(R"({"model": "tiny", "prompt": "x", "logprobs": 30})", false).param, "logprobs");
+  // Harmless fields are ignored.
+  EXPECT_NO_THROW(parse(R"({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "store": false,
+      "metadata": {"a": "b"}, "tool_choice": "none", "presence_penalty": 0, "response_format": {"type": "text"}})"));
+}
+
+// --- The context cache -------------------------------------------------------------------
+
+TEST(PrefixCache, BlocksChainMatchAndEvictOldestLeavesFirst) {
+  Transformer model(test::golden_dir("tiny-v3-bf16"));
+  PagedKvCache pool(model.config(), 8);
+  serve::PrefixCache cache(pool, 42);
+  std::vector<int32_t> a(200);
+  for (size_t i = 0; i < a.size(); ++i) a[i] = int32_t(i % 97);
+  PageTable t;
+  extend(pool, t, 200);  // 4 pages; 3 whole blocks
+  cache.insert(a, t, 200);
+  EXPECT_EQ(cache.blocks(), 3);
+  release(pool, t);
+  EXPECT_EQ(pool.free_pages(), 5);  // the cache holds 3
+  // The longest cached prefix in whole blocks, within the limit.
+  EXPECT_EQ(cache.lookup(a, 199).length, 192);
+  EXPECT_EQ(cache.lookup(a, 191).length, 128);
+  std::vector<int32_t> b = a;
+  b[70] = 3;  // differs in the second block: only the first matches
+  EXPECT_EQ(cache.lookup(b, 199).length, 64);
+  b = a;
+  b[0] = 5;  // the same later blocks after another first block: nothing matches
+  EXPECT_EQ(cache.lookup(b, 199).length, 0);
+  serve::PrefixCache other(pool, 43);  // another model: nothing matches
+  EXPECT_EQ(other.lookup(a, 199).length, 0);
+  // Eviction: the chain's last block first.
+  cache.lookup(a, 199);
+  ASSERT_TRUE(cache.evict());
+  EXPECT_EQ(cache.lookup(a, 199).length, 128);
+  // A page a sequence still holds is not evicted (it would free nothing).
+  PageTable held = cache.lookup(a, 199);
+  PageTable user = fork(pool, held);
+  EXPECT_FALSE(cache.evict());
+  release(pool, user);
+  EXPECT_TRUE(cache.evict());
+  EXPECT_TRUE(cache.evict());
+  EXPECT_FALSE(cache.evict());
+  EXPECT_EQ(pool.free_pages(), 8);
+}
+
+// --- The server ----------------------------------------------------------------------------
+
+TEST(Server, GreedyAnswersEqualGenerateAloneAndSixteenAtOnce) {
+  test::TestServer server;
+  const Tokenizer& tok = server.tokenizer();
+  const std::vector<std::string> texts = {"In the beginning", "And God said", "The LORD is my shepherd",
+                                          "Blessed are the meek: for they", "Jesus wept.", "And the earth was without form"};
+  // Expected: generate() alone on the ids the server encodes (BOS as the tokenizer asks).
+  std::vector<std::string> expect;
+  for (const std::string& t : texts) {
+    std::vector<int32_t> ids;
+    if (server.config().add_bos_token) ids.push_back(*tok.token_id(*server.config().bos_token));
+    for (int32_t id : tok.encode(t)) ids.push_back(id);
+    GenerateOptions opt;
+    opt.max_tokens = 16;
+    expect.push_back(as_sent(tok, generate(server.model(), ids, opt).tokens));
+  }
+  auto ask = [&](size_t i) {
+    httplib::Client c = server.client();
+    return post(c, "/v1/completions", json{{"model", "tiny"}, {"prompt", texts[i]}, {"max_tokens", 16}, {"temperature", 0}});
+  };
+  for (size_t i = 0; i < texts.size(); ++i) {  // one client at a time
+    const Reply r = ask(i);
+    ASSERT_EQ(r.status, 200) << r.raw;
+    EXPECT_EQ(r.body["choices"][0]["text"], expect[i]) << texts[i];
+    EXPECT_EQ(r.body["usage"]["completion_tokens"], 16);
+  }
+  std::vector<Reply> replies(16);
+  std::vector<std::thread> clients;
+  for (size_t k = 0; k < 16; ++k) clients.emplace_back([&, k] { replies[k] = ask(k % texts.size()); });
+  for (auto& t : clients) t.join();
+  for (size_t k = 0; k < 16; ++k) {
+    ASSERT_EQ(replies[k].status, 200) << replies[k].raw;
+    EXPECT_EQ(replies[k].body["choices"][0]["text"], expect[k % texts.size()]) << "client " << k;
+  }
+}
+
+TEST(Server, ChatStreamsWhatItAnswersWhole) {
+  test::TestServer server;
+  httplib::Client c = server.client();
+  const json body = {{"model", "tiny"}, {"messages", {{{"role", "user"}, {"content", "Who begat Enos?"}}}}, {"max_tokens", 20}, {"temperature", 0}};
+  const Reply whole = post(c, "/v1/chat/completions", body);
+  ASSERT_EQ(whole.status, 200) << whole.raw;
+  EXPECT_EQ(whole.body["object"], "chat.completion");
+  EXPECT_EQ(whole.body["choices"][0]["message"]["role"], "assistant");
+  json streamed = body;
+  streamed["stream"] = true, streamed["stream_options"] = {{"include_usage", true}};
+  const Reply s = post(c, "/v1/chat/completions", streamed);
+  ASSERT_EQ(s.status, 200);
+  bool done = false;
+  const auto ev = events(s.raw, done);
+  EXPECT_TRUE(done);
+  ASSERT_GE(ev.size(), 3u);
+  EXPECT_EQ(ev[0]["choices"][0]["delta"]["role"], "assistant");
+  std::string text, finish;
+  for (const json& e : ev) {
+    EXPECT_EQ(e["object"], "chat.completion.chunk");
+    EXPECT_EQ(e["id"], ev[0]["id"]);
+    if (e["choices"].empty()) continue;
+    text += e["choices"][0]["delta"].value("content", "");
+    if (!e["choices"][0]["finish_reason"].is_null()) finish = e["choices"][0]["finish_reason"];
+  }
+  EXPECT_EQ(text, whole.body["choices"][0]["message"]["content"]);
+  EXPECT_EQ(finish, whole.body["choices"][0]["finish_reason"]);
+  EXPECT_TRUE(ev.back()["choices"].empty());  // the usage chunk
+  EXPECT_EQ(ev.back()["usage"]["completion_tokens"], whole.body["usage"]["completion_tokens"]);
+  EXPECT_EQ(ev.back()["usage"]["prompt_tokens"], whole.body["usage"]["prompt_tokens"]);
+}
+
+TEST(Server, ChoicesStopStringsAndLogprobs) {
+  test::TestServer server;
+  httplib::Client c = server.client();
+  // n = 3 greedy choices: one prompt read, three equal answers; sampled ones repeat by seed.
+  const Reply greedy = post(c, "/v1/completions", json{{"model", "tiny"}, {"prompt", "In the beginning"}, {"max_tokens", 10}, {"temperature", 0}, {"n", 3}});
+  ASSERT_EQ(greedy.status, 200) << greedy.raw;
+  ASSERT_EQ(greedy.body["choices"].size(), 3u);
+  for (int i = 0; i < 3; ++i) {
+    EXPECT_EQ(greedy.body["choices"][i]["index"], i);
+    EXPECT_EQ(greedy.body["choices"][i]["text"], greedy.body["choices"][0]["text"]);
+  }
+  EXPECT_EQ(greedy.body["usage"]["completion_tokens"], 30);
+  const json hot = {{"model", "tiny"}, {"prompt", "In the beginning"}, {"max_tokens", 10}, {"temperature", 1.2}, {"n", 3}, {"seed", 7}};
+  const Reply a = post(c, "/v1/completions", hot), b = post(c, "/v1/completions", hot);
+  for (int i = 0; i < 3; ++i) EXPECT_EQ(a.body["choices"][i]["text"], b.body["choices"][i]["text"]);
+  EXPECT_TRUE(a.body["choices"][0]["text"] != a.body["choices"][1]["text"] || a.body["choices"][1]["text"] != a.body["choices"][2]["text"]);
+
+  // A stop string: the text up to it, finish_reason "stop", fewer tokens.
+  const std::string full = greedy.body["choices"][0]["text"];
+  ASSERT_GE(full.size(), 6u);
+  const std::string stop = full.substr(3, 3);
+  const Reply stopped = post(c, "/v1/completions", json{{"model", "tiny"}, {"prompt", "In the beginning"}, {"max_tokens", 10}, {"temperature", 0}, {"stop", {stop, "never-there"}}});
+  EXPECT_EQ(stopped.body["choices"][0]["text"], full.substr(0, full.find(stop)));
+  EXPECT_EQ(stopped.body["choices"][0]["finish_reason"], "stop");
+  EXPECT_LT(stopped.body["usage"]["completion_tokens"].get<int>(), 10);
+
+  // Log-probabilities: one entry per token, the greedy choice the most likely, in order.
+  const Reply lp = post(c, "/v1/chat/completions", json{{"model", "tiny"}, {"messages", {{{"role", "user"}, {"content", "Hi"}}}}, {"max_tokens", 6}, {"temperature", 0}, {"logprobs", true}, {"top_logprobs", 3}});
+  ASSERT_EQ(lp.status, 200) << lp.raw;
+  const json& content = lp.body["choices"][0]["logprobs"]["content"];
+  ASSERT_EQ(content.size(), 6u);
+  for (const json& t : content) {
+    EXPECT_LE(t["logprob"].get<double>(), 0.0);
+    ASSERT_EQ(t["top_logprobs"].size(), 3u);
+    EXPECT_EQ(t["top_logprobs"][0]["token"], t["token"]);
+    EXPECT_GE(t["top_logprobs"][0]["logprob"].get<double>(), t["top_logprobs"][1]["logprob"].get<double>());
+  }
+  const Reply clp = post(c, "/v1/completions", json{{"model", "tiny"}, {"prompt", "In the beginning"}, {"max_tokens", 4}, {"temperature", 0}, {"logprobs", 2}});
+  EXPECT_EQ(clp.body["choices"][0]["logprobs"]["tokens"].size(), 4u);
+  EXPECT_EQ(clp.body["choices"][0]["logprobs"]["text_offset"][0], 0);
+}
+
+TEST(Server, RepeatedPrefixesHitTheCacheInBlocksWithTheSameText) {
+  test::TestServer server;
+  httplib::Client c = server.client();
+  std::string prefix;
+  for (int i = 0; i < 12; ++i) prefix += "And the LORD spake unto Moses, saying, Speak unto the children of Israel. ";
+  const json body = {{"model", "tiny"}, {"prompt", prefix + "And"}, {"max_tokens", 12}, {"temperature", 0}};
+  const Reply cold = post(c, "/v1/completions", body);
+  ASSERT_EQ(cold.status, 200) << cold.raw;
+  EXPECT_EQ(cold.body["usage"]["prompt_cache_hit_tokens"], 0);
+  const int prompt = cold.body["usage"]["prompt_tokens"];
+  ASSERT_GT(prompt, 200);
+  const Reply warm = post(c, "/v1/completions", body);
+  const int hit = warm.body["usage"]["prompt_cache_hit_tokens"];
+  EXPECT_GT(hit, 0);
+  EXPECT_EQ(hit % 64, 0);
+  EXPECT_EQ(hit, (prompt - 1) / 64 * 64);
+  EXPECT_EQ(warm.body["usage"]["prompt_cache_miss_tokens"], prompt - hit);
+  EXPECT_EQ(warm.body["choices"][0]["text"], cold.body["choices"][0]["text"]);
+  // Another ending on the same prefix: the blocks before the difference hit.
+  const Reply other = post(c, "/v1/completions", json{{"model", "tiny"}, {"prompt", prefix + "Then Moses said"}, {"max_tokens", 4}, {"temperature", 0}});
+  EXPECT_GE(other.body["usage"]["prompt_cache_hit_tokens"].get<int>(), 64);
+  // A follow-up turn of a chat reuses the previous turn's blocks (answer included).
+  json messages = {{{"role", "user"}, {"content", prefix}}};
+  const Reply turn1 = post(c, "/v1/chat/completions", json{{"model", "tiny"}, {"messages", messages}, {"max_tokens", 70}, {"temperature", 0}});
+  ASSERT_EQ(turn1.status, 200);
+  messages.push_back({{"role", "assistant"}, {"content", turn1.body["choices"][0]["message"]["content"]}});
+  messages.push_back({{"role", "user"}, {"content", "And?"}});
+  const Reply turn2 = post(c, "/v1/chat/completions", json{{"model", "tiny"}, {"messages", messages}, {"max_tokens", 4}, {"temperature", 0}});
+  EXPECT_GE(turn2.body["usage"]["prompt_cache_hit_tokens"].get<int>(), turn1.body["usage"]["prompt_tokens"].get<int>() / 64 * 64);
+}
+
+TEST(Server, ErrorsAreOpenAIsWithTheRightStatus) {
+  serve::ServerOptions opt;
+  opt.max_body_bytes = 4096;
+  test::TestServer server({}, opt);
+  httplib::Client c = server.client();
+  auto expect_error = [&](const Reply& r, int status, const std::string& type) {
+    EXPECT_EQ(r.status, status) << r.raw;
+    ASSERT_TRUE(r.body.is_object() && r.body.contains("error")) << r.raw;
+    EXPECT_EQ(r.body["error"]["type"], type) << r.raw;
+    EXPECT_TRUE(r.body["error"]["message"].is_string());
+    EXPECT_TRUE(r.body["error"].contains("param") && r.body["error"].contains("code"));
+  };
+  expect_error(post(c, "/v1/chat/completions", std::string("{\"model\": ")), 400, "invalid_request_error");
+  expect_error(post(c, "/v1/chat/completions", std::string("{\"model\": \"tiny\", \"messages\": [{\"role\": \"user\", \"content\": \"\xff\xfe\"}]}")), 400, "invalid_request_error");
+  expect_error(post(c, "/v1/completions", json{{"model", "tiny"}, {"prompt", "x"}, {"max_tokens", "many"}}), 400, "invalid_request_error");
+  expect_error(post(c, "/v1/completions", std::string(R"({"model": "tiny", "prompt": "x", "max_tokens": 1e999999})")), 400, "invalid_request_error");
+  expect_error(post(c, "/v1/completions", json{{"model", "tiny"}, {"prompt", "x"}, {"temperature", -1}}), 400, "invalid_request_error");
+  expect_error(post(c, "/v1/completions", json{{"model", "tiny"}, {"prompt", {1, 2, 999999}}}), 400, "invalid_request_error");
+  expect_error(post(c, "/v1/completions", json{{"model", "nope"}, {"prompt", "x"}}), 404, "invalid_request_error");
+  expect_error(post(c, "/v1/nothing", json::object()), 404, "invalid_request_error");
+  expect_error(post(c, "/v1/completions", json{{"model", "tiny"}, {"prompt", std::string(5000, 'a')}}), 413, "invalid_request_error");
+  const Reply too_long = post(c, "/v1/completions", json{{"model", "tiny"}, {"prompt", "x"}, {"max_tokens", 100000}});
+  expect_error(too_long, 400, "invalid_request_error");
+  EXPECT_EQ(too_long.body["error"]["code"], "context_length_exceeded");
+  auto missing = c.Get("/v1/models/nope");
+  ASSERT_TRUE(missing);
+  EXPECT_EQ(missing->status, 404);
+  // Still serving.
+  EXPECT_EQ(post(c, "/v1/completions", json{{"model", "tiny"}, {"prompt", "x"}, {"max_tokens", 2}}).status, 200);
+}
+
+TEST(Server, ApiKeyOnEveryV1Route) {
+  serve::ServerOptions opt;
+  opt.api_key = "sk-test-123";
+  test::TestServer server({}, opt);
+  httplib::Client c = server.client();
+  const json chat = {{"model", "tiny"}, {"messages", {{{"role", "user"}, {"content", "hi"}}}}, {"max_tokens", 2}};
+  const json completion = {{"model", "tiny"}, {"prompt", "hi"}, {"max_tokens", 2}};
+  for (const httplib::Headers& h : {httplib::Headers{}, httplib::Headers{{"Authorization", "Bearer sk-test-124"}},
+                                    httplib::Headers{{"Authorization", "Bearer sk-test-1234"}}, httplib::Headers{{"Authorization", "sk-test-123"}}}) {
+    EXPECT_EQ(post(c, "/v1/chat/completions", chat, h).status, 401);
+    const Reply r = post(c, "/v1/completions", completion, h);
+    EXPECT_EQ(r.status, 401);
+    EXPECT_EQ(r.body["error"]["code"], "invalid_api_key");
+    auto m = c.Get("/v1/models", h);
+    EXPECT_EQ(m->status, 401);
+  }
+  const httplib::Headers ok = {{"Authorization", "Bearer sk-test-123"}};
+  EXPECT_EQ(post(c, "/v1/chat/completions", chat, ok).status, 200);
+  EXPECT_EQ(post(c, "/v1/completions", completion, ok).status, 200);
+  EXPECT_EQ(c.Get("/v1/models", ok)->status, 200);
+  EXPECT_EQ(c.Get("/health")->status, 200);  // no key for health and metrics
+  EXPECT_EQ(c.Get("/metrics")->status, 200);
+}
+
+TEST(Server, HealthSaysLoadingUntilReady) {
+  serve::Metrics metrics;
+  serve::ServerOptions opt;
+  opt.port = 0;
+  serve::Server server(opt, metrics);
+  const int port = server.bind();
+  std::thread listener([&] { server.listen(); });
+  httplib::Client c("127.0.0.1", port);
+  auto h = c.Get("/health");
+  ASSERT_TRUE(h);
+  EXPECT_EQ(h->status, 503);
+  const Reply r = post(c, "/v1/completions", json{{"model", "tiny"}, {"prompt", "x"}});
+  EXPECT_EQ(r.status, 503);
+  EXPECT_EQ(r.body["error"]["code"], "model_loading");
+  server.stop();
+  listener.join();
+}
+
+TEST(Server, AFullQueueIsTooManyRequests) {
+  serve::SchedulerOptions so;
+  so.max_sequences = 1, so.max_queue = 1;
+  test::TestServer server(so);
+  const json slow = {{"model", "tiny"}, {"prompt", "In the beginning"}, {"max_tokens", 1000}, {"temperature", 0}};
+  std::vector<std::thread> clients;
+  std::vector<Reply> replies(2);
+  for (int i = 0; i < 2; ++i) {  // one runs, one waits
+    clients.emplace_back([&, i] {
+      httplib::Client c = server.client();
+      replies[size_t(i)] = post(c, "/v1/completions", slow);
+    });
+    for (int t = 0; t < 500 && server.scheduler().gauges().running + server.scheduler().gauges().queued < i + 1; ++t)
+      std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  }
+  httplib::Client c = server.client();
+  const Reply full = post(c, "/v1/completions", slow);
+  EXPECT_EQ(full.status, 429) << full.raw;
+  EXPECT_EQ(full.body["error"]["code"], "queue_full");
+  for (auto& t : clients) t.join();
+  EXPECT_EQ(replies[0].status, 200);
+  EXPECT_EQ(replies[1].status, 200);
+}
+
+// A raw connection: what a misbehaving client sends.
+int connect_to(int port) {
+  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET, addr.sin_port = htons(uint16_t(port));
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  if (::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) ADD_FAILURE() << "cannot connect";
+  return fd;
+}
+
+TEST(Server, ManyStreamsStalledAndVanishingClientsAndEveryPageBack) {
+  serve::ServerOptions opt;
+  opt.read_timeout_seconds = 3;
+  test::TestServer server({}, opt);
+  // A client that sends half a request and stalls is dropped after the read timeout.
+  const int stalled = connect_to(server.port());
+  const std::string half = "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"model\": ";
+  ASSERT_EQ(::send(stalled, half.data(), half.size(), 0), ssize_t(half.size()));
+  // A streaming client that leaves after its first bytes: its sequence is cancelled.
+  const int leaving = connect_to(server.port());
+  const std::string body = json{{"model", "tiny"}, {"prompt", "In the beginning"}, {"max_tokens", 1200}, {"stream", true}}.dump();
+  const std::string request = "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: " +
+                              std::to_string(body.size()) + "\r\n\r\n" + body;
+  ASSERT_EQ(::send(leaving, request.data(), request.size(), 0), ssize_t(request.size()));
+  char buf[512];
+  ASSERT_GT(::recv(leaving, buf, sizeof buf, 0), 0);
+  ::close(leaving);
+
+  // 32 streaming clients at once, each to [DONE].
+  std::vector<std::thread> clients;
+  std::atomic<int> complete{0};
+  for (int k = 0; k < 32; ++k)
+    clients.emplace_back([&, k] {
+      httplib::Client c = server.client();
+      const Reply r = post(c, "/v1/chat/completions",
+                           json{{"model", "tiny"}, {"messages", {{{"role", "user"}, {"content", "Psalm " + std::to_string(k)}}}},
+                                {"max_tokens", 8 + k % 5}, {"stream", true}, {"seed", k}});
+      bool done = false;
+      const auto ev = events(r.raw, done);
+      if (r.status == 200 && done && !ev.empty())
+        ++complete;
+      else
+        ADD_FAILURE() << "client " << k << ": status " << r.status << ": " << r.raw.substr(0, 300);
+    });
+  for (auto& t : clients) t.join();
+  EXPECT_EQ(complete.load(), 32);
+  // The stalled client was answered (an HTTP error) and its connection closed.
+  timeval wait{5, 0};
+  setsockopt(stalled, SOL_SOCKET, SO_RCVTIMEO, &wait, sizeof wait);
+  std::string answer;
+  for (ssize_t got; (got = ::recv(stalled, buf, sizeof buf, 0)) > 0;) answer.append(buf, size_t(got));
+  EXPECT_THAT(answer, testing::AnyOf(testing::IsEmpty(), testing::StartsWith("HTTP/1.1 4")));
+  ::close(stalled);
+
+  // Afterwards: nothing running or queued, and every page free or held by the context cache.
+  httplib::Client c = server.client();
+  for (int t = 0; t < 200 && metric(c, "dsv3_running_sequences") > 0; ++t) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  EXPECT_EQ(metric(c, "dsv3_running_sequences"), 0);
+  EXPECT_EQ(metric(c, "dsv3_queue_depth"), 0);
+  EXPECT_EQ(metric(c, "dsv3_kv_cache_pages_free") + metric(c, "dsv3_prefix_cache_pages"), metric(c, "dsv3_kv_cache_pages_total"));
+  EXPECT_LT(metric(c, "dsv3_generation_tokens_total"), 1000);  // the vanished stream did not run to its 1200 tokens
+  EXPECT_GE(metric(c, "dsv3_time_to_first_token_seconds_count"), 32);
+  EXPECT_EQ(post(c, "/v1/completions", json{{"model", "tiny"}, {"prompt", "x"}, {"max_tokens", 2}}).status, 200);
+}
+
+}  // namespace
+}  // namespace dsv3
