@@ -1,7 +1,10 @@
 // The HTTP routes (see server.h).
 #include "serve/server.h"
 
+#include <arpa/inet.h>
 #include <httplib.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
 
 #include <chrono>
 #include <cstdio>
@@ -403,10 +406,34 @@ Server::Server(const ServerOptions& opt, Metrics& metrics) : impl_(std::make_uni
 
 Server::~Server() { stop(); }
 
+namespace {
+
+// Debian's cpp-httplib is compiled with a listen backlog of 5: when more clients than that
+// connect at once, Linux drops their handshakes and they retry seconds later (a load test's
+// first second). listen() again on the bound socket raises the backlog; the library keeps
+// the socket private, so it is found among this process's descriptors by its port.
+void raise_backlog(int port) {
+  for (int fd = 0; fd < 4096; ++fd) {
+    sockaddr_storage addr{};
+    socklen_t len = sizeof addr;
+    int listening = 0;
+    socklen_t optlen = sizeof listening;
+    if (getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) != 0) continue;
+    if (getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &listening, &optlen) != 0 || !listening) continue;
+    const int p = addr.ss_family == AF_INET    ? ntohs(reinterpret_cast<sockaddr_in*>(&addr)->sin_port)
+                  : addr.ss_family == AF_INET6 ? ntohs(reinterpret_cast<sockaddr_in6*>(&addr)->sin6_port)
+                                               : -1;
+    if (p == port) ::listen(fd, SOMAXCONN);
+  }
+}
+
+}  // namespace
+
 int Server::bind() {
   const ServerOptions& o = impl_->opt;
   const int port = o.port == 0 ? impl_->http.bind_to_any_port(o.host) : (impl_->http.bind_to_port(o.host, o.port) ? o.port : -1);
   if (port < 0) fail("serve: cannot listen on ", o.host, ":", o.port, " (in use, or not an address of this machine)");
+  raise_backlog(port);
   return port;
 }
 
