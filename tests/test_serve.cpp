@@ -10,13 +10,17 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
+#include <fstream>
+#include <functional>
 #include <chrono>
 #include <cmath>
 #include <thread>
 
 #include "core/error.h"
 #include "infer/generate.h"
+#include "serve/disk_cache.h"
 #include "serve/openai.h"
 #include "serve/prefix_cache.h"
 #include "serve/text_stream.h"
@@ -286,6 +290,60 @@ TEST(PrefixCache, BlocksChainMatchAndEvictOldestLeavesFirst) {
   EXPECT_EQ(pool.free_pages(), 8);
 }
 
+TEST(DiskCache, ABlockRoundTripsAndEachDamageIsNamed) {
+  test::ScratchDir dir;
+  Transformer model(test::golden_dir("tiny-v3-bf16"));
+  const ModelConfig& c = model.config();
+  PagedKvCache pool(c, 2);
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+    const LayerCache<float> layer = pool.layer(l);
+    for (int64_t i = 0; i < 64 * c.kv_lora_rank; ++i) layer.latent[i] = float(l * 1000 + i) * 0.25f;
+    for (int64_t i = 0; i < 64 * c.qk_rope_head_dim; ++i) layer.k_pe[i] = -float(l + i);
+  }
+  std::vector<int32_t> tokens(64);
+  for (int i = 0; i < 64; ++i) tokens[size_t(i)] = i * 3;
+  std::string file;
+  auto write = [&] {
+    serve::DiskCache disk(dir.path(), 77, c, 1 << 30);
+    disk.save(123, 45, tokens.data(), pool, 0);
+    disk.flush();
+    EXPECT_EQ(disk.files_written(), 1);
+    for (const auto& sub : std::filesystem::directory_iterator(dir.path()))
+      for (const auto& e : std::filesystem::directory_iterator(sub.path())) file = e.path().string();
+  };
+  write();
+  serve::DiskCache disk(dir.path(), 77, c, 1 << 30);
+  ASSERT_TRUE(disk.load(123, 45, tokens.data(), pool, 1));
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+    const LayerCache<float> layer = pool.layer(l);
+    EXPECT_TRUE(std::equal(layer.latent, layer.latent + 64 * c.kv_lora_rank, layer.latent + 64 * c.kv_lora_rank));
+    EXPECT_TRUE(std::equal(layer.k_pe, layer.k_pe + 64 * c.qk_rope_head_dim, layer.k_pe + 64 * c.qk_rope_head_dim));
+  }
+  std::vector<int32_t> other = tokens;
+  other[5] = 1;
+  EXPECT_FALSE(disk.load(123, 45, other.data(), pool, 1));  // another block's tokens: a miss
+  EXPECT_FALSE(disk.load(124, 45, tokens.data(), pool, 1));  // no such file
+  struct Damage {
+    std::function<void()> apply;
+    const char* says;
+  };
+  const Damage damages[] = {
+      {[&] { std::filesystem::resize_file(file, std::filesystem::file_size(file) - 1); }, "truncated"},
+      {[&] { std::filesystem::resize_file(file, 20); }, "truncated header"},
+      {[&] { std::fstream io(file, std::ios::in | std::ios::out | std::ios::binary); io.seekp(4000), io.put('\x33'); }, "checksum"},
+      {[&] { std::fstream io(file, std::ios::in | std::ios::out | std::ios::binary); io.seekp(8), io.put('\x01'); }, "another model"},
+      {[&] { std::fstream io(file, std::ios::in | std::ios::out | std::ios::binary); io.seekp(0), io.put('X'); }, "not a dsv3"},
+  };
+  for (const Damage& d : damages) {
+    write();
+    d.apply();
+    testing::internal::CaptureStderr();
+    EXPECT_FALSE(disk.load(123, 45, tokens.data(), pool, 1)) << d.says;
+    EXPECT_THAT(testing::internal::GetCapturedStderr(), HasSubstr(d.says));
+    EXPECT_FALSE(std::filesystem::exists(file)) << "a bad file is removed";
+  }
+}
+
 // --- The server ----------------------------------------------------------------------------
 
 TEST(Server, GreedyAnswersEqualGenerateAloneAndSixteenAtOnce) {
@@ -426,6 +484,64 @@ TEST(Server, RepeatedPrefixesHitTheCacheInBlocksWithTheSameText) {
   messages.push_back({{"role", "user"}, {"content", "And?"}});
   const Reply turn2 = post(c, "/v1/chat/completions", json{{"model", "tiny"}, {"messages", messages}, {"max_tokens", 4}, {"temperature", 0}});
   EXPECT_GE(turn2.body["usage"]["prompt_cache_hit_tokens"].get<int>(), turn1.body["usage"]["prompt_tokens"].get<int>() / 64 * 64);
+}
+
+// --cache-dir: the blocks outlive the server; a truncated, corrupt or foreign file is
+// skipped with a warning (and removed, so the block is written again), never used.
+TEST(Server, CacheDirSurvivesARestartAndSkipsBadFiles) {
+  test::ScratchDir dir;
+  serve::SchedulerOptions so;
+  so.cache_dir = dir.path(), so.model_id = serve::checkpoint_identity(test::servable_model());
+  std::string prompt;  // 193..248 tokens: 3 whole blocks of prompt, and still 3 with 8 more tokens
+  const Tokenizer tok(test::servable_model() + "/tokenizer.json");
+  while (tok.encode(prompt).size() < 200) prompt += "And the LORD spake unto Moses, saying. ";
+  ASSERT_LE(tok.encode(prompt).size(), 240u);
+  const json body = {{"model", "tiny"}, {"prompt", prompt}, {"max_tokens", 8}, {"temperature", 0}};
+  std::string text;
+  auto run = [&](int expect_hit) {
+    test::TestServer server(so);
+    httplib::Client c = server.client();
+    const Reply r = post(c, "/v1/completions", body);
+    EXPECT_EQ(r.status, 200) << r.raw;
+    EXPECT_EQ(r.body["usage"]["prompt_cache_hit_tokens"], expect_hit);
+    if (text.empty()) text = r.body["choices"][0]["text"];
+    EXPECT_EQ(r.body["choices"][0]["text"], text);
+    server.scheduler().flush_disk_cache();
+  };
+  auto files = [&] {
+    std::vector<std::string> out;
+    for (const auto& sub : std::filesystem::directory_iterator(dir.path()))
+      for (const auto& e : std::filesystem::directory_iterator(sub.path())) out.push_back(e.path().string());
+    std::sort(out.begin(), out.end());
+    return out;
+  };
+  run(0);
+  ASSERT_EQ(files().size(), 3u);
+  run(192);  // a new process: every block from disk
+  // Damage each file differently.
+  const auto f = files();
+  std::filesystem::resize_file(f[0], std::filesystem::file_size(f[0]) - 100);
+  {
+    std::fstream io(f[1], std::ios::in | std::ios::out | std::ios::binary);
+    io.seekp(5000);
+    io.put('\x5a');
+  }
+  {
+    std::fstream io(f[2], std::ios::in | std::ios::out | std::ios::binary);
+    io.seekp(8);  // the model identity
+    io.put('\x01'), io.put('\x02');
+  }
+  testing::internal::CaptureStderr();
+  run(0);
+  const std::string warnings = testing::internal::GetCapturedStderr();
+  EXPECT_THAT(warnings, HasSubstr("skipped"));
+  EXPECT_TRUE(warnings.find("truncated") != std::string::npos || warnings.find("checksum") != std::string::npos ||
+              warnings.find("another model") != std::string::npos)
+      << warnings;
+  run(192);  // written again by the run before
+  // Another model's identity: a folder of its own, nothing shared.
+  so.model_id ^= 1;
+  run(0);
 }
 
 TEST(Server, ErrorsAreOpenAIsWithTheRightStatus) {

@@ -4,14 +4,13 @@
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
-#include <fstream>
 #include <memory>
-#include <sstream>
 #include <thread>
 
 #include "cli/args.h"
 #include "cli/commands.h"
 #include "core/error.h"
+#include "serve/disk_cache.h"
 #include "serve/server.h"
 #include "tokenizer/tokenizer_config.h"
 
@@ -25,18 +24,16 @@ struct ServeFlags {
   int64_t draft = 1, kv_cache_tokens = 0, max_batch = 32, max_model_len = 0, max_step_tokens = 512, max_queue = 256;
   int64_t max_body_bytes = 8 << 20;
   bool no_prefix_cache = false;
+  std::string cache_dir;
+  double cache_dir_gb = 16;
 };
-
-uint64_t text_hash(const std::string& s, uint64_t h = 1469598103934665603ULL) {
-  for (unsigned char c : s) h = (h ^ c) * 1099511628211ULL;
-  return h;
-}
 
 void serve(const ServeFlags& f) {
   if (f.draft != 1 && f.speculative.empty()) fail("--draft ", f.draft, " goes with --speculative mtp");
   if (f.draft < 1 || f.draft > 8) fail("--draft must be in 1..8, not ", f.draft);
   if (f.port < 0 || f.port > 65535) fail("--port must be in 0..65535 (0: any free port), not ", f.port);
   if (f.max_body_bytes < 1024) fail("--max-body-bytes must be at least 1024, not ", f.max_body_bytes);
+  if (!(f.cache_dir_gb > 0)) fail("--cache-dir-gb must be > 0, not ", f.cache_dir_gb);
   if (f.request_timeout < 1) fail("--request-timeout must be at least 1 second, not ", f.request_timeout);
   if (!std::filesystem::is_directory(f.model)) fail("--model: ", f.model, " is not a folder");
   set_threads(f.threads);
@@ -80,10 +77,9 @@ void serve(const ServeFlags& f) {
     sched_opt.cache_tokens = f.kv_cache_tokens;
     sched_opt.max_queue = f.max_queue;
     sched_opt.prefix_cache = !f.no_prefix_cache;
-    std::ifstream config_file(f.model + "/config.json");
-    std::stringstream config_text;
-    config_text << config_file.rdbuf();
-    sched_opt.model_id = text_hash(config_text.str());
+    sched_opt.model_id = serve::checkpoint_identity(f.model);
+    sched_opt.cache_dir = f.cache_dir;
+    sched_opt.cache_dir_bytes = int64_t(f.cache_dir_gb * double(1 << 30));
     m.context = sched_opt.max_len;
     m.max_n = f.max_batch;
     serve::Scheduler scheduler(model, sched_opt, metrics);
@@ -96,6 +92,7 @@ void serve(const ServeFlags& f) {
     std::fprintf(stderr, "dsv3 serve: %s, stopping\n", sig == SIGINT ? "interrupted" : "terminated");
     server.stop();
     listener.join();
+    scheduler.flush_disk_cache();
   } catch (...) {
     server.stop();
     listener.join();
@@ -123,6 +120,8 @@ void add_serve(CLI::App& app) {
   cmd->add_option("--max-body-bytes", f->max_body_bytes, "larger request bodies get 413 (default 8 MiB)");
   cmd->add_option("--request-timeout", f->request_timeout, "seconds to read a request or write to a stalled client (default 30)");
   cmd->add_option("--http-threads", f->http_threads, "connections served at once (default: max-queue + max-batch + 16)");
+  cmd->add_option("--cache-dir", f->cache_dir, "keep the context cache on disk too, across restarts (one file per 64-token block)");
+  cmd->add_option("--cache-dir-gb", f->cache_dir_gb, "the disk cache's budget; the oldest files go first (default 16)");
   cmd->add_flag("--no-prefix-cache", f->no_prefix_cache, "do not keep prompt prefixes for later requests");
   cmd->add_option("--attn", f->attn, "MLA form")->check(CLI::IsMember({"auto", "absorbed", "naive"}));
   cmd->add_option("--threads,-t", f->threads, "CPU threads (default: all)");

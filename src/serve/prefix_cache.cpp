@@ -38,6 +38,15 @@ PageTable PrefixCache::lookup(const std::vector<int32_t>& tokens, int64_t max_to
   for (int64_t b = 0; b < n; ++b) {
     const uint64_t h = chain(parent, tokens.data() + b * kBlock);
     const Block* block = find(h, parent, tokens.data() + b * kBlock);
+    if (!block && disk_ && pool_.free_pages() > 0 && !blocks_.count(h)) {  // from disk, into a free page
+      const int32_t page = pool_.allocate();
+      if (disk_->load(h, parent, tokens.data() + b * kBlock, pool_, page)) {
+        const int32_t* ids = tokens.data() + b * kBlock;
+        block = &blocks_.emplace(h, Block{parent, std::vector<int32_t>(ids, ids + kBlock), page, 0}).first->second;
+      } else {
+        pool_.release(page);
+      }
+    }
     if (!block) break;
     t.pages.push_back(block->page);
     hit.push_back(h), parent = h;
@@ -59,6 +68,7 @@ void PrefixCache::insert(const std::vector<int32_t>& tokens, const PageTable& ta
     if (it == blocks_.end()) {
       pool_.retain(table.pages[size_t(b)]);
       blocks_.emplace(h, Block{parent, std::vector<int32_t>(block_tokens, block_tokens + kBlock), table.pages[size_t(b)], 0});
+      if (disk_) disk_->save(h, parent, block_tokens, pool_, table.pages[size_t(b)]);
     } else if (it->second.parent != parent || !std::equal(it->second.tokens.begin(), it->second.tokens.end(), block_tokens)) {
       break;  // a collision: the block already there stays, and nothing after it is kept
     }

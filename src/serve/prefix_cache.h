@@ -4,14 +4,15 @@
 // is found by a chained hash, h(b) = hash(h(b - 1), tokens of block b) from the model's
 // identity, so a block matches only with everything before it; the tokens are compared too,
 // so a hash collision is a miss, never a wrong answer. Blocks are evicted least recently used
-// first (a chain's later blocks before its earlier ones) when the engine needs pages. Lives
-// on the engine's thread. Uses model (the page pool).
+// first (a chain's later blocks before its earlier ones) when the engine needs pages; with a
+// DiskCache they also live on disk. Lives on the engine's thread. Uses model (the page pool).
 #pragma once
 #include <cstdint>
 #include <unordered_map>
 #include <vector>
 
 #include "model/paged_cache.h"
+#include "serve/disk_cache.h"
 
 namespace dsv3::serve {
 
@@ -19,6 +20,9 @@ class PrefixCache {
  public:
   static constexpr int64_t kBlock = PagedKvCache::kPageTokens;
   PrefixCache(PagedKvCache& pool, uint64_t model_id) : pool_(pool), model_id_(model_id) {}
+  // Blocks also go to disk as they are cached, and a block missing in memory is read from
+  // disk when a page is free for it.
+  void set_disk(DiskCache* disk) { disk_ = disk; }
   ~PrefixCache() { clear(); }
   PrefixCache(const PrefixCache&) = delete;
   PrefixCache& operator=(const PrefixCache&) = delete;
@@ -46,6 +50,7 @@ class PrefixCache {
   const Block* find(uint64_t h, uint64_t parent, const int32_t* tokens) const;
   PagedKvCache& pool_;
   uint64_t model_id_;
+  DiskCache* disk_ = nullptr;
   uint64_t clock_ = 0;
   std::unordered_map<uint64_t, Block> blocks_;
 };

@@ -24,8 +24,12 @@ Scheduler::Scheduler(Transformer& model, const SchedulerOptions& opt, Metrics& m
       max_queue_(opt.max_queue),
       use_prefix_cache_(opt.prefix_cache),
       engine_(model, opt.max_sequences, max_len_, opt.step_tokens, opt.cache_tokens),
+      disk_(opt.cache_dir.empty() || !opt.prefix_cache
+                ? nullptr
+                : std::make_unique<DiskCache>(opt.cache_dir, opt.model_id, model.config(), opt.cache_dir_bytes)),
       cache_(engine_.pages(), opt.model_id) {
   if (max_queue_ < 0) fail("serve: the queue's length must be >= 0, not ", max_queue_);
+  cache_.set_disk(disk_.get());
   // Every sequence's whole blocks (prompt and generated tokens) go to the context cache as
   // it leaves: a follow-up turn of a conversation starts with them.
   engine_.on_release = [this](int64_t id, const PageTable& table, int64_t valid) {
@@ -86,6 +90,10 @@ bool Scheduler::submit(const std::shared_ptr<Request>& r) {
   }
   wake_.notify_all();
   return true;
+}
+
+void Scheduler::flush_disk_cache() {
+  if (disk_) disk_->flush();
 }
 
 void Scheduler::wake() {

@@ -53,7 +53,9 @@ struct SchedulerOptions {
   int64_t cache_tokens = 0;    // the page pool (0: max_sequences * max_len)
   int64_t max_queue = 256;     // requests waiting beyond the running ones
   bool prefix_cache = true;
-  uint64_t model_id = 0;       // keys the context cache
+  uint64_t model_id = 0;       // keys the context cache (checkpoint_identity with a cache dir)
+  std::string cache_dir;       // the context cache on disk too ("": memory only)
+  int64_t cache_dir_bytes = int64_t(16) << 30;
 };
 
 class Scheduler {
@@ -72,6 +74,7 @@ class Scheduler {
   // Wakes the engine thread to act on a request's cancel flags.
   void wake();
   Gauges gauges() const;
+  void flush_disk_cache();  // returns once queued cache files are written (tests, shutdown)
   int64_t max_len() const { return max_len_; }
 
  private:
@@ -93,6 +96,7 @@ class Scheduler {
   int64_t max_len_, max_queue_;
   bool use_prefix_cache_;
   BatchEngine engine_;
+  std::unique_ptr<DiskCache> disk_;
   PrefixCache cache_;
   std::deque<std::shared_ptr<Request>> pending_;  // engine thread only
   std::vector<Active> active_;                    // engine thread only
