@@ -255,17 +255,19 @@ int main(int argc, char** argv) {
   prepare_threads(argv);  // the thread runtime as dsv3 itself runs it
   int tokens = 64, rounds = 7;
   std::string attn = "auto";  // the MLA form, as dsv3 generate's --attn
+  bool write_only = false;    // only write the checkpoints (bench_serve.sh serves them)
   std::string dir = (fs::temp_directory_path() / "dsv3-bench-decode").string();
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     if (a == "--tokens" && i + 1 < argc) tokens = std::atoi(argv[++i]);
     else if (a == "--rounds" && i + 1 < argc) rounds = std::max(1, std::atoi(argv[++i]));
     else if (a == "--dir" && i + 1 < argc) dir = argv[++i];
+    else if (a == "--write-only") write_only = true;
     else if (a == "--attn" && i + 1 < argc && (std::string(argv[i + 1]) == "auto" || std::string(argv[i + 1]) == "absorbed" ||
                                               std::string(argv[i + 1]) == "naive"))
       attn = argv[++i];
     else {
-      std::fprintf(stderr, "usage: bench_decode [--tokens N] [--rounds R] [--dir DIR] [--attn auto|absorbed|naive]\n");
+      std::fprintf(stderr, "usage: bench_decode [--tokens N] [--rounds R] [--dir DIR] [--attn auto|absorbed|naive] [--write-only]\n");
       return 1;
     }
   }
@@ -278,6 +280,7 @@ int main(int argc, char** argv) {
       write_checkpoint(d, fp8);
     }
   }
+  if (write_only) return 0;
   // The machine is shared and its memory bandwidth moves from moment to moment, so each
   // round measures the bandwidth right before and after each format's decode run and keeps
   // the higher figure (the machine's limit at that moment); the ratios are taken per round,

@@ -16,7 +16,8 @@ declare -A allowed=(
   [train]="train model backend io core"
   [infer]="infer model backend io core"
   [cost]="cost model backend io core"
-  [cli]="cli cost infer train data tokenizer model backend io core"
+  [serve]="serve infer tokenizer model backend io core"
+  [cli]="cli serve cost infer train data tokenizer model backend io core"
 )
 status=0
 for dir in src/*/; do

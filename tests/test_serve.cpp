@@ -172,7 +172,8 @@ TEST_F(OpenAiRequest, ChatIsRenderedAndOptionsRead) {
   const auto r = parse(R"({"model": "tiny", "messages": [{"role": "system", "content": "Be brief."},
       {"role": "user", "content": [{"type": "text", "text": "Who begat "}, {"type": "text", "text": "Enos?"}]}],
       "max_tokens": 7, "temperature": 0.5, "top_p": 0.9, "top_k": 20, "seed": 11, "n": 2, "stop": ["\n", "Amen"],
-      "stream": true, "stream_options": {"include_usage": true}, "logprobs": true, "top_logprobs": 3, "user": "u1"})");
+      "stream": true, "stream_options": {"include_usage": true}, "logprobs": true, "top_logprobs": 3, "user": "u1",
+      "ignore_eos": true})");
   const std::string expect =
       apply_chat_template(config_, nlohmann::ordered_json::parse(R"([{"role": "system", "content": "Be brief."},
       {"role": "user", "content": "Who begat Enos?"}])"), true);
@@ -187,6 +188,8 @@ TEST_F(OpenAiRequest, ChatIsRenderedAndOptionsRead) {
   EXPECT_EQ(r.stop, (std::vector<std::string>{"\n", "Amen"}));
   EXPECT_TRUE(r.stream && r.include_usage);
   EXPECT_EQ(r.logprobs, 3);
+  EXPECT_FALSE(r.options[0].stop_at_eos);  // ignore_eos
+  EXPECT_TRUE(parse(R"({"model": "tiny", "messages": [{"role": "user", "content": "hi"}]})").options[0].stop_at_eos);
   // Completions: a string (with BOS when the tokenizer asks), or token ids as they are.
   const auto c = parse(R"({"model": "tiny", "prompt": [5, 6, 7], "max_completion_tokens": 3})", false);
   EXPECT_EQ(c.prompt, (std::vector<int32_t>{5, 6, 7}));

@@ -211,6 +211,7 @@ CompletionRequest parse_completion_request(const json& body, bool chat, const Se
   uint64_t base_seed = std::random_device{}() * 0x100000000ULL + std::random_device{}();
   if (seed) base_seed = uint64_t(integer(body, "seed", INT64_MIN, INT64_MAX, 0));
   opt.speculative_mtp = m.speculative, opt.draft = m.draft;
+  opt.stop_at_eos = !boolean(body, "ignore_eos", false);  // an extension, as vLLM's (benchmarks)
 
   if (const json* stop = field(body, "stop")) {
     if (stop->is_string()) {
