@@ -51,6 +51,7 @@ class TestServer {
     if (so.max_len == 0) so.max_len = model_.config().max_position_embeddings;
     served_.context = so.max_len, served_.max_n = so.max_sequences;
     served_.speculative = speculative;
+    served_.eos = model_.config().eos_token_ids;
     scheduler_ = std::make_unique<serve::Scheduler>(model_, so, metrics_);
     server_->ready(&served_, scheduler_.get());
   }

@@ -14,6 +14,7 @@
 #include <atomic>
 #include <fstream>
 #include <functional>
+#include <random>
 #include <chrono>
 #include <cmath>
 #include <thread>
@@ -21,6 +22,7 @@
 #include "core/error.h"
 #include "infer/generate.h"
 #include "serve/disk_cache.h"
+#include "serve/json_grammar.h"
 #include "serve/openai.h"
 #include "serve/prefix_cache.h"
 #include "serve/text_stream.h"
@@ -232,7 +234,9 @@ TEST_F(OpenAiRequest, BadFieldsAreNamed) {
       {R"({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "presence_penalty": 0.5})", 400, "presence_penalty", "not supported"},
       {R"({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "logit_bias": {"5": 10}})", 400, "logit_bias", "not supported"},
       {R"({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]})", 400, "tools", "not supported"},
-      {R"({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}})", 400, "response_format", "not supported"},
+      {R"({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "xml"}})", 400, "response_format", "json_schema"},
+      {R"({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "patternProperties": {}}}}})", 400, "response_format", "'patternProperties' is not supported"},
+      {R"({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_schema"}})", 400, "response_format", "schema"},
       {R"({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "seed": "x"})", 400, "seed", "integer"},
       {R"({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "user": 5})", 400, "user", "string"},
   };
@@ -251,6 +255,111 @@ TEST_F(OpenAiRequest, BadFieldsAreNamed) {
   // Harmless fields are ignored.
   EXPECT_NO_THROW(parse(R"({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "store": false,
       "metadata": {"a": "b"}, "tool_choice": "none", "presence_penalty": 0, "response_format": {"type": "text"}})"));
+}
+
+// --- Structured output -------------------------------------------------------------------
+
+bool matches(const serve::JsonGrammar& g, const std::string& text, bool complete = true) {
+  serve::JsonMatcher m(&g);
+  for (char c : text)
+    if (!m.feed(uint8_t(c))) return false;
+  return !complete || m.can_end();
+}
+
+TEST(JsonGrammar, AnyObjectAcceptsJsonObjectsOnly) {
+  const auto g = serve::JsonGrammar::any_object();
+  for (const char* ok : {"{}", " {\n  \"a\": [1, 2.5e-3, -0, 0.5E+7, true, false, null, \"x\\u00e9\\n\\\"\"],\n  \"b\": {\"c\": {}}\n}",
+                         "{\"\u00e9t\u00e9\": \"\u2603 \xf0\x9f\x98\x80\"}", "{\"\": []}"})
+    EXPECT_TRUE(matches(*g, ok)) << ok;
+  for (const char* bad : {"[]", "\"x\"", "1", "{\"a\" 1}", "{\"a\":01}", "{\"a\":1,}", "{\"a\":1}}", "{\"a\":1} ", "{a:1}",
+                          "{\"a\":\"\\ud800\"}", "{\"a\":\"\x01\"}", "{\"a\":\"\xff\"}", "{\"a\":\"\xed\xa0\x80\"}",
+                          "{\"a\":\"\xc0\xaf\"}", "{\"a\":tru}", "{\"a\":-}", "{\"a\":1.}", "{\"a\":1e}", "{\"a\":\"\\x\"}"})
+    EXPECT_FALSE(matches(*g, bad)) << bad;
+  EXPECT_TRUE(matches(*g, "{\"a\": [1, {\"b\"", false));  // a prefix
+  EXPECT_FALSE(matches(*g, "{\"a\": [1, {\"b\""));        // not complete
+  // Whitespace: a space, or a newline and up to 16 spaces or tabs.
+  EXPECT_TRUE(matches(*g, "{\n" + std::string(16, ' ') + "\"a\": 1\n}"));
+  EXPECT_FALSE(matches(*g, "{\n" + std::string(17, ' ') + "\"a\": 1}"));
+  EXPECT_FALSE(matches(*g, "{  \"a\": 1}"));
+  EXPECT_FALSE(matches(*g, "{\r\n\"a\": 1}"));
+}
+
+TEST(JsonGrammar, SchemaPropertiesRequiredItemsAndEnums) {
+  const auto g = serve::JsonGrammar::from_schema(json::parse(R"({"type": "object", "properties": {
+      "name": {"type": "string"}, "age": {"type": "integer"}, "score": {"type": ["number", "null"]},
+      "tags": {"type": "array", "items": {"enum": ["a", "b", 12, 1]}, "minItems": 1, "maxItems": 2},
+      "ok": {"type": "boolean"}, "any": {}},
+      "required": ["name", "age"], "additionalProperties": false})"));
+  for (const char* ok : {R"({"name": "x", "age": 3})", R"({"age": -40, "name": "", "tags": ["a", 12], "ok": true})",
+                         R"({"name": "x", "age": 0, "score": null, "tags": [1], "any": {"z": [null]}})",
+                         R"({"name": "x", "age": 0, "score": -1.5e3})"})
+    EXPECT_TRUE(matches(*g, ok)) << ok;
+  for (const char* bad : {R"({"name": "x"})", R"({"name": "x", "age": 1.5})", R"({"name": "x", "age": 1, "nick": "y"})",
+                          R"({"name": "x", "age": 1, "tags": []})", R"({"name": "x", "age": 1, "tags": ["a", "b", "a"]})",
+                          R"({"name": "x", "age": 1, "tags": ["c"]})", R"({"name": "x", "age": 1, "tags": [13]})",
+                          R"({"name": 5, "age": 1})", R"({"name": "x", "age": 1, "ok": null})", R"({"name": "x", "age": 1, "score": "1"})"})
+    EXPECT_FALSE(matches(*g, bad)) << bad;
+  // Extra keys are allowed by default, with any value.
+  const auto open = serve::JsonGrammar::from_schema(json::parse(R"({"properties": {"a": {"type": "integer"}}})"));
+  EXPECT_TRUE(matches(*open, R"({"b": "x", "a": 2, "ab": [1]})"));
+  EXPECT_FALSE(matches(*open, R"({"a": "x"})"));
+  // What is not supported, or malformed, is named.
+  for (const auto& [schema, says] : std::vector<std::pair<const char*, const char*>>{
+           {R"({"type": "strnig"})", "not a JSON type"}, {R"({"type": "string", "pattern": "^a"})", "'pattern' is not supported"},
+           {R"({"properties": {"a": {"minimum": 1}}})", "schema.properties.a: 'minimum'"},
+           {R"({"properties": {"a": {}}, "required": ["b"]})", "not one of the properties"},
+           {R"({"type": "array", "minItems": 3, "maxItems": 2})", "exceeds maxItems"}, {R"({"enum": []})", "non-empty"},
+           {R"({"anyOf": [{}]})", "'anyOf' is not supported"}, {R"(false)", "allows no value"}, {R"(3)", "must be an object"}}) {
+    try {
+      serve::JsonGrammar::from_schema(json::parse(schema));
+      ADD_FAILURE() << "no error for " << schema;
+    } catch (const Error& e) {
+      EXPECT_THAT(e.what(), HasSubstr(says)) << schema;
+    }
+  }
+}
+
+// The constraint over a real vocabulary: random logits, the token chosen among the allowed,
+// many times over; the text is always a prefix of valid JSON, and once EOS is chosen (only
+// allowed when complete) it parses and fits the schema.
+TEST(JsonConstraint, RandomWalksStayValidAndEndParsed) {
+  const Tokenizer tok(test::servable_model() + "/tokenizer.json");
+  const int64_t vocab = tok.vocab_size(), eos = 1;
+  const auto schema = json::parse(R"({"type": "object", "properties": {"ok": {"type": "boolean"},
+      "n": {"type": "integer"}, "color": {"enum": ["red", "green"]}}, "required": ["ok", "color"], "additionalProperties": false})");
+  for (bool with_schema : {false, true}) {
+    const auto g = with_schema ? serve::JsonGrammar::from_schema(schema) : serve::JsonGrammar::any_object();
+    int ended = 0;
+    for (uint32_t seed = 1; seed <= 40; ++seed) {
+      serve::JsonConstraint c(g, tok, {eos});
+      std::mt19937 rng(seed);
+      std::normal_distribution<float> noise(0, 1);
+      std::string text;
+      std::vector<float> logits(static_cast<size_t>(vocab));
+      for (int step = 0; step < 120; ++step) {
+        for (float& l : logits) l = noise(rng);
+        logits[size_t(eos)] += 4;  // end when allowed, mostly
+        c.mask(logits.data(), vocab);
+        const int32_t t = int32_t(std::max_element(logits.begin(), logits.end()) - logits.begin());
+        ASSERT_GT(logits[size_t(t)], serve::JsonConstraint::kMasked) << "every token masked after " << text;
+        if (t == eos) {
+          ++ended;
+          const json parsed = json::parse(text);  // throws if not JSON
+          EXPECT_TRUE(parsed.is_object()) << text;
+          if (with_schema) {
+            EXPECT_TRUE(parsed.contains("ok") && parsed["ok"].is_boolean()) << text;
+            EXPECT_TRUE(parsed.contains("color") && (parsed["color"] == "red" || parsed["color"] == "green")) << text;
+            for (const auto& [k, v] : parsed.items()) EXPECT_TRUE(k == "ok" || k == "n" || k == "color") << text;
+          }
+          break;
+        }
+        c.accept(t);
+        text += tok.token_bytes(t);
+        ASSERT_TRUE(matches(*g, text, false)) << text;
+      }
+    }
+    if (with_schema) EXPECT_GT(ended, 30);  // a short schema ends within 120 tokens
+  }
 }
 
 // --- The context cache -------------------------------------------------------------------
@@ -456,6 +565,44 @@ TEST(Server, ChoicesStopStringsAndLogprobs) {
   const Reply clp = post(c, "/v1/completions", json{{"model", "tiny"}, {"prompt", "In the beginning"}, {"max_tokens", 4}, {"temperature", 0}, {"logprobs", 2}});
   EXPECT_EQ(clp.body["choices"][0]["logprobs"]["tokens"].size(), 4u);
   EXPECT_EQ(clp.body["choices"][0]["logprobs"]["text_offset"][0], 0);
+}
+
+// Structured output through the server: a random model's answers, constrained, parse and fit
+// the schema (those that end; json_object ones may run to max_tokens inside a long string).
+TEST(Server, ResponseFormatJsonSchemaAndJsonObject) {
+  test::TestServer server;
+  httplib::Client c = server.client();
+  const json schema = json::parse(R"({"type": "object", "properties": {"answer": {"type": "boolean"},
+      "book": {"enum": ["Genesis", "Exodus"]}, "verse": {"type": "integer"}}, "required": ["answer", "book"],
+      "additionalProperties": false})");
+  int ended = 0;
+  for (int seed = 0; seed < 6; ++seed) {
+    const Reply r = post(c, "/v1/chat/completions",
+                         json{{"model", "tiny"}, {"messages", {{{"role", "user"}, {"content", "Which book? Answer in JSON."}}}},
+                              {"max_tokens", 200}, {"seed", seed}, {"n", 2},
+                              {"response_format", {{"type", "json_schema"}, {"json_schema", {{"name", "answer"}, {"schema", schema}, {"strict", true}}}}}});
+    ASSERT_EQ(r.status, 200) << r.raw;
+    for (const json& choice : r.body["choices"]) {
+      const std::string text = choice["message"]["content"];
+      if (choice["finish_reason"] != "stop") continue;
+      ++ended;
+      const json parsed = json::parse(text);
+      EXPECT_TRUE(parsed["answer"].is_boolean()) << text;
+      EXPECT_TRUE(parsed["book"] == "Genesis" || parsed["book"] == "Exodus") << text;
+      EXPECT_LE(parsed.size(), 3u) << text;
+      if (parsed.contains("verse")) EXPECT_TRUE(parsed["verse"].is_number_integer()) << text;
+    }
+  }
+  EXPECT_GE(ended, 6);
+  const auto any = serve::JsonGrammar::any_object();
+  for (int seed = 0; seed < 4; ++seed) {
+    const Reply r = post(c, "/v1/completions", json{{"model", "tiny"}, {"prompt", "{"}, {"max_tokens", 40}, {"seed", seed},
+                                                    {"response_format", {{"type", "json_object"}}}});
+    ASSERT_EQ(r.status, 200) << r.raw;
+    const std::string text = r.body["choices"][0]["text"];
+    if (r.body["choices"][0]["finish_reason"] == "stop") EXPECT_TRUE(json::parse(text).is_object()) << text;
+    else EXPECT_TRUE(matches(*any, text, false)) << text;
+  }
 }
 
 TEST(Server, RepeatedPrefixesHitTheCacheInBlocksWithTheSameText) {

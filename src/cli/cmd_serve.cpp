@@ -70,6 +70,7 @@ void serve(const ServeFlags& f) {
     m.tokenizer = tokenizer.get(), m.config = config.get();
     m.reasoning = config && config->chat_template && config->chat_template->find("</think>") != std::string::npos;
     m.speculative = f.speculative == "mtp", m.draft = f.draft;
+    m.eos = model.config().eos_token_ids;
     serve::SchedulerOptions sched_opt;
     sched_opt.max_sequences = f.max_batch;
     sched_opt.max_len = f.max_model_len > 0 ? f.max_model_len : model.config().max_position_embeddings;

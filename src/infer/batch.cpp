@@ -147,7 +147,7 @@ int64_t BatchEngine::add_sibling(int64_t id, const GenerateOptions& opt) {
   return child;
 }
 
-void BatchEngine::start_siblings(int64_t id, const float* row, const float* hidden_row, double now) {
+void BatchEngine::start_siblings(int64_t id, float* row, const float* hidden_row, double now) {
   const Sequence& parent = *seqs_[size_t(id)];
   const State& from = (*states_[size_t(id)]);
   for (const Slot& slot : slots_) {
@@ -159,7 +159,7 @@ void BatchEngine::start_siblings(int64_t id, const float* row, const float* hidd
     st.table = dsv3::fork(cache_, from.table);
     if (st.table.pages.capacity() < reserved.capacity()) st.table.pages.reserve(reserved.capacity());
     s.read = parent.read;
-    const int32_t first = st.sampler->sample(row, model_.config().vocab_size);
+    const int32_t first = sample(st, row);
     if (st.mtp) {  // the parent's module cache but its last position, which takes this first token
       const ModelConfig& c = model_.config();
       const int64_t len = from.mtp->length() - 1;
@@ -184,6 +184,7 @@ int64_t BatchEngine::add_sequence(std::vector<int32_t> prompt, const GenerateOpt
     if (c.num_nextn_predict_layers < 1 || model_.weights().mtp.empty())
       fail("batch: --speculative mtp: this checkpoint has no MTP module (num_nextn_predict_layers = 0)");
     if (opt.draft < 1 || opt.draft > 8) fail("batch: --draft must be in 1..8, not ", opt.draft);
+    if (opt.constraint) fail("batch: a constrained sequence (structured output) cannot decode speculatively");
   }
   if (opt.max_tokens > max_len_ - int64_t(prompt.size()))  // (no overflow for a huge max_tokens)
     fail("batch: prompt (", prompt.size(), " tokens) + max-tokens (", opt.max_tokens, ") exceeds the ", max_len_,
@@ -289,10 +290,16 @@ void BatchEngine::run_mtp(State& st, const int32_t* next_tokens, const float* hi
   std::copy(model_.last_mtp_hidden() + (n - 1) * dim, model_.last_mtp_hidden() + n * dim, st.mtp_hidden.begin());
 }
 
+int32_t BatchEngine::sample(State& st, float* row) {
+  if (st.opt.constraint) st.opt.constraint->mask(row, model_.config().vocab_size);
+  return st.sampler->sample(row, model_.config().vocab_size);
+}
+
 bool BatchEngine::emit(int64_t id, int32_t t, double now, const float* row) {
   Sequence& s = *seqs_[size_t(id)];
   State& st = (*states_[size_t(id)]);
   s.tokens.push_back(t);
+  if (st.opt.constraint) st.opt.constraint->accept(t);
   if (st.opt.logprobs >= 0) s.logprobs.push_back(token_logprobs(row, model_.config().vocab_size, t, st.opt.logprobs));
   if (int64_t(s.tokens.size()) == st.inherited + 1) s.first_token_seconds = now - st.started;
   const bool eos = st.opt.stop_at_eos && model_.config().is_eos(t);
@@ -378,12 +385,12 @@ bool BatchEngine::step() {
   for (const Work& w : work_) {
     Sequence& s = *seqs_[size_t(w.id)];
     State& st = (*states_[size_t(w.id)]);
-    const float* rows = logits_.data() + w.first_logit * vocab;
+    float* rows = logits_.data() + w.first_logit * vocab;
     if (w.prompt) {
       const int64_t from = s.read, P = int64_t(s.prompt.size());
       s.read += w.len, chunk_[size_t(w.id)] = 0;
       int32_t first = -1;
-      if (w.logit_rows) first = st.sampler->sample(rows, vocab);
+      if (w.logit_rows) first = sample(st, rows);
       if (st.mtp) {  // the module over the chunk: position i with token i+1 (the last one: the first token)
         st.next.assign(s.prompt.begin() + from + 1, s.prompt.begin() + std::min<int64_t>(from + w.len + 1, P));
         if (w.logit_rows) st.next.push_back(first);
@@ -396,7 +403,7 @@ bool BatchEngine::step() {
       continue;
     }
     if (w.drafts == 0) {  // a plain decoding step
-      const int32_t t = st.sampler->sample(rows, vocab);
+      const int32_t t = sample(st, rows);
       if (!emit(w.id, t, now, rows) && st.mtp) run_mtp(st, &t, hidden + w.offset * dim, 1);
       continue;
     }

@@ -114,7 +114,9 @@ class BatchEngine {
   bool emit(int64_t id, int32_t t, double now, const float* row);
   // Siblings waiting for id, now that its prompt is read: they share its pages and sample
   // their first tokens from its last prompt row.
-  void start_siblings(int64_t id, const float* row, const float* hidden_row, double now);
+  void start_siblings(int64_t id, float* row, const float* hidden_row, double now);
+  // The next token from a logits row, within the sequence's constraint if it has one.
+  int32_t sample(State& st, float* row);
   int64_t pages_still_needed() const;  // by the running sequences, to reach their ends
   // add(), with the pages the new sequence will take (-1: all it will reach).
   int64_t add_sequence(std::vector<int32_t> prompt, const GenerateOptions& opt, int64_t new_pages);

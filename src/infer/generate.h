@@ -3,9 +3,11 @@
 #pragma once
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <utility>
 #include <vector>
 
+#include "infer/constraint.h"
 #include "infer/sampler.h"
 #include "model/transformer.h"
 
@@ -31,6 +33,9 @@ struct GenerateOptions {
   // its raw logits, before temperature or filtering, as OpenAI's API reports them) and the
   // `logprobs` most likely tokens beside it (0..20); -1: nothing recorded.
   int64_t logprobs = -1;
+  // Structured output: the tokens this sequence may produce (one constraint per sequence:
+  // it keeps the sequence's state). Not with speculative decoding.
+  std::shared_ptr<TokenConstraint> constraint;
 };
 
 struct TokenLogprobs {

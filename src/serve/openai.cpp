@@ -4,6 +4,7 @@
 #include <random>
 
 #include "core/error.h"
+#include "serve/json_grammar.h"
 #include "tokenizer/chat_template.h"
 
 namespace dsv3::serve {
@@ -127,10 +128,27 @@ CompletionRequest parse_completion_request(const json& body, bool chat, const Se
   if (const json* v = field(body, "tools"); v && !(v->is_array() && v->empty())) unsupported("tools", "tool calls are not implemented yet");
   if (const json* v = field(body, "tool_choice"); v && !(v->is_string() && (*v == "none" || *v == "auto")))
     unsupported("tool_choice", "no tools");
+  // Structured output: a grammar every choice's tokens are constrained to (json_grammar.h).
+  std::shared_ptr<const JsonGrammar> grammar;
   if (const json* v = field(body, "response_format")) {
     if (!v->is_object() || !v->contains("type") || !(*v)["type"].is_string())
       bad_request("response_format", "'response_format' must be an object with a string 'type'", "invalid_type");
-    if ((*v)["type"] != "text") unsupported("response_format", "only {\"type\": \"text\"} (constrained JSON output is not implemented yet)");
+    const std::string type = (*v)["type"];
+    if (type == "json_object") {
+      grammar = JsonGrammar::any_object();
+    } else if (type == "json_schema") {
+      const auto js = v->find("json_schema");
+      if (js == v->end() || !js->is_object() || !js->contains("schema"))
+        bad_request("response_format", "'response_format.json_schema' must be an object with a 'schema'", "invalid_type");
+      try {
+        grammar = JsonGrammar::from_schema((*js)["schema"]);
+      } catch (const Error& e) {
+        bad_request("response_format", std::string("response_format.json_schema: ") + e.what(), "invalid_schema");
+      }
+    } else if (type != "text") {
+      bad_request("response_format", "'response_format.type' must be text, json_object or json_schema, not '" + type + "'");
+    }
+    if (grammar && !m.tokenizer) bad_request("response_format", "structured output needs the model's tokenizer.json");
   }
   if (boolean(body, "echo", false)) unsupported("echo", "the prompt is not echoed");
   if (const json* v = field(body, "user"); v && !v->is_string()) bad_request("user", "'user' must be a string", "invalid_type");
@@ -253,7 +271,12 @@ CompletionRequest parse_completion_request(const json& body, bool chat, const Se
   for (int64_t i = 0; i < n; ++i) {
     r.options.push_back(opt);
     r.options.back().sampling.seed = base_seed + uint64_t(i);
+    if (grammar) {  // its own matcher per choice; constrained tokens are not drafted
+      r.options.back().constraint = std::make_shared<JsonConstraint>(grammar, *m.tokenizer, m.eos);
+      r.options.back().speculative_mtp = false;
+    }
   }
+  r.structured = grammar != nullptr;
   return r;
 }
 

@@ -38,6 +38,7 @@ struct ServedModel {
   bool reasoning = false;                   // the template writes <think>...</think>
   bool speculative = false;                 // --speculative mtp
   int64_t draft = 1;
+  std::vector<int64_t> eos;                 // the ids that end a text (structured output)
 };
 
 struct CompletionRequest {
@@ -47,6 +48,7 @@ struct CompletionRequest {
   std::vector<std::string> stop;
   int64_t logprobs = -1;  // -1: none; else alternatives per token (chat's top_logprobs)
   bool thinking = false;  // the rendered prompt ends inside a reasoning part ("<think>")
+  bool structured = false;  // response_format json_object / json_schema: each choice constrained
 };
 
 // A request body of /v1/chat/completions (chat) or /v1/completions; throws ApiError.
