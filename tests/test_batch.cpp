@@ -310,14 +310,20 @@ TEST(BatchEngine, SiblingsShareTheirPromptRunOnce) {
     EXPECT_EQ(engine.free_pages(), all_free);
     EXPECT_THROW(engine.add_sibling(first, o), Error);  // finished
   }
-  // A cancelled first sequence leaves its sibling to read the prompt itself.
-  BatchEngine engine(model, 2, 96, 16);
-  const int64_t first = engine.add(prompt, opt), sibling = engine.add_sibling(first, opt);
+  // A cancelled first sequence leaves its first sibling to read the prompt, and the others
+  // share it from that one.
+  BatchEngine engine(model, 3, 96, 16);
+  const int64_t all_free = engine.free_pages();
+  const int64_t first = engine.add(prompt, opt), sibling = engine.add_sibling(first, opt), third = engine.add_sibling(first, opt);
   engine.step();
   engine.cancel(first);
+  engine.step();
+  EXPECT_EQ(engine.last_step_tokens(), 16);  // one prompt being read, not two
   while (engine.step()) {
   }
   EXPECT_EQ(engine.sequence(sibling).tokens, alone);
+  EXPECT_EQ(engine.sequence(third).tokens, alone);
+  EXPECT_EQ(engine.free_pages(), all_free);
 }
 
 // A prefix cache's use of the engine: a finished sequence's pages, kept through on_release,

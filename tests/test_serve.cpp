@@ -358,7 +358,9 @@ TEST(JsonConstraint, RandomWalksStayValidAndEndParsed) {
         ASSERT_TRUE(matches(*g, text, false)) << text;
       }
     }
-    if (with_schema) EXPECT_GT(ended, 30);  // a short schema ends within 120 tokens
+    if (with_schema) {
+      EXPECT_GT(ended, 30);  // a short schema ends within 120 tokens
+    }
   }
 }
 
@@ -590,7 +592,9 @@ TEST(Server, ResponseFormatJsonSchemaAndJsonObject) {
       EXPECT_TRUE(parsed["answer"].is_boolean()) << text;
       EXPECT_TRUE(parsed["book"] == "Genesis" || parsed["book"] == "Exodus") << text;
       EXPECT_LE(parsed.size(), 3u) << text;
-      if (parsed.contains("verse")) EXPECT_TRUE(parsed["verse"].is_number_integer()) << text;
+      if (parsed.contains("verse")) {
+        EXPECT_TRUE(parsed["verse"].is_number_integer()) << text;
+      }
     }
   }
   EXPECT_GE(ended, 6);
@@ -600,8 +604,11 @@ TEST(Server, ResponseFormatJsonSchemaAndJsonObject) {
                                                     {"response_format", {{"type", "json_object"}}}});
     ASSERT_EQ(r.status, 200) << r.raw;
     const std::string text = r.body["choices"][0]["text"];
-    if (r.body["choices"][0]["finish_reason"] == "stop") EXPECT_TRUE(json::parse(text).is_object()) << text;
-    else EXPECT_TRUE(matches(*any, text, false)) << text;
+    if (r.body["choices"][0]["finish_reason"] == "stop") {
+      EXPECT_TRUE(json::parse(text).is_object()) << text;
+    } else {
+      EXPECT_TRUE(matches(*any, text, false)) << text;
+    }
   }
 }
 

@@ -268,8 +268,13 @@ void BatchEngine::cancel(int64_t id) {
   if (s.finished) return;
   s.finished = s.cancelled = true;
   s.seconds = now_seconds() - st.started;
-  for (auto& other : states_)  // siblings waiting for it read the prompt themselves
-    if (other && other->waits_for == id) other->waits_for = -1;
+  // Siblings waiting for it: the first reads the prompt itself, and the others wait for it.
+  int64_t reader = -1;
+  for (const Slot& slot : slots_) {
+    if (slot.id < 0 || (*states_[size_t(slot.id)]).waits_for != id) continue;
+    if (reader < 0) reader = slot.id, (*states_[size_t(slot.id)]).waits_for = -1;
+    else (*states_[size_t(slot.id)]).waits_for = reader;
+  }
   finish(id);
 }
 

@@ -53,7 +53,8 @@ class BatchEngine {
   // A sequence with id's prompt that waits for id to read it, then shares its pages and
   // samples its own first token from the same logits (n > 1 completions of one prompt: the
   // prompt is run once). -1 as add(); Error if id has already read its prompt or finished.
-  // If id is cancelled first, the sibling reads the prompt itself.
+  // If id is cancelled first, its first waiting sibling reads the prompt and the others wait
+  // for that one.
   int64_t add_sibling(int64_t id, const GenerateOptions& opt);
   void cancel(int64_t id);  // finishes it now; its slot is free for the next add()
   // A new sequence that continues from where `id` is now (its prompt read, its tokens so
@@ -70,6 +71,8 @@ class BatchEngine {
   void forget(int64_t id);
   int64_t running() const;
   int64_t free_pages() const { return cache_.free_pages(); }
+  // Free pages beyond those the running sequences may still grow into (what add() admits by).
+  int64_t spare_pages() const { return cache_.free_pages() - pages_still_needed(); }
   int64_t last_step_tokens() const { return int64_t(ids_.size()); }  // tokens the last step ran
   int64_t max_sequences() const { return int64_t(slots_.size()); }
   int64_t max_len() const { return max_len_; }

@@ -30,7 +30,7 @@ const PrefixCache::Block* PrefixCache::find(uint64_t h, uint64_t parent, const i
   return &it->second;
 }
 
-PageTable PrefixCache::lookup(const std::vector<int32_t>& tokens, int64_t max_tokens) {
+PageTable PrefixCache::lookup(const std::vector<int32_t>& tokens, int64_t max_tokens, bool from_disk) {
   PageTable t;
   std::vector<uint64_t> hit;
   uint64_t parent = model_id_;
@@ -38,7 +38,7 @@ PageTable PrefixCache::lookup(const std::vector<int32_t>& tokens, int64_t max_to
   for (int64_t b = 0; b < n; ++b) {
     const uint64_t h = chain(parent, tokens.data() + b * kBlock);
     const Block* block = find(h, parent, tokens.data() + b * kBlock);
-    if (!block && disk_ && pool_.free_pages() > 0 && !blocks_.count(h)) {  // from disk, into a free page
+    if (!block && from_disk && disk_ && pool_.free_pages() > 0 && !blocks_.count(h)) {  // from disk, into a free page
       const int32_t page = pool_.allocate();
       if (disk_->load(h, parent, tokens.data() + b * kBlock, pool_, page)) {
         const int32_t* ids = tokens.data() + b * kBlock;
@@ -86,6 +86,12 @@ bool PrefixCache::evict() {
   pool_.release(victim->second.page);
   blocks_.erase(victim);
   return true;
+}
+
+int64_t PrefixCache::evictable() const {
+  int64_t n = 0;
+  for (const auto& [h, block] : blocks_) n += pool_.refs(block.page) == 1;
+  return n;
 }
 
 void PrefixCache::clear() {

@@ -28,13 +28,15 @@ class PrefixCache {
   PrefixCache& operator=(const PrefixCache&) = delete;
 
   // The longest cached prefix of tokens, in whole blocks and at most max_tokens long: a page
-  // table for BatchEngine::add (which takes its own hold on the pages).
-  PageTable lookup(const std::vector<int32_t>& tokens, int64_t max_tokens);
+  // table for BatchEngine::add (which takes its own hold on the pages). from_disk: blocks
+  // missing in memory may be read from disk into free pages.
+  PageTable lookup(const std::vector<int32_t>& tokens, int64_t max_tokens, bool from_disk = true);
   // Keeps the whole blocks among positions [0, valid) of a sequence's table; tokens are the
   // sequence's (prompt, then generated), at least valid of them.
   void insert(const std::vector<int32_t>& tokens, const PageTable& table, int64_t valid);
   // Frees the least recently used block that only the cache holds; false if there is none.
   bool evict();
+  int64_t evictable() const;  // blocks only the cache holds (each evict() frees one page)
   void clear();
   int64_t blocks() const { return int64_t(blocks_.size()); }
   uint64_t model_id() const { return model_id_; }

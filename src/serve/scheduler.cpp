@@ -161,55 +161,76 @@ void Scheduler::cancel_requested() {
 }
 
 void Scheduler::admit() {
-  // First come, first served: a request that does not fit yet waits, and so do those after it.
-  while (!pending_.empty() && try_admit(pending_.front())) pending_.pop_front(), --waiting_;
+  // First come, first served: a request that does not fit yet waits, and so do those after
+  // it. A request the engine refuses (check() should have caught it) fails alone.
+  while (!pending_.empty()) {
+    const std::shared_ptr<Request> r = pending_.front();
+    try {
+      if (!try_admit(r)) break;
+    } catch (const std::exception& e) {
+      {
+        std::lock_guard lock(r->mutex);
+        r->error = e.what(), r->done = true;
+        for (Choice& c : r->choices) c.finished = true;
+      }
+      r->changed.notify_all();
+    }
+    pending_.pop_front(), --waiting_;
+  }
 }
 
 bool Scheduler::try_admit(const std::shared_ptr<Request>& r) {
-  const int64_t n = int64_t(r->options.size());
+  const int64_t n = int64_t(r->options.size()), P = int64_t(r->prompt.size());
   if (engine_.max_sequences() - engine_.running() < n) return false;
+  // The pages the request takes to reach its ends: the prompt's (less the blocks it shares)
+  // once, and each further choice's own.
+  auto need = [&](int64_t shared_blocks) {
+    int64_t pages = pages_for(P + r->options[0].max_tokens - 1) - shared_blocks;
+    for (int64_t i = 1; i < n; ++i) pages += pages_for(P + r->options[size_t(i)].max_tokens - 1) - P / PagedKvCache::kPageTokens;
+    return pages;
+  };
   PagedKvCache& pool = engine_.pages();
   PageTable prefix;
   if (use_prefix_cache_ && !r->options[0].speculative_mtp) {
-    prefix = cache_.lookup(r->prompt, int64_t(r->prompt.size()) - 1);  // the last prompt token is run for its logits
+    // A block read from disk takes a free page, so only while the request would fit even
+    // without a hit: the pages the running sequences will grow into stay free.
+    const bool from_disk = engine_.spare_pages() >= need(0);
+    prefix = cache_.lookup(r->prompt, P - 1, from_disk);  // the last prompt token is run for its logits
     for (int32_t p : prefix.pages) pool.retain(p);  // not evicted while this request is admitted
   }
-  // add() or add_sibling(), evicting cached blocks while their pages are what is missing.
-  auto place = [&](auto&& add) -> int64_t {
-    for (;;) {
-      int64_t id = -1;
-      try {
-        id = add();
-      } catch (const Error&) {
-        if (!cache_.evict()) throw;  // check() said it fits an empty pool: cached pages are in the way
-        continue;
-      }
-      if (id >= 0 || !cache_.evict()) return id;
-    }
-  };
+  // Cached blocks give their pages back only when that is enough to admit the request now;
+  // otherwise it waits for running sequences to finish, and the cache stays.
+  const int64_t short_by = need(int64_t(prefix.pages.size())) - engine_.spare_pages();
+  if (short_by > 0 && cache_.evictable() < short_by) {
+    release(pool, prefix);
+    return false;
+  }
+  for (int64_t k = 0; k < short_by; ++k) cache_.evict();
   std::vector<int64_t> ids;
-  try {
-    ids.push_back(place([&] { return engine_.add(r->prompt, r->options[0], prefix); }));
-    for (int64_t i = 1; ids.back() >= 0 && i < n; ++i) ids.push_back(place([&] { return engine_.add_sibling(ids[0], r->options[size_t(i)]); }));
-  } catch (...) {
+  auto undo = [&] {
     release(pool, prefix);
     for (int64_t id : ids)
       if (id >= 0) engine_.cancel(id), engine_.forget(id);
+  };
+  try {
+    ids.push_back(engine_.add(r->prompt, r->options[0], prefix));
+    for (int64_t i = 1; ids.back() >= 0 && i < n; ++i) ids.push_back(engine_.add_sibling(ids[0], r->options[size_t(i)]));
+  } catch (...) {
+    undo();
     throw;
   }
-  release(pool, prefix);
   if (ids.back() < 0) {  // not all of it fits yet: none of it runs
-    for (int64_t id : ids)
-      if (id >= 0) engine_.cancel(id), engine_.forget(id);
+    undo();
     return false;
   }
+  release(pool, prefix);
   const double now = now_seconds();
   {
     std::lock_guard lock(r->mutex);
     r->admitted = true;
     r->cache_hit = engine_.sequence(ids[0]).cached;
   }
-  metrics_.tokens(int64_t(r->prompt.size()), r->cache_hit, 0);
+  metrics_.tokens(P, r->cache_hit, 0);
   active_.push_back(Active{r, ids, std::vector<size_t>(size_t(n), 0), std::vector<double>(size_t(n), now)});
   return true;
 }
