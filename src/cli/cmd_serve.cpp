@@ -1,11 +1,14 @@
 // dsv3 serve: an OpenAI-compatible HTTP server for a Hugging Face checkpoint folder.
 #include <CLI/CLI.hpp>
+#include <atomic>
 #include <csignal>
+#include <exception>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
 #include <memory>
 #include <thread>
+#include <unistd.h>
 
 #include "cli/args.h"
 #include "cli/commands.h"
@@ -54,51 +57,64 @@ void serve(const ServeFlags& f) {
   const int port = server.bind();
   std::thread listener([&] { server.listen(); });
   std::fprintf(stderr, "dsv3 serve: listening on http://%s:%d (loading %s)\n", f.host.c_str(), port, f.model.c_str());
-  try {
-    Transformer model(f.model);
-    if (f.attn == "naive") model.attn_form = AttnForm::naive;
-    if (f.attn == "absorbed") model.attn_form = AttnForm::absorbed;
-    std::unique_ptr<Tokenizer> tokenizer;
-    std::unique_ptr<TokenizerConfig> config;
-    if (std::filesystem::exists(f.model + "/tokenizer.json")) tokenizer = std::make_unique<Tokenizer>(f.model + "/tokenizer.json");
-    if (tokenizer && std::filesystem::exists(f.model + "/tokenizer_config.json"))
-      config = std::make_unique<TokenizerConfig>(load_tokenizer_config(f.model + "/tokenizer_config.json"));
-
-    serve::ServedModel m;
-    m.name = f.served_name.empty() ? std::filesystem::path(f.model).lexically_normal().filename().string() : f.served_name;
-    if (m.name.empty()) m.name = std::filesystem::absolute(f.model).parent_path().filename().string();
-    m.tokenizer = tokenizer.get(), m.config = config.get();
-    m.reasoning = config && config->chat_template && config->chat_template->find("</think>") != std::string::npos;
-    m.speculative = f.speculative == "mtp", m.draft = f.draft;
-    m.eos = model.config().eos_token_ids;
-    serve::SchedulerOptions sched_opt;
-    sched_opt.max_sequences = f.max_batch;
-    sched_opt.max_len = f.max_model_len > 0 ? f.max_model_len : model.config().max_position_embeddings;
-    sched_opt.step_tokens = std::max(f.max_step_tokens, f.max_batch);
-    sched_opt.cache_tokens = f.kv_cache_tokens;
-    sched_opt.max_queue = f.max_queue;
-    sched_opt.prefix_cache = !f.no_prefix_cache;
-    sched_opt.model_id = serve::checkpoint_identity(f.model);
-    sched_opt.cache_dir = f.cache_dir;
-    sched_opt.cache_dir_bytes = int64_t(f.cache_dir_gb * double(1 << 30));
-    m.context = sched_opt.max_len;
-    m.max_n = f.max_batch;
-    serve::Scheduler scheduler(model, sched_opt, metrics);
-    server.ready(&m, &scheduler);
-    const serve::Gauges g = scheduler.gauges();
-    std::fprintf(stderr, "dsv3 serve: ready: model '%s', %lld sequences at once, context %lld, KV cache %lld pages of 64\n",
-                 m.name.c_str(), (long long)f.max_batch, (long long)m.context, (long long)g.total_pages);
-    int sig = 0;
-    sigwait(&signals, &sig);
-    std::fprintf(stderr, "dsv3 serve: %s, stopping\n", sig == SIGINT ? "interrupted" : "terminated");
-    server.stop();
-    listener.join();
-    scheduler.flush_disk_cache();
-  } catch (...) {
-    server.stop();
-    listener.join();
-    throw;
+  // The model loads on a thread of its own, so that this one can wait for a signal at once:
+  // a server still loading stops on Ctrl-C too.
+  std::unique_ptr<Transformer> model;
+  std::unique_ptr<Tokenizer> tokenizer;
+  std::unique_ptr<TokenizerConfig> config;
+  serve::ServedModel m;
+  std::unique_ptr<serve::Scheduler> scheduler;
+  std::exception_ptr load_error;
+  std::atomic<bool> loaded{false};
+  std::thread loader([&] {
+    try {
+      model = std::make_unique<Transformer>(f.model);
+      if (f.attn == "naive") model->attn_form = AttnForm::naive;
+      if (f.attn == "absorbed") model->attn_form = AttnForm::absorbed;
+      if (std::filesystem::exists(f.model + "/tokenizer.json")) tokenizer = std::make_unique<Tokenizer>(f.model + "/tokenizer.json");
+      if (tokenizer && std::filesystem::exists(f.model + "/tokenizer_config.json"))
+        config = std::make_unique<TokenizerConfig>(load_tokenizer_config(f.model + "/tokenizer_config.json"));
+      m.name = f.served_name.empty() ? std::filesystem::path(f.model).lexically_normal().filename().string() : f.served_name;
+      if (m.name.empty()) m.name = std::filesystem::absolute(f.model).parent_path().filename().string();
+      m.tokenizer = tokenizer.get(), m.config = config.get();
+      m.reasoning = config && config->chat_template && config->chat_template->find("</think>") != std::string::npos;
+      m.speculative = f.speculative == "mtp", m.draft = f.draft;
+      m.eos = model->config().eos_token_ids;
+      serve::SchedulerOptions sched_opt;
+      sched_opt.max_sequences = f.max_batch;
+      sched_opt.max_len = f.max_model_len > 0 ? f.max_model_len : model->config().max_position_embeddings;
+      sched_opt.step_tokens = std::max(f.max_step_tokens, f.max_batch);
+      sched_opt.cache_tokens = f.kv_cache_tokens;
+      sched_opt.max_queue = f.max_queue;
+      sched_opt.prefix_cache = !f.no_prefix_cache;
+      sched_opt.model_id = serve::checkpoint_identity(f.model);
+      sched_opt.cache_dir = f.cache_dir;
+      sched_opt.cache_dir_bytes = int64_t(f.cache_dir_gb * double(1 << 30));
+      m.context = sched_opt.max_len;
+      m.max_n = f.max_batch;
+      scheduler = std::make_unique<serve::Scheduler>(*model, sched_opt, metrics);
+      server.ready(&m, scheduler.get());
+      loaded = true;
+      std::fprintf(stderr, "dsv3 serve: ready: model '%s', %lld sequences at once, context %lld, KV cache %lld pages of 64\n",
+                   m.name.c_str(), (long long)f.max_batch, (long long)m.context, (long long)scheduler->gauges().total_pages);
+    } catch (...) {
+      load_error = std::current_exception();
+      kill(getpid(), SIGTERM);  // wakes the waiting thread below
+    }
+  });
+  int sig = 0;
+  sigwait(&signals, &sig);
+  server.stop();
+  listener.join();
+  if (!loaded && !load_error) {  // interrupted while loading: nothing to save, no way to cut a load short
+    std::fprintf(stderr, "dsv3 serve: %s while loading, stopping\n", sig == SIGINT ? "interrupted" : "terminated");
+    std::_Exit(130);
   }
+  loader.join();
+  if (load_error) std::rethrow_exception(load_error);
+  std::fprintf(stderr, "dsv3 serve: %s, stopping\n", sig == SIGINT ? "interrupted" : "terminated");
+  scheduler->flush_disk_cache();
+  scheduler.reset();  // before the model it runs
 }
 
 }  // namespace

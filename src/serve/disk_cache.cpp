@@ -55,8 +55,12 @@ void warn(const std::string& file, const std::string& why) {
 
 }  // namespace
 
+// Bumped whenever the code computing the cached keys changes what it computes (RoPE, MLA, the
+// cache's layout): files of an older engine are then in another folder, never used.
+constexpr uint64_t kKeysVersion = 1;
+
 uint64_t checkpoint_identity(const std::string& model_dir) {
-  uint64_t h = 1469598103934665603ULL;
+  uint64_t h = 1469598103934665603ULL ^ kKeysVersion;
   std::vector<fs::path> files;
   for (const auto& e : fs::directory_iterator(model_dir))
     if (e.path().filename() == "config.json" || e.path().extension() == ".safetensors") files.push_back(e.path());
@@ -65,9 +69,11 @@ uint64_t checkpoint_identity(const std::string& model_dir) {
   for (const fs::path& f : files) {
     std::ifstream in(f, std::ios::binary);
     const uint64_t size = fs::file_size(f);
+    const int64_t modified = fs::last_write_time(f).time_since_epoch().count();  // an edit in place
     const std::string name = f.filename().string();
     h = fnv(name.data(), name.size(), h);
     h = fnv(reinterpret_cast<const char*>(&size), sizeof size, h);
+    h = fnv(reinterpret_cast<const char*>(&modified), sizeof modified, h);
     uint64_t header = 0;  // a safetensors file: 8 bytes of header length, then the JSON header
     if (f.extension() == ".safetensors" && size >= 8) {
       in.read(reinterpret_cast<char*>(&header), 8);

@@ -6,7 +6,8 @@
 // all before it. Files are written by a background thread to a temporary name and renamed,
 // so a reader sees a whole file or none; a corrupt, truncated or foreign file is skipped
 // with a warning and never gives a wrong answer. The oldest files go when the folder
-// exceeds its byte budget. Uses model (the page pool).
+// exceeds its byte budget. A block's earlier tokens are covered by its chained 64-bit hash
+// (its parent's), its own tokens compared. Uses model (the page pool).
 #pragma once
 #include <condition_variable>
 #include <cstdint>
@@ -21,9 +22,11 @@
 
 namespace dsv3::serve {
 
-// A checkpoint folder's identity: config.json, every safetensors header and 64 samples of
-// each file's bytes (hashing all of a 700 GB checkpoint would take minutes; two different
-// trained checkpoints differ in every sample).
+// A checkpoint folder's identity: the version of the code that computes keys, config.json,
+// and per safetensors file its name, size, modification time, header and 64 samples of its
+// bytes (hashing all of a 700 GB checkpoint would take minutes; two trained checkpoints
+// differ in every sample, and a file edited in place has a new time). A copied checkpoint
+// (new times) misses the cache once; it never hits on another's keys.
 uint64_t checkpoint_identity(const std::string& model_dir);
 
 class DiskCache {

@@ -60,6 +60,7 @@ struct Answer {
   std::vector<std::vector<TokenLogprobs>> logprobs;
   std::vector<size_t> text_offset;              // completions' logprobs
   bool role_sent = false, finished = false;
+  double last_write = now_seconds();  // a whole answer's spaces: at least one per keep-alive interval
   std::string error;
   int64_t cache_hit = 0;
 
@@ -97,7 +98,10 @@ struct Answer {
       };
       r.changed.wait_for(lock, std::chrono::duration<double>(wait), fresh);
       cache_hit = r.cache_hit;
-      if (!r.error.empty()) error = r.error;
+      if (!r.error.empty()) {  // the engine failed the request: an error, not finish reasons
+        error = r.error, finished = true;
+        return true;
+      }
       for (size_t i = 0; i < n; ++i) {
         if (!finish[i].empty()) continue;
         const Choice& c = r.choices[i];
@@ -277,7 +281,9 @@ struct Server::Impl {
       try {
         sched.check(*request);
       } catch (const Error& e) {
-        bad_request(chat ? "messages" : "prompt", e.what(), "context_length_exceeded");
+        const std::string what = e.what();
+        const bool too_long = what.find("context") != std::string::npos || what.find("pages") != std::string::npos;
+        bad_request(too_long ? (chat ? "messages" : "prompt") : "n", what, too_long ? "context_length_exceeded" : "invalid_value");
       }
       answer = std::make_shared<Answer>(request, std::move(cr), &m);
     } catch (const ApiError& e) {
@@ -321,9 +327,10 @@ struct Server::Impl {
         out = dump(error_body(ApiError(500, a.error, "server_error")));
       } else if (a.finished) {
         out = dump(a.whole());
-      } else if (!got) {
-        out = " ";
+      } else if (now_seconds() - a.last_write >= keep_alive) {
+        out = " ";  // tells whether the client is still there
       }
+      if (!out.empty()) a.last_write = now_seconds();
       if (!out.empty() && !sink.write(out.data(), out.size())) {
         cancel();
         return false;

@@ -150,6 +150,25 @@ await check('a repeated long prompt hits the context cache in 64-token blocks', 
   assert.equal(warm.choices[0].text, cold.choices[0].text);
 });
 
+await check('response_format json_schema: answers that end parse and fit the schema', async () => {
+  const schema = { type: 'object', properties: { answer: { type: 'boolean' }, book: { enum: ['Genesis', 'Exodus'] } },
+                   required: ['answer', 'book'], additionalProperties: false };
+  let ended = 0;
+  for (let seed = 0; seed < 4; ++seed) {
+    const r = await client.chat.completions.create({ model: 'tiny', messages: [{ role: 'user', content: 'Which book? JSON.' }],
+      max_tokens: 200, seed, response_format: { type: 'json_schema', json_schema: { name: 'answer', schema, strict: true } } });
+    if (r.choices[0].finish_reason !== 'stop') continue;
+    ++ended;
+    const parsed = JSON.parse(r.choices[0].message.content);
+    assert.equal(typeof parsed.answer, 'boolean');
+    assert.ok(['Genesis', 'Exodus'].includes(parsed.book));
+  }
+  assert.ok(ended >= 2, `only ${ended} of 4 ended`);
+  await assert.rejects(client.chat.completions.create({ model: 'tiny', messages: [{ role: 'user', content: 'hi' }],
+    response_format: { type: 'json_schema', json_schema: { name: 'x', schema: { type: 'string', pattern: 'a+' } } } }),
+    (e) => e instanceof OpenAI.BadRequestError && e.param === 'response_format' && e.code === 'invalid_schema');
+});
+
 await check('errors arrive as the client\'s error classes', async () => {
   const bad = new OpenAI({ apiKey: 'sk-wrong', baseURL: `http://127.0.0.1:${port}/v1`, maxRetries: 0 });
   await assert.rejects(bad.models.list(), (e) => e instanceof OpenAI.AuthenticationError && e.status === 401);
