@@ -18,6 +18,7 @@
 #include <chrono>
 #include <cmath>
 #include <thread>
+#include <tuple>
 
 #include "core/error.h"
 #include "infer/generate.h"
@@ -26,6 +27,7 @@
 #include "serve/openai.h"
 #include "serve/prefix_cache.h"
 #include "serve/text_stream.h"
+#include "serve/tool_calls.h"
 #include "serve_util.h"
 #include "tokenizer/chat_template.h"
 
@@ -255,6 +257,84 @@ TEST_F(OpenAiRequest, BadFieldsAreNamed) {
   // Harmless fields are ignored.
   EXPECT_NO_THROW(parse(R"({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "store": false,
       "metadata": {"a": "b"}, "tool_choice": "none", "presence_penalty": 0, "response_format": {"type": "text"}})"));
+}
+
+// --- Tool calls ---------------------------------------------------------------------------
+
+TEST(ToolCalls, DeepSeekMarkupParsesIntoCalls) {
+  const std::string call = std::string(serve::kToolCallBegin) + "function" + serve::kToolSep + "get_weather\n```json\n{\"city\": \"Paris\"}\n```" +
+                           serve::kToolCallEnd;
+  const std::string call2 = std::string(serve::kToolCallBegin) + "function" + serve::kToolSep + "now\n```json\n{}\n```" + serve::kToolCallEnd;
+  const auto p = serve::parse_tool_calls("Let me look.\n\n" + std::string(serve::kToolCallsBegin) + call + "\n" + call2 + serve::kToolCallsEnd);
+  EXPECT_EQ(p.content, "Let me look.");
+  ASSERT_EQ(p.calls.size(), 2u);
+  EXPECT_EQ(p.calls[0].name, "get_weather");
+  EXPECT_EQ(json::parse(p.calls[0].arguments), json({{"city", "Paris"}}));
+  EXPECT_EQ(p.calls[1].name, "now");
+  EXPECT_EQ(p.calls[1].arguments, "{}");
+  EXPECT_NE(p.calls[0].id, p.calls[1].id);
+  EXPECT_EQ(p.calls[0].id.rfind("call_", 0), 0u);
+  // Cut short: the complete calls only; no markup: all content.
+  EXPECT_EQ(serve::parse_tool_calls(std::string(serve::kToolCallsBegin) + call + serve::kToolCallBegin + "function").calls.size(), 1u);
+  EXPECT_EQ(serve::parse_tool_calls("plain text").content, "plain text");
+  EXPECT_TRUE(serve::parse_tool_calls("plain text").calls.empty());
+}
+
+// With DeepSeek-V3's own tokenizer and template: tools described in the system prompt, an
+// earlier turn's calls and the tools' results rendered as the template writes them, and the
+// markup kept in a TextStream (special tokens otherwise dropped).
+TEST(ToolCalls, RenderedThroughDeepSeekV3sTemplate) {
+  const std::string dir = test::data_dir() + "/tokenizer";
+  const Tokenizer tok(dir + "/tokenizer.json");
+  const TokenizerConfig config = load_tokenizer_config(dir);
+  serve::ServedModel m;
+  m.name = "v3", m.tokenizer = &tok, m.config = &config, m.context = 4096, m.max_n = 1;
+  EncodeState state;
+  const json tools = json::parse(R"([{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
+      "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}])");
+  const json body = {{"model", "v3"}, {"tools", tools}, {"messages", json::parse(R"([
+      {"role": "system", "content": "Be brief."},
+      {"role": "user", "content": "Weather in Paris?"},
+      {"role": "assistant", "content": null, "tool_calls": [{"id": "call_1", "type": "function",
+          "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+      {"role": "tool", "tool_call_id": "call_1", "content": "18 C, sunny"}])")}};
+  const auto r = serve::parse_completion_request(body, true, m, state);
+  EXPECT_TRUE(r.tools);
+  const std::string text = tok.decode(r.prompt);
+  EXPECT_THAT(text, HasSubstr("Be brief.\n\n" + serve::tools_prompt(tools)));
+  EXPECT_THAT(text, HasSubstr(std::string("<｜User｜>Weather in Paris?<｜Assistant｜>") + serve::kToolCallsBegin + serve::kToolCallBegin +
+                              "function" + serve::kToolSep + "get_weather\n```json\n{\"city\": \"Paris\"}\n```" + serve::kToolCallEnd));
+  EXPECT_THAT(text, HasSubstr("<｜tool▁outputs▁begin｜><｜tool▁output▁begin｜>18 C, sunny<｜tool▁output▁end｜><｜tool▁outputs▁end｜>"));
+  // tool_choice none: the model is not told of the tools.
+  json none = body;
+  none["tool_choice"] = "none";
+  EXPECT_THAT(tok.decode(serve::parse_completion_request(none, true, m, state).prompt), testing::Not(HasSubstr("get_weather\n  parameters")));
+  // Bad tools and forced calls are named.
+  for (const auto& [field, value, says] : std::vector<std::tuple<const char*, json, const char*>>{
+           {"tools", json::parse(R"([{"type": "function", "function": {"name": "bad name"}}])"), "only letters"},
+           {"tools", json::parse(R"([{"type": "retrieval"}])"), "tools[0]"},
+           {"tool_choice", "required", "not implemented"}}) {
+    json b = body;
+    b[field] = value;
+    try {
+      serve::parse_completion_request(b, true, m, state);
+      ADD_FAILURE() << field;
+    } catch (const serve::ApiError& e) {
+      EXPECT_EQ(e.param, field);
+      EXPECT_THAT(e.message, HasSubstr(says));
+    }
+  }
+  // The markup survives detokenization when kept; EOS does not.
+  std::vector<int32_t> keep;
+  for (const std::string& marker : serve::tool_markers())
+    if (auto id = tok.token_id(marker)) keep.push_back(*id);
+  ASSERT_EQ(keep.size(), serve::tool_markers().size());
+  const std::string answer = std::string(serve::kToolCallsBegin) + serve::kToolCallBegin + "function" + serve::kToolSep + "get_weather\n```json\n{}\n```" +
+                             serve::kToolCallEnd + serve::kToolCallsEnd;
+  serve::TextStream ts(&tok, {}, true, false, false, keep);
+  for (int32_t id : tok.encode(answer + "<｜end▁of▁sentence｜>")) ts.push(id);
+  ts.finish();
+  EXPECT_EQ(ts.take_content(), answer);
 }
 
 // --- Structured output -------------------------------------------------------------------

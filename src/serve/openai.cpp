@@ -5,6 +5,7 @@
 
 #include "core/error.h"
 #include "serve/json_grammar.h"
+#include "serve/tool_calls.h"
 #include "tokenizer/chat_template.h"
 
 namespace dsv3::serve {
@@ -125,9 +126,22 @@ CompletionRequest parse_completion_request(const json& body, bool chat, const Se
   if (const json* v = field(body, "logit_bias"); v && !(v->is_object() && v->empty())) unsupported("logit_bias", "no biases");
   for (const char* name : {"functions", "function_call", "suffix", "audio", "prediction", "modalities"})
     if (field(body, name)) unsupported(name, "not implemented");
-  if (const json* v = field(body, "tools"); v && !(v->is_array() && v->empty())) unsupported("tools", "tool calls are not implemented yet");
-  if (const json* v = field(body, "tool_choice"); v && !(v->is_string() && (*v == "none" || *v == "auto")))
-    unsupported("tool_choice", "no tools");
+  // Tools (chat only): described to the model, its calls parsed back (tool_calls.h).
+  json tools;
+  if (const json* v = field(body, "tools"); v && !(v->is_array() && v->empty())) {
+    if (!chat) unsupported("tools", "tools go with /v1/chat/completions");
+    try {
+      check_tools(*v);
+    } catch (const Error& e) {
+      bad_request("tools", e.what());
+    }
+    tools = *v;
+  }
+  if (const json* v = field(body, "tool_choice")) {
+    if (!v->is_string() || (*v != "none" && *v != "auto"))
+      unsupported("tool_choice", "\"auto\" and \"none\" only (a forced call is not implemented yet)");
+    if (*v == "none") tools = json();  // the model is not told of them
+  }
   // Structured output: a grammar every choice's tokens are constrained to (json_grammar.h).
   std::shared_ptr<const JsonGrammar> grammar;
   if (const json* v = field(body, "response_format")) {
@@ -170,12 +184,44 @@ CompletionRequest parse_completion_request(const json& body, bool chat, const Se
       if (role == "developer") role = "system";  // OpenAI's newer name for the system role
       if (role != "system" && role != "user" && role != "assistant" && role != "tool")
         bad_request(param + ".role", "unknown role '" + role + "' (system, developer, user, assistant or tool)");
-      if (!msg.contains("content")) bad_request(param + ".content", "'" + param + ".content' is required", "missing_required_parameter");
-      rendered.push_back({{"role", role}, {"content", content_text(msg["content"], i)}});
+      const bool calls = role == "assistant" && msg.contains("tool_calls") && msg["tool_calls"].is_array() && !msg["tool_calls"].empty();
+      if (!msg.contains("content") && !calls)
+        bad_request(param + ".content", "'" + param + ".content' is required", "missing_required_parameter");
+      nlohmann::ordered_json out = {{"role", role}};
+      const std::string text = msg.contains("content") ? content_text(msg["content"], i) : "";
+      if (calls) {  // an earlier turn's tool calls, as the template writes them (content none)
+        out["content"] = text.empty() ? nlohmann::ordered_json(nullptr) : nlohmann::ordered_json(text);
+        out["tool_calls"] = nlohmann::ordered_json::array();
+        for (size_t k = 0; k < msg["tool_calls"].size(); ++k) {
+          const json& call = msg["tool_calls"][k];
+          const std::string at = param + ".tool_calls[" + std::to_string(k) + "]";
+          if (!call.is_object() || !call.contains("function") || !call["function"].is_object() ||
+              !call["function"].contains("name") || !call["function"]["name"].is_string() ||
+              !call["function"].contains("arguments") || !call["function"]["arguments"].is_string())
+            bad_request(at, "'" + at + "' must be {\"type\": \"function\", \"function\": {\"name\": string, \"arguments\": string}}");
+          out["tool_calls"].push_back({{"id", call.value("id", "")}, {"type", "function"},
+                                       {"function", {{"name", call["function"]["name"]}, {"arguments", call["function"]["arguments"]}}}});
+        }
+      } else {
+        out["content"] = text;
+      }
+      if (role == "tool" && msg.contains("tool_call_id") && msg["tool_call_id"].is_string()) out["tool_call_id"] = msg["tool_call_id"];
+      rendered.push_back(std::move(out));
+    }
+    nlohmann::ordered_json extra = nlohmann::ordered_json::object();
+    if (!tools.is_null()) {
+      r.tools = true;
+      if (m.config->chat_template->find("tools") != std::string::npos) {
+        extra["tools"] = tools;  // the template renders them itself
+      } else if (!rendered.empty() && rendered[0]["role"] == "system") {
+        rendered[0]["content"] = rendered[0]["content"].get<std::string>() + "\n\n" + tools_prompt(tools);
+      } else {
+        rendered.insert(rendered.begin(), nlohmann::ordered_json{{"role", "system"}, {"content", tools_prompt(tools)}});
+      }
     }
     std::string text;
     try {
-      text = apply_chat_template(*m.config, rendered, true);
+      text = apply_chat_template(*m.config, rendered, true, extra);
     } catch (const Error& e) {
       bad_request("messages", std::string("the chat template rejects these messages: ") + e.what());
     }

@@ -49,6 +49,7 @@ struct CompletionRequest {
   int64_t logprobs = -1;  // -1: none; else alternatives per token (chat's top_logprobs)
   bool thinking = false;  // the rendered prompt ends inside a reasoning part ("<think>")
   bool structured = false;  // response_format json_object / json_schema: each choice constrained
+  bool tools = false;       // the model was told of tools: its answer may hold tool calls
 };
 
 // A request body of /v1/chat/completions (chat) or /v1/completions; throws ApiError.

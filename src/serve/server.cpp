@@ -13,6 +13,7 @@
 
 #include "core/error.h"
 #include "serve/text_stream.h"
+#include "serve/tool_calls.h"
 
 namespace dsv3::serve {
 
@@ -59,6 +60,9 @@ struct Answer {
   std::vector<std::vector<int32_t>> tokens;     // per choice, for logprobs
   std::vector<std::vector<TokenLogprobs>> logprobs;
   std::vector<size_t> text_offset;              // completions' logprobs
+  std::vector<bool> in_tools;                   // the choice's text reached its tool calls
+  std::vector<std::string> tool_text;           // from the tool calls' first marker on
+  std::vector<std::vector<ToolCall>> calls;     // parsed when the choice ends
   bool role_sent = false, finished = false;
   double last_write = now_seconds();  // a whole answer's spaces: at least one per keep-alive interval
   std::string error;
@@ -69,7 +73,12 @@ struct Answer {
     id = random_id(req.chat ? "chatcmpl-" : "cmpl-");
     created = int64_t(std::time(nullptr));
     const size_t n = req.options.size();
-    for (size_t i = 0; i < n; ++i) texts.emplace_back(model->tokenizer, req.stop, true, req.chat && model->reasoning, req.thinking);
+    std::vector<int32_t> keep;  // a tool call's markup stays in the text until parsed
+    if (req.tools && model->tokenizer)
+      for (const std::string& marker : tool_markers())
+        if (auto id = model->tokenizer->token_id(marker)) keep.push_back(*id);
+    for (size_t i = 0; i < n; ++i) texts.emplace_back(model->tokenizer, req.stop, true, req.chat && model->reasoning, req.thinking, keep);
+    in_tools.assign(n, false), tool_text.resize(n), calls.resize(n);
     closed.assign(n, false), consumed.assign(n, 0), used.assign(n, 0), finish.assign(n, ""), content.assign(n, ""), reasoning.assign(n, "");
     tokens.resize(n), logprobs.resize(n), text_offset.assign(n, 0);
   }
@@ -138,6 +147,18 @@ struct Answer {
       }
       news.content[i] = texts[i].take_content();
       news.reasoning[i] = texts[i].take_reasoning();
+      if (req.tools) {  // text from the tool calls' first marker on is parsed, not sent
+        std::string& piece = news.content[i];
+        if (in_tools[i]) {
+          tool_text[i] += piece, piece.clear();
+        } else if (const size_t at = piece.find(kToolCallsBegin); at != std::string::npos) {
+          tool_text[i] = piece.substr(at), piece.resize(at), in_tools[i] = true;
+        }
+        if (news.ended[i] && in_tools[i]) {
+          calls[i] = parse_tool_calls(tool_text[i]).calls;
+          if (!calls[i].empty() && finish[i] == "stop") finish[i] = "tool_calls";
+        }
+      }
       tokens[i].insert(tokens[i].end(), news.tokens[i].begin(), news.tokens[i].end());
       logprobs[i].insert(logprobs[i].end(), news.logprobs[i].begin(), news.logprobs[i].end());
       content[i] += news.content[i], reasoning[i] += news.reasoning[i];
@@ -162,6 +183,10 @@ struct Answer {
       json c = {{"index", i}, {"finish_reason", finish[i]}, {"logprobs", nullptr}};
       if (req.chat) {
         json message = {{"role", "assistant"}, {"content", content[i]}};
+        if (!calls[i].empty()) {
+          if (content[i].empty()) message["content"] = nullptr;
+          message["tool_calls"] = tool_calls_json(i, false);
+        }
         if (model->reasoning) message["reasoning_content"] = reasoning[i];
         c["message"] = message;
         if (req.logprobs >= 0) {
@@ -183,6 +208,18 @@ struct Answer {
                 {"system_fingerprint", "dsv3"},
                 {"choices", choices},
                 {"usage", usage()}};
+  }
+
+  // A choice's tool calls as a message's tool_calls (or a stream's delta, with indexes).
+  json tool_calls_json(size_t i, bool delta) const {
+    json out = json::array();
+    for (size_t k = 0; k < calls[i].size(); ++k) {
+      json call = {{"id", calls[i][k].id}, {"type", "function"},
+                   {"function", {{"name", calls[i][k].name}, {"arguments", calls[i][k].arguments}}}};
+      if (delta) call["index"] = k;
+      out.push_back(call);
+    }
+    return out;
   }
 
   json chunk(json choices) const {
@@ -210,6 +247,7 @@ struct Answer {
         json delta = json::object();
         if (!news.content[i].empty() || news.reasoning[i].empty()) delta["content"] = news.content[i];
         if (!news.reasoning[i].empty()) delta["reasoning_content"] = news.reasoning[i];
+        if (news.ended[i] && !calls[i].empty()) delta["tool_calls"] = tool_calls_json(i, true);
         c["delta"] = delta;
         if (req.logprobs >= 0) {
           json lp = json::array();

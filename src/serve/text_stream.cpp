@@ -37,9 +37,10 @@ size_t complete_utf8(const std::string& s) {
 }
 
 TextStream::TextStream(const Tokenizer* tokenizer, std::vector<std::string> stop, bool skip_special, bool reasoning,
-                       bool thinking)
+                       bool thinking, std::vector<int32_t> keep)
     : tokenizer_(tokenizer),
       stop_(std::move(stop)),
+      keep_(std::move(keep)),
       skip_special_(skip_special),
       reasoning_(reasoning),
       thinking_(thinking),
@@ -50,7 +51,8 @@ TextStream::TextStream(const Tokenizer* tokenizer, std::vector<std::string> stop
 bool TextStream::push(int32_t token) {
   if (stopped_) return false;
   ++tokens_;
-  if (tokenizer_ && token < tokenizer_->vocab_size() && !(skip_special_ && tokenizer_->is_special(token)))
+  const bool kept = std::find(keep_.begin(), keep_.end(), token) != keep_.end();
+  if (tokenizer_ && token < tokenizer_->vocab_size() && !(skip_special_ && tokenizer_->is_special(token) && !kept))
     text_ += tokenizer_->token_bytes(token);
   // A stop string can only start in text not yet released (held_suffix keeps its beginning).
   size_t first = std::string::npos;

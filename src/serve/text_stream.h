@@ -16,8 +16,9 @@ class TextStream {
  public:
   // skip_special: special tokens (EOS, chat markers) add no text. thinking: the output
   // starts inside a reasoning part (the prompt ended with "<think>").
+  // keep: special tokens written as text all the same (a tool call's markup).
   TextStream(const Tokenizer* tokenizer, std::vector<std::string> stop, bool skip_special = true,
-             bool reasoning = false, bool thinking = false);
+             bool reasoning = false, bool thinking = false, std::vector<int32_t> keep = {});
   // Adds a token. Returns false once a stop string has appeared (later tokens are ignored).
   bool push(int32_t token);
   // All text is final (the choice finished): nothing is held back any more.
@@ -32,6 +33,7 @@ class TextStream {
   void release(size_t end);  // moves text_[sent_, end) out, splitting off reasoning
   const Tokenizer* tokenizer_;
   std::vector<std::string> stop_;
+  std::vector<int32_t> keep_;
   bool skip_special_, reasoning_, thinking_, stopped_ = false, finished_ = false;
   bool decided_;                  // whether the output opened with "<think>" is known
   bool after_reasoning_ = false;  // newlines right after "</think>" are dropped

@@ -2125,6 +2125,11 @@ std::string ChatTemplate::render(const nlohmann::ordered_json& variables) const 
 
 std::string apply_chat_template(const TokenizerConfig& config, const nlohmann::ordered_json& messages,
                                 bool add_generation_prompt) {
+  return apply_chat_template(config, messages, add_generation_prompt, nlohmann::ordered_json::object());
+}
+
+std::string apply_chat_template(const TokenizerConfig& config, const nlohmann::ordered_json& messages,
+                                bool add_generation_prompt, const nlohmann::ordered_json& extra) {
   if (!config.chat_template) fail(config.path, ": has no chat_template");
   if (!messages.is_array()) fail("messages: not a JSON array of {\"role\", \"content\"} objects");
   for (size_t i = 0; i < messages.size(); ++i) {
@@ -2143,6 +2148,7 @@ std::string apply_chat_template(const TokenizerConfig& config, const nlohmann::o
   put("eos_token", config.eos_token);
   put("pad_token", config.pad_token);
   put("unk_token", config.unk_token);
+  for (const auto& [key, value] : extra.items()) vars[key] = value;
   return t.render(vars);
 }
 

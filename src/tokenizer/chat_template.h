@@ -38,5 +38,8 @@ class ChatTemplate {
 // unk_token) of the config. Throws Error if the config has no chat template.
 std::string apply_chat_template(const TokenizerConfig& config, const nlohmann::ordered_json& messages,
                                 bool add_generation_prompt);
+// The same with more top-level variables (for example `tools`, for templates that render them).
+std::string apply_chat_template(const TokenizerConfig& config, const nlohmann::ordered_json& messages,
+                                bool add_generation_prompt, const nlohmann::ordered_json& extra);
 
 }  // namespace dsv3
