@@ -235,7 +235,7 @@ TEST_F(OpenAiRequest, BadFieldsAreNamed) {
       {R"({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "logprobs": true, "top_logprobs": 21})", 400, "top_logprobs", "[0, 20]"},
       {R"({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "presence_penalty": 0.5})", 400, "presence_penalty", "not supported"},
       {R"({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "logit_bias": {"5": 10}})", 400, "logit_bias", "not supported"},
-      {R"({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]})", 400, "tools", "not supported"},
+      {R"({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]})", 400, "tools", "tools[0].function"},
       {R"({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "xml"}})", 400, "response_format", "json_schema"},
       {R"({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "patternProperties": {}}}}})", 400, "response_format", "'patternProperties' is not supported"},
       {R"({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_schema"}})", 400, "response_format", "schema"},
