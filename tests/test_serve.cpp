@@ -854,17 +854,23 @@ TEST(Server, HealthSaysLoadingUntilReady) {
   listener.join();
 }
 
-TEST(Server, AFullQueueIsTooManyRequests) {
+// A full queue: 429. A queued stream gets keep-alive comments while it waits, and a whole
+// answer spaces before its JSON.
+TEST(Server, AFullQueueIsTooManyRequestsAndWaitersAreKeptAlive) {
   serve::SchedulerOptions so;
   so.max_sequences = 1, so.max_queue = 1;
-  test::TestServer server(so);
+  serve::ServerOptions opt;
+  opt.keep_alive_seconds = 0.02;
+  test::TestServer server(so, opt);
   const json slow = {{"model", "tiny"}, {"prompt", "In the beginning"}, {"max_tokens", 1000}, {"temperature", 0}};
   std::vector<std::thread> clients;
   std::vector<Reply> replies(2);
-  for (int i = 0; i < 2; ++i) {  // one runs, one waits
+  for (int i = 0; i < 2; ++i) {  // one runs, one (streamed) waits
     clients.emplace_back([&, i] {
       httplib::Client c = server.client();
-      replies[size_t(i)] = post(c, "/v1/completions", slow);
+      json body = slow;
+      if (i == 1) body["stream"] = true;
+      replies[size_t(i)] = post(c, "/v1/completions", body);
     });
     for (int t = 0; t < 500 && server.scheduler().gauges().running + server.scheduler().gauges().queued < i + 1; ++t)
       std::this_thread::sleep_for(std::chrono::milliseconds(2));
@@ -876,6 +882,9 @@ TEST(Server, AFullQueueIsTooManyRequests) {
   for (auto& t : clients) t.join();
   EXPECT_EQ(replies[0].status, 200);
   EXPECT_EQ(replies[1].status, 200);
+  EXPECT_EQ(replies[0].body["usage"]["completion_tokens"], 1000) << replies[0].raw.substr(0, 200);
+  EXPECT_EQ(replies[0].raw.front(), ' ');  // spaces while it was made
+  EXPECT_EQ(replies[1].raw.rfind(": keep-alive\n\n", 0), 0u) << replies[1].raw.substr(0, 200);
 }
 
 // A raw connection: what a misbehaving client sends.
