@@ -355,6 +355,11 @@ TEST(JsonGrammar, AnyObjectAcceptsJsonObjectsOnly) {
                           "{\"a\":\"\\ud800\"}", "{\"a\":\"\x01\"}", "{\"a\":\"\xff\"}", "{\"a\":\"\xed\xa0\x80\"}",
                           "{\"a\":\"\xc0\xaf\"}", "{\"a\":tru}", "{\"a\":-}", "{\"a\":1.}", "{\"a\":1e}", "{\"a\":\"\\x\"}"})
     EXPECT_FALSE(matches(*g, bad)) << bad;
+  // Numbers every parser reads; surrogate escapes refused, the code points below them not.
+  EXPECT_TRUE(matches(*g, "{\"a\": [123456789012345678, 1.5e99, 0.123456789012345678901234567890, \"\\ud7ff\"]}"));
+  for (const char* bad : {"{\"a\": 1234567890123456789}", "{\"a\": 1e999}", "{\"a\": 1.1234567890123456789012345678901}",
+                          "{\"a\": \"\\udc00\"}"})
+    EXPECT_FALSE(matches(*g, bad)) << bad;
   EXPECT_TRUE(matches(*g, "{\"a\": [1, {\"b\"", false));  // a prefix
   EXPECT_FALSE(matches(*g, "{\"a\": [1, {\"b\""));        // not complete
   // Whitespace: a space, or a newline and up to 16 spaces or tabs.
@@ -383,13 +388,25 @@ TEST(JsonGrammar, SchemaPropertiesRequiredItemsAndEnums) {
   const auto open = serve::JsonGrammar::from_schema(json::parse(R"({"properties": {"a": {"type": "integer"}}})"));
   EXPECT_TRUE(matches(*open, R"({"b": "x", "a": 2, "ab": [1]})"));
   EXPECT_FALSE(matches(*open, R"({"a": "x"})"));
+  EXPECT_FALSE(matches(*open, R"({"a": 1, "a": "x"})"));  // a key twice: a parser would keep the unchecked last
+  // Names beyond ASCII are matched byte by byte.
+  const auto accented = serve::JsonGrammar::from_schema(json::parse(R"({"properties": {"été": {"type": "integer"}, "ça": {"type": "string"}},
+      "required": ["été"], "additionalProperties": false})"));
+  EXPECT_TRUE(matches(*accented, R"({"ça": "oui", "été": 3})"));
+  EXPECT_FALSE(matches(*accented, R"({"ét": 3})"));
+  EXPECT_FALSE(matches(*accented, R"({"ça": "x"})"));
+  json deep = json::object();
+  for (int i = 0; i < 40; ++i) deep = json{{"items", deep}};
+  EXPECT_THROW(serve::JsonGrammar::from_schema(deep), Error);
   // What is not supported, or malformed, is named.
   for (const auto& [schema, says] : std::vector<std::pair<const char*, const char*>>{
            {R"({"type": "strnig"})", "not a JSON type"}, {R"({"type": "string", "pattern": "^a"})", "'pattern' is not supported"},
            {R"({"properties": {"a": {"minimum": 1}}})", "schema.properties.a: 'minimum'"},
            {R"({"properties": {"a": {}}, "required": ["b"]})", "not one of the properties"},
            {R"({"type": "array", "minItems": 3, "maxItems": 2})", "exceeds maxItems"}, {R"({"enum": []})", "non-empty"},
-           {R"({"anyOf": [{}]})", "'anyOf' is not supported"}, {R"(false)", "allows no value"}, {R"(3)", "must be an object"}}) {
+           {R"({"anyOf": [{}]})", "'anyOf' is not supported"}, {R"(false)", "allows no value"}, {R"(3)", "must be an object"},
+           {R"({"type": "string", "enum": ["a", 1]})", "not of the schema's type"}, {R"({"type": []})", "lists no type"},
+           {R"({"type": "array", "maxItems": 18446744073709551615})", "non-negative integer"}}) {
     try {
       serve::JsonGrammar::from_schema(json::parse(schema));
       ADD_FAILURE() << "no error for " << schema;
@@ -801,6 +818,13 @@ TEST(Server, ErrorsAreOpenAIsWithTheRightStatus) {
   expect_error(post(c, "/v1/completions", json{{"model", "tiny"}, {"prompt", {1, 2, 999999}}}), 400, "invalid_request_error");
   expect_error(post(c, "/v1/completions", json{{"model", "nope"}, {"prompt", "x"}}), 404, "invalid_request_error");
   expect_error(post(c, "/v1/nothing", json::object()), 404, "invalid_request_error");
+  expect_error(post(c, "/v1/completions", std::string(R"({"model": "tiny", "prompt": "x", "user": )") + std::string(100, '[') +
+                                              std::string(100, ']') + "}"),
+               400, "invalid_request_error");
+  expect_error(post(c, "/v1/completions", json{{"model", "tiny"}, {"prompt", "x"}, {"stop", "}"}, {"response_format", {{"type", "json_object"}}}}),
+               400, "invalid_request_error");
+  expect_error(post(c, "/v1/chat/completions", json{{"model", "tiny"}, {"messages", {{{"role", "user"}, {"content", "hi"}}}}, {"tools", {{{"type", 5}}}}}),
+               400, "invalid_request_error");
   expect_error(post(c, "/v1/completions", json{{"model", "tiny"}, {"prompt", std::string(5000, 'a')}}), 413, "invalid_request_error");
   const Reply too_long = post(c, "/v1/completions", json{{"model", "tiny"}, {"prompt", "x"}, {"max_tokens", 100000}});
   expect_error(too_long, 400, "invalid_request_error");

@@ -55,7 +55,11 @@ void serve(const ServeFlags& f) {
   so.http_threads = f.http_threads > 0 ? f.http_threads : int(f.max_queue + f.max_batch + 16);
   serve::Server server(so, metrics);
   const int port = server.bind();
-  std::thread listener([&] { server.listen(); });
+  std::atomic<bool> stopping{false};
+  std::thread listener([&] {
+    server.listen();
+    if (!stopping) kill(getpid(), SIGTERM);  // the server stopped by itself: so does the process
+  });
   std::fprintf(stderr, "dsv3 serve: listening on http://%s:%d (loading %s)\n", f.host.c_str(), port, f.model.c_str());
   // The model loads on a thread of its own, so that this one can wait for a signal at once:
   // a server still loading stops on Ctrl-C too.
@@ -64,8 +68,8 @@ void serve(const ServeFlags& f) {
   std::unique_ptr<TokenizerConfig> config;
   serve::ServedModel m;
   std::unique_ptr<serve::Scheduler> scheduler;
-  std::exception_ptr load_error;
-  std::atomic<bool> loaded{false};
+  std::exception_ptr load_error;            // written before state says "failed"
+  std::atomic<int> state{0};                 // 0 loading, 1 loaded, 2 failed
   std::thread loader([&] {
     try {
       model = std::make_unique<Transformer>(f.model);
@@ -94,24 +98,28 @@ void serve(const ServeFlags& f) {
       m.max_n = f.max_batch;
       scheduler = std::make_unique<serve::Scheduler>(*model, sched_opt, metrics);
       server.ready(&m, scheduler.get());
-      loaded = true;
+      state = 1;
       std::fprintf(stderr, "dsv3 serve: ready: model '%s', %lld sequences at once, context %lld, KV cache %lld pages of 64\n",
                    m.name.c_str(), (long long)f.max_batch, (long long)m.context, (long long)scheduler->gauges().total_pages);
     } catch (...) {
       load_error = std::current_exception();
+      state = 2;
       kill(getpid(), SIGTERM);  // wakes the waiting thread below
     }
   });
   int sig = 0;
   sigwait(&signals, &sig);
+  stopping = true;
+  pthread_sigmask(SIG_UNBLOCK, &signals, nullptr);  // a second Ctrl-C ends the process at once
+  const int loaded = state.load();
+  if (loaded == 0) {  // interrupted while loading: nothing to save, and no way to cut a load short
+    std::fprintf(stderr, "dsv3 serve: %s while loading, stopping\n", sig == SIGINT ? "interrupted" : "terminated");
+    std::_Exit(128 + sig);
+  }
   server.stop();
   listener.join();
-  if (!loaded && !load_error) {  // interrupted while loading: nothing to save, no way to cut a load short
-    std::fprintf(stderr, "dsv3 serve: %s while loading, stopping\n", sig == SIGINT ? "interrupted" : "terminated");
-    std::_Exit(130);
-  }
   loader.join();
-  if (load_error) std::rethrow_exception(load_error);
+  if (loaded == 2) std::rethrow_exception(load_error);
   std::fprintf(stderr, "dsv3 serve: %s, stopping\n", sig == SIGINT ? "interrupted" : "terminated");
   scheduler->flush_disk_cache();
   scheduler.reset();  // before the model it runs

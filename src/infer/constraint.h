@@ -14,6 +14,8 @@ class TokenConstraint {
   virtual ~TokenConstraint() = default;
   virtual void mask(float* logits, int64_t vocab) = 0;
   virtual void accept(int32_t token) = 0;
+  // The text could not be completed within the constraint (it ended as the only way out).
+  virtual bool failed() const { return false; }
 };
 
 }  // namespace dsv3

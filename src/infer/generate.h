@@ -30,8 +30,9 @@ struct GenerateOptions {
   // are accepted less often). The model checks all of them in one forward of draft + 1 tokens.
   int64_t draft = 1;
   // The batch engine records each token's log-probability under the model (the softmax of
-  // its raw logits, before temperature or filtering, as OpenAI's API reports them) and the
-  // `logprobs` most likely tokens beside it (0..20); -1: nothing recorded.
+  // its logits before temperature or filtering, as OpenAI's API reports them; with a
+  // constraint, of the row it masked) and the `logprobs` most likely tokens beside it
+  // (0..20); -1: nothing recorded.
   int64_t logprobs = -1;
   // Structured output: the tokens this sequence may produce (one constraint per sequence:
   // it keeps the sequence's state). Not with speculative decoding.

@@ -70,11 +70,12 @@ std::shared_ptr<const JsonGrammar> JsonGrammar::from_schema(const json& schema) 
   auto g = std::make_shared<JsonGrammar>();
   JsonNode& any = g->nodes_.emplace_back();
   any.additional = any.items = g->any_ = &any;
-  g->root_ = g->compile(schema, "schema");
+  g->root_ = g->compile(schema, "schema", 0);
   return g;
 }
 
-const JsonNode* JsonGrammar::compile(const json& s, const std::string& path) {
+const JsonNode* JsonGrammar::compile(const json& s, const std::string& path, int depth) {
+  if (depth > 32) fail(path, ": schemas nest at most 32 deep here");
   if (s.is_boolean()) {
     if (!s.get<bool>()) fail(path, ": the schema false allows no value");
     return any_;
@@ -89,13 +90,6 @@ const JsonNode* JsonGrammar::compile(const json& s, const std::string& path) {
            "enum, const)");
   JsonNode& n = nodes_.emplace_back();
   n.additional = any_, n.items = any_;
-  if (s.contains("enum") || s.contains("const")) {
-    const json values = s.contains("const") ? json::array({s["const"]}) : s["enum"];
-    if (!values.is_array() || values.empty()) fail(path, ".enum: must be a non-empty array");
-    if (values.size() > 64) fail(path, ".enum: at most 64 values, not ", values.size());
-    for (const json& v : values) n.literals.push_back(v.dump());
-    return &n;
-  }
   if (s.contains("type")) {
     static const std::pair<const char*, uint32_t> names[] = {{"object", JsonNode::kObject}, {"array", JsonNode::kArray},
         {"string", JsonNode::kString}, {"number", JsonNode::kNumber | JsonNode::kInteger}, {"integer", JsonNode::kInteger},
@@ -109,11 +103,23 @@ const JsonNode* JsonGrammar::compile(const json& s, const std::string& path) {
       if (!bit) fail(path, ".type: ", t.dump(), " is not a JSON type (object, array, string, number, integer, boolean, null)");
       n.types |= bit;
     }
-  } else if (s.contains("properties")) {
-    n.types = JsonNode::kObject;
-  } else if (s.contains("items")) {
-    n.types = JsonNode::kArray;
+    if (!n.types) fail(path, ".type: lists no type");
   }
+  if (s.contains("enum") || s.contains("const")) {
+    const json values = s.contains("const") ? json::array({s["const"]}) : s["enum"];
+    if (!values.is_array() || values.empty()) fail(path, ".enum: must be a non-empty array");
+    if (values.size() > 64) fail(path, ".enum: at most 64 values, not ", values.size());
+    for (const json& v : values) {
+      const uint32_t t = v.is_object() ? JsonNode::kObject : v.is_array() ? JsonNode::kArray : v.is_string() ? JsonNode::kString
+                         : v.is_boolean() ? JsonNode::kBoolean : v.is_null() ? JsonNode::kNull
+                         : v.is_number_integer() || v.is_number_unsigned() ? JsonNode::kInteger : JsonNode::kNumber;
+      if (!(n.types & t)) fail(path, ".enum: the value ", v.dump(), " is not of the schema's type");
+      n.literals.push_back(v.dump());
+    }
+    return &n;
+  }
+  if (!s.contains("type") && s.contains("properties")) n.types = JsonNode::kObject;
+  else if (!s.contains("type") && s.contains("items")) n.types = JsonNode::kArray;
   if (s.contains("properties")) {
     const json& props = s["properties"];
     if (!props.is_object()) fail(path, ".properties: must be an object");
@@ -122,7 +128,7 @@ const JsonNode* JsonGrammar::compile(const json& s, const std::string& path) {
       for (unsigned char ch : name)
         if (ch == '"' || ch == '\\' || ch < 0x20) fail(path, ".properties: the name ", json(name).dump(), " needs escapes, which keys do not get");
       n.names.push_back(name);
-      n.properties.push_back(compile(sub, path + ".properties." + name));
+      n.properties.push_back(compile(sub, path + ".properties." + name, depth + 1));
     }
   }
   if (s.contains("required")) {
@@ -135,11 +141,12 @@ const JsonNode* JsonGrammar::compile(const json& s, const std::string& path) {
   }
   if (s.contains("additionalProperties")) {
     const json& a = s["additionalProperties"];
-    n.additional = a.is_boolean() && !a.get<bool>() ? nullptr : compile(a, path + ".additionalProperties");
+    n.additional = a.is_boolean() && !a.get<bool>() ? nullptr : compile(a, path + ".additionalProperties", depth + 1);
   }
-  if (s.contains("items")) n.items = compile(s["items"], path + ".items");
+  if (s.contains("items")) n.items = compile(s["items"], path + ".items", depth + 1);
   for (const char* k : {"minItems", "maxItems"})
-    if (s.contains(k) && !(s[k].is_number_unsigned() || (s[k].is_number_integer() && s[k].get<int64_t>() >= 0)))
+    if (s.contains(k) && !((s[k].is_number_unsigned() && s[k].get<uint64_t>() <= uint64_t(INT64_MAX)) ||
+                           (s[k].is_number_integer() && s[k].get<int64_t>() >= 0)))
       fail(path, ".", k, ": must be a non-negative integer");
   if (s.contains("minItems")) n.min_items = s["minItems"].get<int64_t>();
   if (s.contains("maxItems")) n.max_items = s["maxItems"].get<int64_t>();
@@ -181,7 +188,8 @@ bool JsonMatcher::value_start(Frame& f, uint8_t c) {
   else if (c == '[' && (t & JsonNode::kArray)) f.kind = kArrayFrame, f.phase = kOpen;
   else if (c == '"' && (t & JsonNode::kString)) f.kind = kStringFrame, f.phase = 0;
   else if ((c == '-' || (c >= '0' && c <= '9')) && (t & JsonNode::kInteger))
-    f.kind = kNumberFrame, f.phase = c == '-' ? kSign : c == '0' ? kZero : kInt, f.count = (t & JsonNode::kNumber) ? 0 : 1;
+    f.kind = kNumberFrame, f.phase = c == '-' ? kSign : c == '0' ? kZero : kInt, f.count = (t & JsonNode::kNumber) ? 0 : 1,
+    f.len = c == '-' ? 0 : 1;
   else if ((c == 't' || c == 'f') && (t & JsonNode::kBoolean)) f.kind = kLiteralFrame, f.count = 1, f.len = 1, f.cand = c == 't' ? 1 : 2;
   else if (c == 'n' && (t & JsonNode::kNull)) f.kind = kLiteralFrame, f.count = 2, f.len = 1, f.cand = 1;
   else return false;
@@ -216,20 +224,20 @@ bool JsonMatcher::feed(uint8_t c) {
         const JsonNode* n = f.node;
         const uint64_t unused = low_bits(n->names.size()) & ~f.used;
         if (f.phase == kKey) {
-          if (f.utf8) return utf8_step(f.utf8, c);
-          if (c == '"') {
+          if (!f.utf8 && c == '"') {
             uint64_t exact = 0;
             for (uint64_t m = f.cand; m; m &= m - 1) {
               const int i = std::countr_zero(m);
               if (n->names[size_t(i)].size() == f.len) exact |= uint64_t(1) << i;
             }
+            if (exact & f.used) return false;  // a key twice: a parser keeps the last, unchecked
             if (exact) f.prop = std::countr_zero(exact), f.used |= exact;
             else if (n->additional) f.prop = -1;
             else return false;
             f.phase = kColon;
             return true;
           }
-          if (c == '\\' || c < 0x20 || !utf8_step(f.utf8, c)) return false;
+          if ((!f.utf8 && (c == '\\' || c < 0x20)) || !utf8_step(f.utf8, c)) return false;
           uint64_t next = 0;
           for (uint64_t m = f.cand; m; m &= m - 1) {
             const int i = std::countr_zero(m);
@@ -244,7 +252,9 @@ bool JsonMatcher::feed(uint8_t c) {
         if (space) return whitespace();
         if ((f.phase == kOpen || f.phase == kNext) && c == '"') {
           if (!unused && !n->additional) return false;
-          f.phase = kKey, f.len = 0, f.cand = unused, f.utf8 = 0;
+          // Without other keys, only unused names can be typed (no dead end on a used one);
+          // with them, every name is matched so that a used one is refused at its end.
+          f.phase = kKey, f.len = 0, f.cand = n->additional ? low_bits(n->names.size()) : unused, f.utf8 = 0;
           return true;
         }
         if ((f.phase == kOpen || f.phase == kAfter) && c == '}') {
@@ -294,35 +304,39 @@ bool JsonMatcher::feed(uint8_t c) {
           if (c == '"' || c == '\\' || c == '/' || c == 'b' || c == 'f' || c == 'n' || c == 'r' || c == 't') return f.phase = 0, true;
           return false;
         }
-        // \uXXXX: hex digits, no surrogates (a lone one would not parse)
-        if (!std::isxdigit(c) || (f.count == 4 && (c == 'd' || c == 'D'))) return false;
+        // \uXXXX: hex digits, but no surrogate D800-DFFF (a lone one would not parse)
+        if (!std::isxdigit(c)) return false;
+        if (f.count == 4) f.len = (c == 'd' || c == 'D');
+        if (f.count == 3 && f.len && !(c >= '0' && c <= '7')) return false;
         if (--f.count == 0) f.phase = 0;
         return true;
       case kNumberFrame: {
+        // Digits within what every parser reads exactly or as a finite double: at most 18
+        // integer digits, 30 fraction digits and 2 exponent digits (len counts the run).
         const bool digit = c >= '0' && c <= '9', integer = f.count == 1;
         switch (f.phase) {
           case kSign:
             if (c == '0') return f.phase = kZero, true;
-            return digit && (f.phase = kInt, true);
+            return digit && (f.phase = kInt, f.len = 1, true);
           case kZero:
           case kInt:
-            if (digit && f.phase == kInt) return true;
+            if (digit && f.phase == kInt) return ++f.len <= 18;
             if (c == '.' && !integer) return f.phase = kFrac0, true;
             if ((c == 'e' || c == 'E') && !integer) return f.phase = kExp0, true;
             break;
           case kFrac0:
-            return digit && (f.phase = kFrac, true);
+            return digit && (f.phase = kFrac, f.len = 1, true);
           case kFrac:
-            if (digit) return true;
+            if (digit) return ++f.len <= 30;
             if (c == 'e' || c == 'E') return f.phase = kExp0, true;
             break;
           case kExp0:
             if (c == '+' || c == '-') return f.phase = kExpSign, true;
-            return digit && (f.phase = kExp, true);
+            return digit && (f.phase = kExp, f.len = 1, true);
           case kExpSign:
-            return digit && (f.phase = kExp, true);
+            return digit && (f.phase = kExp, f.len = 1, true);
           case kExp:
-            if (digit) return true;
+            if (digit) return ++f.len <= 2;
             break;
         }
         pop();  // complete: c belongs to what holds the number
@@ -370,14 +384,16 @@ void JsonConstraint::mask(float* logits, int64_t vocab) {
     scratch_ = m_;
     first[b] = scratch_.feed(uint8_t(b));
   }
-  const bool end = m_.can_end();
+  const bool end = m_.can_end() || dead_end_;
   const int64_t known = tok_.vocab_size();
+  bool any = false;
   for (int64_t id = 0; id < vocab; ++id) {
     if (std::find(eos_.begin(), eos_.end(), id) != eos_.end()) {
       if (!end) logits[id] = kMasked;
+      any = any || end;
       continue;
     }
-    if (id >= known || tok_.is_special(int32_t(id))) {
+    if (dead_end_ || id >= known || tok_.is_special(int32_t(id))) {
       logits[id] = kMasked;
       continue;
     }
@@ -389,12 +405,21 @@ void JsonConstraint::mask(float* logits, int64_t vocab) {
         if (!(ok = scratch_.feed(uint8_t(ch)))) break;
     }
     if (!ok) logits[id] = kMasked;
+    any = any || ok;
+  }
+  // No token continues the text (a vocabulary without some byte): it can only end, and the
+  // answer is reported cut short (dead_end()).
+  if (!any && !dead_end_) {
+    dead_end_ = true;
+    for (int64_t id : eos_)
+      if (id < vocab) logits[id] = 0;
   }
 }
 
 void JsonConstraint::accept(int32_t token) {
   if (std::find(eos_.begin(), eos_.end(), int64_t(token)) != eos_.end() || token >= tok_.vocab_size()) return;
-  for (char ch : tok_.token_bytes(token)) m_.feed(uint8_t(ch));
+  for (char ch : tok_.token_bytes(token))
+    if (!m_.feed(uint8_t(ch))) dead_end_ = true;
 }
 
 }  // namespace dsv3::serve

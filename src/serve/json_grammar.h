@@ -7,7 +7,10 @@
 // required, additionalProperties (bool or schema), items, minItems, maxItems, enum, const,
 // and the annotations title, description, default, examples, $schema; anything else is an
 // Error naming it and where. Strings are UTF-8 checked; \u escapes of surrogates, and
-// escapes inside object keys, are not produced; whitespace between tokens is one space, or a
+// escapes inside object keys, and numbers of more than 18 integer, 30 fraction or 2 exponent
+// digits (which not every parser reads) are not produced; a property's key never repeats
+// (other keys, free strings, are not remembered: a repeat is valid JSON); schemas
+// nest at most 32 deep; whitespace between tokens is one space, or a
 // newline and up to 16 spaces or tabs (llama.cpp's JSON grammar allows the same shapes), so
 // that a model cannot wander in whitespace.
 // Uses infer (the constraint interface) and tokenizer (token bytes).
@@ -45,7 +48,7 @@ class JsonGrammar {
   const JsonNode* root() const { return root_; }
 
  private:
-  const JsonNode* compile(const nlohmann::json& s, const std::string& path);
+  const JsonNode* compile(const nlohmann::json& s, const std::string& path, int depth);
   std::deque<JsonNode> nodes_;
   const JsonNode* root_ = nullptr;
   const JsonNode* any_ = nullptr;
@@ -82,12 +85,17 @@ class JsonConstraint : public TokenConstraint {
   void mask(float* logits, int64_t vocab) override;
   void accept(int32_t token) override;
   const JsonMatcher& matcher() const { return m_; }
+  // No token could continue the text (or one that could not was chosen): the text is not
+  // valid JSON and only EOS is allowed; the server reports the answer cut short ("length").
+  bool dead_end() const { return dead_end_; }
+  bool failed() const override { return dead_end_; }
 
  private:
   std::shared_ptr<const JsonGrammar> g_;
   const Tokenizer& tok_;
   std::vector<int64_t> eos_;
   JsonMatcher m_, scratch_;
+  bool dead_end_ = false;
 };
 
 }  // namespace dsv3::serve

@@ -199,7 +199,8 @@ CompletionRequest parse_completion_request(const json& body, bool chat, const Se
               !call["function"].contains("name") || !call["function"]["name"].is_string() ||
               !call["function"].contains("arguments") || !call["function"]["arguments"].is_string())
             bad_request(at, "'" + at + "' must be {\"type\": \"function\", \"function\": {\"name\": string, \"arguments\": string}}");
-          out["tool_calls"].push_back({{"id", call.value("id", "")}, {"type", "function"},
+          out["tool_calls"].push_back({{"id", call.contains("id") && call["id"].is_string() ? call["id"].get<std::string>() : ""},
+                                       {"type", "function"},
                                        {"function", {{"name", call["function"]["name"]}, {"arguments", call["function"]["arguments"]}}}});
         }
       } else {
@@ -323,6 +324,12 @@ CompletionRequest parse_completion_request(const json& body, bool chat, const Se
     }
   }
   r.structured = grammar != nullptr;
+  if (grammar) {  // what would cut or change a constrained answer
+    if (!r.stop.empty()) bad_request("stop", "'stop' cannot be combined with a JSON response_format (it would cut the JSON)");
+    if (!opt.stop_at_eos) bad_request("ignore_eos", "'ignore_eos' cannot be combined with a JSON response_format");
+    if (r.thinking) unsupported("response_format", "this model reasons first (<think>), and the constraint would apply to the reasoning");
+    r.tools = false;  // the answer is the JSON, not tool calls
+  }
   return r;
 }
 

@@ -39,6 +39,27 @@ bool same_key(const std::string& given, const std::string& key) {
   return diff == 0;
 }
 
+// How deep a JSON text nests (brackets outside strings): a body is checked before it is
+// parsed, so that a hostile depth cannot exhaust the stack of a recursive walk.
+int nesting(const std::string& text) {
+  int depth = 0, deepest = 0;
+  bool in_string = false, escaped = false;
+  for (char c : text) {
+    if (in_string) {
+      if (escaped) escaped = false;
+      else if (c == '\\') escaped = true;
+      else if (c == '"') in_string = false;
+    } else if (c == '"') {
+      in_string = true;
+    } else if (c == '{' || c == '[') {
+      deepest = std::max(deepest, ++depth);
+    } else if (c == '}' || c == ']') {
+      --depth;
+    }
+  }
+  return deepest;
+}
+
 void send_error(httplib::Response& res, const ApiError& e) {
   res.status = e.status;
   res.set_content(dump(error_body(e)), "application/json");
@@ -118,7 +139,11 @@ struct Answer {
         if (c.logprobs.size() == c.tokens.size())
           news.logprobs[i].assign(c.logprobs.begin() + long(consumed[i]), c.logprobs.end());
         consumed[i] = c.tokens.size();
-        if (c.finished) finish[i] = c.stopped_at_eos ? "stop" : "length";
+        if (c.finished) {
+          // A constrained answer that could not be completed ended without valid JSON.
+          const auto& constraint = r.options[i].constraint;
+          finish[i] = c.stopped_at_eos && !(constraint && constraint->failed()) ? "stop" : "length";
+        }
       }
     }
     for (size_t i = 0; i < n; ++i) {
@@ -156,7 +181,8 @@ struct Answer {
         }
         if (news.ended[i] && in_tools[i]) {
           calls[i] = parse_tool_calls(tool_text[i]).calls;
-          if (!calls[i].empty() && finish[i] == "stop") finish[i] = "tool_calls";
+          if (calls[i].empty()) piece += tool_text[i];  // no complete call: the text is the answer
+          else if (finish[i] == "stop") finish[i] = "tool_calls";
         }
       }
       tokens[i].insert(tokens[i].end(), news.tokens[i].begin(), news.tokens[i].end());
@@ -303,6 +329,8 @@ struct Server::Impl {
     const ServedModel& m = *model.load();
     Scheduler& sched = *scheduler.load();
     json body;
+    if (nesting(hreq.body) > 64)
+      return send_error(res, ApiError(400, "The request body nests JSON more than 64 deep", "invalid_request_error", "", "invalid_json"));
     try {
       body = json::parse(hreq.body);
     } catch (const json::exception& e) {

@@ -21,7 +21,8 @@ void check_tools(const json& tools) {
   for (size_t i = 0; i < tools.size(); ++i) {
     const json& t = tools[i];
     const std::string at = "tools[" + std::to_string(i) + "]";
-    if (!t.is_object() || t.value("type", "") != "function") fail(at, ": must be {\"type\": \"function\", \"function\": {...}}");
+    if (!t.is_object() || !t.contains("type") || t["type"] != "function")
+      fail(at, ": must be {\"type\": \"function\", \"function\": {...}}");
     const auto f = t.find("function");
     if (f == t.end() || !f->is_object()) fail(at, ".function: must be an object");
     const auto name = f->find("name");
