@@ -313,7 +313,8 @@ TEST(ToolCalls, RenderedThroughDeepSeekV3sTemplate) {
   for (const auto& [field, value, says] : std::vector<std::tuple<const char*, json, const char*>>{
            {"tools", json::parse(R"([{"type": "function", "function": {"name": "bad name"}}])"), "only letters"},
            {"tools", json::parse(R"([{"type": "retrieval"}])"), "tools[0]"},
-           {"tool_choice", "required", "not implemented"}}) {
+           {"tool_choice", json::parse(R"({"type": "function", "function": {"name": "nope"}})"), "no tool is named"},
+           {"tool_choice", "always", "must be"}}) {
     json b = body;
     b[field] = value;
     try {
@@ -335,6 +336,69 @@ TEST(ToolCalls, RenderedThroughDeepSeekV3sTemplate) {
   for (int32_t id : tok.encode(answer + "<｜end▁of▁sentence｜>")) ts.push(id);
   ts.finish();
   EXPECT_EQ(ts.take_content(), answer);
+}
+
+// A forced tool_choice: random walks under the constraint always give calls to the allowed
+// tools, with arguments that parse and fit their schemas, then EOS; on the bundled 500-token
+// vocabulary (markup spelt in bytes) and on DeepSeek-V3's (markup as its special tokens).
+TEST(ToolCalls, ForcedChoiceConstrainsTheAnswerToCalls) {
+  const json weather = json::parse(R"({"type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}, "days": {"type": "integer"}},
+      "required": ["city"], "additionalProperties": false})");
+  const std::vector<std::string> names = {"get_weather", "now"};
+  const std::vector<std::shared_ptr<const serve::JsonGrammar>> params = {
+      serve::JsonGrammar::from_schema(weather), serve::JsonGrammar::from_schema(json::parse(R"({"type": "object", "properties": {}, "additionalProperties": false})"))};
+  const Tokenizer small(test::servable_model() + "/tokenizer.json"), v3(test::data_dir() + "/tokenizer/tokenizer.json");
+  for (const Tokenizer* tok : {&small, &v3}) {
+    std::vector<int32_t> keep;
+    for (const std::string& marker : serve::tool_markers())
+      if (auto id = tok->token_id(marker)) keep.push_back(*id);
+    const int64_t eos = *tok->token_id("<｜end▁of▁sentence｜>"), vocab = tok->vocab_size();
+    int ended = 0;
+    const int walks = tok == &small ? 20 : 3;
+    for (int seed = 1; seed <= walks; ++seed) {
+      const bool single = seed % 2 == 0;
+      serve::ToolChoiceConstraint c(single ? std::vector<std::string>{"get_weather"} : names,
+                                    single ? std::vector<std::shared_ptr<const serve::JsonGrammar>>{params[0]} : params, single, *tok, {eos}, keep);
+      std::mt19937 rng(static_cast<uint32_t>(seed));
+      std::normal_distribution<float> noise(0, 1);
+      std::vector<float> logits(static_cast<size_t>(vocab));
+      std::string text;
+      bool used_markup_token = false;
+      for (int step = 0; step < 1000; ++step) {
+        for (float& l : logits) l = noise(rng);
+        logits[size_t(eos)] += 6;
+        c.mask(logits.data(), vocab);
+        const int32_t t = int32_t(std::max_element(logits.begin(), logits.end()) - logits.begin());
+        if (t == eos) {
+          ++ended;
+          const auto parsed = serve::parse_tool_calls(text);
+          EXPECT_EQ(parsed.content, "") << text;
+          ASSERT_FALSE(parsed.calls.empty()) << text;
+          if (single) {
+            EXPECT_EQ(parsed.calls.size(), 1u) << text;
+          }
+          for (const auto& call : parsed.calls) {
+            const json args = json::parse(call.arguments);
+            if (call.name == "get_weather") {
+              EXPECT_TRUE(args["city"] == "Paris" || args["city"] == "Rome") << text;
+            } else {
+              EXPECT_EQ(call.name, "now") << text;
+              EXPECT_TRUE(args.empty()) << text;
+            }
+          }
+          break;
+        }
+        c.accept(t);
+        used_markup_token = used_markup_token || std::find(keep.begin(), keep.end(), t) != keep.end();
+        text += tok->token_bytes(t);
+        ASSERT_FALSE(c.failed()) << text;
+      }
+      if (tok == &v3) {
+        EXPECT_TRUE(used_markup_token) << "DeepSeek-V3's markup tokens are allowed: " << text;
+      }
+    }
+    EXPECT_EQ(ended, walks);
+  }
 }
 
 // --- Structured output -------------------------------------------------------------------
@@ -707,6 +771,47 @@ TEST(Server, ResponseFormatJsonSchemaAndJsonObject) {
       EXPECT_TRUE(matches(*any, text, false)) << text;
     }
   }
+}
+
+// A forced tool call through the server: the answer is message.tool_calls (content null,
+// finish_reason tool_calls), whole and streamed.
+TEST(Server, ForcedToolCallsComeBackAsToolCalls) {
+  test::TestServer server;
+  httplib::Client c = server.client();
+  const json tools = json::parse(R"([{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
+      "parameters": {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}}, "required": ["city"],
+      "additionalProperties": false}}}])");
+  const json body = {{"model", "tiny"}, {"messages", {{{"role", "user"}, {"content", "Weather in Paris?"}}}}, {"tools", tools},
+                     {"tool_choice", {{"type", "function"}, {"function", {{"name", "get_weather"}}}}}, {"max_tokens", 600}, {"seed", 3}};
+  const Reply r = post(c, "/v1/chat/completions", body);
+  ASSERT_EQ(r.status, 200) << r.raw;
+  const json& choice = r.body["choices"][0];
+  ASSERT_EQ(choice["finish_reason"], "tool_calls") << r.raw;
+  EXPECT_TRUE(choice["message"]["content"].is_null());
+  ASSERT_EQ(choice["message"]["tool_calls"].size(), 1u);
+  const json& call = choice["message"]["tool_calls"][0];
+  EXPECT_EQ(call["type"], "function");
+  EXPECT_EQ(call["function"]["name"], "get_weather");
+  const json args = json::parse(call["function"]["arguments"].get<std::string>());
+  EXPECT_TRUE(args["city"] == "Paris" || args["city"] == "Rome");
+  // Streamed: the same call in the last delta.
+  json streamed = body;
+  streamed["stream"] = true;
+  const Reply s = post(c, "/v1/chat/completions", streamed);
+  bool done = false;
+  const auto ev = events(s.raw, done);
+  ASSERT_TRUE(done);
+  json last_choice;
+  std::string content;
+  for (const json& e : ev)
+    if (!e["choices"].empty()) {
+      content += e["choices"][0]["delta"].value("content", "");
+      if (!e["choices"][0]["finish_reason"].is_null()) last_choice = e["choices"][0];
+    }
+  EXPECT_EQ(content, "");
+  ASSERT_EQ(last_choice["finish_reason"], "tool_calls") << s.raw;
+  EXPECT_EQ(last_choice["delta"]["tool_calls"][0]["index"], 0);
+  EXPECT_EQ(last_choice["delta"]["tool_calls"][0]["function"]["arguments"], call["function"]["arguments"]);
 }
 
 TEST(Server, RepeatedPrefixesHitTheCacheInBlocksWithTheSameText) {

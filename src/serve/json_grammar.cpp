@@ -158,7 +158,7 @@ const JsonNode* JsonGrammar::compile(const json& s, const std::string& path, int
 
 JsonMatcher::JsonMatcher(const JsonGrammar* g) {
   stack_.reserve(32);
-  stack_.push_back(Frame{g->root(), kValue, 0, 0, 0, 0, -1, 0, 0});
+  if (g) stack_.push_back(Frame{g->root(), kValue, 0, 0, 0, 0, -1, 0, 0});
 }
 
 bool JsonMatcher::can_end() const {

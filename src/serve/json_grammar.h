@@ -57,7 +57,7 @@ class JsonGrammar {
 // Where a text is in the grammar: a stack of open values.
 class JsonMatcher {
  public:
-  explicit JsonMatcher(const JsonGrammar* g);
+  explicit JsonMatcher(const JsonGrammar* g);  // null: matches nothing (a placeholder)
   bool feed(uint8_t byte);  // false (state unspecified after) if the byte cannot follow
   bool can_end() const;     // the text so far is a complete value of the root
   bool finished() const { return finished_; }

@@ -137,10 +137,36 @@ CompletionRequest parse_completion_request(const json& body, bool chat, const Se
     }
     tools = *v;
   }
+  // tool_choice: "auto" (default), "none" (the model is not told of the tools), "required"
+  // or {"type": "function", "function": {"name": ...}} (the answer is constrained to calls).
+  bool forced = false;
+  std::string forced_name;
   if (const json* v = field(body, "tool_choice")) {
-    if (!v->is_string() || (*v != "none" && *v != "auto"))
-      unsupported("tool_choice", "\"auto\" and \"none\" only (a forced call is not implemented yet)");
-    if (*v == "none") tools = json();  // the model is not told of them
+    if (v->is_string() && (*v == "none" || *v == "auto" || *v == "required")) {
+      if (*v == "none") tools = json();
+      forced = *v == "required";
+    } else if (v->is_object() && v->contains("function") && (*v)["function"].is_object() && (*v)["function"].contains("name") &&
+               (*v)["function"]["name"].is_string()) {
+      forced = true, forced_name = (*v)["function"]["name"];
+    } else {
+      bad_request("tool_choice", "'tool_choice' must be \"auto\", \"none\", \"required\" or {\"type\": \"function\", \"function\": {\"name\": ...}}");
+    }
+    if (forced && tools.is_null()) bad_request("tool_choice", "'tool_choice' forces a call, but no 'tools' are given");
+  }
+  std::vector<std::string> forced_names;
+  std::vector<std::shared_ptr<const JsonGrammar>> forced_params;
+  if (forced) {
+    for (size_t i = 0; i < tools.size(); ++i) {
+      const json& f = tools[i]["function"];
+      if (!forced_name.empty() && f["name"] != forced_name) continue;
+      forced_names.push_back(f["name"]);
+      try {
+        forced_params.push_back(f.contains("parameters") ? JsonGrammar::from_schema(f["parameters"]) : JsonGrammar::any_object());
+      } catch (const Error& e) {
+        bad_request("tools", "tools[" + std::to_string(i) + "].function.parameters: " + e.what(), "invalid_schema");
+      }
+    }
+    if (forced_names.empty()) bad_request("tool_choice", "no tool is named '" + forced_name + "'");
   }
   // Structured output: a grammar every choice's tokens are constrained to (json_grammar.h).
   std::shared_ptr<const JsonGrammar> grammar;
@@ -321,6 +347,17 @@ CompletionRequest parse_completion_request(const json& body, bool chat, const Se
     if (grammar) {  // its own matcher per choice; constrained tokens are not drafted
       r.options.back().constraint = std::make_shared<JsonConstraint>(grammar, *m.tokenizer, m.eos);
       r.options.back().speculative_mtp = false;
+    }
+  }
+  if (forced) {
+    if (grammar) bad_request("tool_choice", "a forced tool call cannot be combined with a JSON response_format");
+    if (!r.stop.empty()) bad_request("stop", "'stop' cannot be combined with a forced tool call");
+    std::vector<int32_t> keep;
+    for (const std::string& marker : tool_markers())
+      if (auto id = m.tokenizer->token_id(marker)) keep.push_back(*id);
+    for (GenerateOptions& o : r.options) {
+      o.constraint = std::make_shared<ToolChoiceConstraint>(forced_names, forced_params, !forced_name.empty(), *m.tokenizer, m.eos, keep);
+      o.speculative_mtp = false;
     }
   }
   r.structured = grammar != nullptr;

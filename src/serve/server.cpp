@@ -98,7 +98,9 @@ struct Answer {
     if (req.tools && model->tokenizer)
       for (const std::string& marker : tool_markers())
         if (auto id = model->tokenizer->token_id(marker)) keep.push_back(*id);
-    for (size_t i = 0; i < n; ++i) texts.emplace_back(model->tokenizer, req.stop, true, req.chat && model->reasoning, req.thinking, keep);
+    const std::vector<std::string> hold = req.tools ? std::vector<std::string>{kToolCallsBegin} : std::vector<std::string>{};
+    for (size_t i = 0; i < n; ++i)
+      texts.emplace_back(model->tokenizer, req.stop, true, req.chat && model->reasoning, req.thinking, keep, hold);
     in_tools.assign(n, false), tool_text.resize(n), calls.resize(n);
     closed.assign(n, false), consumed.assign(n, 0), used.assign(n, 0), finish.assign(n, ""), content.assign(n, ""), reasoning.assign(n, "");
     tokens.resize(n), logprobs.resize(n), text_offset.assign(n, 0);

@@ -37,10 +37,11 @@ size_t complete_utf8(const std::string& s) {
 }
 
 TextStream::TextStream(const Tokenizer* tokenizer, std::vector<std::string> stop, bool skip_special, bool reasoning,
-                       bool thinking, std::vector<int32_t> keep)
+                       bool thinking, std::vector<int32_t> keep, std::vector<std::string> hold)
     : tokenizer_(tokenizer),
       stop_(std::move(stop)),
       keep_(std::move(keep)),
+      hold_(std::move(hold)),
       skip_special_(skip_special),
       reasoning_(reasoning),
       thinking_(thinking),
@@ -64,7 +65,7 @@ bool TextStream::push(int32_t token) {
     return false;
   }
   const size_t end = complete_utf8(text_);
-  release(end - held_suffix(text_, sent_, end, stop_));
+  release(end - std::max(held_suffix(text_, sent_, end, stop_), held_suffix(text_, sent_, end, hold_)));
   return true;
 }
 

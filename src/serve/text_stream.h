@@ -16,9 +16,12 @@ class TextStream {
  public:
   // skip_special: special tokens (EOS, chat markers) add no text. thinking: the output
   // starts inside a reasoning part (the prompt ended with "<think>").
-  // keep: special tokens written as text all the same (a tool call's markup).
+  // keep: special tokens written as text all the same (a tool call's markup). hold: strings
+  // released only whole (text that may begin one waits), so that the reader finds them in
+  // one piece (the tool-call markup, when the model spells it in bytes).
   TextStream(const Tokenizer* tokenizer, std::vector<std::string> stop, bool skip_special = true,
-             bool reasoning = false, bool thinking = false, std::vector<int32_t> keep = {});
+             bool reasoning = false, bool thinking = false, std::vector<int32_t> keep = {},
+             std::vector<std::string> hold = {});
   // Adds a token. Returns false once a stop string has appeared (later tokens are ignored).
   bool push(int32_t token);
   // All text is final (the choice finished): nothing is held back any more.
@@ -34,6 +37,7 @@ class TextStream {
   const Tokenizer* tokenizer_;
   std::vector<std::string> stop_;
   std::vector<int32_t> keep_;
+  std::vector<std::string> hold_;
   bool skip_special_, reasoning_, thinking_, stopped_ = false, finished_ = false;
   bool decided_;                  // whether the output opened with "<think>" is known
   bool after_reasoning_ = false;  // newlines right after "</think>" are dropped

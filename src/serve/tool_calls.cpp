@@ -1,6 +1,8 @@
 // DeepSeek-V3 tool-call markup (see tool_calls.h).
 #include "serve/tool_calls.h"
 
+#include <algorithm>
+#include <bit>
 #include <random>
 
 #include "core/error.h"
@@ -48,6 +50,112 @@ std::string tools_prompt(const json& tools) {
   out += std::string(kToolCallsBegin) + kToolCallBegin + "function" + kToolSep + "NAME\n```json\n{ARGUMENTS}\n```" + kToolCallEnd +
          kToolCallsEnd + "\nOtherwise answer in plain text.";
   return out;
+}
+
+// --- A forced tool_choice ---------------------------------------------------------------------
+
+namespace {
+
+const std::string kCallHead = std::string(kToolCallBegin) + "function" + kToolSep;
+const std::string kFirst = std::string(kToolCallsBegin) + kCallHead;  // the answer's start
+const std::string kFence = "\n```json\n";                            // after a name
+const std::string kAfterArguments = std::string("\n```") + kToolCallEnd;
+const std::string kContinuations[2] = {"\n" + kCallHead, kToolCallsEnd};  // another call, or the end
+
+}  // namespace
+
+ToolChoiceConstraint::ToolChoiceConstraint(std::vector<std::string> names, std::vector<std::shared_ptr<const JsonGrammar>> params,
+                                           bool single, const Tokenizer& tok, std::vector<int64_t> eos, std::vector<int32_t> keep)
+    : names_(std::move(names)), params_(std::move(params)), single_(single), tok_(tok), eos_(std::move(eos)), keep_(std::move(keep)) {
+  if (names_.empty() || names_.size() > 64 || names_.size() != params_.size()) fail("tool_choice: 1 to 64 tools, each with its grammar");
+  for (std::string& n : names_) n += kFence;
+}
+
+bool ToolChoiceConstraint::State::feed(const ToolChoiceConstraint& c, uint8_t byte) {
+  for (;;) {
+    switch (phase) {
+      case kLiteral: {
+        const std::string& lit = tool < 0 ? kFirst : kAfterArguments;
+        if (byte != uint8_t(lit[pos])) return false;
+        if (++pos < lit.size()) return true;
+        pos = 0;
+        if (tool < 0) phase = kName, cand = c.names_.size() >= 64 ? ~uint64_t(0) : (uint64_t(1) << c.names_.size()) - 1;
+        else phase = kMore, cand = c.single_ ? 2 : 3;
+        return true;
+      }
+      case kName:
+      case kMore: {
+        uint64_t next = 0;
+        int done = -1;
+        for (uint64_t m = cand; m; m &= m - 1) {
+          const int i = std::countr_zero(m);
+          const std::string& w = phase == kName ? c.names_[size_t(i)] : kContinuations[i];
+          if (w.size() > pos && uint8_t(w[pos]) == byte) {
+            next |= uint64_t(1) << i;
+            if (w.size() == pos + 1) done = i;
+          }
+        }
+        if (!next) return false;
+        cand = next, ++pos;
+        if (done < 0) return true;
+        pos = 0;
+        if (phase == kName) tool = done, phase = kArguments, args = JsonMatcher(c.params_[size_t(done)].get());
+        else if (done == 0) phase = kName, cand = c.names_.size() >= 64 ? ~uint64_t(0) : (uint64_t(1) << c.names_.size()) - 1;
+        else phase = kEnd;
+        return true;
+      }
+      case kArguments:
+        if (!args.finished()) return args.feed(byte);
+        phase = kLiteral, pos = 0;  // the arguments' object closed: the fence and the call's end
+        continue;
+      case kEnd:
+        return false;
+    }
+    return false;
+  }
+}
+
+void ToolChoiceConstraint::mask(float* logits, int64_t vocab) {
+  bool first[256];
+  for (int b = 0; b < 256; ++b) {
+    scratch_ = s_;
+    first[b] = scratch_.feed(*this, uint8_t(b));
+  }
+  const bool end = s_.phase == State::kEnd || dead_end_;
+  const int64_t known = tok_.vocab_size();
+  bool any = false;
+  for (int64_t id = 0; id < vocab; ++id) {
+    if (std::find(eos_.begin(), eos_.end(), id) != eos_.end()) {
+      if (!end) logits[id] = kMasked;
+      any = any || end;
+      continue;
+    }
+    const bool markup = std::find(keep_.begin(), keep_.end(), int32_t(id)) != keep_.end();
+    if (dead_end_ || id >= known || (tok_.is_special(int32_t(id)) && !markup)) {
+      logits[id] = kMasked;
+      continue;
+    }
+    const std::string_view bytes = tok_.token_bytes(int32_t(id));
+    bool ok = !bytes.empty() && first[uint8_t(bytes[0])];
+    if (ok && bytes.size() > 1) {
+      scratch_ = s_;
+      for (char ch : bytes)
+        if (!(ok = scratch_.feed(*this, uint8_t(ch)))) break;
+    }
+    if (!ok) logits[id] = kMasked;
+    any = any || ok;
+  }
+  if (!any && !dead_end_) {  // no way on: it can only end, reported cut short
+    dead_end_ = true;
+    for (int64_t id : eos_)
+      if (id < vocab) logits[id] = 0;
+  }
+}
+
+void ToolChoiceConstraint::accept(int32_t token) {
+  if (std::find(eos_.begin(), eos_.end(), int64_t(token)) != eos_.end() || token >= tok_.vocab_size()) return;
+  for (char ch : tok_.token_bytes(token))
+    if (!s_.feed(*this, uint8_t(ch))) dead_end_ = true;
 }
 
 ParsedAnswer parse_tool_calls(const std::string& text) {

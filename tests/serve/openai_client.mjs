@@ -169,6 +169,17 @@ await check('response_format json_schema: answers that end parse and fit the sch
     (e) => e instanceof OpenAI.BadRequestError && e.param === 'response_format' && e.code === 'invalid_schema');
 });
 
+await check('a forced tool call comes back as message.tool_calls', async () => {
+  const tools = [{ type: 'function', function: { name: 'get_weather', description: 'Weather of a city',
+    parameters: { type: 'object', properties: { city: { enum: ['Paris', 'Rome'] } }, required: ['city'], additionalProperties: false } } }];
+  const r = await client.chat.completions.create({ model: 'tiny', messages: [{ role: 'user', content: 'Weather in Paris?' }], tools,
+    tool_choice: { type: 'function', function: { name: 'get_weather' } }, max_tokens: 600, seed: 3 });
+  assert.equal(r.choices[0].finish_reason, 'tool_calls');
+  const call = r.choices[0].message.tool_calls[0];
+  assert.equal(call.function.name, 'get_weather');
+  assert.ok(['Paris', 'Rome'].includes(JSON.parse(call.function.arguments).city));
+});
+
 await check('errors arrive as the client\'s error classes', async () => {
   const bad = new OpenAI({ apiKey: 'sk-wrong', baseURL: `http://127.0.0.1:${port}/v1`, maxRetries: 0 });
   await assert.rejects(bad.models.list(), (e) => e instanceof OpenAI.AuthenticationError && e.status === 401);
