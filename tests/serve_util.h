@@ -5,6 +5,7 @@
 #include <httplib.h>
 
 #include <filesystem>
+#include <fstream>
 #include <memory>
 #include <string>
 #include <thread>
@@ -36,12 +37,38 @@ inline const std::string& servable_model() {
   return dir;
 }
 
+// The same with a DeepSeek-R1-style template: the generation prompt opens "<think>\n", and
+// earlier answers keep only what follows their "</think>".
+inline const std::string& reasoning_model() {
+  static const std::string dir = [] {
+    const std::string d = servable_model() + "-r1";
+    std::filesystem::create_directories(d);
+    for (const char* f : {"config.json", "model.safetensors", "tokenizer.json"})
+      std::filesystem::copy_file(servable_model() + "/" + f, d + "/" + f, std::filesystem::copy_options::overwrite_existing);
+    std::ifstream in(servable_model() + "/tokenizer_config.json");
+    nlohmann::json config = nlohmann::json::parse(in);
+    std::string t = config["chat_template"];
+    const std::string assistant = "{{ '<｜Assistant｜>' + message['content'] + eos_token }}";
+    const size_t at = t.find(assistant);
+    if (at == std::string::npos) fail("the trained template changed: no assistant turn to rewrite");
+    t.replace(at, assistant.size(), "{%- set content = message['content'] %}{%- if '</think>' in content %}{%- set content = "
+              "content.split('</think>')[-1] %}{%- endif %}{{ '<｜Assistant｜>' + content + eos_token }}");
+    const std::string prompt = "{{ '<｜Assistant｜>' }}{%- endif %}";
+    if (t.rfind(prompt) == std::string::npos) fail("the trained template changed: no generation prompt to rewrite");
+    t.replace(t.rfind(prompt), prompt.size(), "{{ '<｜Assistant｜><think>\\n' }}{%- endif %}");
+    config["chat_template"] = t;
+    std::ofstream(d + "/tokenizer_config.json") << config.dump();
+    return d;
+  }();
+  return dir;
+}
+
 // A server with its model loaded, listening on 127.0.0.1 at port().
 class TestServer {
  public:
-  explicit TestServer(serve::SchedulerOptions so = {}, serve::ServerOptions opt = {}, bool speculative = false)
-      : model_(servable_model()), tokenizer_(servable_model() + "/tokenizer.json"),
-        config_(load_tokenizer_config(servable_model())) {
+  explicit TestServer(serve::SchedulerOptions so = {}, serve::ServerOptions opt = {}, bool speculative = false,
+                      const std::string& dir = servable_model())
+      : model_(dir), tokenizer_(dir + "/tokenizer.json"), config_(load_tokenizer_config(dir)) {
     opt.host = "127.0.0.1", opt.port = 0;
     server_ = std::make_unique<serve::Server>(opt, metrics_);
     port_ = server_->bind();
@@ -51,6 +78,7 @@ class TestServer {
     if (so.max_len == 0) so.max_len = model_.config().max_position_embeddings;
     served_.context = so.max_len, served_.max_n = so.max_sequences;
     served_.speculative = speculative;
+    served_.reasoning = config_.chat_template && config_.chat_template->find("</think>") != std::string::npos;
     served_.eos = model_.config().eos_token_ids;
     scheduler_ = std::make_unique<serve::Scheduler>(model_, so, metrics_);
     server_->ready(&served_, scheduler_.get());

@@ -814,6 +814,36 @@ TEST(Server, ForcedToolCallsComeBackAsToolCalls) {
   EXPECT_EQ(last_choice["delta"]["tool_calls"][0]["function"]["arguments"], call["function"]["arguments"]);
 }
 
+// A reasoning model (the prompt opens "<think>"): what it writes before "</think>" is
+// reasoning_content, whole and streamed; here the random model never closes it.
+TEST(Server, ReasoningGoesToReasoningContent) {
+  test::TestServer server({}, {}, false, test::reasoning_model());
+  httplib::Client c = server.client();
+  const json body = {{"model", "tiny"}, {"messages", {{{"role", "user"}, {"content", "Who begat Enos?"}}}}, {"max_tokens", 12}, {"temperature", 0}};
+  const Reply r = post(c, "/v1/chat/completions", body);
+  ASSERT_EQ(r.status, 200) << r.raw;
+  const json& message = r.body["choices"][0]["message"];
+  ASSERT_TRUE(message.contains("reasoning_content")) << r.raw;
+  const std::string reasoning = message["reasoning_content"];
+  EXPECT_FALSE(reasoning.empty());
+  EXPECT_EQ(reasoning.find("</think>"), std::string::npos);
+  EXPECT_EQ(message["content"], "") << r.raw;
+  json streamed = body;
+  streamed["stream"] = true;
+  const Reply s = post(c, "/v1/chat/completions", streamed);
+  bool done = false;
+  std::string text;
+  for (const json& e : events(s.raw, done))
+    if (!e["choices"].empty()) text += e["choices"][0]["delta"].value("reasoning_content", "");
+  EXPECT_EQ(text, reasoning);
+  // An earlier answer's reasoning is not sent back to the model (the template drops it).
+  const Reply next = post(c, "/v1/chat/completions",
+                          json{{"model", "tiny"}, {"max_tokens", 2},
+                               {"messages", {{{"role", "user"}, {"content", "Hi"}}, {{"role", "assistant"}, {"content", "<think>hmm</think>Hello."}},
+                                             {{"role", "user"}, {"content", "And?"}}}}});
+  EXPECT_EQ(next.status, 200) << next.raw;
+}
+
 TEST(Server, RepeatedPrefixesHitTheCacheInBlocksWithTheSameText) {
   test::TestServer server;
   httplib::Client c = server.client();
