@@ -17,7 +17,8 @@ declare -A allowed=(
   [infer]="infer model backend io core"
   [cost]="cost model backend io core"
   [serve]="serve infer tokenizer model backend io core"
-  [cli]="cli serve cost infer train data tokenizer model backend io core"
+  [dist]="dist core"
+  [cli]="cli serve dist cost infer train data tokenizer model backend io core"
 )
 status=0
 for dir in src/*/; do

@@ -21,5 +21,6 @@ void add_plot(CLI::App& app);
 void add_perplexity(CLI::App& app);
 void add_export(CLI::App& app);
 void add_serve(CLI::App& app);
+void add_schedule(CLI::App& app);
 
 }  // namespace dsv3::cli

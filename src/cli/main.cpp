@@ -24,6 +24,7 @@ int main(int argc, char** argv) {
   dsv3::cli::add_perplexity(app);
   dsv3::cli::add_export(app);
   dsv3::cli::add_serve(app);
+  dsv3::cli::add_schedule(app);
   dsv3::cli::add_plot(app);
   try {
     app.parse(argc, argv);
