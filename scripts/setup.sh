@@ -12,6 +12,7 @@ packages=(
   libpcre2-dev zlib1g-dev                      # tokenizer regexes (PCRE2 JIT), .gz corpora
   libgtest-dev libgmock-dev libbenchmark-dev   # tests and benchmarks
   libcpp-httplib-dev                           # dsv3 serve's HTTP server
+  openmpi-bin libopenmpi-dev                   # training across processes (src/dist)
 )
 # Node.js runs the official `openai` client against dsv3 serve in the tests. The machine's
 # own Node (with its npm) is kept; Debian's is installed only when there is none.

@@ -1,0 +1,200 @@
+// The communicator over MPI, and a world of one process (see communicator.h).
+#include "dist/communicator.h"
+
+#include <mpi.h>
+
+#include <climits>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+#include "core/error.h"
+
+namespace dsv3::dist {
+
+namespace {
+
+// MPI's answer, or an Error naming the operation and MPI's reason.
+void check(int code, const char* op) {
+  if (code == MPI_SUCCESS) return;
+  char text[MPI_MAX_ERROR_STRING];
+  int len = 0;
+  MPI_Error_string(code, text, &len);
+  fail("MPI ", op, " failed: ", std::string(text, size_t(len)));
+}
+
+int as_int(int64_t n, const char* op) {
+  if (n < 0 || n > INT_MAX) fail("MPI ", op, ": a count of ", n, " elements is outside MPI's int");
+  return int(n);
+}
+
+class MpiHandle : public Handle {
+ public:
+  MpiHandle(const char* op) : op_(op) {}
+  MPI_Request request = MPI_REQUEST_NULL;
+  std::vector<int> counts, displacements, counts2, displacements2;  // alive until done
+  void wait() override {
+    if (request != MPI_REQUEST_NULL) check(MPI_Wait(&request, MPI_STATUS_IGNORE), op_);
+  }
+  bool test() override {
+    if (request == MPI_REQUEST_NULL) return true;
+    int flag = 0;
+    check(MPI_Test(&request, &flag, MPI_STATUS_IGNORE), op_);
+    return flag != 0;
+  }
+  ~MpiHandle() override {
+    if (request != MPI_REQUEST_NULL) MPI_Wait(&request, MPI_STATUS_IGNORE);  // never leave MPI writing into freed memory
+  }
+
+ private:
+  const char* op_;
+};
+
+// Counts in rank order, and their offsets.
+void layout(const std::vector<int64_t>& counts, int size, const char* op, std::vector<int>& c, std::vector<int>& d, int64_t& total) {
+  if (int(counts.size()) != size) fail("MPI ", op, ": ", counts.size(), " counts for ", size, " ranks");
+  c.resize(size_t(size)), d.resize(size_t(size));
+  total = 0;
+  for (int i = 0; i < size; ++i) {
+    c[size_t(i)] = as_int(counts[size_t(i)], op);
+    d[size_t(i)] = as_int(total, op);
+    total += counts[size_t(i)];
+  }
+  as_int(total, op);
+}
+
+class MpiCommunicator : public Communicator {
+ public:
+  explicit MpiCommunicator(MPI_Comm comm) : comm_(comm) {
+    check(MPI_Comm_set_errhandler(comm_, MPI_ERRORS_RETURN), "Comm_set_errhandler");
+    check(MPI_Comm_rank(comm_, &rank_), "Comm_rank");
+    check(MPI_Comm_size(comm_, &size_), "Comm_size");
+  }
+  ~MpiCommunicator() override {
+    if (comm_ != MPI_COMM_WORLD) MPI_Comm_free(&comm_);
+  }
+  int rank() const override { return rank_; }
+  int size() const override { return size_; }
+
+  std::unique_ptr<Handle> all_reduce_async(std::span<float> data) override {
+    auto h = std::make_unique<MpiHandle>("all_reduce");
+    check(MPI_Iallreduce(MPI_IN_PLACE, data.data(), as_int(int64_t(data.size()), "all_reduce"), MPI_FLOAT, MPI_SUM, comm_, &h->request),
+          "all_reduce");
+    return h;
+  }
+  std::unique_ptr<Handle> reduce_scatter_async(std::span<const float> in, std::span<float> out) override {
+    if (in.size() != out.size() * size_t(size_))
+      fail("MPI reduce_scatter: ", in.size(), " elements in for ", out.size(), " out on each of ", size_, " ranks");
+    auto h = std::make_unique<MpiHandle>("reduce_scatter");
+    check(MPI_Ireduce_scatter_block(in.data(), out.data(), as_int(int64_t(out.size()), "reduce_scatter"), MPI_FLOAT, MPI_SUM, comm_,
+                                    &h->request),
+          "reduce_scatter");
+    return h;
+  }
+  std::unique_ptr<Handle> all_gather_async(std::span<const float> in, std::span<float> out, const std::vector<int64_t>& counts) override {
+    auto h = std::make_unique<MpiHandle>("all_gather");
+    int64_t total = 0;
+    layout(counts, size_, "all_gather", h->counts, h->displacements, total);
+    if (int64_t(in.size()) != counts[size_t(rank_)] || int64_t(out.size()) != total)
+      fail("MPI all_gather: rank ", rank_, " gives ", in.size(), " elements (its count is ", counts[size_t(rank_)], ") into ", out.size(),
+           " (the counts sum to ", total, ")");
+    check(MPI_Iallgatherv(in.data(), int(in.size()), MPI_FLOAT, out.data(), h->counts.data(), h->displacements.data(), MPI_FLOAT,
+                          comm_, &h->request),
+          "all_gather");
+    return h;
+  }
+  std::unique_ptr<Handle> all_to_all_async(std::span<const float> send, const std::vector<int64_t>& send_counts, std::span<float> recv,
+                                           const std::vector<int64_t>& recv_counts) override {
+    auto h = std::make_unique<MpiHandle>("all_to_all");
+    int64_t sent = 0, received = 0;
+    layout(send_counts, size_, "all_to_all", h->counts, h->displacements, sent);
+    layout(recv_counts, size_, "all_to_all", h->counts2, h->displacements2, received);
+    if (int64_t(send.size()) != sent || int64_t(recv.size()) != received)
+      fail("MPI all_to_all: buffers of ", send.size(), " and ", recv.size(), " elements for counts summing to ", sent, " and ", received);
+    check(MPI_Ialltoallv(send.data(), h->counts.data(), h->displacements.data(), MPI_FLOAT, recv.data(), h->counts2.data(),
+                         h->displacements2.data(), MPI_FLOAT, comm_, &h->request),
+          "all_to_all");
+    return h;
+  }
+  std::unique_ptr<Handle> send_async(std::span<const float> data, int to, int tag) override {
+    if (to < 0 || to >= size_) fail("MPI send: no rank ", to, " among ", size_);
+    auto h = std::make_unique<MpiHandle>("send");
+    check(MPI_Isend(data.data(), as_int(int64_t(data.size()), "send"), MPI_FLOAT, to, tag, comm_, &h->request), "send");
+    return h;
+  }
+  std::unique_ptr<Handle> recv_async(std::span<float> data, int from, int tag) override {
+    if (from < 0 || from >= size_) fail("MPI recv: no rank ", from, " among ", size_);
+    auto h = std::make_unique<MpiHandle>("recv");
+    check(MPI_Irecv(data.data(), as_int(int64_t(data.size()), "recv"), MPI_FLOAT, from, tag, comm_, &h->request), "recv");
+    return h;
+  }
+  void barrier() override { check(MPI_Barrier(comm_), "barrier"); }
+  std::unique_ptr<Communicator> split(int color, int key) override {
+    MPI_Comm sub;
+    check(MPI_Comm_split(comm_, color, key, &sub), "split");
+    return std::make_unique<MpiCommunicator>(sub);
+  }
+
+ private:
+  MPI_Comm comm_;
+  int rank_ = 0, size_ = 1;
+};
+
+struct Done : Handle {
+  void wait() override {}
+  bool test() override { return true; }
+};
+
+// One process: every collective is a copy (or nothing), and there is no peer to talk to.
+class SingleProcess : public Communicator {
+ public:
+  int rank() const override { return 0; }
+  int size() const override { return 1; }
+  std::unique_ptr<Handle> all_reduce_async(std::span<float>) override { return std::make_unique<Done>(); }
+  std::unique_ptr<Handle> reduce_scatter_async(std::span<const float> in, std::span<float> out) override {
+    if (in.size() != out.size()) fail("reduce_scatter: ", in.size(), " elements in for ", out.size(), " out on one rank");
+    std::memcpy(out.data(), in.data(), in.size() * sizeof(float));
+    return std::make_unique<Done>();
+  }
+  std::unique_ptr<Handle> all_gather_async(std::span<const float> in, std::span<float> out, const std::vector<int64_t>& counts) override {
+    if (counts.size() != 1 || int64_t(in.size()) != counts[0] || out.size() != in.size()) fail("all_gather: sizes disagree on one rank");
+    std::memcpy(out.data(), in.data(), in.size() * sizeof(float));
+    return std::make_unique<Done>();
+  }
+  std::unique_ptr<Handle> all_to_all_async(std::span<const float> send, const std::vector<int64_t>& sc, std::span<float> recv,
+                                           const std::vector<int64_t>& rc) override {
+    if (sc.size() != 1 || rc.size() != 1 || sc[0] != rc[0] || int64_t(send.size()) != sc[0] || recv.size() != send.size())
+      fail("all_to_all: sizes disagree on one rank");
+    std::memcpy(recv.data(), send.data(), send.size() * sizeof(float));
+    return std::make_unique<Done>();
+  }
+  std::unique_ptr<Handle> send_async(std::span<const float>, int to, int) override { fail("send to rank ", to, ": a world of one process has no peer"); }
+  std::unique_ptr<Handle> recv_async(std::span<float>, int from, int) override { fail("recv from rank ", from, ": a world of one process has no peer"); }
+  void barrier() override {}
+  std::unique_ptr<Communicator> split(int, int) override { return std::make_unique<SingleProcess>(); }
+};
+
+}  // namespace
+
+bool launched_by_mpi() {
+  for (const char* v : {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"})
+    if (const char* s = std::getenv(v)) return std::string(v) == "PMIX_RANK" || std::atoi(s) > 1;
+  return false;
+}
+
+Communicator& world() {
+  static std::unique_ptr<Communicator> w = [] () -> std::unique_ptr<Communicator> {
+    if (!launched_by_mpi()) return std::make_unique<SingleProcess>();
+    int provided = 0;
+    check(MPI_Init_thread(nullptr, nullptr, MPI_THREAD_FUNNELED, &provided), "Init_thread");
+    std::atexit([] {
+      int finalized = 0;
+      MPI_Finalized(&finalized);
+      if (!finalized) MPI_Finalize();
+    });
+    return std::make_unique<MpiCommunicator>(MPI_COMM_WORLD);
+  }();
+  return *w;
+}
+
+}  // namespace dsv3::dist
