@@ -18,6 +18,7 @@
 #include "cli/args.h"
 #include "cli/commands.h"
 #include "core/error.h"
+#include "dist/communicator.h"
 #include "cost/cost.h"
 #include "data/shard.h"
 #include "train/plot.h"
@@ -36,10 +37,18 @@ struct TrainFlags {
   double warmup_frac = 0.05, decay_start_frac = 0.6;
   bool resume = false, fp32_moments = false;
   int threads = 0;
+  int dp = 0;  // data-parallel ranks (0: every process mpirun started)
 };
 
 void run(TrainFlags& f) {
   set_threads(f.threads);
+  // Under mpirun, every process trains its share of each batch (data parallelism); rank 0
+  // alone writes the run folder. A mismatch is an error on every rank before any work.
+  dist::Communicator& world = dist::world();
+  if (f.dp == 0) f.dp = world.size();
+  if (f.dp != world.size())
+    fail("--dp ", f.dp, " must equal the number of processes (", world.size(), "; start them with mpirun -np ", f.dp, ")");
+  const bool lead = world.rank() == 0;
   if ((!f.fp8_accumulator.empty() || !f.fp8_caches.empty()) && f.precision.rfind("fp8", 0) != 0)
     fail("--fp8-accumulator and --fp8-caches apply to --precision fp8 or fp8-tensor, not ", f.precision);
   const std::string config_json = read_text(f.config);
@@ -84,11 +93,19 @@ void run(TrainFlags& f) {
   o.schedule.decay_end = o.steps;
   fs::create_directories(f.out);
   // One trainer per run folder: a second one would interleave checkpoints and metrics.
-  const int lock = ::open((f.out + "/.lock").c_str(), O_CREAT | O_RDWR | O_CLOEXEC, 0644);
-  if (lock < 0) fail(f.out, "/.lock: cannot create: ", std::strerror(errno));
-  if (::flock(lock, LOCK_EX | LOCK_NB) != 0) fail(f.out, " is in use by another dsv3 train (", f.out, "/.lock is held)");
+  if (lead) {
+    const int lock = ::open((f.out + "/.lock").c_str(), O_CREAT | O_RDWR | O_CLOEXEC, 0644);
+    if (lock < 0) fail(f.out, "/.lock: cannot create: ", std::strerror(errno));
+    if (::flock(lock, LOCK_EX | LOCK_NB) != 0) fail(f.out, " is in use by another dsv3 train (", f.out, "/.lock is held)");
+  }
   Trainer trainer(config_json, o, train, val, f.out);
+  trainer.set_data_parallel(world.size() > 1 ? &world : nullptr);
   const bool resumed = f.resume && trainer.resume();
+  if (!lead) {  // the other ranks train their shares quietly
+    if (!resumed && latest_checkpoint(f.out)) fail(f.out, " already holds checkpoints; pass --resume to continue, or choose another --out");
+    trainer.run(nullptr);
+    return;
+  }
   if (f.resume && !resumed) std::fprintf(stderr, "no checkpoint in %s: starting from scratch\n", f.out.c_str());
   if (!resumed && latest_checkpoint(f.out))
     fail(f.out, " already holds checkpoints; pass --resume to continue, or choose another --out");
@@ -96,6 +113,7 @@ void run(TrainFlags& f) {
   int64_t params = 0;
   for (const TensorSlot& s : list_tensors(c, const_cast<ModelWeights&>(trainer.params())))
     if (!s.mtp) params += s.mat->numel();
+  if (world.size() > 1) std::fprintf(stderr, "dsv3 train: data parallel over %d processes\n", world.size());
   std::fprintf(stderr, "dsv3 train: %.2fM parameters (main model), %ld steps of %ld x %ld tokens, %s GEMMs%s, %zu train shards%s\n",
                double(params) / 1e6, long(o.steps), long(o.batch), long(o.seq),
                (f.precision + (f.fp8_accumulator.empty() ? "" : " (" + f.fp8_accumulator + " accumulator)")).c_str(),
@@ -225,6 +243,7 @@ void add_train(CLI::App& app) {
   cmd->add_option("--keep", o.keep, "checkpoints kept (0: all)")->capture_default_str();
   cmd->add_option("--log-every", o.log_every, "log line every N steps when not on a terminal")->capture_default_str();
   cmd->add_option("--seed", o.seed, "seed of initialisation and data order")->capture_default_str();
+  cmd->add_option("--dp", f->dp, "data-parallel processes: run under mpirun -np N (default: as many as mpirun started)");
   cmd->add_flag("--resume", f->resume, "continue from the newest checkpoint in --out");
   cmd->add_flag("--fp32-moments", f->fp32_moments, "AdamW moments in float32 (default BF16, as the paper)");
   cmd->add_option("--precision", f->precision,

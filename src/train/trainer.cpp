@@ -52,6 +52,13 @@ Trainer::Trainer(const std::string& config_json, const TrainOptions& opt, std::v
   }
 }
 
+void Trainer::set_data_parallel(dist::Communicator* dp) {
+  if (dp && (opt_.batch % dp->size() != 0 || opt_.schedule.batch_at(1) % dp->size() != 0))
+    fail("data parallelism over ", dp->size(), " ranks needs batches divisible by it; --batch is ", opt_.batch,
+         " and the first step's batch ", opt_.schedule.batch_at(1));
+  dp_ = dp && dp->size() > 1 ? dp : nullptr;
+}
+
 bool Trainer::resume() {
   const auto dir = latest_checkpoint(run_dir_);
   if (!dir) return false;
@@ -80,11 +87,26 @@ const StepMetrics& Trainer::step() {
   zero_grads(grads_);
   StepMetrics& m = metrics_;
   m = StepMetrics{.max_vio_layers = std::move(m.max_vio_layers)};
-  const double total = pass_.forward(params_, inputs_.data(), targets_.data(), B, S);
+  // This rank's share of the sequences (all of them in one process).
+  const int64_t ranks = dp_ ? dp_->size() : 1, share = B / ranks;
+  if (share * ranks != B) fail("step ", step, ": a batch of ", B, " sequences does not split over ", ranks, " data-parallel ranks");
+  const int64_t first = (dp_ ? dp_->rank() : 0) * share * S;
+  double total = pass_.forward(params_, inputs_.data() + first, targets_.data() + first, share, S);
   m.loss = pass_.main_loss();
   m.mtp_loss = pass_.mtp_loss();
   m.activation_bytes = pass_.activation_bytes();
   pass_.backward(params_, grads_);
+  if (dp_) {  // the mean of the ranks' means: the whole batch's gradient
+    std::span<float> all(grads_.flat.as<float>().data(), size_t(grads_.flat.numel));
+    dp_->all_reduce(all);
+    const FloatSpan whole{all.data(), int64_t(all.size())};
+    scale_spans(&whole, 1, 1.0f / float(ranks));
+    reduced_.assign({float(total), float(m.loss), float(m.mtp_loss)});
+    for (const auto& layer : pass_.expert_loads())
+      for (int64_t n : layer) reduced_.push_back(float(n));  // exact below 2^24 tokens per expert
+    dp_->all_reduce(reduced_);
+    total = reduced_[0] / double(ranks), m.loss = reduced_[1] / double(ranks), m.mtp_loss = reduced_[2] / double(ranks);
+  }
   m.grad_norm = clip_grad_norm(grad_spans_, opt_.clip);
   // Diverged: stop before the weights are touched, so nothing non-finite is ever saved.
   if (!std::isfinite(total) || !std::isfinite(m.grad_norm))
@@ -92,7 +114,13 @@ const StepMetrics& Trainer::step() {
          "; stopping before the update (the last checkpoint is intact)");
   m.lr = opt_.schedule.lr_at(step);
   adamw_.update(params_, grads_, m.lr, step);
-  update_balance_bias(c_, params_, pass_.expert_loads(), opt_.gamma, m.max_vio_layers);
+  if (dp_) {  // the loads of the whole batch
+    loads_ = pass_.expert_loads();
+    size_t at = 3;
+    for (auto& layer : loads_)
+      for (int64_t& n : layer) n = int64_t(reduced_[at++]);
+  }
+  update_balance_bias(c_, params_, dp_ ? loads_ : pass_.expert_loads(), opt_.gamma, m.max_vio_layers);
   for (double v : m.max_vio_layers) m.max_vio = std::max(m.max_vio, v);
   state_.step = step;
   state_.tokens += B * S;
@@ -119,6 +147,7 @@ double Trainer::validation_loss() {
 }
 
 std::string Trainer::save() {
+  if (dp_ && dp_->rank() != 0) return "";  // the ranks hold the same weights: rank 0 writes them
   return save_checkpoint(run_dir_, config_json_, c_, params_, adamw_, state_, opt_.keep, opt_.extras);
 }
 

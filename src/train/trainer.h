@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "dist/communicator.h"
 #include "model/training.h"
 #include "train/adamw.h"
 #include "train/batch_sampler.h"
@@ -49,6 +50,12 @@ class Trainer {
   Trainer(const std::string& config_json, const TrainOptions& opt, std::vector<std::span<const uint32_t>> train,
           std::vector<std::span<const uint32_t>> val, const std::string& run_dir);
 
+  // Data parallelism (the multi-process issue, ZeRO-1 to follow): every rank of dp reads the
+  // same global batch and runs its 1/dp share of the sequences; the gradients are summed over
+  // the ranks (all-reduce) and averaged, so that each rank takes the same step a single
+  // process takes on the whole batch (up to the order of float sums); expert loads for the
+  // balancing are summed over ranks; only rank 0 writes checkpoints. null: one process.
+  void set_data_parallel(dist::Communicator* dp);
   // Continues from the newest checkpoint of run_dir; false if there is none.
   bool resume();
   // Runs until opt.steps; on_step sees every step's metrics.
@@ -77,6 +84,9 @@ class Trainer {
   TrainerState state_;
   StepMetrics metrics_;  // the last step's (its vector keeps its memory)
   std::vector<int32_t> inputs_, targets_;
+  dist::Communicator* dp_ = nullptr;
+  std::vector<float> reduced_;  // loads and losses summed over the data-parallel ranks
+  std::vector<std::vector<int64_t>> loads_;  // the whole batch's expert loads
 };
 
 // Random initial weights: matrices N(0, std^2), norm weights 1, router biases 0; the MTP
