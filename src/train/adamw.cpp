@@ -1,7 +1,9 @@
 // AdamW and gradient clipping over flat buffers (see adamw.h).
 #include "train/adamw.h"
 
+#include <algorithm>
 #include <cmath>
+#include <type_traits>
 
 #include "core/dtype.h"
 #include "core/error.h"
@@ -19,6 +21,54 @@ AdamW::AdamW(const ModelConfig& c, const AdamWConfig& cfg) : cfg_(cfg) {
   if (cfg.bf16_moments) m16_.assign(n, 0), v16_.assign(n, 0);
   else m32_.assign(n, 0.0f), v32_.assign(n, 0.0f);
   step_.resize(segments_.size());
+  all_segments_ = segments_;
+  hi_ = flat_numel_;
+}
+
+void AdamW::shard(int64_t lo, int64_t hi) {
+  if (sharded_) fail("AdamW: already sharded");
+  if (lo < 0 || hi > flat_numel_ || lo > hi) fail("AdamW: shard [", lo, ", ", hi, ") is outside the ", flat_numel_, " elements");
+  std::vector<Segment> mine;
+  for (const Segment& seg : all_segments_) {
+    const int64_t a = std::max(seg.offset, lo), b = std::min(seg.offset + seg.n, hi);
+    if (a < b) mine.push_back({seg.name, seg.shape, a, b - a, seg.decay});
+  }
+  segments_ = std::move(mine);
+  step_.resize(segments_.size());
+  auto keep = [&](auto& v) { v = std::vector<typename std::decay_t<decltype(v)>::value_type>(v.begin() + lo, v.begin() + hi); };
+  if (cfg_.bf16_moments) keep(m16_), keep(v16_);
+  else keep(m32_), keep(v32_);
+  lo_ = lo, hi_ = hi, sharded_ = true;
+}
+
+AdamW AdamW::gathered(dist::Communicator& comm) const {
+  if (!sharded_) return *this;
+  std::vector<int64_t> counts(size_t(comm.size()));
+  const int64_t mine = hi_ - lo_;
+  // Each rank's shard size (the shards are contiguous, in rank order).
+  std::vector<float> sizes(size_t(comm.size()), 0.0f);
+  sizes[size_t(comm.rank())] = float(mine);
+  comm.all_reduce(sizes);
+  int64_t total = 0;
+  for (int r = 0; r < comm.size(); ++r) counts[size_t(r)] = int64_t(sizes[size_t(r)]), total += counts[size_t(r)];
+  if (total != flat_numel_) fail("AdamW: the shards cover ", total, " of ", flat_numel_, " elements");
+  AdamW out = *this;
+  out.segments_ = all_segments_, out.step_.resize(all_segments_.size());
+  out.sharded_ = false, out.lo_ = 0, out.hi_ = flat_numel_;
+  std::vector<float> part(static_cast<size_t>(mine)), whole(static_cast<size_t>(flat_numel_));
+  for (int which = 0; which < 2; ++which) {
+    for (int64_t i = 0; i < mine; ++i)
+      part[size_t(i)] = cfg_.bf16_moments ? bf16_to_f32((which ? v16_ : m16_)[size_t(i)]) : (which ? v32_ : m32_)[size_t(i)];
+    comm.all_gather(part, whole, counts);
+    if (cfg_.bf16_moments) {
+      auto& dst = which ? out.v16_ : out.m16_;
+      dst.resize(size_t(flat_numel_));
+      for (int64_t i = 0; i < flat_numel_; ++i) dst[size_t(i)] = f32_to_bf16(whole[size_t(i)]);  // exact: BF16 values
+    } else {
+      (which ? out.v32_ : out.m32_) = whole;
+    }
+  }
+  return out;
 }
 
 void AdamW::check_layout(const ModelWeights& w, const char* what) const {
@@ -41,8 +91,9 @@ void AdamW::update(ModelWeights& params, const ModelWeights& grads, double lr, i
     const Segment& seg = segments_[i];
     AdamWTensor& x = step_[i];
     x = {w + seg.offset, g + seg.offset, seg.n, seg.decay ? decay : 1.0f};
-    if (cfg_.bf16_moments) x.m16 = m16_.data() + seg.offset, x.v16 = v16_.data() + seg.offset;
-    else x.m32 = m32_.data() + seg.offset, x.v32 = v32_.data() + seg.offset;
+    const int64_t k = seg.offset - lo_;  // the moments hold the shard only
+    if (cfg_.bf16_moments) x.m16 = m16_.data() + k, x.v16 = v16_.data() + k;
+    else x.m32 = m32_.data() + k, x.v32 = v32_.data() + k;
   }
   adamw_step(step_.data(), step_.size(), s);
 }
@@ -57,6 +108,7 @@ std::vector<FloatSpan> AdamW::trainable_spans(ModelWeights& w) const {
 }
 
 std::vector<AdamW::NamedTensor> AdamW::state(const ModelConfig&) const {
+  if (sharded_) fail("AdamW: a sharded optimizer's state is gathered() first");
   std::vector<NamedTensor> out;
   for (const Segment& seg : segments_) {
     NamedTensor em{"exp_avg." + seg.name, seg.shape, {}}, ev{"exp_avg_sq." + seg.name, seg.shape, {}};
@@ -73,6 +125,7 @@ std::vector<AdamW::NamedTensor> AdamW::state(const ModelConfig&) const {
 }
 
 void AdamW::load_state(const ModelConfig&, const std::vector<NamedTensor>& tensors) {
+  if (sharded_) fail("AdamW: load the state before sharding");
   if (tensors.size() != 2 * segments_.size())
     fail("optimizer state: ", tensors.size(), " tensors, expected ", 2 * segments_.size());
   for (size_t t = 0; t < segments_.size(); ++t) {

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "backend/optimizer.h"
+#include "dist/communicator.h"
 #include "model/weights.h"
 
 namespace dsv3 {
@@ -47,6 +48,14 @@ class AdamW {
   void load_state(const ModelConfig& c, const std::vector<NamedTensor>& tensors);
   const AdamWConfig& config() const { return cfg_; }
 
+  // ZeRO-1 (the multi-process issue): from now on this optimizer updates only the flat
+  // elements [lo, hi) and keeps only their moments (copied from its full ones).
+  void shard(int64_t lo, int64_t hi);
+  bool sharded() const { return sharded_; }
+  // Every rank's shard gathered into an unsharded copy (for a checkpoint); a collective:
+  // every rank of comm calls it, each with its own shard, together covering the elements.
+  AdamW gathered(dist::Communicator& comm) const;
+
  private:
   // One trainable tensor: where it lies in the flat params, grads and moments.
   struct Segment {
@@ -59,7 +68,10 @@ class AdamW {
 
   AdamWConfig cfg_;
   int64_t flat_numel_ = 0;         // elements of the params' allocation
-  std::vector<Segment> segments_;  // trainable, not tied, in list order
+  std::vector<Segment> segments_;  // trainable, not tied, in list order (within the shard)
+  std::vector<Segment> all_segments_;  // every one, whole (the checkpoint's tensors)
+  bool sharded_ = false;
+  int64_t lo_ = 0, hi_ = 0;        // the shard's flat elements; the moments hold these only
   std::vector<uint16_t> m16_, v16_;  // BF16 moments, flat_numel_ each, or
   std::vector<float> m32_, v32_;     // float32 moments (padding and non-trainable slots stay 0)
   std::vector<AdamWTensor> step_;    // one per segment, refilled by update (no allocation)

@@ -96,24 +96,35 @@ const StepMetrics& Trainer::step() {
   m.mtp_loss = pass_.mtp_loss();
   m.activation_bytes = pass_.activation_bytes();
   pass_.backward(params_, grads_);
-  if (dp_) {  // the mean of the ranks' means: the whole batch's gradient
-    std::span<float> all(grads_.flat.as<float>().data(), size_t(grads_.flat.numel));
-    dp_->all_reduce(all);
-    const FloatSpan whole{all.data(), int64_t(all.size())};
-    scale_spans(&whole, 1, 1.0f / float(ranks));
+  if (dp_) {
+    // ZeRO-1 (§3.4's data parallelism): the gradients are reduce-scattered, each rank
+    // receiving the sum over ranks of its shard of the flat buffer, averaged (the mean of
+    // the ranks' means: the whole batch's gradient); it updates that shard only.
+    zero_shard();
+    float* g = grads_.flat.as<float>().data();
+    std::copy_n(g, grads_.flat.numel, padded_.begin());
+    dp_->reduce_scatter(padded_, own_);
+    std::copy_n(own_.begin(), hi_ - lo_, g + lo_);
+    const FloatSpan mine{g + lo_, hi_ - lo_};
+    scale_spans(&mine, 1, 1.0f / float(ranks));
     reduced_.assign({float(total), float(m.loss), float(m.mtp_loss)});
     for (const auto& layer : pass_.expert_loads())
       for (int64_t n : layer) reduced_.push_back(float(n));  // exact below 2^24 tokens per expert
     dp_->all_reduce(reduced_);
     total = reduced_[0] / double(ranks), m.loss = reduced_[1] / double(ranks), m.mtp_loss = reduced_[2] / double(ranks);
   }
-  m.grad_norm = clip_grad_norm(grad_spans_, opt_.clip);
+  m.grad_norm = dp_ ? clip_sharded() : clip_grad_norm(grad_spans_, opt_.clip);
   // Diverged: stop before the weights are touched, so nothing non-finite is ever saved.
   if (!std::isfinite(total) || !std::isfinite(m.grad_norm))
     fail("step ", step, ": the loss is ", total, " and the gradient norm ", m.grad_norm,
          "; stopping before the update (the last checkpoint is intact)");
   m.lr = opt_.schedule.lr_at(step);
   adamw_.update(params_, grads_, m.lr, step);
+  if (dp_) {  // every rank's updated shard to every rank
+    float* w = params_.flat.as<float>().data();
+    std::copy(w + lo_, w + hi_, own_.begin());
+    dp_->all_gather(std::span<const float>(own_.data(), size_t(hi_ - lo_)), std::span<float>(w, size_t(params_.flat.numel)), counts_);
+  }
   if (dp_) {  // the loads of the whole batch
     loads_ = pass_.expert_loads();
     size_t at = 3;
@@ -146,7 +157,38 @@ double Trainer::validation_loss() {
   return n ? total / double(n) : -1;
 }
 
+void Trainer::zero_shard() {
+  if (adamw_.sharded()) return;  // (after a resume has loaded the whole state)
+  const int64_t n = grads_.flat.numel, ranks = dp_->size(), per = (n + ranks - 1) / ranks;
+  lo_ = std::min(n, dp_->rank() * per), hi_ = std::min(n, lo_ + per);
+  for (int64_t r = 0; r < ranks; ++r) counts_.push_back(std::min(n, std::min(n, r * per) + per) - std::min(n, r * per));
+  padded_.assign(size_t(per * ranks), 0.0f), own_.assign(size_t(per), 0.0f);
+  adamw_.shard(lo_, hi_);
+  // The trainable spans' parts within the shard: what this rank's clip sums and scales.
+  for (const FloatSpan& sp : grad_spans_) {
+    const float* base = grads_.flat.as<float>().data();
+    const int64_t a = std::max<int64_t>(sp.data - base, lo_), b = std::min<int64_t>(sp.data - base + sp.n, hi_);
+    if (a < b) shard_spans_.push_back({const_cast<float*>(base) + a, b - a});
+  }
+}
+
+double Trainer::clip_sharded() {
+  // The global norm: every rank's sum of squares over its shard, summed (in two floats, the
+  // high and low parts of a double, so the sum keeps a double's precision).
+  const double mine = sum_of_squares(shard_spans_.data(), shard_spans_.size());
+  std::vector<float> parts = {float(mine), float(mine - double(float(mine)))};
+  dp_->all_reduce(parts);
+  const double norm = std::sqrt(double(parts[0]) + double(parts[1]));
+  if (opt_.clip > 0 && norm > opt_.clip) scale_spans(shard_spans_.data(), shard_spans_.size(), float(opt_.clip / (norm + 1e-6)));
+  return norm;
+}
+
 std::string Trainer::save() {
+  if (dp_ && adamw_.sharded()) {  // the shards' moments gathered (every rank takes part), rank 0 writes
+    AdamW whole = adamw_.gathered(*dp_);
+    if (dp_->rank() != 0) return "";
+    return save_checkpoint(run_dir_, config_json_, c_, params_, whole, state_, opt_.keep, opt_.extras);
+  }
   if (dp_ && dp_->rank() != 0) return "";  // the ranks hold the same weights: rank 0 writes them
   return save_checkpoint(run_dir_, config_json_, c_, params_, adamw_, state_, opt_.keep, opt_.extras);
 }

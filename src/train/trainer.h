@@ -50,11 +50,13 @@ class Trainer {
   Trainer(const std::string& config_json, const TrainOptions& opt, std::vector<std::span<const uint32_t>> train,
           std::vector<std::span<const uint32_t>> val, const std::string& run_dir);
 
-  // Data parallelism (the multi-process issue, ZeRO-1 to follow): every rank of dp reads the
-  // same global batch and runs its 1/dp share of the sequences; the gradients are summed over
-  // the ranks (all-reduce) and averaged, so that each rank takes the same step a single
-  // process takes on the whole batch (up to the order of float sums); expert loads for the
-  // balancing are summed over ranks; only rank 0 writes checkpoints. null: one process.
+  // ZeRO-1 data parallelism (the multi-process issue): every rank of dp reads the same global
+  // batch and runs its 1/dp share of the sequences; the gradients are reduce-scattered and
+  // averaged, each rank clipping (by the global norm) and updating its shard of the flat
+  // weights with its shard of the AdamW moments, and the shards are all-gathered; so each
+  // rank takes the step a single process takes on the whole batch (up to the order of float
+  // sums). Expert loads for the balancing are summed over ranks; checkpoints gather the
+  // moments and rank 0 writes them. null: one process.
   void set_data_parallel(dist::Communicator* dp);
   // Continues from the newest checkpoint of run_dir; false if there is none.
   bool resume();
@@ -87,6 +89,14 @@ class Trainer {
   dist::Communicator* dp_ = nullptr;
   std::vector<float> reduced_;  // loads and losses summed over the data-parallel ranks
   std::vector<std::vector<int64_t>> loads_;  // the whole batch's expert loads
+  // ZeRO-1: this rank's flat elements [lo_, hi_), every rank's count, the gradients padded
+  // to ranks x shard for the reduce-scatter, this rank's shard, its trainable spans.
+  void zero_shard();
+  double clip_sharded();  // the global norm's clip, each rank scaling its shard
+  int64_t lo_ = 0, hi_ = 0;
+  std::vector<int64_t> counts_;
+  std::vector<float> padded_, own_;
+  std::vector<FloatSpan> shard_spans_;
 };
 
 // Random initial weights: matrices N(0, std^2), norm weights 1, router biases 0; the MTP

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Data-parallel training (the multi-process issue): `mpirun -np 2` and `-np 4` train the
-# tiny demo model with the same losses, validation losses and gradient norms as one process
-# (to 1e-5 relative: only the order of float sums differs), rank 0 alone writing the run;
+# ZeRO-1 data-parallel training (the multi-process issue): `mpirun -np 2` and `-np 4` train
+# the tiny demo model with the same losses, validation losses and gradient norms as one
+# process (to 1e-5 relative: only the order of float sums differs), rank 0 alone writing the
+# run, and a run saved by 2 processes resumes on 4 with the same losses;
 # a --dp that is not the number of processes, and a batch that does not split, are errors.
 #   train_data_parallel.sh DSV3_BINARY PROJECT_ROOT
 set -euo pipefail
@@ -15,10 +16,15 @@ mpi=(mpirun --oversubscribe --bind-to none)
 "$dsv3" train-tokenizer --input "$work/corpus.txt" --vocab-size 2048 --out "$work/tok" >/dev/null 2>&1
 "$dsv3" data --tokenizer "$work/tok" --input "$work/corpus.txt" --out "$work/shards" --val-fraction 0.05 >/dev/null 2>&1
 train=(train --config "$root/configs/tiny-demo.json" --data "$work/shards" --steps 6 --batch 4 --seq 32 --eval-every 3
-       --save-every 6 --threads 1)
-"$dsv3" "${train[@]}" --out "$work/one" 2>/dev/null
-"${mpi[@]}" -np 2 "$dsv3" "${train[@]}" --out "$work/two" 2>/dev/null
-"${mpi[@]}" -np 4 "$dsv3" "${train[@]}" --out "$work/four" --dp 4 2>/dev/null
+       --threads 1 --keep 5)
+"$dsv3" "${train[@]}" --save-every 6 --out "$work/one" 2>/dev/null
+"${mpi[@]}" -np 2 "$dsv3" "${train[@]}" --save-every 6 --out "$work/two" 2>/dev/null
+"${mpi[@]}" -np 4 "$dsv3" "${train[@]}" --save-every 6 --out "$work/four" --dp 4 2>/dev/null
+# Resumed onto another number of processes: 2 save at step 3 (their ZeRO shards of the
+# moments gathered), 4 continue from there.
+"${mpi[@]}" -np 2 "$dsv3" "${train[@]}" --save-every 3 --out "$work/moved" 2>/dev/null
+rm -rf "$work/moved/checkpoint-0000006"
+"${mpi[@]}" -np 4 "$dsv3" "${train[@]}" --save-every 3 --out "$work/moved" --resume 2>/dev/null
 python3 - "$work" <<'PY'
 import csv, sys
 work = sys.argv[1]
@@ -27,7 +33,7 @@ def rows(name):
         return list(csv.DictReader(f))
 one = rows("one")
 assert len(one) == 6, one
-for name in ("two", "four"):
+for name in ("two", "four", "moved"):
     other = rows(name)
     assert len(other) == 6, (name, other)
     for a, b in zip(one, other):
@@ -36,7 +42,7 @@ for name in ("two", "four"):
                 continue
             x, y = float(a[col]), float(b[col])
             assert abs(x - y) <= 1e-5 * max(1.0, abs(x)), f"{name} step {a['step']} {col}: {x} alone, {y} data parallel"
-print("data parallel over 2 and 4 processes: the losses of one process")
+print("data parallel (ZeRO-1) over 2 and 4 processes, and resumed from 2 onto 4: the losses of one process")
 PY
 for run in two four; do
   [[ -d "$work/$run/checkpoint-0000006" ]] || { echo "no checkpoint from rank 0 in $run"; exit 1; }
