@@ -6,6 +6,7 @@
 #include "cli/commands.h"
 #include "backend/ops.h"
 #include "core/error.h"
+#include "dist/communicator.h"
 
 int main(int argc, char** argv) {
   dsv3::prepare_threads(argv);
@@ -32,9 +33,11 @@ int main(int argc, char** argv) {
     return app.exit(e);
   } catch (const dsv3::Error& e) {
     std::fprintf(stderr, "dsv3: error: %s\n", e.what());
+    dsv3::dist::abort_job(1);  // under mpirun: the other processes would wait for this one
     return 1;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "dsv3: internal error: %s\n", e.what());
+    dsv3::dist::abort_job(2);
     return 2;
   }
   return 0;

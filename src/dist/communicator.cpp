@@ -34,12 +34,17 @@ class MpiHandle : public Handle {
   MPI_Request request = MPI_REQUEST_NULL;
   std::vector<int> counts, displacements, counts2, displacements2;  // alive until done
   void wait() override {
-    if (request != MPI_REQUEST_NULL) check(MPI_Wait(&request, MPI_STATUS_IGNORE), op_);
+    if (request == MPI_REQUEST_NULL) return;
+    const int code = MPI_Wait(&request, MPI_STATUS_IGNORE);
+    if (code != MPI_SUCCESS) request = MPI_REQUEST_NULL;  // failed: nothing left to wait for
+    check(code, op_);
   }
   bool test() override {
     if (request == MPI_REQUEST_NULL) return true;
     int flag = 0;
-    check(MPI_Test(&request, &flag, MPI_STATUS_IGNORE), op_);
+    const int code = MPI_Test(&request, &flag, MPI_STATUS_IGNORE);
+    if (code != MPI_SUCCESS) request = MPI_REQUEST_NULL;
+    check(code, op_);
     return flag != 0;
   }
   ~MpiHandle() override {
@@ -79,6 +84,12 @@ class MpiCommunicator : public Communicator {
   std::unique_ptr<Handle> all_reduce_async(std::span<float> data) override {
     auto h = std::make_unique<MpiHandle>("all_reduce");
     check(MPI_Iallreduce(MPI_IN_PLACE, data.data(), as_int(int64_t(data.size()), "all_reduce"), MPI_FLOAT, MPI_SUM, comm_, &h->request),
+          "all_reduce");
+    return h;
+  }
+  std::unique_ptr<Handle> all_reduce_async(std::span<double> data) override {
+    auto h = std::make_unique<MpiHandle>("all_reduce");
+    check(MPI_Iallreduce(MPI_IN_PLACE, data.data(), as_int(int64_t(data.size()), "all_reduce"), MPI_DOUBLE, MPI_SUM, comm_, &h->request),
           "all_reduce");
     return h;
   }
@@ -130,6 +141,7 @@ class MpiCommunicator : public Communicator {
   }
   void barrier() override { check(MPI_Barrier(comm_), "barrier"); }
   std::unique_ptr<Communicator> split(int color, int key) override {
+    if (color < 0) fail("MPI split: a color must be >= 0, not ", color);
     MPI_Comm sub;
     check(MPI_Comm_split(comm_, color, key, &sub), "split");
     return std::make_unique<MpiCommunicator>(sub);
@@ -151,6 +163,7 @@ class SingleProcess : public Communicator {
   int rank() const override { return 0; }
   int size() const override { return 1; }
   std::unique_ptr<Handle> all_reduce_async(std::span<float>) override { return std::make_unique<Done>(); }
+  std::unique_ptr<Handle> all_reduce_async(std::span<double>) override { return std::make_unique<Done>(); }
   std::unique_ptr<Handle> reduce_scatter_async(std::span<const float> in, std::span<float> out) override {
     if (in.size() != out.size()) fail("reduce_scatter: ", in.size(), " elements in for ", out.size(), " out on one rank");
     std::memcpy(out.data(), in.data(), in.size() * sizeof(float));
@@ -180,6 +193,16 @@ bool launched_by_mpi() {
   for (const char* v : {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"})
     if (const char* s = std::getenv(v)) return std::string(v) == "PMIX_RANK" || std::atoi(s) > 1;
   return false;
+}
+
+void abort_job(int code) {
+  int initialized = 0, finalized = 0;
+  MPI_Initialized(&initialized);
+  MPI_Finalized(&finalized);
+  if (!initialized || finalized) return;
+  int size = 1;
+  MPI_Comm_size(MPI_COMM_WORLD, &size);
+  if (size > 1) MPI_Abort(MPI_COMM_WORLD, code);
 }
 
 Communicator& world() {

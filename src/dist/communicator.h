@@ -2,8 +2,8 @@
 // point-to-point transfers data, expert and pipeline parallelism need, over float32 buffers,
 // each in a blocking form and a non-blocking one that returns a Handle to wait on, so that
 // communication overlaps computation (DualPipe's premise). Implementations: MPI across
-// processes (mpi_communicator.cpp, OpenMPI on CPU), and NCCL later for GPUs behind the same
-// interface. The model never calls it: the parallel plan wraps the model's modules from
+// processes (communicator.cpp, OpenMPI on CPU; all calls from one thread), and NCCL later for
+// GPUs behind the same interface. The model never calls it: the parallel plan wraps the model's modules from
 // outside (ARCHITECTURE). Errors (a failed call, a dead rank) are dsv3::Error naming the
 // operation. Uses core only.
 #pragma once
@@ -28,8 +28,9 @@ class Communicator {
   virtual int rank() const = 0;
   virtual int size() const = 0;
 
-  // Element-wise sum over all ranks, in place.
+  // Element-wise sum over all ranks, in place (doubles: norms, counts, exact integers).
   virtual std::unique_ptr<Handle> all_reduce_async(std::span<float> data) = 0;
+  virtual std::unique_ptr<Handle> all_reduce_async(std::span<double> data) = 0;
   // Sum over all ranks of `in` (size() * count elements), rank i keeping block i in `out`
   // (count elements): ZeRO's gradient reduction.
   virtual std::unique_ptr<Handle> reduce_scatter_async(std::span<const float> in, std::span<float> out) = 0;
@@ -45,12 +46,13 @@ class Communicator {
   virtual std::unique_ptr<Handle> send_async(std::span<const float> data, int to, int tag) = 0;
   virtual std::unique_ptr<Handle> recv_async(std::span<float> data, int from, int tag) = 0;
   virtual void barrier() = 0;
-  // The ranks with the same color, ordered by key: a sub-communicator (a data-parallel,
-  // expert-parallel or pipeline group).
+  // The ranks with the same color (>= 0), ordered by key: a sub-communicator (a
+  // data-parallel, expert-parallel or pipeline group).
   virtual std::unique_ptr<Communicator> split(int color, int key) = 0;
 
   // Blocking forms.
   void all_reduce(std::span<float> data) { all_reduce_async(data)->wait(); }
+  void all_reduce(std::span<double> data) { all_reduce_async(data)->wait(); }
   void reduce_scatter(std::span<const float> in, std::span<float> out) { reduce_scatter_async(in, out)->wait(); }
   void all_gather(std::span<const float> in, std::span<float> out, const std::vector<int64_t>& counts) {
     all_gather_async(in, out, counts)->wait();
@@ -64,9 +66,12 @@ class Communicator {
 };
 
 // The world of this process: MPI's when the program was started by mpirun (MPI is
-// initialised once, with thread support for a communication thread), else a world of one
-// process whose collectives copy. Error if MPI reports a failure.
+// initialised once), else a world of one process whose collectives copy. Error if MPI
+// reports a failure.
 Communicator& world();
+// Ends every process of the job at once (MPI_Abort) when this one fails alone: the others
+// would wait for it in their next collective forever. Returns if there is no such job.
+void abort_job(int code);
 // Whether the program runs under an MPI launcher with more than one process.
 bool launched_by_mpi();
 

@@ -40,7 +40,7 @@ struct Schedule {
   std::vector<std::vector<Op>> ranks;   // what each rank runs, in order
 };
 
-// Throw Error naming the violated condition (P < 2, M < P, DualPipe's evenness, ...).
+// Throw Error naming the violated condition (P < 2, M < 1, DualPipe's evenness and M >= 2P).
 Schedule one_f_one_b(int pp, int micro_batches);
 Schedule zero_bubble_h1(int pp, int micro_batches);
 Schedule dualpipe(int pp, int micro_batches);

@@ -41,17 +41,13 @@ void AdamW::shard(int64_t lo, int64_t hi) {
   lo_ = lo, hi_ = hi, sharded_ = true;
 }
 
-AdamW AdamW::gathered(dist::Communicator& comm) const {
+AdamW AdamW::gathered(dist::Communicator& comm, const std::vector<int64_t>& counts) const {
   if (!sharded_) return *this;
-  std::vector<int64_t> counts(size_t(comm.size()));
   const int64_t mine = hi_ - lo_;
-  // Each rank's shard size (the shards are contiguous, in rank order).
-  std::vector<float> sizes(size_t(comm.size()), 0.0f);
-  sizes[size_t(comm.rank())] = float(mine);
-  comm.all_reduce(sizes);
   int64_t total = 0;
-  for (int r = 0; r < comm.size(); ++r) counts[size_t(r)] = int64_t(sizes[size_t(r)]), total += counts[size_t(r)];
-  if (total != flat_numel_) fail("AdamW: the shards cover ", total, " of ", flat_numel_, " elements");
+  for (int64_t n : counts) total += n;
+  if (int64_t(counts.size()) != comm.size() || total != flat_numel_ || counts[size_t(comm.rank())] != mine)
+    fail("AdamW: the shards' counts do not cover the ", flat_numel_, " elements with this rank's ", mine);
   AdamW out = *this;
   out.segments_ = all_segments_, out.step_.resize(all_segments_.size());
   out.sharded_ = false, out.lo_ = 0, out.hi_ = flat_numel_;

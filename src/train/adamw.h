@@ -54,7 +54,8 @@ class AdamW {
   bool sharded() const { return sharded_; }
   // Every rank's shard gathered into an unsharded copy (for a checkpoint); a collective:
   // every rank of comm calls it, each with its own shard, together covering the elements.
-  AdamW gathered(dist::Communicator& comm) const;
+  // counts: every rank's shard size, in rank order.
+  AdamW gathered(dist::Communicator& comm, const std::vector<int64_t>& counts) const;
 
  private:
   // One trainable tensor: where it lies in the flat params, grads and moments.

@@ -2,6 +2,7 @@
 #include "train/trainer.h"
 
 #include <chrono>
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <random>
@@ -53,9 +54,11 @@ Trainer::Trainer(const std::string& config_json, const TrainOptions& opt, std::v
 }
 
 void Trainer::set_data_parallel(dist::Communicator* dp) {
-  if (dp && (opt_.batch % dp->size() != 0 || opt_.schedule.batch_at(1) % dp->size() != 0))
-    fail("data parallelism over ", dp->size(), " ranks needs batches divisible by it; --batch is ", opt_.batch,
-         " and the first step's batch ", opt_.schedule.batch_at(1));
+  // Every step's batch (a ramp's too) must split evenly: checked now, not hours in.
+  for (int64_t step = 1; dp && step <= std::max<int64_t>(opt_.steps, 1); ++step)
+    if (opt_.schedule.batch_at(step) % dp->size() != 0)
+      fail("data parallelism over ", dp->size(), " processes needs every batch divisible by it; step ", step, "'s batch is ",
+           opt_.schedule.batch_at(step), " (--batch ", opt_.batch, ", or the batch ramp)");
   dp_ = dp && dp->size() > 1 ? dp : nullptr;
 }
 
@@ -107,10 +110,10 @@ const StepMetrics& Trainer::step() {
     std::copy_n(own_.begin(), hi_ - lo_, g + lo_);
     const FloatSpan mine{g + lo_, hi_ - lo_};
     scale_spans(&mine, 1, 1.0f / float(ranks));
-    reduced_.assign({float(total), float(m.loss), float(m.mtp_loss)});
+    reduced_.assign({total, m.loss, m.mtp_loss});
     for (const auto& layer : pass_.expert_loads())
-      for (int64_t n : layer) reduced_.push_back(float(n));  // exact below 2^24 tokens per expert
-    dp_->all_reduce(reduced_);
+      for (int64_t n : layer) reduced_.push_back(double(n));  // exact in a double
+    dp_->all_reduce(std::span<double>(reduced_));
     total = reduced_[0] / double(ranks), m.loss = reduced_[1] / double(ranks), m.mtp_loss = reduced_[2] / double(ranks);
   }
   m.grad_norm = dp_ ? clip_sharded() : clip_grad_norm(grad_spans_, opt_.clip);
@@ -129,7 +132,7 @@ const StepMetrics& Trainer::step() {
     loads_ = pass_.expert_loads();
     size_t at = 3;
     for (auto& layer : loads_)
-      for (int64_t& n : layer) n = int64_t(reduced_[at++]);
+      for (int64_t& n : layer) n = int64_t(std::llround(reduced_[at++]));
   }
   update_balance_bias(c_, params_, dp_ ? loads_ : pass_.expert_loads(), opt_.gamma, m.max_vio_layers);
   for (double v : m.max_vio_layers) m.max_vio = std::max(m.max_vio, v);
@@ -158,9 +161,19 @@ double Trainer::validation_loss() {
 }
 
 void Trainer::zero_shard() {
-  if (adamw_.sharded()) return;  // (after a resume has loaded the whole state)
+  if (adamw_.sharded()) return;  // once, at the first step (a resume loads the whole state before)
   const int64_t n = grads_.flat.numel, ranks = dp_->size(), per = (n + ranks - 1) / ranks;
   lo_ = std::min(n, dp_->rank() * per), hi_ = std::min(n, lo_ + per);
+  // The ranks must continue the same run: the same step and data position (a run folder
+  // each ranks sees alike), else their shards would mix two states.
+  std::vector<double> where(static_cast<size_t>(3 * ranks), 0.0);
+  const size_t me = size_t(3 * dp_->rank());
+  where[me] = double(state_.step), where[me + 1] = double(state_.data.epoch), where[me + 2] = double(state_.data.index);
+  dp_->all_reduce(std::span<double>(where));
+  for (int64_t r = 1; r < ranks; ++r)
+    if (!std::equal(where.begin() + 3 * r, where.begin() + 3 * r + 3, where.begin()))
+      fail("data-parallel rank ", r, " is at step ", int64_t(where[size_t(3 * r)]), " and rank 0 at step ", int64_t(where[0]),
+           ": every process must resume from the same checkpoint (the same --out)");
   for (int64_t r = 0; r < ranks; ++r) counts_.push_back(std::min(n, std::min(n, r * per) + per) - std::min(n, r * per));
   padded_.assign(size_t(per * ranks), 0.0f), own_.assign(size_t(per), 0.0f);
   adamw_.shard(lo_, hi_);
@@ -173,19 +186,17 @@ void Trainer::zero_shard() {
 }
 
 double Trainer::clip_sharded() {
-  // The global norm: every rank's sum of squares over its shard, summed (in two floats, the
-  // high and low parts of a double, so the sum keeps a double's precision).
-  const double mine = sum_of_squares(shard_spans_.data(), shard_spans_.size());
-  std::vector<float> parts = {float(mine), float(mine - double(float(mine)))};
-  dp_->all_reduce(parts);
-  const double norm = std::sqrt(double(parts[0]) + double(parts[1]));
+  // The global norm: every rank's sum of squares over its shard, summed in double.
+  double sum = sum_of_squares(shard_spans_.data(), shard_spans_.size());
+  dp_->all_reduce(std::span<double>(&sum, 1));
+  const double norm = std::sqrt(sum);
   if (opt_.clip > 0 && norm > opt_.clip) scale_spans(shard_spans_.data(), shard_spans_.size(), float(opt_.clip / (norm + 1e-6)));
   return norm;
 }
 
 std::string Trainer::save() {
   if (dp_ && adamw_.sharded()) {  // the shards' moments gathered (every rank takes part), rank 0 writes
-    AdamW whole = adamw_.gathered(*dp_);
+    AdamW whole = adamw_.gathered(*dp_, counts_);
     if (dp_->rank() != 0) return "";
     return save_checkpoint(run_dir_, config_json_, c_, params_, whole, state_, opt_.keep, opt_.extras);
   }

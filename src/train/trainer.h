@@ -87,7 +87,7 @@ class Trainer {
   StepMetrics metrics_;  // the last step's (its vector keeps its memory)
   std::vector<int32_t> inputs_, targets_;
   dist::Communicator* dp_ = nullptr;
-  std::vector<float> reduced_;  // loads and losses summed over the data-parallel ranks
+  std::vector<double> reduced_;  // loads and losses summed over the data-parallel ranks
   std::vector<std::vector<int64_t>> loads_;  // the whole batch's expert loads
   // ZeRO-1: this rank's flat elements [lo_, hi_), every rank's count, the gradients padded
   // to ranks x shard for the reduce-scatter, this rank's shard, its trainable spans.

@@ -3,7 +3,8 @@
 # the tiny demo model with the same losses, validation losses and gradient norms as one
 # process (to 1e-5 relative: only the order of float sums differs), rank 0 alone writing the
 # run, and a run saved by 2 processes resumes on 4 with the same losses;
-# a --dp that is not the number of processes, and a batch that does not split, are errors.
+# a --dp that is not the number of processes, and a batch (or a ramp) that does not split,
+# are errors on every rank; rank 0 failing alone ends the job (MPI_Abort), never a hang.
 #   train_data_parallel.sh DSV3_BINARY PROJECT_ROOT
 set -euo pipefail
 dsv3=$1 root=$2
@@ -53,4 +54,18 @@ grep -q -- "--dp 3 must equal the number of processes (2" <<<"$out" || { echo "u
 if out=$("${mpi[@]}" -np 2 "$dsv3" train --config "$root/configs/tiny-demo.json" --data "$work/shards" --steps 2 --batch 3 --seq 32 \
           --out "$work/odd" --threads 1 2>&1); then echo "a batch of 3 over 2 processes ran"; exit 1; fi
 grep -q "divisible" <<<"$out" || { echo "unexpected: $out"; exit 1; }
+# A batch ramp that does not split at some step is refused before training.
+if out=$("${mpi[@]}" -np 2 "$dsv3" train --config "$root/configs/tiny-demo.json" --data "$work/shards" --steps 30 --batch 8 \
+          --batch-start 4 --batch-ramp 20 --seq 32 --out "$work/ramp" --threads 1 2>&1); then echo "an odd ramp ran"; exit 1; fi
+grep -q "step 3's batch is 5" <<<"$out" || { echo "unexpected: $out"; exit 1; }
+# Rank 0 failing alone (its run folder is locked by another trainer) ends every process,
+# rather than leaving the others waiting in a collective.
+mkdir -p "$work/locked"
+python3 -c 'import fcntl, sys, time; f = open(sys.argv[1], "w"); fcntl.flock(f, fcntl.LOCK_EX); time.sleep(60)' \
+  "$work/locked/.lock" >/dev/null 2>&1 &
+holder=$!
+sleep 0.5
+if out=$(timeout 60 "${mpi[@]}" -np 2 "$dsv3" "${train[@]}" --out "$work/locked" 2>&1); then echo "a locked run folder ran"; exit 1; fi
+kill "$holder" 2>/dev/null || true
+grep -q "is in use by another dsv3 train" <<<"$out" || { echo "unexpected: $out"; exit 1; }
 echo "ok"
