@@ -46,6 +46,12 @@ TEST(Communicator, ReduceScatterAndAllGatherAreZeroOnesHalves) {
   size_t at = 0;
   for (int i = 0; i < R; ++i)
     for (int k = 0; k <= i; ++k) EXPECT_FLOAT_EQ(all[at++], float(i));
+  // The same pieces to the last rank only.
+  std::vector<float> at_root(r == R - 1 ? all.size() : 0, -1.0f);
+  w.gather(mine, at_root, counts, R - 1);
+  if (r == R - 1) {
+    EXPECT_EQ(at_root, all);
+  }
 }
 
 TEST(Communicator, AllToAllWithVariableCounts) {

@@ -114,6 +114,20 @@ class MpiCommunicator : public Communicator {
           "all_gather");
     return h;
   }
+  std::unique_ptr<Handle> gather_async(std::span<const float> in, std::span<float> out, const std::vector<int64_t>& counts,
+                                       int root) override {
+    if (root < 0 || root >= size_) fail("MPI gather: no rank ", root, " among ", size_);
+    auto h = std::make_unique<MpiHandle>("gather");
+    int64_t total = 0;
+    layout(counts, size_, "gather", h->counts, h->displacements, total);
+    if (int64_t(in.size()) != counts[size_t(rank_)] || (rank_ == root && int64_t(out.size()) != total))
+      fail("MPI gather: rank ", rank_, " gives ", in.size(), " elements (its count is ", counts[size_t(rank_)], ")",
+           rank_ == root ? cat(" into ", out.size(), " (the counts sum to ", total, ")") : std::string());
+    check(MPI_Igatherv(in.data(), int(in.size()), MPI_FLOAT, out.data(), h->counts.data(), h->displacements.data(), MPI_FLOAT, root,
+                       comm_, &h->request),
+          "gather");
+    return h;
+  }
   std::unique_ptr<Handle> all_to_all_async(std::span<const float> send, const std::vector<int64_t>& send_counts, std::span<float> recv,
                                            const std::vector<int64_t>& recv_counts) override {
     auto h = std::make_unique<MpiHandle>("all_to_all");
@@ -173,6 +187,11 @@ class SingleProcess : public Communicator {
     if (counts.size() != 1 || int64_t(in.size()) != counts[0] || out.size() != in.size()) fail("all_gather: sizes disagree on one rank");
     std::memcpy(out.data(), in.data(), in.size() * sizeof(float));
     return std::make_unique<Done>();
+  }
+  std::unique_ptr<Handle> gather_async(std::span<const float> in, std::span<float> out, const std::vector<int64_t>& counts,
+                                       int root) override {
+    if (root != 0) fail("gather: no rank ", root, " in a world of one process");
+    return all_gather_async(in, out, counts);
   }
   std::unique_ptr<Handle> all_to_all_async(std::span<const float> send, const std::vector<int64_t>& sc, std::span<float> recv,
                                            const std::vector<int64_t>& rc) override {

@@ -38,6 +38,10 @@ class Communicator {
   // rank: ZeRO's updated shards.
   virtual std::unique_ptr<Handle> all_gather_async(std::span<const float> in, std::span<float> out,
                                                    const std::vector<int64_t>& counts) = 0;
+  // all_gather's pieces delivered to `root` only (`out` matters there alone): a checkpoint's
+  // optimizer state, gathered without every rank holding all of it.
+  virtual std::unique_ptr<Handle> gather_async(std::span<const float> in, std::span<float> out, const std::vector<int64_t>& counts,
+                                               int root) = 0;
   // Rank i sends send_counts[j] elements to rank j (in rank order from `send`) and receives
   // recv_counts[j] from rank j (in rank order into `recv`): expert parallelism's dispatch and
   // combine.
@@ -56,6 +60,9 @@ class Communicator {
   void reduce_scatter(std::span<const float> in, std::span<float> out) { reduce_scatter_async(in, out)->wait(); }
   void all_gather(std::span<const float> in, std::span<float> out, const std::vector<int64_t>& counts) {
     all_gather_async(in, out, counts)->wait();
+  }
+  void gather(std::span<const float> in, std::span<float> out, const std::vector<int64_t>& counts, int root) {
+    gather_async(in, out, counts, root)->wait();
   }
   void all_to_all(std::span<const float> send, const std::vector<int64_t>& send_counts, std::span<float> recv,
                   const std::vector<int64_t>& recv_counts) {

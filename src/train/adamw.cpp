@@ -51,11 +51,15 @@ AdamW AdamW::gathered(dist::Communicator& comm, const std::vector<int64_t>& coun
   AdamW out = *this;
   out.segments_ = all_segments_, out.step_.resize(all_segments_.size());
   out.sharded_ = false, out.lo_ = 0, out.hi_ = flat_numel_;
-  std::vector<float> part(static_cast<size_t>(mine)), whole(static_cast<size_t>(flat_numel_));
+  // Only rank 0 holds the whole moments (the point of ZeRO-1 is that no rank must).
+  const bool root = comm.rank() == 0;
+  out.m16_.clear(), out.v16_.clear(), out.m32_.clear(), out.v32_.clear();
+  std::vector<float> part(static_cast<size_t>(mine)), whole(root ? static_cast<size_t>(flat_numel_) : 0);
   for (int which = 0; which < 2; ++which) {
     for (int64_t i = 0; i < mine; ++i)
       part[size_t(i)] = cfg_.bf16_moments ? bf16_to_f32((which ? v16_ : m16_)[size_t(i)]) : (which ? v32_ : m32_)[size_t(i)];
-    comm.all_gather(part, whole, counts);
+    comm.gather(part, whole, counts, 0);
+    if (!root) continue;
     if (cfg_.bf16_moments) {
       auto& dst = which ? out.v16_ : out.m16_;
       dst.resize(size_t(flat_numel_));

@@ -52,9 +52,9 @@ class AdamW {
   // elements [lo, hi) and keeps only their moments (copied from its full ones).
   void shard(int64_t lo, int64_t hi);
   bool sharded() const { return sharded_; }
-  // Every rank's shard gathered into an unsharded copy (for a checkpoint); a collective:
-  // every rank of comm calls it, each with its own shard, together covering the elements.
-  // counts: every rank's shard size, in rank order.
+  // Every rank's shard gathered into an unsharded copy on rank 0 (for a checkpoint; the
+  // other ranks get an empty-handed copy they must not use); a collective: every rank of
+  // comm calls it, each with its own shard. counts: every rank's shard size, in rank order.
   AdamW gathered(dist::Communicator& comm, const std::vector<int64_t>& counts) const;
 
  private:
