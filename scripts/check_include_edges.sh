@@ -18,7 +18,8 @@ declare -A allowed=(
   [cost]="cost model backend io core"
   [serve]="serve infer tokenizer model backend io core"
   [dist]="dist core"
-  [cli]="cli serve dist cost infer train data tokenizer model backend io core"
+  [eval]="eval infer tokenizer model backend io core"
+  [cli]="cli serve eval dist cost infer train data tokenizer model backend io core"
 )
 status=0
 for dir in src/*/; do

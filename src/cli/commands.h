@@ -22,5 +22,6 @@ void add_perplexity(CLI::App& app);
 void add_export(CLI::App& app);
 void add_serve(CLI::App& app);
 void add_schedule(CLI::App& app);
+void add_eval(CLI::App& app);
 
 }  // namespace dsv3::cli

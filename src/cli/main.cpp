@@ -26,6 +26,7 @@ int main(int argc, char** argv) {
   dsv3::cli::add_export(app);
   dsv3::cli::add_serve(app);
   dsv3::cli::add_schedule(app);
+  dsv3::cli::add_eval(app);
   dsv3::cli::add_plot(app);
   try {
     app.parse(argc, argv);
