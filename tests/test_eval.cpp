@@ -27,7 +27,7 @@ TEST(Eval, PassAtKAndStandardErrorsByHand) {
   const EvalMetric m = mean_with_stderr("acc", {1, 0, 1, 1});
   EXPECT_DOUBLE_EQ(m.value, 0.75);
   EXPECT_DOUBLE_EQ(m.stderr_, 0.25);  // sample sd 0.5 / sqrt(4)
-  EXPECT_DOUBLE_EQ(mean_with_stderr("x", {0.3}).stderr_, 0.0);
+  EXPECT_TRUE(std::isnan(mean_with_stderr("x", {0.3}).stderr_));  // undefined for one value
 }
 
 std::string strip(const std::string& s) {
@@ -79,7 +79,8 @@ TEST_F(EvalTask, MultipleChoiceAccuraciesEqualTheLogitsByHand) {
       {"In the beginning God created", {" the heaven", " a cat", " nothing at all"}},
       {"And God said, Let there be", {" light", " dark", " é"}},
       {"The LORD is my", {" shepherd", " banana split"}},
-      {"Jesus", {" wept.", " laughed loudly"}}};
+      {"Jesus", {" wept.", " laughed loudly"}},
+      {"The LORD is my ", {"shepherd", "cat"}}};  // a trailing space, moved to the choices as the harness does
   std::string lines;
   std::vector<double> acc, acc_norm, acc_bytes;
   for (size_t q = 0; q < items.size(); ++q) {
@@ -88,8 +89,14 @@ TEST_F(EvalTask, MultipleChoiceAccuraciesEqualTheLogitsByHand) {
     lines += nlohmann::json{{"context", ctx}, {"choices", choices}, {"answer", answer}}.dump() + "\n";
     double best[3] = {-1e300, -1e300, -1e300};
     int pick[3] = {-1, -1, -1};
+    // The harness's pairing, written again here: trailing spaces to the choice, the choice's
+    // tokens those of context + choice after the context's.
+    const size_t keep = ctx.find_last_not_of(' ') + 1;
+    const auto ctx_ids = encode(ctx.substr(0, keep), true);
     for (size_t i = 0; i < choices.size(); ++i) {
-      const double ll = by_hand(model_, encode(ctx, true), encode(choices[i], false));
+      const auto whole = encode(ctx + choices[i], true);
+      const std::vector<int32_t> cont(whole.begin() + long(ctx_ids.size()), whole.end());
+      const double ll = by_hand(model_, ctx_ids, cont);
       int64_t chars = 0;
       for (unsigned char ch : choices[i]) chars += (ch & 0xC0) != 0x80;
       const double s[3] = {ll, ll / double(chars), ll / double(choices[i].size())};
@@ -100,7 +107,7 @@ TEST_F(EvalTask, MultipleChoiceAccuraciesEqualTheLogitsByHand) {
   }
   const EvalReport r = evaluate(model_, tok_, &config_, write(lines), {});
   EXPECT_EQ(r.kind, "multiple_choice");
-  EXPECT_EQ(r.items, 4);
+  EXPECT_EQ(r.items, 5);
   ASSERT_EQ(r.metrics.size(), 3u);
   EXPECT_DOUBLE_EQ(r.metrics[0].value, mean_with_stderr("", acc).value);
   EXPECT_DOUBLE_EQ(r.metrics[0].stderr_, mean_with_stderr("", acc).stderr_);
@@ -140,6 +147,13 @@ TEST_F(EvalTask, GenerationExactMatchAndPerplexity) {
   EXPECT_DOUBLE_EQ(r.metrics[0].value, 0.5);  // exact_match
   EXPECT_DOUBLE_EQ(r.metrics[1].value, 0.5);  // pass@1 (greedy: every sample alike)
   EXPECT_DOUBLE_EQ(r.metrics[2].value, 0.5);  // pass@3
+  // A stop string: the answer is the text before it.
+  const size_t stop_at = said.find_last_not_of(' ');
+  if (stop_at != std::string::npos && stop_at > 0 && static_cast<unsigned char>(said[stop_at]) < 0x80) {
+    const std::string stop(1, said[stop_at]), before = said.substr(0, said.find(stop));
+    const std::string stopped = nlohmann::json{{"prompt", prompt}, {"answer", before}, {"stop", {"never", stop}}}.dump() + "\n";
+    EXPECT_DOUBLE_EQ(evaluate(model_, tok_, &config_, write(stopped), opt).metrics[0].value, 1.0) << said << " | " << stop;
+  }
   // Perplexity: every text's next-token losses pooled.
   const std::vector<std::string> texts = {"And God saw the light, that it was good.", "Jesus wept."};
   double nll = 0, tokens = 0;
@@ -165,6 +179,7 @@ TEST_F(EvalTask, MalformedLinesAreNamed) {
       {"{\"question\": \"a\"}\n", "line 1: an item has \"choices\""},
       {"not json\n", "line 1: not JSON"},
       {"{\"prompt\": \"a\"}\n", "line 1: \"answer\" must be a string"},
+      {"{\"prompt\": \"a\", \"choices\": [\"b\", \"c\"], \"answer\": 0}\n", "line 1: an item has one of"},
       {"", "no items"}};
   for (const auto& [text, says] : cases) {
     try {

@@ -1,5 +1,6 @@
 // dsv3 eval: score a checkpoint on a task file (multiple choice, generation, perplexity).
 #include <CLI/CLI.hpp>
+#include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <memory>
@@ -37,7 +38,10 @@ void run(const EvalFlags& f) {
     return;
   }
   std::printf("%s: %s, %lld items\n", f.task.c_str(), r.kind.c_str(), (long long)r.items);
-  for (const EvalMetric& m : r.metrics) std::printf("  %-12s %.4f ± %.4f\n", m.name.c_str(), m.value, m.stderr_);
+  for (const EvalMetric& m : r.metrics) {
+    if (std::isnan(m.stderr_)) std::printf("  %-12s %.4f ± n/a\n", m.name.c_str(), m.value);
+    else std::printf("  %-12s %.4f ± %.4f\n", m.name.c_str(), m.value, m.stderr_);
+  }
 }
 
 }  // namespace
@@ -55,6 +59,7 @@ void add_eval(CLI::App& app) {
   cmd->add_option("--bootstrap", f->opt.bootstrap, "perplexity: bootstrap resamples for the standard error (default 1000)");
   cmd->add_option("--limit", f->opt.limit, "score only the first N items");
   cmd->add_flag("--json", f->json, "one JSON object");
+  cmd->add_flag_callback("--no-bos", [f] { f->opt.bos = false; }, "no BOS token first (lm-evaluation-harness's default)");
   cmd->add_option("--threads,-t", f->threads, "CPU threads (default: all)");
   cmd->callback([f] { run(*f); });
 }

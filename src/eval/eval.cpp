@@ -5,6 +5,7 @@
 #include <cmath>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <random>
 
 #include "core/error.h"
@@ -28,6 +29,8 @@ double continuation_loglik(Transformer& model, const std::vector<int32_t>& conte
   double total = 0;
   for (size_t i = 0; i < continuation.size(); ++i) {
     const float* row = logits.data() + (context.size() - 1 + i) * size_t(c.vocab_size);  // predicts continuation[i]
+    for (int64_t v = 0; v < c.vocab_size; ++v)
+      if (!std::isfinite(row[v])) fail("eval: logit ", v, " is ", row[v], ": the model produced non-finite values");
     const float m = *std::max_element(row, row + c.vocab_size);
     double z = 0;
     for (int64_t v = 0; v < c.vocab_size; ++v) z += std::exp(double(row[v] - m));
@@ -46,7 +49,7 @@ double pass_at_k(int64_t n, int64_t c, int64_t k) {
 }
 
 EvalMetric mean_with_stderr(const std::string& name, const std::vector<double>& values) {
-  EvalMetric m{name, 0, 0};
+  EvalMetric m{name, 0, NAN};  // one value: no standard error
   if (values.empty()) return m;
   for (double v : values) m.value += v;
   m.value /= double(values.size());
@@ -79,12 +82,18 @@ EvalReport evaluate(Transformer& model, const Tokenizer& tok, const TokenizerCon
   std::ifstream in(task_path);
   if (!in) fail(task_path, ": cannot read");
   if (opt.samples < 1) fail("--samples must be >= 1, not ", opt.samples);
+  if (opt.max_tokens < 1) fail("--max-tokens must be >= 1, not ", opt.max_tokens);
+  if (opt.bootstrap < 0) fail("--bootstrap must be >= 0, not ", opt.bootstrap);
   for (int64_t k : opt.k)
     if (k < 1 || k > opt.samples) fail("pass@", k, " needs 1 <= k <= --samples (", opt.samples, ")");
-  auto encode = [&](const std::string& text, bool bos) {
+  std::optional<int32_t> bos;
+  if (opt.bos && config && config->add_bos_token && config->bos_token) {
+    bos = tok.token_id(*config->bos_token);
+    if (!bos) fail("tokenizer_config.json asks for BOS ", *config->bos_token, ", which tokenizer.json does not have");
+  }
+  auto encode = [&](const std::string& text, bool with_bos) {
     std::vector<int32_t> ids;
-    if (bos && config && config->add_bos_token && config->bos_token)
-      if (auto id = tok.token_id(*config->bos_token)) ids.push_back(*id);
+    if (with_bos && bos) ids.push_back(*bos);
     const auto body = tok.encode(text);
     ids.insert(ids.end(), body.begin(), body.end());
     return ids;
@@ -105,6 +114,8 @@ EvalReport evaluate(Transformer& model, const Tokenizer& tok, const TokenizerCon
       fail(at, ": not JSON (", e.what(), ")");
     }
     if (!j.is_object()) fail(at, ": expected an object");
+    const int kinds = int(j.contains("choices")) + int(j.contains("prompt")) + int(j.contains("text"));
+    if (kinds > 1) fail(at, ": an item has one of \"choices\", \"prompt\" and \"text\", not several");
     const std::string kind = j.contains("choices") ? "multiple_choice" : j.contains("prompt") ? "generation"
                              : j.contains("text")  ? "perplexity" : "";
     if (kind.empty()) fail(at, ": an item has \"choices\" (multiple choice), \"prompt\" (generation) or \"text\" (perplexity)");
@@ -121,14 +132,22 @@ EvalReport evaluate(Transformer& model, const Tokenizer& tok, const TokenizerCon
       if (!j.contains("answer") || !j["answer"].is_number_integer()) fail(at, ": the item has no integer \"answer\"");
       const int64_t answer = j["answer"].get<int64_t>();
       if (answer < 0 || answer >= int64_t(choices.size())) fail(at, ": \"answer\" ", answer, " is not the index of a choice");
-      const auto ctx = encode(context, true);
+      // As lm-evaluation-harness pairs them: the context's trailing spaces move to the
+      // front of each choice, context + choice is encoded whole, and the choice's tokens are
+      // those after the context's own (so " Paris" is one token, not a lone space and "Paris").
+      const size_t keep = context.find_last_not_of(' ') == std::string::npos ? 0 : context.find_last_not_of(' ') + 1;
+      const std::string ctx_text = context.substr(0, keep), moved = context.substr(keep);
+      const auto ctx = encode(ctx_text, true);
       if (ctx.empty()) fail(at, ": the context encodes to no tokens");
       double best[3] = {-INFINITY, -INFINITY, -INFINITY};
       int64_t pick[3] = {-1, -1, -1};
       for (size_t i = 0; i < choices.size(); ++i) {
         if (!choices[i].is_string()) fail(at, ": choice ", i, " is not a string");
         const std::string choice = choices[i];
-        const double ll = continuation_loglik(model, ctx, encode(choice, false));
+        const auto whole = encode(ctx_text + moved + choice, true);
+        const std::vector<int32_t> cont(whole.begin() + long(std::min(ctx.size(), whole.size())), whole.end());
+        if (cont.empty()) fail(at, ": choice ", i, " adds no tokens to the context");
+        const double ll = continuation_loglik(model, ctx, cont);
         const double scores[3] = {ll, ll / double(std::max<int64_t>(1, characters(choice))), ll / double(std::max<size_t>(1, choice.size()))};
         for (int s = 0; s < 3; ++s)
           if (scores[s] > best[s]) best[s] = scores[s], pick[s] = int64_t(i);
@@ -150,15 +169,21 @@ EvalReport evaluate(Transformer& model, const Tokenizer& tok, const TokenizerCon
       if (g.max_tokens < 1) fail(at, ": the prompt fills the model's context");
       g.sampling.temperature = opt.temperature;
       int64_t correct = 0;
+      bool first_ok = false;
       for (int64_t s = 0; s < opt.samples; ++s) {
+        if (s > 0 && opt.temperature == 0) {  // greedy: every sample is the first
+          correct += first_ok;
+          continue;
+        }
         g.sampling.seed = opt.seed + uint64_t(report.items) * 1000003ULL + uint64_t(s);
         const auto out = generate(model, ids, g);
         std::string text = tok.decode(out.tokens, true);
-        for (const std::string& st : stop)
-          if (const size_t cut = text.find(st); cut != std::string::npos) text.resize(cut);
+        size_t cut = std::string::npos;  // the earliest stop string ends the answer
+        for (const std::string& st : stop) cut = std::min(cut, text.find(st));
+        if (cut != std::string::npos) text.resize(cut);
         const bool ok = strip(text) == strip(answer);
         correct += ok;
-        if (s == 0) exact.push_back(ok);
+        if (s == 0) exact.push_back(ok), first_ok = ok;  // exact_match: the first (greedy) answer
       }
       for (size_t q = 0; q < opt.k.size(); ++q) pass[q].push_back(pass_at_k(opt.samples, correct, opt.k[q]));
     } else {
@@ -195,7 +220,7 @@ EvalReport evaluate(Transformer& model, const Tokenizer& tok, const TokenizerCon
       losses.push_back(pooled(pick)), ppls.push_back(std::exp(losses.back()));
     }
     auto spread = [](const std::vector<double>& v) {
-      if (v.size() < 2) return 0.0;
+      if (v.size() < 2) return double(NAN);  // one text, or no resamples: no standard error
       double m = 0, ss = 0;
       for (double x : v) m += x;
       m /= double(v.size());

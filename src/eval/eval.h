@@ -4,13 +4,16 @@
 //   {"prompt": "...", "answer": "...", "stop": ["..."]}        generation, exact match
 //   {"text": "..."}                                            perplexity
 // Multiple choice reports acc (the choice of highest log-likelihood of its tokens after the
-// context), acc_norm (log-likelihood divided by the choice's length in characters) and
+// context, paired as the harness pairs them: the context's trailing spaces moved to the
+// choice, context + choice encoded whole), acc_norm (log-likelihood divided by the choice's length in characters) and
 // acc_bytes (in bytes), as EleutherAI's lm-evaluation-harness reports them, each with the
 // standard error of a mean (sample standard deviation / sqrt(n)). Generation decodes greedily
-// (or samples n answers per prompt) until a stop string, EOS or max_tokens, compares the
-// stripped text with the stripped answer, and reports exact_match and pass@k with the
+// (or samples n answers per prompt) until the earliest stop string, EOS or max_tokens,
+// compares the stripped text with the stripped answer, and reports exact_match (of the first
+// answer) and pass@k with the
 // unbiased estimator 1 - C(n-c, k) / C(n, k). Perplexity pools every text's next-token
-// losses; its standard error comes from a seeded bootstrap over the texts.
+// losses; its standard error comes from a seeded bootstrap over the texts. A standard error
+// that is undefined (one item) is NaN (JSON null, "n/a" printed).
 // Uses infer (generation), tokenizer and model.
 #pragma once
 #include <cstdint>
@@ -31,6 +34,7 @@ struct EvalOptions {
   uint64_t seed = 0;
   int64_t bootstrap = 1000;    // perplexity's resamples
   int64_t limit = 0;           // items scored (0: all)
+  bool bos = true;             // BOS first as tokenizer_config.json asks (the harness adds none by default)
 };
 
 struct EvalMetric {
