@@ -1,0 +1,34 @@
+// Rule-based rewards for verifiable answers (the post-training issue, item 3; DeepSeek-V3
+// §5.2.1): the final answer is read from the text as GSM8K writes it ("#### 42") or as
+// LaTeX does ("\boxed{42}"), the last one if several, and compared after normalisation
+// (spaces, thousands separators, a leading "+" or "$", a trailing "." or ".0", numbers in a
+// canonical form). Also a generator of verifiable arithmetic tasks (multi-digit addition and
+// multiplication) with a held-out split that never overlaps the training one. Uses nothing else.
+#pragma once
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace dsv3 {
+
+// The final answer a text gives, if any.
+std::optional<std::string> extract_answer(const std::string& text);
+// The canonical form of an answer (a number as the shortest exact decimal; else trimmed text).
+std::string normalize_answer(const std::string& answer);
+// 1 if the text's final answer equals the reference (both normalised), else 0.
+double exact_match_reward(const std::string& text, const std::string& reference);
+// 1 if the text gives a final answer in one of the two forms, else 0.
+double format_reward(const std::string& text);
+// A reward by name ("exact", "format"); Error naming the unknown ones.
+double reward(const std::string& name, const std::string& text, const std::string& reference);
+
+struct ArithmeticTask {
+  std::string prompt, answer;
+};
+// count tasks of op ("add" or "mul") on numbers of `digits` digits, drawn from seed; split
+// "train" or "heldout" (a pair of operands belongs to one split only, by a hash of it).
+std::vector<ArithmeticTask> arithmetic_tasks(const std::string& op, int digits, int64_t count, uint64_t seed,
+                                             const std::string& split);
+
+}  // namespace dsv3
