@@ -5,9 +5,11 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <random>
 #include <set>
+#include <sstream>
 
 #include "core/error.h"
 #include "train/grpo.h"
@@ -152,6 +154,45 @@ TEST(Rewards, AnswersAreExtractedAndNormalised) {
   } catch (const Error& e) {
     EXPECT_THAT(e.what(), HasSubstr("unknown reward 'length'"));
   }
+}
+
+TEST(Rewards, CountdownChecksTheExpression) {
+  const std::string ref = "24: 4 6 1 5";
+  for (const char* ok : {"#### (5 - 1) * 6 = 24", "#### 4 * 6", "so \\boxed{6 * 4 * 1}", "#### 4 × 6", "#### ((6))*(4)"})
+    EXPECT_EQ(countdown_reward(ok, ref), 1.0) << ok;
+  for (const char* bad : {"#### 6 * 4 * 1 * 1", "#### 25 - 1", "#### 4 * 6 + 1", "#### 4 * (6", "4 * 6", "#### 4 * 6 / 0",
+                          "#### 46 - 22"})
+    EXPECT_EQ(countdown_reward(bad, ref), 0.0) << bad;
+  EXPECT_EQ(countdown_reward("#### 6 / 4 * 2", "3: 6 4 2"), 1.0);  // exact rationals: 6/4 is 3/2
+  EXPECT_EQ(countdown_reward("#### 7 / 2 * 2", "7: 7 2 2"), 1.0);
+  EXPECT_EQ(reward("countdown", "#### 4 * 6", ref), 1.0);
+  EXPECT_THROW(countdown_reward("#### 1", "no colon"), Error);
+}
+
+// Every generated countdown puzzle has a solution: found here by trying each order of its
+// numbers with each choice of operations, left to right, and checked by the reward.
+TEST(Rewards, CountdownPuzzlesAreSolvable) {
+  const auto tasks = arithmetic_tasks("countdown", 2, 20, 4, "train");
+  ASSERT_EQ(tasks.size(), 20u);
+  for (const auto& t : tasks) {
+    std::vector<int64_t> n;
+    std::istringstream numbers(t.answer.substr(t.answer.find(':') + 1));
+    for (int64_t v; numbers >> v;) n.push_back(v);
+    ASSERT_EQ(n.size(), 4u) << t.answer;
+    std::sort(n.begin(), n.end());
+    bool solved = false;
+    do {
+      for (int code = 0; code < 64 && !solved; ++code) {
+        std::string e = std::to_string(n[0]);
+        for (int k = 1; k < 4; ++k) e = "(" + e + " " + "+-*/"[(code >> (2 * (k - 1))) & 3] + " " + std::to_string(n[size_t(k)]) + ")";
+        solved = countdown_reward("#### " + e, t.answer) == 1.0;
+      }
+    } while (!solved && std::next_permutation(n.begin(), n.end()));
+    EXPECT_TRUE(solved) << t.prompt << " | " << t.answer;
+  }
+  std::set<std::string> train;
+  for (const auto& t : tasks) train.insert(t.answer);
+  for (const auto& t : arithmetic_tasks("countdown", 2, 10, 5, "heldout")) EXPECT_FALSE(train.count(t.answer));
 }
 
 TEST(Rewards, ArithmeticTasksSplitAndAnswer) {

@@ -68,15 +68,117 @@ double exact_match_reward(const std::string& text, const std::string& reference)
 
 double format_reward(const std::string& text) { return extract_answer(text) ? 1.0 : 0.0; }
 
+namespace {
+
+// An exact rational p / q (q > 0), small enough for countdown's numbers; nullopt on overflow
+// or division by zero.
+struct Rational {
+  int64_t p = 0, q = 1;
+};
+std::optional<Rational> make(__int128 p, __int128 q) {
+  if (q == 0) return std::nullopt;
+  if (q < 0) p = -p, q = -q;
+  __int128 a = p < 0 ? -p : p, b = q;
+  while (b) a %= b, std::swap(a, b);
+  if (a > 1) p /= a, q /= a;
+  if (p > INT64_MAX || p < -INT64_MAX || q > INT64_MAX) return std::nullopt;
+  return Rational{int64_t(p), int64_t(q)};
+}
+
+// Recursive descent over + - * / and parentheses; the integers it reads go to `used`.
+struct Parser {
+  const std::string& s;
+  size_t i = 0;
+  std::vector<int64_t> used;
+  bool ok = true;
+  void space() {
+    while (i < s.size() && std::isspace(static_cast<unsigned char>(s[i]))) ++i;
+  }
+  std::optional<Rational> expr() {
+    auto a = term();
+    for (space(); a && i < s.size() && (s[i] == '+' || s[i] == '-'); space()) {
+      const char op = s[i++];
+      const auto b = term();
+      if (!b) return std::nullopt;
+      a = make(__int128(a->p) * b->q + (op == '+' ? 1 : -1) * __int128(b->p) * a->q, __int128(a->q) * b->q);
+    }
+    return a;
+  }
+  std::optional<Rational> term() {
+    auto a = factor();
+    for (space(); a && i < s.size() && (s[i] == '*' || s[i] == '/' || s[i] == 'x' || s[i] == '\xc3'); space()) {
+      char op = s[i++];
+      if (op == '\xc3') {  // U+00D7 (x) or U+00F7 (/) in UTF-8
+        if (i >= s.size() || (s[i] != '\x97' && s[i] != '\xb7')) return std::nullopt;
+        op = s[i++] == '\x97' ? '*' : '/';
+      }
+      const auto b = factor();
+      if (!b) return std::nullopt;
+      a = op == '/' ? make(__int128(a->p) * b->q, __int128(a->q) * b->p) : make(__int128(a->p) * b->p, __int128(a->q) * b->q);
+    }
+    return a;
+  }
+  std::optional<Rational> factor() {
+    space();
+    if (i < s.size() && s[i] == '(') {
+      ++i;
+      const auto a = expr();
+      space();
+      if (!a || i >= s.size() || s[i] != ')') return std::nullopt;
+      ++i;
+      return a;
+    }
+    size_t j = i;
+    while (j < s.size() && std::isdigit(static_cast<unsigned char>(s[j]))) ++j;
+    if (j == i || j - i > 12) return std::nullopt;
+    const int64_t v = std::stoll(s.substr(i, j - i));
+    i = j;
+    used.push_back(v);
+    return Rational{v, 1};
+  }
+};
+
+}  // namespace
+
+double countdown_reward(const std::string& text, const std::string& reference) {
+  // reference: "TARGET: N1 N2 ..."
+  const size_t colon = reference.find(':');
+  if (colon == std::string::npos) fail("countdown: the reference '", reference, "' is not \"TARGET: N1 N2 ...\"");
+  const int64_t target = std::stoll(reference.substr(0, colon));
+  std::multiset<int64_t> numbers;
+  for (size_t i = colon + 1; i < reference.size();) {
+    while (i < reference.size() && reference[i] == ' ') ++i;
+    size_t j = i;
+    while (j < reference.size() && std::isdigit(static_cast<unsigned char>(reference[j]))) ++j;
+    if (j > i) numbers.insert(std::stoll(reference.substr(i, j - i)));
+    i = j > i ? j : j + 1;
+  }
+  const auto answer = extract_answer(text);
+  if (!answer) return 0;
+  std::string expression = *answer;
+  if (const size_t eq = expression.find('='); eq != std::string::npos) expression.resize(eq);  // "a + b = T"
+  Parser p{expression, 0, {}, true};
+  const auto value = p.expr();
+  p.space();
+  if (!value || p.i != expression.size() || value->q != 1 || value->p != target) return 0;
+  for (int64_t v : p.used) {  // each given number at most once
+    const auto it = numbers.find(v);
+    if (it == numbers.end()) return 0;
+    numbers.erase(it);
+  }
+  return 1;
+}
+
 double reward(const std::string& name, const std::string& text, const std::string& reference) {
   if (name == "exact") return exact_match_reward(text, reference);
   if (name == "format") return format_reward(text);
-  fail("unknown reward '", name, "' (exact, format)");
+  if (name == "countdown") return countdown_reward(text, reference);
+  fail("unknown reward '", name, "' (exact, format, countdown)");
 }
 
 std::vector<ArithmeticTask> arithmetic_tasks(const std::string& op, int digits, int64_t count, uint64_t seed,
                                              const std::string& split) {
-  if (op != "add" && op != "mul") fail("arithmetic tasks: unknown operation '", op, "' (add, mul)");
+  if (op != "add" && op != "mul" && op != "countdown") fail("arithmetic tasks: unknown operation '", op, "' (add, mul, countdown)");
   if (digits < 1 || digits > 9) fail("arithmetic tasks: digits must be in 1..9, not ", digits);
   if (split != "train" && split != "heldout") fail("arithmetic tasks: split must be train or heldout, not '", split, "'");
   if (count < 0) fail("arithmetic tasks: count must be >= 0");
@@ -90,6 +192,35 @@ std::vector<ArithmeticTask> arithmetic_tasks(const std::string& op, int digits, 
     return h % 10 == 0;
   };
   std::vector<ArithmeticTask> out;
+  if (op == "countdown") {
+    // Four numbers; the target is what a random expression over some of them gives (a
+    // positive integer, each division exact), so every puzzle has a solution.
+    std::uniform_int_distribution<int> pick(0, 3), ops(0, 3);
+    std::set<std::vector<int64_t>> puzzles;
+    for (int64_t tries = 0; int64_t(out.size()) < count; ++tries) {
+      if (tries > 1000 * count + 1000) fail("arithmetic tasks: cannot draw ", count, " distinct ", split, " countdown puzzles");
+      std::vector<int64_t> n(4);
+      for (int64_t& v : n) v = std::max<int64_t>(1, draw(rng));
+      const uint64_t key = uint64_t(n[0]) * 1000003ULL ^ uint64_t(n[1]) * 999983ULL ^ uint64_t(n[2]) * 1009ULL ^ uint64_t(n[3]);
+      if ((key * 0x9e3779b97f4a7c15ULL >> 60) % 10 == 0) { if (split != "heldout") continue; } else if (split == "heldout") continue;
+      int64_t value = n[0];
+      for (int k = 1; k < 4; ++k) {
+        switch (ops(rng)) {
+          case 0: value += n[size_t(k)]; break;
+          case 1: if (value > n[size_t(k)]) value -= n[size_t(k)]; else value += n[size_t(k)]; break;
+          case 2: if (value * n[size_t(k)] < 100000) value *= n[size_t(k)]; else value += n[size_t(k)]; break;
+          default: if (value % n[size_t(k)] == 0) value /= n[size_t(k)]; else value += n[size_t(k)]; break;
+        }
+      }
+      if (!puzzles.insert(n).second) continue;
+      std::shuffle(n.begin(), n.end(), rng);
+      std::string list, ref = std::to_string(value) + ":";
+      for (int64_t v : n) list += (list.empty() ? "" : ", ") + std::to_string(v), ref += " " + std::to_string(v);
+      out.push_back({"Using the numbers " + list + ", each at most once, with + - * / and parentheses, make " + std::to_string(value) + ".",
+                     ref});
+    }
+    return out;
+  }
   std::set<std::pair<int64_t, int64_t>> seen;
   const int64_t pairs = (hi - lo + 1) * (hi - lo + 1);
   for (int64_t tries = 0; int64_t(out.size()) < count; ++tries) {

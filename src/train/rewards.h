@@ -3,7 +3,8 @@
 // LaTeX does ("\boxed{42}"), the last one if several, and compared after normalisation
 // (spaces, thousands separators, a leading "+" or "$", a trailing "." or ".0", numbers in a
 // canonical form). Also a generator of verifiable arithmetic tasks (multi-digit addition and
-// multiplication) with a held-out split that never overlaps the training one. Uses nothing else.
+// multiplication, and the countdown puzzle: reach a target from given numbers) with a held-out
+// split that never overlaps the training one. Uses nothing else.
 #pragma once
 #include <cstdint>
 #include <optional>
@@ -20,14 +21,20 @@ std::string normalize_answer(const std::string& answer);
 double exact_match_reward(const std::string& text, const std::string& reference);
 // 1 if the text gives a final answer in one of the two forms, else 0.
 double format_reward(const std::string& text);
-// A reward by name ("exact", "format"); Error naming the unknown ones.
+// The countdown puzzle's check: the text's final answer is an arithmetic expression (+ - * /,
+// parentheses, integers) using each given number at most once that equals the target
+// exactly (rational arithmetic). reference: "TARGET: N1 N2 ...". 1 or 0.
+double countdown_reward(const std::string& text, const std::string& reference);
+// A reward by name ("exact", "format", "countdown"); Error naming the unknown ones.
 double reward(const std::string& name, const std::string& text, const std::string& reference);
 
 struct ArithmeticTask {
   std::string prompt, answer;
 };
-// count tasks of op ("add" or "mul") on numbers of `digits` digits, drawn from seed; split
-// "train" or "heldout" (a pair of operands belongs to one split only, by a hash of it).
+// count tasks of op ("add" or "mul") on numbers of `digits` digits, or "countdown" (reach a
+// target from 4 numbers of 1..`digits` digits; its answer is countdown_reward's reference),
+// drawn from seed; split "train" or "heldout" (a task belongs to one split only, by a hash of
+// its numbers).
 std::vector<ArithmeticTask> arithmetic_tasks(const std::string& op, int digits, int64_t count, uint64_t seed,
                                              const std::string& split);
 
