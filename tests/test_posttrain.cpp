@@ -14,6 +14,8 @@
 #include "core/error.h"
 #include "train/grpo.h"
 #include "train/rewards.h"
+#include "train/sft_data.h"
+#include "tokenizer/chat_template.h"
 
 namespace dsv3 {
 namespace {
@@ -193,6 +195,42 @@ TEST(Rewards, CountdownPuzzlesAreSolvable) {
   std::set<std::string> train;
   for (const auto& t : tasks) train.insert(t.answer);
   for (const auto& t : arithmetic_tasks("countdown", 2, 10, 5, "heldout")) EXPECT_FALSE(train.count(t.answer));
+}
+
+// SFT masks: with DeepSeek-V3's own tokenizer and template, the learnt tokens are exactly
+// what the assistant said, each closed by the end-of-sentence token; nothing else counts.
+TEST(Sft, OnlyTheAssistantsTokensAreLearnt) {
+  const std::string dir = std::string(DSV3_TEST_DATA) + "/tokenizer";
+  const Tokenizer tok(dir + "/tokenizer.json");
+  const TokenizerConfig config = load_tokenizer_config(dir);
+  const auto conversation = nlohmann::json::parse(R"({"messages": [{"role": "system", "content": "Answer from Genesis."},
+      {"role": "user", "content": "Who begat Enos?"}, {"role": "assistant", "content": "Seth."},
+      {"role": "user", "content": "And Enos begat?"}, {"role": "assistant", "content": "Cainan, at ninety years."}]})");
+  const SftExample ex = sft_example(tok, config, conversation, "test");
+  ASSERT_EQ(ex.tokens.size(), ex.targets.size());
+  EXPECT_EQ(tok.decode(ex.tokens), apply_chat_template(config, nlohmann::ordered_json::parse(conversation["messages"].dump()), false));
+  std::vector<int32_t> learnt;
+  for (size_t i = 0; i < ex.targets.size(); ++i)
+    if (ex.targets[i] >= 0) {
+      EXPECT_EQ(ex.targets[i], ex.tokens[i + 1]);  // a target is the next token
+      learnt.push_back(ex.targets[i]);
+    }
+  EXPECT_EQ(tok.decode(learnt), "Seth.<｜end▁of▁sentence｜>Cainan, at ninety years.<｜end▁of▁sentence｜>");
+  EXPECT_EQ(ex.learnt(), int64_t(learnt.size()));
+  // Bad conversations are named.
+  for (const auto& [text, says] : std::vector<std::pair<const char*, const char*>>{
+           {R"({"messages": [{"role": "wizard", "content": "x"}]})", "unknown role 'wizard'"},
+           {R"({"messages": [{"role": "user", "content": "x"}]})", "no assistant message"},
+           {R"({"messages": [{"role": "user"}]})", "must be {\"role\": string, \"content\": string}"},
+           {R"({"messages": []})", "at least one message"}}) {
+    try {
+      sft_example(tok, config, nlohmann::json::parse(text), "conversations.jsonl line 3");
+      ADD_FAILURE() << text;
+    } catch (const Error& e) {
+      EXPECT_THAT(e.what(), HasSubstr("conversations.jsonl line 3"));
+      EXPECT_THAT(e.what(), HasSubstr(says));
+    }
+  }
 }
 
 TEST(Rewards, ArithmeticTasksSplitAndAnswer) {

@@ -1,0 +1,35 @@
+// Supervised fine-tuning data (the post-training issue, item 1): conversations in OpenAI's
+// messages format rendered with the checkpoint's chat template, and the loss restricted to
+// what the assistant says. The spans are found from the template itself: for each assistant
+// message, the conversation up to it is rendered with the generation prompt, and up to and
+// including it without; the tokens the second adds to the first are the assistant's (its
+// content and the end-of-sentence token the template closes it with), learnt; every other
+// token is context, its target ignored (-1). A template whose renderings are not prefixes of
+// one another in tokens is an Error (the spans would be ambiguous). One conversation per
+// training sequence, padded (targets -1), so no conversation attends to another. Uses
+// tokenizer (chat template, encoding).
+#pragma once
+#include <cstdint>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "tokenizer/tokenizer.h"
+#include "tokenizer/tokenizer_config.h"
+
+namespace dsv3 {
+
+struct SftExample {
+  std::vector<int32_t> tokens;   // the rendered conversation
+  std::vector<int32_t> targets;  // targets[i]: the token after tokens[i] if the assistant said it, else -1
+  int64_t learnt() const;        // targets that count
+};
+
+// One conversation ({"messages": [...]} or the array itself); `where` starts error messages
+// (the file and line). Roles: system, user, assistant (content a string).
+SftExample sft_example(const Tokenizer& tok, const TokenizerConfig& config, const nlohmann::json& conversation,
+                       const std::string& where);
+// Every conversation of a JSONL file (blank lines skipped); Error naming the line.
+std::vector<SftExample> read_sft_file(const Tokenizer& tok, const TokenizerConfig& config, const std::string& path);
+
+}  // namespace dsv3
