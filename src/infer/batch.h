@@ -75,7 +75,6 @@ class BatchEngine {
   int64_t spare_pages() const { return cache_.free_pages() - pages_still_needed(); }
   int64_t last_step_tokens() const { return int64_t(ids_.size()); }  // tokens the last step ran
   int64_t max_sequences() const { return int64_t(slots_.size()); }
-  int64_t max_len() const { return max_len_; }
   PagedKvCache& pages() { return cache_; }
   const PagedKvCache& pages() const { return cache_; }
   // Called as a sequence leaves (finished or cancelled) with its page table and how many of

@@ -6,6 +6,7 @@
 #include <set>
 
 #include "core/error.h"
+#include "serve/byte_mask.h"
 
 namespace dsv3::serve {
 
@@ -378,48 +379,12 @@ JsonConstraint::JsonConstraint(std::shared_ptr<const JsonGrammar> g, const Token
     : g_(std::move(g)), tok_(tok), eos_(std::move(eos)), m_(g_.get()), scratch_(g_.get()) {}
 
 void JsonConstraint::mask(float* logits, int64_t vocab) {
-  // The bytes that may come next, found once: most tokens fail on their first byte.
-  bool first[256];
-  for (int b = 0; b < 256; ++b) {
-    scratch_ = m_;
-    first[b] = scratch_.feed(uint8_t(b));
-  }
-  const bool end = m_.can_end() || dead_end_;
-  const int64_t known = tok_.vocab_size();
-  bool any = false;
-  for (int64_t id = 0; id < vocab; ++id) {
-    if (std::find(eos_.begin(), eos_.end(), id) != eos_.end()) {
-      if (!end) logits[id] = kMasked;
-      any = any || end;
-      continue;
-    }
-    if (dead_end_ || id >= known || tok_.is_special(int32_t(id))) {
-      logits[id] = kMasked;
-      continue;
-    }
-    const std::string_view bytes = tok_.token_bytes(int32_t(id));
-    bool ok = !bytes.empty() && first[uint8_t(bytes[0])];
-    if (ok && bytes.size() > 1) {
-      scratch_ = m_;
-      for (char ch : bytes)
-        if (!(ok = scratch_.feed(uint8_t(ch)))) break;
-    }
-    if (!ok) logits[id] = kMasked;
-    any = any || ok;
-  }
-  // No token continues the text (a vocabulary without some byte): it can only end, and the
-  // answer is reported cut short (dead_end()).
-  if (!any && !dead_end_) {
-    dead_end_ = true;
-    for (int64_t id : eos_)
-      if (id < vocab) logits[id] = 0;
-  }
+  mask_tokens(tok_, eos_, {}, m_, scratch_, m_.can_end(), dead_end_, [](JsonMatcher& m, uint8_t b) { return m.feed(b); }, logits,
+              vocab);
 }
 
 void JsonConstraint::accept(int32_t token) {
-  if (std::find(eos_.begin(), eos_.end(), int64_t(token)) != eos_.end() || token >= tok_.vocab_size()) return;
-  for (char ch : tok_.token_bytes(token))
-    if (!m_.feed(uint8_t(ch))) dead_end_ = true;
+  accept_token(tok_, eos_, token, m_, dead_end_, [](JsonMatcher& m, uint8_t b) { return m.feed(b); });
 }
 
 }  // namespace dsv3::serve

@@ -84,10 +84,8 @@ class JsonConstraint : public TokenConstraint {
   JsonConstraint(std::shared_ptr<const JsonGrammar> g, const Tokenizer& tok, std::vector<int64_t> eos);
   void mask(float* logits, int64_t vocab) override;
   void accept(int32_t token) override;
-  const JsonMatcher& matcher() const { return m_; }
   // No token could continue the text (or one that could not was chosen): the text is not
   // valid JSON and only EOS is allowed; the server reports the answer cut short ("length").
-  bool dead_end() const { return dead_end_; }
   bool failed() const override { return dead_end_; }
 
  private:

@@ -360,7 +360,6 @@ CompletionRequest parse_completion_request(const json& body, bool chat, const Se
       o.speculative_mtp = false;
     }
   }
-  r.structured = grammar != nullptr;
   if (grammar) {  // what would cut or change a constrained answer
     if (!r.stop.empty()) bad_request("stop", "'stop' cannot be combined with a JSON response_format (it would cut the JSON)");
     if (!opt.stop_at_eos) bad_request("ignore_eos", "'ignore_eos' cannot be combined with a JSON response_format");

@@ -48,7 +48,6 @@ struct CompletionRequest {
   std::vector<std::string> stop;
   int64_t logprobs = -1;  // -1: none; else alternatives per token (chat's top_logprobs)
   bool thinking = false;  // the rendered prompt ends inside a reasoning part ("<think>")
-  bool structured = false;  // response_format json_object / json_schema: each choice constrained
   bool tools = false;       // the model was told of tools: its answer may hold tool calls
 };
 

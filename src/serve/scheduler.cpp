@@ -227,7 +227,6 @@ bool Scheduler::try_admit(const std::shared_ptr<Request>& r) {
   const double now = now_seconds();
   {
     std::lock_guard lock(r->mutex);
-    r->admitted = true;
     r->cache_hit = engine_.sequence(ids[0]).cached;
   }
   metrics_.tokens(P, r->cache_hit, 0);

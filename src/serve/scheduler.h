@@ -40,7 +40,7 @@ struct Request {
   std::mutex mutex;
   std::condition_variable changed;
   std::vector<Choice> choices;
-  bool admitted = false, done = false;
+  bool done = false;
   int64_t cache_hit = 0;  // prompt tokens whose keys came from the context cache
   std::string error;      // set if the engine failed it
   bool cancel_all = false;
@@ -75,7 +75,6 @@ class Scheduler {
   void wake();
   Gauges gauges() const;
   void flush_disk_cache();  // returns once queued cache files are written (tests, shutdown)
-  int64_t max_len() const { return max_len_; }
 
  private:
   struct Active {

@@ -6,6 +6,7 @@
 #include <random>
 
 #include "core/error.h"
+#include "serve/byte_mask.h"
 
 namespace dsv3::serve {
 
@@ -116,46 +117,12 @@ bool ToolChoiceConstraint::State::feed(const ToolChoiceConstraint& c, uint8_t by
 }
 
 void ToolChoiceConstraint::mask(float* logits, int64_t vocab) {
-  bool first[256];
-  for (int b = 0; b < 256; ++b) {
-    scratch_ = s_;
-    first[b] = scratch_.feed(*this, uint8_t(b));
-  }
-  const bool end = s_.phase == State::kEnd || dead_end_;
-  const int64_t known = tok_.vocab_size();
-  bool any = false;
-  for (int64_t id = 0; id < vocab; ++id) {
-    if (std::find(eos_.begin(), eos_.end(), id) != eos_.end()) {
-      if (!end) logits[id] = kMasked;
-      any = any || end;
-      continue;
-    }
-    const bool markup = std::find(keep_.begin(), keep_.end(), int32_t(id)) != keep_.end();
-    if (dead_end_ || id >= known || (tok_.is_special(int32_t(id)) && !markup)) {
-      logits[id] = kMasked;
-      continue;
-    }
-    const std::string_view bytes = tok_.token_bytes(int32_t(id));
-    bool ok = !bytes.empty() && first[uint8_t(bytes[0])];
-    if (ok && bytes.size() > 1) {
-      scratch_ = s_;
-      for (char ch : bytes)
-        if (!(ok = scratch_.feed(*this, uint8_t(ch)))) break;
-    }
-    if (!ok) logits[id] = kMasked;
-    any = any || ok;
-  }
-  if (!any && !dead_end_) {  // no way on: it can only end, reported cut short
-    dead_end_ = true;
-    for (int64_t id : eos_)
-      if (id < vocab) logits[id] = 0;
-  }
+  mask_tokens(tok_, eos_, keep_, s_, scratch_, s_.phase == State::kEnd, dead_end_,
+              [this](State& st, uint8_t b) { return st.feed(*this, b); }, logits, vocab);
 }
 
 void ToolChoiceConstraint::accept(int32_t token) {
-  if (std::find(eos_.begin(), eos_.end(), int64_t(token)) != eos_.end() || token >= tok_.vocab_size()) return;
-  for (char ch : tok_.token_bytes(token))
-    if (!s_.feed(*this, uint8_t(ch))) dead_end_ = true;
+  accept_token(tok_, eos_, token, s_, dead_end_, [this](State& st, uint8_t b) { return st.feed(*this, b); });
 }
 
 ParsedAnswer parse_tool_calls(const std::string& text) {
