@@ -19,7 +19,8 @@ declare -A allowed=(
   [serve]="serve infer tokenizer model backend io core"
   [dist]="dist core"
   [eval]="eval infer tokenizer model backend io core"
-  [cli]="cli serve eval dist cost infer train data tokenizer model backend io core"
+  [posttrain]="posttrain train eval infer dist tokenizer model backend io core"
+  [cli]="cli serve posttrain eval dist cost infer train data tokenizer model backend io core"
 )
 status=0
 for dir in src/*/; do

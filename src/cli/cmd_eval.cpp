@@ -58,6 +58,8 @@ void add_eval(CLI::App& app) {
   cmd->add_option("--seed", f->opt.seed, "sampling and bootstrap seed (default 0)");
   cmd->add_option("--bootstrap", f->opt.bootstrap, "perplexity: bootstrap resamples for the standard error (default 1000)");
   cmd->add_option("--limit", f->opt.limit, "score only the first N items");
+  cmd->add_flag("--chat", f->opt.chat, "generation: each prompt as a user message in the checkpoint's chat template");
+  cmd->add_option("--reward", f->opt.reward, "generation: score answers with a verifier (exact: the final answer after #### or in \\boxed{}; format; countdown) instead of text equality");
   cmd->add_flag("--json", f->json, "one JSON object");
   cmd->add_flag_callback("--no-bos", [f] { f->opt.bos = false; }, "no BOS token first (lm-evaluation-harness's default)");
   cmd->add_option("--threads,-t", f->threads, "CPU threads (default: all)");

@@ -21,6 +21,9 @@ int main(int argc, char** argv) {
   dsv3::cli::add_train_tokenizer(app);
   dsv3::cli::add_grads(app);
   dsv3::cli::add_train(app);
+  dsv3::cli::add_sft(app);
+  dsv3::cli::add_grpo(app);
+  dsv3::cli::add_tasks(app);
   dsv3::cli::add_cost(app);
   dsv3::cli::add_perplexity(app);
   dsv3::cli::add_export(app);

@@ -9,6 +9,8 @@
 #include <random>
 
 #include "core/error.h"
+#include "eval/rewards.h"
+#include "tokenizer/chat_template.h"
 #include "infer/generate.h"
 
 namespace dsv3 {
@@ -86,6 +88,9 @@ EvalReport evaluate(Transformer& model, const Tokenizer& tok, const TokenizerCon
   if (opt.bootstrap < 0) fail("--bootstrap must be >= 0, not ", opt.bootstrap);
   for (int64_t k : opt.k)
     if (k < 1 || k > opt.samples) fail("pass@", k, " needs 1 <= k <= --samples (", opt.samples, ")");
+  if (opt.chat && (!config || !config->chat_template))
+    fail("--chat needs the checkpoint's chat template (tokenizer_config.json's chat_template)");
+  if (!opt.reward.empty()) check_reward_name(opt.reward);  // now, not at the first answer
   std::optional<int32_t> bos;
   if (opt.bos && config && config->add_bos_token && config->bos_token) {
     bos = tok.token_id(*config->bos_token);
@@ -163,7 +168,14 @@ EvalReport evaluate(Transformer& model, const Tokenizer& tok, const TokenizerCon
           stop.push_back(s);
         }
       }
-      const auto ids = encode(prompt, true);
+      std::vector<int32_t> ids;
+      if (opt.chat) {
+        nlohmann::ordered_json messages = nlohmann::ordered_json::array();
+        messages.push_back({{"role", "user"}, {"content", prompt}});
+        ids = tok.encode(apply_chat_template(*config, messages, true));  // the template writes its own BOS
+      } else {
+        ids = encode(prompt, true);
+      }
       GenerateOptions g;
       g.max_tokens = std::min<int64_t>(opt.max_tokens, model.config().max_position_embeddings - int64_t(ids.size()));
       if (g.max_tokens < 1) fail(at, ": the prompt fills the model's context");
@@ -181,7 +193,7 @@ EvalReport evaluate(Transformer& model, const Tokenizer& tok, const TokenizerCon
         size_t cut = std::string::npos;  // the earliest stop string ends the answer
         for (const std::string& st : stop) cut = std::min(cut, text.find(st));
         if (cut != std::string::npos) text.resize(cut);
-        const bool ok = strip(text) == strip(answer);
+        const bool ok = opt.reward.empty() ? strip(text) == strip(answer) : reward(opt.reward, text, answer) == 1;
         correct += ok;
         if (s == 0) exact.push_back(ok), first_ok = ok;  // exact_match: the first (greedy) answer
       }

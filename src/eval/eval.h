@@ -9,8 +9,9 @@
 // acc_bytes (in bytes), as EleutherAI's lm-evaluation-harness reports them, each with the
 // standard error of a mean (sample standard deviation / sqrt(n)). Generation decodes greedily
 // (or samples n answers per prompt) until the earliest stop string, EOS or max_tokens,
-// compares the stripped text with the stripped answer, and reports exact_match (of the first
-// answer) and pass@k with the
+// compares the stripped text with the stripped answer (or, with a reward, asks that verifier:
+// `exact` reads the final answer after "####" or in \boxed{}), and reports exact_match (of
+// the first answer) and pass@k with the
 // unbiased estimator 1 - C(n-c, k) / C(n, k). Perplexity pools every text's next-token
 // losses; its standard error comes from a seeded bootstrap over the texts. A standard error
 // that is undefined (one item) is NaN (JSON null, "n/a" printed).
@@ -35,6 +36,8 @@ struct EvalOptions {
   int64_t bootstrap = 1000;    // perplexity's resamples
   int64_t limit = 0;           // items scored (0: all)
   bool bos = true;             // BOS first as tokenizer_config.json asks (the harness adds none by default)
+  bool chat = false;           // generation: the prompt is a user message in the chat template (assistant turn opened)
+  std::string reward;          // generation: scored by this verifier (rewards.h: correct when it gives 1), not text equality
 };
 
 struct EvalMetric {

@@ -43,6 +43,7 @@ double TrainingPass<T>::forward(const ModelWeights& w, const int32_t* tokens, co
   }
   B_ = B, S_ = S;
   tokens_.assign(tokens, tokens + N);
+  targets_.assign(targets, targets + N);
   rows_.set_windows(B, S);
   rope_.angles(rows_.pos, angles_);
   arena_.reset();
@@ -115,8 +116,21 @@ void TrainingPass<T>::backward(const ModelWeights& w, ModelWeights& g) {
 }
 
 template <typename T>
+const std::vector<double>& TrainingPass<T>::token_logprobs() {
+  token_logp_.resize(targets_.size());
+  target_logprobs(logits_.data(), targets_.data(), B_ * S_, c_.vocab_size, token_logp_.data());
+  return token_logp_;
+}
+
+template <typename T>
+void TrainingPass<T>::weigh_tokens(const double* weights) {
+  token_logp_.resize(targets_.size());
+  target_logprobs(logits_.data(), targets_.data(), B_ * S_, c_.vocab_size, token_logp_.data(), weights, dlogits_.data());
+}
+
+template <typename T>
 int64_t TrainingPass<T>::activation_bytes() const {
-  int64_t n = bytes_of(tokens_) + bytes_of(h_last_) + bytes_of(logits_) + bytes_of(dlogits_);
+  int64_t n = bytes_of(tokens_) + bytes_of(targets_) + bytes_of(h_last_) + bytes_of(logits_) + bytes_of(dlogits_);
   for (const auto& l : layers_) n += l.bytes();
   for (const auto& m : mtp_) n += m.bytes();
   return n;

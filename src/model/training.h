@@ -56,6 +56,13 @@ class TrainingPass {
   double mtp_loss() const { return mtp_loss_; }          // mean over depths, unweighted
   double balance_loss() const { return balance_loss_; }  // summed over layers, with alpha
   const std::vector<T>& logits() const { return logits_; }  // [B*S, vocab]
+  // Per-token objectives (GRPO): the log-probability the last forward's main model gives
+  // each position's target [B*S] (0 where the target is -1).
+  const std::vector<double>& token_logprobs();
+  // Replaces the gradient of the main next-token loss by that of sum_i weights[i] * -logp_i
+  // (weights [B*S]; the mean is the caller's to take), for the next backward. The MTP and
+  // balance terms keep theirs: a per-token objective runs with mtp_weight = alpha = 0.
+  void weigh_tokens(const double* weights);
   // Memory held for the backward by the last forward (activations, logits and their gradients).
   int64_t activation_bytes() const;
   // Tokens routed to each expert of each layer in the last forward (empty: dense), without
@@ -76,7 +83,8 @@ class TrainingPass {
   TokenRows rows_;      // B windows of S tokens
   RopeAngles angles_;   // of rows_.pos
   Arena arena_;         // the modules' scratch
-  std::vector<int32_t> tokens_;
+  std::vector<int32_t> tokens_, targets_;
+  std::vector<double> token_logp_;
   std::vector<BlockRecord<T>> layers_;
   std::vector<MtpActivations<T>> mtp_;
   std::vector<T> h_last_, logits_, dlogits_;

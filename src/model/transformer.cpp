@@ -40,8 +40,12 @@ void KvCache::copy_rows(int64_t from, int64_t to, int64_t count) {
 Transformer::Transformer(const std::string& dir)
     : config_(ModelConfig::load(dir + "/config.json")),
       checkpoint_(std::make_unique<Checkpoint>(dir)),
-      weights_(load_weights(config_, *checkpoint_)),
+      own_weights_(load_weights(config_, *checkpoint_)),
+      weights_(&own_weights_),
       rope_(Rope::from_config(config_)) {}
+
+Transformer::Transformer(const ModelConfig& c, const ModelWeights& w)
+    : config_(c), own_weights_(c), weights_(&w), rope_(Rope::from_config(config_)) {}
 
 void Transformer::forward(const int32_t* tokens, int64_t n, KvCache& cache, float* logits, bool all_rows,
                           ForwardTrace* trace) {
@@ -60,10 +64,10 @@ void Transformer::forward(const int32_t* tokens, int64_t n, KvCache& cache, floa
   const BlockContext ctx{{c, angles_, attn_form}};
 
   float* h = arena_.alloc(size_t(n * dim));  // the residual stream
-  embed_forward(weights_.embed_tokens, tokens, n, h, arena_);
+  embed_forward(weights_->embed_tokens, tokens, n, h, arena_);
   if (trace) trace->layer_out.clear();
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
-    const LayerWeights& w = weights_.layers[size_t(l)];
+    const LayerWeights& w = weights_->layers[size_t(l)];
     block_forward<float>(ctx, w, rows, cache.layer(l), h, arena_, nullptr, &moe_state_);
     if (trace) {
       trace->layer_out.emplace_back(h, h + n * dim);
@@ -76,10 +80,10 @@ void Transformer::forward(const int32_t* tokens, int64_t n, KvCache& cache, floa
     trace->prenorm_hidden.assign(h, h + n * dim);
     trace->hidden.resize(size_t(n * dim));
     // The trace's normed rows only: the logits below are computed as without a trace.
-    rmsnorm_forward(h, weights_.norm.f32(), trace->hidden.data(), arena_.alloc(size_t(n)), n, dim, c.rms_norm_eps);
+    rmsnorm_forward(h, weights_->norm.f32(), trace->hidden.data(), arena_.alloc(size_t(n)), n, dim, c.rms_norm_eps);
   }
-  if (all_rows) head_forward(c, weights_.norm, weights_.lm_head, h, n, logits, arena_);
-  else head_forward(c, weights_.norm, weights_.lm_head, h + (n - 1) * dim, 1, logits, arena_);
+  if (all_rows) head_forward(c, weights_->norm, weights_->lm_head, h, n, logits, arena_);
+  else head_forward(c, weights_->norm, weights_->lm_head, h + (n - 1) * dim, 1, logits, arena_);
 }
 
 template <typename LayerOf>
@@ -100,14 +104,14 @@ void Transformer::run_rows(const int32_t* tokens, const TokenRows& rows, int64_t
   rope_.angles(rows.pos, angles_);
   const BlockContext ctx{{c, angles_, attn_form}};
   float* h = arena_.alloc(size_t(n * dim));
-  embed_forward(weights_.embed_tokens, tokens, n, h, arena_);
+  embed_forward(weights_->embed_tokens, tokens, n, h, arena_);
   for (int64_t l = 0; l < c.num_hidden_layers; ++l)
-    block_forward<float>(ctx, weights_.layers[size_t(l)], rows, layer_of(l), h, arena_, nullptr, &moe_state_);
+    block_forward<float>(ctx, weights_->layers[size_t(l)], rows, layer_of(l), h, arena_, nullptr, &moe_state_);
   last_hidden_ = h;
   float* picked = arena_.alloc(size_t(count * dim));
   for (int64_t j = 0; j < count; ++j)
     std::copy(h + logit_tokens[j] * dim, h + (logit_tokens[j] + 1) * dim, picked + j * dim);
-  head_forward(c, weights_.norm, weights_.lm_head, picked, count, logits, arena_);
+  head_forward(c, weights_->norm, weights_->lm_head, picked, count, logits, arena_);
 }
 
 void Transformer::forward_rows(const int32_t* tokens, const TokenRows& rows, KvCache& cache,
@@ -134,14 +138,14 @@ void Transformer::forward_mtp(const int32_t* next_tokens, const float* h_prev, i
                               float* logits) {
   const ModelConfig& c = config_;
   const int64_t dim = c.hidden_size, start = cache.length();
-  if (weights_.mtp.empty()) fail("this checkpoint has no MTP module (num_nextn_predict_layers = 0)");
+  if (weights_->mtp.empty()) fail("this checkpoint has no MTP module (num_nextn_predict_layers = 0)");
   if (n <= 0) fail("forward_mtp: no tokens");
   if (start + n > cache.capacity())
     fail("context full: ", start + n, " positions needed, the MTP cache holds ", cache.capacity());
   for (int64_t i = 0; i < n; ++i)
     if (next_tokens[i] < 0 || next_tokens[i] >= c.vocab_size)
       fail("token id ", next_tokens[i], " at index ", i, " is out of range [0, ", c.vocab_size, ")");
-  const MtpWeights& w = weights_.mtp[0];
+  const MtpWeights& w = weights_->mtp[0];
   mtp_arena_.reset();
   mtp_rows_.set_sequence(start, n);
   rope_.angles(mtp_rows_.pos, mtp_angles_);

@@ -51,9 +51,14 @@ struct ForwardTrace {
 class Transformer {
  public:
   explicit Transformer(const std::string& model_dir);  // throws Error naming the file at fault
+  // Over weights held elsewhere (a trainer's float32 parameters, which it may update between
+  // passes: GRPO samples from the policy it trains). w must outlive the model.
+  Transformer(const ModelConfig& c, const ModelWeights& w);
+  Transformer(const Transformer&) = delete;  // weights_ may point into the object itself
+  Transformer& operator=(const Transformer&) = delete;
 
   const ModelConfig& config() const { return config_; }
-  const ModelWeights& weights() const { return weights_; }
+  const ModelWeights& weights() const { return *weights_; }
   AttnForm attn_form = AttnForm::automatic;
 
   // Runs tokens[0..n) at positions cache.length() .. +n, appending to the cache. Writes
@@ -93,7 +98,8 @@ class Transformer {
 
   ModelConfig config_;
   std::unique_ptr<Checkpoint> checkpoint_;  // owns the mapped files the weights point into
-  ModelWeights weights_;
+  ModelWeights own_weights_;     // loaded from the folder (the other constructor: none)
+  const ModelWeights* weights_;  // what the passes read
   Rope rope_;
   // What a pass reuses, so that after the first pass of a shape nothing is allocated:
   TokenRows rows_;             // where the pass's tokens sit

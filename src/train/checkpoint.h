@@ -11,14 +11,14 @@
 #include <string>
 
 #include "train/adamw.h"
-#include "train/batch_sampler.h"
+#include "train/training_data.h"
 
 namespace dsv3 {
 
 struct TrainerState {
   int64_t step = 0;    // optimizer steps done
   int64_t tokens = 0;  // tokens trained on
-  BatchSampler::Position data;
+  DataPosition data;
   uint64_t seed = 0;
   int64_t seq = 0, batch = 0;  // the run's settings a resume must share (0: unknown)
   int64_t data_windows = 0;    // windows of the training data: a fingerprint of the data

@@ -1,6 +1,7 @@
 // SFT conversations and their loss masks (see sft_data.h).
 #include "train/sft_data.h"
 
+#include <algorithm>
 #include <fstream>
 
 #include "core/error.h"
@@ -76,6 +77,25 @@ std::vector<SftExample> read_sft_file(const Tokenizer& tok, const TokenizerConfi
   }
   if (out.empty()) fail(path, ": no conversations");
   return out;
+}
+
+SftBatches::SftBatches(std::vector<SftExample> examples, int64_t seq, int32_t pad, uint64_t seed)
+    : examples_(std::move(examples)), seq_(seq), pad_(pad), order_(int64_t(examples_.size()), seed) {
+  if (seq <= 0) fail("sequence length must be positive");
+  for (const SftExample& e : examples_) truncated_ += int64_t(e.tokens.size()) > seq;
+}
+
+void SftBatches::next_batch(int64_t batch, int32_t* inputs, int32_t* targets) {
+  for (int64_t b = 0; b < batch; ++b) {
+    const SftExample& e = examples_[size_t(order_.next())];
+    const size_t n = std::min(e.tokens.size(), size_t(seq_));
+    int32_t* in = inputs + b * seq_;
+    int32_t* tg = targets + b * seq_;
+    std::copy_n(e.tokens.begin(), n, in);
+    std::copy_n(e.targets.begin(), n, tg);
+    std::fill(in + n, in + seq_, pad_);
+    std::fill(tg + n, tg + seq_, -1);
+  }
 }
 
 }  // namespace dsv3

@@ -9,6 +9,7 @@
 #include <set>
 
 #include "core/error.h"
+#include "io/checkpoint.h"
 #include "train/balance.h"
 
 namespace dsv3 {
@@ -26,8 +27,8 @@ void init_weights(const ModelConfig& c, ModelWeights& w, double std, uint64_t se
   }
 }
 
-Trainer::Trainer(const std::string& config_json, const TrainOptions& opt, std::vector<std::span<const uint32_t>> train,
-                 std::vector<std::span<const uint32_t>> val, const std::string& run_dir)
+Trainer::Trainer(const std::string& config_json, const TrainOptions& opt, std::unique_ptr<TrainingData> train,
+                 std::unique_ptr<TrainingData> val, const std::string& run_dir)
     : config_json_(config_json),
       c_(ModelConfig::parse(config_json, run_dir + ": config")),
       opt_(opt),
@@ -37,20 +38,39 @@ Trainer::Trainer(const std::string& config_json, const TrainOptions& opt, std::v
       adamw_(c_, opt.adamw),
       grad_spans_(adamw_.trainable_spans(grads_)),
       pass_(c_, {opt.mtp_weight, opt.alpha, opt.linear}),
-      train_(std::move(train), opt.seq, opt.seed),
+      train_(std::move(train)),
       val_(std::move(val)) {
+  if (!train_) fail("training needs data");
   if (opt_.batch <= 0 || opt_.seq <= 0 || opt_.steps < 0) fail("batch, seq and steps must be positive");
   if (opt_.seq > c_.max_position_embeddings) fail("seq ", opt_.seq, " exceeds max_position_embeddings");
   opt_.schedule.batch = opt_.batch;
   init_weights(c_, params_, opt_.init_std, opt_.seed);
-  state_.seed = opt_.seed, state_.seq = opt_.seq, state_.batch = opt_.batch, state_.data_windows = train_.windows();
-  if (opt_.eval_every > 0 && !val_.empty()) {
-    int64_t tokens = 0;
-    for (const auto& v : val_) tokens += int64_t(v.size());
-    if (tokens < opt_.seq + 1)
-      fail("the validation data has ", tokens, " tokens, not enough for one sequence of ", opt_.seq + 1,
-           "; pass --eval-every 0 or hold out more (dsv3 data --val-fraction)");
-  }
+  state_.seed = opt_.seed, state_.seq = opt_.seq, state_.batch = opt_.batch, state_.data_windows = train_->size();
+}
+
+namespace {
+
+std::unique_ptr<TrainingData> validation_windows(std::vector<std::span<const uint32_t>> val, const TrainOptions& opt) {
+  if (opt.eval_every <= 0 || val.empty()) return nullptr;
+  int64_t tokens = 0;
+  for (const auto& v : val) tokens += int64_t(v.size());
+  if (tokens < opt.seq + 1)
+    fail("the validation data has ", tokens, " tokens, not enough for one sequence of ", opt.seq + 1,
+         "; pass --eval-every 0 or hold out more (dsv3 data --val-fraction)");
+  return std::make_unique<BatchSampler>(std::move(val), opt.seq, 0);
+}
+
+}  // namespace
+
+Trainer::Trainer(const std::string& config_json, const TrainOptions& opt, std::vector<std::span<const uint32_t>> train,
+                 std::vector<std::span<const uint32_t>> val, const std::string& run_dir)
+    : Trainer(config_json, opt, std::make_unique<BatchSampler>(std::move(train), opt.seq, opt.seed),
+              validation_windows(std::move(val), opt), run_dir) {}
+
+void Trainer::init_from(const std::string& dir) {
+  const Checkpoint ckpt(dir);
+  const ModelWeights stored = load_weights(c_, ckpt);  // names, shapes, dtypes, FP8 scales: this run's model
+  convert_weights(c_, stored, params_);
 }
 
 void Trainer::set_data_parallel(dist::Communicator* dp) {
@@ -74,31 +94,42 @@ bool Trainer::resume() {
   check("--seed", int64_t(saved.seed), int64_t(opt_.seed));
   check("--seq", saved.seq, opt_.seq);
   check("--batch", saved.batch, opt_.batch);
-  if (saved.data_windows != 0 && saved.data_windows != train_.windows())
-    fail(*dir, ": the run's training data had ", saved.data_windows, " windows, --data now has ", train_.windows(),
+  if (saved.data_windows != 0 && saved.data_windows != train_->size())
+    fail(*dir, ": the run's training data had ", saved.data_windows, " items, the data now has ", train_->size(),
          "; resume with the same data");
   state_ = saved;
-  train_.seek(state_.data);
+  train_->seek(state_.data);
   return true;
 }
 
 const StepMetrics& Trainer::step() {
+  return step_with([&](StepMetrics& m) {
+    const int64_t B = opt_.schedule.batch_at(state_.step + 1), S = opt_.seq;
+    inputs_.resize(size_t(B * S)), targets_.resize(size_t(B * S));
+    train_->next_batch(B, inputs_.data(), targets_.data());
+    // This rank's share of the sequences (all of them in one process).
+    const int64_t ranks = dp_ ? dp_->size() : 1, share = B / ranks;
+    if (share * ranks != B) fail("step ", state_.step + 1, ": a batch of ", B, " sequences does not split over ", ranks, " data-parallel ranks");
+    const int64_t first = (dp_ ? dp_->rank() : 0) * share * S;
+    const double total = pass_.forward(params_, inputs_.data() + first, targets_.data() + first, share, S);
+    m.loss = pass_.main_loss();
+    m.mtp_loss = pass_.mtp_loss();
+    m.activation_bytes = pass_.activation_bytes();
+    m.batch = B, m.tokens = B * S;
+    pass_.backward(params_, grads_);
+    return total;
+  });
+}
+
+const StepMetrics& Trainer::step_with(const Objective& objective) {
   const auto t0 = std::chrono::steady_clock::now();
-  const int64_t step = state_.step + 1, B = opt_.schedule.batch_at(step), S = opt_.seq;
-  inputs_.resize(size_t(B * S)), targets_.resize(size_t(B * S));
-  train_.next_batch(B, inputs_.data(), targets_.data());
+  const int64_t step = state_.step + 1;
   zero_grads(grads_);
   StepMetrics& m = metrics_;
   m = StepMetrics{.max_vio_layers = std::move(m.max_vio_layers)};
-  // This rank's share of the sequences (all of them in one process).
-  const int64_t ranks = dp_ ? dp_->size() : 1, share = B / ranks;
-  if (share * ranks != B) fail("step ", step, ": a batch of ", B, " sequences does not split over ", ranks, " data-parallel ranks");
-  const int64_t first = (dp_ ? dp_->rank() : 0) * share * S;
-  double total = pass_.forward(params_, inputs_.data() + first, targets_.data() + first, share, S);
-  m.loss = pass_.main_loss();
-  m.mtp_loss = pass_.mtp_loss();
-  m.activation_bytes = pass_.activation_bytes();
-  pass_.backward(params_, grads_);
+  double total = objective(m);
+  const int64_t step_tokens = m.tokens;
+  const int64_t ranks = dp_ ? dp_->size() : 1;
   if (dp_) {
     // ZeRO-1 (§3.4's data parallelism): the gradients are reduce-scattered, each rank
     // receiving the sum over ranks of its shard of the flat buffer, averaged (the mean of
@@ -137,27 +168,31 @@ const StepMetrics& Trainer::step() {
   update_balance_bias(c_, params_, dp_ ? loads_ : pass_.expert_loads(), opt_.gamma, m.max_vio_layers);
   for (double v : m.max_vio_layers) m.max_vio = std::max(m.max_vio, v);
   state_.step = step;
-  state_.tokens += B * S;
-  state_.data = train_.position();
-  m.step = step, m.tokens = state_.tokens, m.batch = B;
-  m.tokens_per_s = double(B * S) / std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  state_.tokens += step_tokens;
+  state_.data = train_->position();
+  m.step = step, m.tokens = state_.tokens;
+  m.tokens_per_s = double(step_tokens) / std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   return m;
 }
 
 double Trainer::validation_loss() {
-  if (val_.empty()) return -1;
-  // eval_batches * batch windows of the validation stream in a fixed order (seed 0): the
-  // same windows at every evaluation. Always the plain next-token loss in float32 GEMMs.
-  BatchSampler v(val_, opt_.seq, 0);
-  const int64_t n = std::min(opt_.eval_batches * opt_.batch, v.windows());
+  if (!val_) return -1;
+  // eval_batches * batch sequences from the validation data's start: the same ones at
+  // every evaluation. Always the plain next-token loss in float32 GEMMs, averaged over the
+  // tokens that have a target.
+  val_->seek({});
+  const int64_t n = std::min(opt_.eval_batches * opt_.batch, val_->size());
   std::vector<int32_t> in(size_t(opt_.seq)), tg(size_t(opt_.seq));
-  double total = 0;
+  double total = 0, tokens = 0;
   TrainingPass<float> pass(c_);  // the next-token loss alone
   for (int64_t i = 0; i < n; ++i) {
-    v.next_batch(1, in.data(), tg.data());
-    total += pass.forward(params_, in.data(), tg.data(), 1, opt_.seq);
+    val_->next_batch(1, in.data(), tg.data());
+    const double counted = double(std::count_if(tg.begin(), tg.end(), [](int32_t t) { return t >= 0; }));
+    if (counted == 0) continue;
+    total += pass.forward(params_, in.data(), tg.data(), 1, opt_.seq) * counted;
+    tokens += counted;
   }
-  return n ? total / double(n) : -1;
+  return tokens > 0 ? total / tokens : -1;
 }
 
 void Trainer::zero_shard() {
@@ -204,10 +239,11 @@ std::string Trainer::save() {
   return save_checkpoint(run_dir_, config_json_, c_, params_, adamw_, state_, opt_.keep, opt_.extras);
 }
 
-void Trainer::run(const std::function<void(const StepMetrics&)>& on_step) {
+void Trainer::run(const std::function<void(const StepMetrics&)>& on_step, const Objective& objective) {
   while (state_.step < opt_.steps) {
     StepMetrics& m = metrics_;
-    step();
+    if (objective) step_with(objective);
+    else step();
     if (opt_.eval_every > 0 && (m.step % opt_.eval_every == 0 || m.step == opt_.steps)) m.val_loss = validation_loss();
     // Report before saving: a crash in between repeats this step on resume (its metrics
     // line appears twice) rather than losing it.

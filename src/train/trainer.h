@@ -46,9 +46,18 @@ struct StepMetrics {
 
 class Trainer {
  public:
-  // config_json: the text of config.json (written into every checkpoint).
+  // config_json: the text of config.json (written into every checkpoint). train: what
+  // step() reads (size() and position are saved in checkpoints); val: the validation
+  // sequences (null: none), read in order from their start at every evaluation.
+  Trainer(const std::string& config_json, const TrainOptions& opt, std::unique_ptr<TrainingData> train,
+          std::unique_ptr<TrainingData> val, const std::string& run_dir);
+  // Pre-training: windows of token streams (BatchSampler; validation in seed 0's order).
   Trainer(const std::string& config_json, const TrainOptions& opt, std::vector<std::span<const uint32_t>> train,
           std::vector<std::span<const uint32_t>> val, const std::string& run_dir);
+
+  // Starts from a Hugging Face checkpoint's weights instead of random ones (fine-tuning):
+  // BF16 and block-FP8 tensors converted to float32. Its config must be this run's.
+  void init_from(const std::string& checkpoint_dir);
 
   // ZeRO-1 data parallelism (the multi-process issue): every rank of dp reads the same global
   // batch and runs its 1/dp share of the sequences; the gradients are reduce-scattered and
@@ -60,11 +69,21 @@ class Trainer {
   void set_data_parallel(dist::Communicator* dp);
   // Continues from the newest checkpoint of run_dir; false if there is none.
   bool resume();
-  // Runs until opt.steps; on_step sees every step's metrics.
-  void run(const std::function<void(const StepMetrics&)>& on_step);
-  // One optimizer step; its metrics stay valid until the next step. After the first steps of
-  // a batch shape a step allocates nothing.
+  // What a step descends: it runs pass()'s forward and backward passes, the gradients going
+  // into grads() (zeroed before), and returns the loss, setting m.loss, m.mtp_loss,
+  // m.activation_bytes, m.batch (sequences) and m.tokens (this step's tokens).
+  using Objective = std::function<double(StepMetrics& m)>;
+  // Runs until opt.steps; on_step sees every step's metrics. objective: null for step()'s.
+  void run(const std::function<void(const StepMetrics&)>& on_step, const Objective& objective = nullptr);
+  // One optimizer step on the next batch's loss (this rank's share of it); its metrics stay
+  // valid until the next step. After the first steps of a batch shape a step allocates nothing.
   const StepMetrics& step();
+  // One optimizer step on another objective's gradients (GRPO's; one process only): the
+  // clip, AdamW, the bias update from pass()'s last expert loads, and the state.
+  const StepMetrics& step_with(const Objective& objective);
+  TrainingPass<float>& pass() { return pass_; }
+  ModelWeights& grads() { return grads_; }
+  TrainingData& data() { return *train_; }
   double validation_loss();
   std::string save();  // checkpoint now
 
@@ -81,8 +100,7 @@ class Trainer {
   AdamW adamw_;                  // its moments, laid out as params_
   std::vector<FloatSpan> grad_spans_;  // grads_'s trainable tensors, listed once for the clip
   TrainingPass<float> pass_;
-  BatchSampler train_;
-  std::vector<std::span<const uint32_t>> val_;
+  std::unique_ptr<TrainingData> train_, val_;
   TrainerState state_;
   StepMetrics metrics_;  // the last step's (its vector keeps its memory)
   std::vector<int32_t> inputs_, targets_;

@@ -67,5 +67,5 @@ holder=$!
 sleep 0.5
 if out=$(timeout 60 "${mpi[@]}" -np 2 "$dsv3" "${train[@]}" --out "$work/locked" 2>&1); then echo "a locked run folder ran"; exit 1; fi
 kill "$holder" 2>/dev/null || true
-grep -q "is in use by another dsv3 train" <<<"$out" || { echo "unexpected: $out"; exit 1; }
+grep -q "is in use by another dsv3 run" <<<"$out" || { echo "unexpected: $out"; exit 1; }
 echo "ok"

@@ -328,6 +328,30 @@ double cross_entropy(const T* logits, const int32_t* targets, int64_t n, int64_t
   return count ? total / double(count) : 0.0;
 }
 
+template <typename T>
+void target_logprobs(const T* logits, const int32_t* targets, int64_t n, int64_t vocab, double* row_logp,
+                     const double* weights, T* dlogits) {
+#pragma omp parallel for schedule(static) if (n * vocab > 65536)
+  for (int64_t i = 0; i < n; ++i) {
+    const T* z = logits + i * vocab;
+    T* dz = dlogits ? dlogits + i * vocab : nullptr;
+    row_logp[i] = 0;
+    if (targets[i] < 0) {
+      if (dz) std::fill(dz, dz + vocab, T(0));
+      continue;
+    }
+    const T mx = *std::max_element(z, z + vocab);
+    double sum = 0;
+    for (int64_t v = 0; v < vocab; ++v) sum += std::exp(double(z[v] - mx));
+    row_logp[i] = double(z[targets[i]]) - double(mx) - std::log(sum);
+    if (dz) {
+      const double k = weights ? weights[i] : 1.0;
+      for (int64_t v = 0; v < vocab; ++v) dz[v] = T(std::exp(double(z[v] - mx)) / sum * k);
+      dz[targets[i]] -= T(k);
+    }
+  }
+}
+
 #define DSV3_INSTANTIATE(T)                                                                                   \
   template void add_to<T>(T*, const T*, int64_t);                                                             \
   template void copy_rows<T>(const T*, int64_t, int64_t, int64_t, T*, int64_t, const int64_t*);               \
@@ -347,6 +371,7 @@ double cross_entropy(const T* logits, const int32_t* targets, int64_t n, int64_t
   template void softmax_forward<T>(T*, int64_t);                                                              \
   template void softmax_backward<T>(const T*, const T*, T*, int64_t);                                         \
   template double cross_entropy<T>(const T*, const int32_t*, int64_t, int64_t, T*, double);              \
+  template void target_logprobs<T>(const T*, const int32_t*, int64_t, int64_t, double*, const double*, T*);  \
   template void LinearGemm::forward<T>(const T*, const T*, T*, int64_t, int64_t, int64_t) const;             \
   template void LinearGemm::dx<T>(const T*, const T*, T*, int64_t, int64_t, int64_t, bool) const;            \
   template void LinearGemm::dw<T>(const T*, const T*, T*, int64_t, int64_t, int64_t) const;

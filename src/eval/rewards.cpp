@@ -1,5 +1,5 @@
 // Verifiable rewards and arithmetic tasks (see rewards.h).
-#include "train/rewards.h"
+#include "eval/rewards.h"
 
 #include <algorithm>
 #include <cctype>
@@ -169,12 +169,32 @@ double countdown_reward(const std::string& text, const std::string& reference) {
   return 1;
 }
 
+void check_reward_name(const std::string& name) {
+  if (name != "exact" && name != "format" && name != "countdown") fail("unknown reward '", name, "' (exact, format, countdown)");
+}
+
 double reward(const std::string& name, const std::string& text, const std::string& reference) {
+  check_reward_name(name);
   if (name == "exact") return exact_match_reward(text, reference);
   if (name == "format") return format_reward(text);
-  if (name == "countdown") return countdown_reward(text, reference);
-  fail("unknown reward '", name, "' (exact, format, countdown)");
+  return countdown_reward(text, reference);
 }
+
+namespace {
+
+// "7+5=12, 4+8+1=13, 3+2+1=6. " for 347 + 285: each column from the units, with its carry.
+std::string addition_steps(int64_t a, int64_t b) {
+  std::string steps;
+  int64_t carry = 0;
+  while (a > 0 || b > 0) {
+    const int64_t x = a % 10, y = b % 10, s = x + y + carry;
+    steps += (steps.empty() ? "" : ", ") + std::to_string(x) + "+" + std::to_string(y) + (carry ? "+1" : "") + "=" + std::to_string(s);
+    carry = s / 10, a /= 10, b /= 10;
+  }
+  return steps.empty() ? "" : steps + ". ";
+}
+
+}  // namespace
 
 std::vector<ArithmeticTask> arithmetic_tasks(const std::string& op, int digits, int64_t count, uint64_t seed,
                                              const std::string& split) {
@@ -204,20 +224,25 @@ std::vector<ArithmeticTask> arithmetic_tasks(const std::string& op, int digits, 
       const uint64_t key = uint64_t(n[0]) * 1000003ULL ^ uint64_t(n[1]) * 999983ULL ^ uint64_t(n[2]) * 1009ULL ^ uint64_t(n[3]);
       if ((key * 0x9e3779b97f4a7c15ULL >> 60) % 10 == 0) { if (split != "heldout") continue; } else if (split == "heldout") continue;
       int64_t value = n[0];
+      std::string expr = std::to_string(n[0]);  // the expression that gives value: a solution
       for (int k = 1; k < 4; ++k) {
+        const int64_t x = n[size_t(k)];
+        char op = '+';
         switch (ops(rng)) {
-          case 0: value += n[size_t(k)]; break;
-          case 1: if (value > n[size_t(k)]) value -= n[size_t(k)]; else value += n[size_t(k)]; break;
-          case 2: if (value * n[size_t(k)] < 100000) value *= n[size_t(k)]; else value += n[size_t(k)]; break;
-          default: if (value % n[size_t(k)] == 0) value /= n[size_t(k)]; else value += n[size_t(k)]; break;
+          case 0: break;
+          case 1: if (value > x) op = '-'; break;
+          case 2: if (value * x < 100000) op = '*'; break;
+          default: if (value % x == 0) op = '/'; break;
         }
+        value = op == '+' ? value + x : op == '-' ? value - x : op == '*' ? value * x : value / x;
+        expr = (k == 1 ? expr : "(" + expr + ")") + op + std::to_string(x);
       }
       if (!puzzles.insert(n).second) continue;
       std::shuffle(n.begin(), n.end(), rng);
       std::string list, ref = std::to_string(value) + ":";
       for (int64_t v : n) list += (list.empty() ? "" : ", ") + std::to_string(v), ref += " " + std::to_string(v);
       out.push_back({"Using the numbers " + list + ", each at most once, with + - * / and parentheses, make " + std::to_string(value) + ".",
-                     ref});
+                     ref, "#### " + expr});
     }
     return out;
   }
@@ -228,8 +253,9 @@ std::vector<ArithmeticTask> arithmetic_tasks(const std::string& op, int digits, 
     const int64_t a = draw(rng), b = draw(rng);
     if (heldout(a, b) != (split == "heldout") || !seen.insert({a, b}).second) continue;
     const char* sign = op == "add" ? "+" : "*";
-    out.push_back({"What is " + std::to_string(a) + " " + sign + " " + std::to_string(b) + "?",
-                   std::to_string(op == "add" ? a + b : a * b)});
+    const std::string answer = std::to_string(op == "add" ? a + b : a * b);
+    out.push_back({"What is " + std::to_string(a) + " " + sign + " " + std::to_string(b) + "?", answer,
+                   (op == "add" ? addition_steps(a, b) : "") + "#### " + answer});
   }
   return out;
 }

@@ -27,9 +27,15 @@ double format_reward(const std::string& text);
 double countdown_reward(const std::string& text, const std::string& reference);
 // A reward by name ("exact", "format", "countdown"); Error naming the unknown ones.
 double reward(const std::string& name, const std::string& text, const std::string& reference);
+// Error unless name is one of the rewards above.
+void check_reward_name(const std::string& name);
 
 struct ArithmeticTask {
   std::string prompt, answer;
+  // A worked answer ending in "#### ANSWER", for SFT: addition column by column from the
+  // units, each column's carry added in ("7+5=12, 4+8+1=13, 3+2+1=6. #### 632");
+  // multiplication states the answer alone, countdown an expression that reaches the target.
+  std::string solution;
 };
 // count tasks of op ("add" or "mul") on numbers of `digits` digits, or "countdown" (reach a
 // target from 4 numbers of 1..`digits` digits; its answer is countdown_reward's reference),
