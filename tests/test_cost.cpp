@@ -14,6 +14,7 @@
 #include "cli_util.h"
 #include "core/error.h"
 #include "cost/cost.h"
+#include "cost/parallel.h"
 #include "io/checkpoint.h"
 
 namespace dsv3 {
@@ -256,6 +257,76 @@ TEST(CostCli, Errors) {
   r = run("cost --config " + kV3 + " --mfu 0.4 --reported-gpu-hours 1e6");
   EXPECT_EQ(r.status, 1);
   EXPECT_THAT(r.out, HasSubstr("not both"));
+}
+
+
+// The report's layout (2048 GPUs, PP16, EP64 over 8 nodes, 4 nodes per token) by hand:
+// hidden 7168 in FP8 with 56 float scales is 7392 bytes, in BF16 14336; a token reaches 4
+// nodes, its own among them half the time (4 of 8), so 3.5 cross InfiniBand; 8 experts'
+// GPUs over NVLink; 58 MoE layers.
+TEST(CostParallel, DeepSeekV3LayoutByHand) {
+  const ModelConfig c = ModelConfig::load(kV3);
+  CostOptions o;
+  o.mfu = 0.4;
+  o.precision = Precision::fp8;
+  const CostReport r = project_cost(count_model_file(kV3, o.seq_len), o);
+  const ParallelEstimate e = estimate_parallel(c, r, ParallelLayout{});
+  EXPECT_EQ(e.dp, 128);
+  EXPECT_EQ(e.ep_nodes, 8);
+  EXPECT_EQ(e.experts_per_gpu, 4);
+  EXPECT_EQ(e.moe_layers_per_stage, 4);  // ceil(58 / 16)
+  EXPECT_DOUBLE_EQ(e.ib_nodes_per_token, 3.5);
+  EXPECT_DOUBLE_EQ(e.dispatch_ib_bytes, 3.5 * 7392);
+  EXPECT_DOUBLE_EQ(e.combine_ib_bytes, 3.5 * 14336);
+  EXPECT_DOUBLE_EQ(e.dispatch_nvlink_bytes, 8.0 * 7392);
+  EXPECT_DOUBLE_EQ(e.combine_nvlink_bytes, 8.0 * 14336);
+  EXPECT_DOUBLE_EQ(e.all_to_all_bytes_per_token, 58 * (3.5 * 7392 + 3 * 3.5 * 14336));
+  const double flops = 4096 * (r.model.train_flops_per_token - r.model.mtp_flops) / 3 / 61;
+  EXPECT_NEAR(e.forward_flops, flops, flops * 1e-12);
+  EXPECT_NEAR(e.forward_seconds, flops / (1979e12 * 0.4), 1e-12);
+  // NVLink carries 8 copies at 160 GB/s (2.5 token-copies of time per IB copy at 50 GB/s)
+  // against IB's 3.5: IB is the slower link both ways.
+  const double comm = 4096 * (3.5 * 7392 + 3.5 * 14336) / 50e9;
+  EXPECT_NEAR(e.forward_comm_seconds, comm, 1e-12);
+  EXPECT_NEAR(e.ratio, e.forward_seconds / comm, 1e-9);
+  EXPECT_GT(e.ratio, 0.8);  // about the report's 1:1 with FP8 at 40% MFU
+  EXPECT_LT(e.ratio, 1.5);
+  EXPECT_TRUE(e.dualpipe_hides);
+  // One node per token: nothing crosses InfiniBand when the group is one node.
+  ParallelLayout one;
+  one.gpus = 128, one.pp = 16, one.ep = 8, one.max_nodes = 1;
+  EXPECT_EQ(estimate_parallel(c, r, one).ib_nodes_per_token, 0.0);
+}
+
+TEST(CostParallel, BadLayoutsAreNamed) {
+  const std::pair<const char*, const char*> cases[] = {
+      {"--gpus 2040", "is not a multiple of --pp 16"},
+      {"--gpus 2048 --ep 48", "--ep 48 must divide the 128 GPUs"},
+      {"--gpus 2048 --pp 64", "--pp 64 exceeds the model's 61 layers"},
+      {"--gpus 2048 --pp 8 --ep 256 --gpus-per-node 8", "ok"},
+      {"--gpus 3072 --pp 16 --ep 192", "must divide the model's 256 routed experts"},
+      {"--gpus 2048 --max-nodes 9", "--max-nodes 9 must be in [1, 8]"},
+      {"--gpus 2048 --ep 12 --pp 16 --gpus-per-node 8", "must divide the 128 GPUs"}};
+  for (const auto& [flags, says] : cases) {
+    const CliResult r = run("cost --config " + kV3 + " --no-compare " + flags);
+    if (std::string(says) == "ok") {
+      EXPECT_EQ(r.status, 0) << flags << r.out;
+      continue;
+    }
+    EXPECT_EQ(r.status, 1) << flags;
+    EXPECT_THAT(r.out, HasSubstr(says)) << flags;
+  }
+  const CliResult llama = run("cost --config " + kLlama + " --gpus 2048");
+  EXPECT_EQ(llama.status, 1);
+  EXPECT_THAT(llama.out, HasSubstr("needs a DeepSeek MoE config"));
+  const CliResult j = run("cost --config " + kV3 + " --gpus 2048 --json --no-compare");
+  ASSERT_EQ(j.status, 0) << j.out;
+  const nlohmann::json p = nlohmann::json::parse(j.out)["parallel"];
+  EXPECT_EQ(p["dp"].get<int64_t>(), 128);
+  EXPECT_TRUE(p["dualpipe_hides_all_to_all"].get<bool>());
+  const CliResult t = run("cost --config " + kV3 + " --gpus 2048 --no-compare");
+  EXPECT_THAT(t.out, HasSubstr("computation : communication"));
+  EXPECT_THAT(t.out, HasSubstr("DualPipe"));
 }
 
 }  // namespace

@@ -3,9 +3,13 @@
 #include <CLI/CLI.hpp>
 #include <cstdio>
 #include <memory>
+#include <nlohmann/json.hpp>
 
 #include "cli/commands.h"
 #include "cost/cost.h"
+#include "cost/parallel.h"
+#include "model/config.h"
+#include "core/error.h"
 
 namespace dsv3::cli {
 
@@ -16,6 +20,7 @@ struct CostFlags {
   CostOptions options;
   double mfu = 0, reported_gpu_hours = 0;
   bool json = false, no_compare = false;
+  ParallelLayout layout;
 };
 
 void run(CostFlags& f, const CLI::App& cmd) {
@@ -26,7 +31,20 @@ void run(CostFlags& f, const CLI::App& cmd) {
   const CostReport r = project_cost(count_model_file(f.config, o.seq_len), o);
   std::unique_ptr<CostReport> llama;
   if (!f.no_compare) llama = std::make_unique<CostReport>(llama_3_1_405b_reported(o));
-  const std::string text = f.json ? cost_json(r, llama.get()) + "\n" : format_cost(r, llama.get());
+  std::string text = f.json ? cost_json(r, llama.get()) : format_cost(r, llama.get());
+  // A parallel layout (--gpus): the expert all-to-all it implies, and whether DualPipe hides it.
+  if (cmd.count("--gpus")) {
+    if (r.model.name.empty() || !r.model.moe) fail("--gpus: the parallel estimate needs a DeepSeek MoE config");
+    const ParallelEstimate e = estimate_parallel(ModelConfig::load(f.config), r, f.layout);
+    if (f.json) {
+      nlohmann::ordered_json j = nlohmann::ordered_json::parse(text);
+      j["parallel"] = nlohmann::ordered_json::parse(parallel_json(e));
+      text = j.dump();
+    } else {
+      text += format_parallel(e, r);
+    }
+  }
+  if (f.json) text += "\n";
   std::fputs(text.c_str(), stdout);
 }
 
@@ -49,6 +67,15 @@ void add_cost(CLI::App& app) {
   cmd->add_option("--extra-gpu-hours", f->options.extra_gpu_hours,
                   "GPU-hours not tied to --tokens (context extension, post-training), added to the total");
   cmd->add_option("--seq", f->options.seq_len, "sequence length for attention FLOPs")->capture_default_str();
+  ParallelLayout& l = f->layout;
+  cmd->add_option("--gpus", l.gpus, "GPUs of a parallel layout: adds the expert all-to-all estimate (default layout: the report's)");
+  cmd->add_option("--pp", l.pp, "pipeline stages")->capture_default_str();
+  cmd->add_option("--ep", l.ep, "expert-parallel GPUs (a group within each stage's data-parallel GPUs)")->capture_default_str();
+  cmd->add_option("--gpus-per-node", l.gpus_per_node, "GPUs per node (NVLink within, InfiniBand between)")->capture_default_str();
+  cmd->add_option("--max-nodes", l.max_nodes, "node-limited routing: nodes per token at most")->capture_default_str();
+  cmd->add_option("--ib", l.ib_gb_s, "InfiniBand GB/s per GPU")->capture_default_str();
+  cmd->add_option("--nvlink", l.nvlink_gb_s, "NVLink GB/s per GPU")->capture_default_str();
+  cmd->add_option("--micro-batch-tokens", l.micro_batch_tokens, "tokens per GPU per micro-batch")->capture_default_str();
   cmd->add_flag("--json", f->json, "print one JSON object");
   cmd->add_flag("--no-compare", f->no_compare, "leave out Llama 3.1 405B");
   cmd->callback([f, cmd] { run(*f, *cmd); });
