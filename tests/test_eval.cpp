@@ -9,6 +9,8 @@
 
 #include "core/error.h"
 #include "eval/eval.h"
+#include "eval/rewards.h"
+#include "tokenizer/chat_template.h"
 #include "infer/generate.h"
 #include "model_fixture.h"
 
@@ -169,6 +171,42 @@ TEST_F(EvalTask, GenerationExactMatchAndPerplexity) {
   EXPECT_NEAR(p.metrics[0].value, nll / tokens, 1e-5);
   EXPECT_NEAR(p.metrics[1].value, std::exp(nll / tokens), 1e-3);
   EXPECT_GT(p.metrics[0].stderr_, 0.0);  // bootstrap over the two texts
+}
+
+// --chat renders each prompt as a user message in the chat template (the greedy answer to
+// that rendering, computed here, is an exact match); --reward scores by the verifier, so the
+// same text without a final answer scores 0.
+TEST_F(EvalTask, ChatPromptsAndVerifierScoring) {
+  const std::string prompt = "What is 12 + 30?";
+  nlohmann::ordered_json messages = nlohmann::ordered_json::array();
+  messages.push_back({{"role", "user"}, {"content", prompt}});
+  std::string said;
+  int64_t n = 0;
+  for (n = 4; n >= 1; --n) {
+    GenerateOptions g;
+    g.max_tokens = n;
+    said = tok_.decode(generate(model_, tok_.encode(apply_chat_template(config_, messages, true)), g).tokens, true);
+    try {
+      (void)nlohmann::json(said).dump();
+      if (!strip(said).empty()) break;
+    } catch (const nlohmann::json::exception&) {
+    }
+  }
+  ASSERT_GE(n, 1);
+  EvalOptions opt;
+  opt.max_tokens = n, opt.chat = true;
+  const std::string task = write(nlohmann::json{{"prompt", prompt}, {"answer", said}}.dump() + "\n");
+  EXPECT_DOUBLE_EQ(evaluate(model_, tok_, &config_, task, opt).metrics[0].value, 1.0) << said;
+  if (!extract_answer(said)) {
+    opt.reward = "exact";
+    EXPECT_DOUBLE_EQ(evaluate(model_, tok_, &config_, task, opt).metrics[0].value, 0.0) << said;
+  }
+  opt.reward = "vibes";
+  EXPECT_THAT([&] { evaluate(model_, tok_, &config_, task, opt); }, testing::ThrowsMessage<Error>(HasSubstr("unknown reward 'vibes'")));
+  TokenizerConfig plain = config_;
+  plain.chat_template.reset();
+  opt.reward = "";
+  EXPECT_THAT([&] { evaluate(model_, tok_, &plain, task, opt); }, testing::ThrowsMessage<Error>(HasSubstr("--chat needs")));
 }
 
 TEST_F(EvalTask, MalformedLinesAreNamed) {

@@ -2,12 +2,15 @@
 #include <CLI/CLI.hpp>
 #include <cmath>
 #include <cstdio>
+#include <algorithm>
 #include <filesystem>
+#include <fstream>
 #include <memory>
 #include <nlohmann/json.hpp>
 
 #include "cli/args.h"
 #include "cli/commands.h"
+#include "cli/training_run.h"
 #include "core/error.h"
 #include "eval/eval.h"
 
@@ -30,7 +33,19 @@ void run(const EvalFlags& f) {
   std::unique_ptr<TokenizerConfig> config;
   if (std::filesystem::exists(f.model + "/tokenizer_config.json"))
     config = std::make_unique<TokenizerConfig>(load_tokenizer_config(f.model + "/tokenizer_config.json"));
-  const EvalReport r = evaluate(model, tok, config.get(), f.task, f.opt);
+  // Progress on stderr: the items of the file (up to --limit), at a rate and an ETA.
+  int64_t total = 0;
+  {
+    std::ifstream in(f.task);
+    for (std::string line; std::getline(in, line);) total += line.find_first_not_of(" \t\r") != std::string::npos;
+    if (f.opt.limit > 0) total = std::min(total, f.opt.limit);
+  }
+  EvalOptions opt = f.opt;
+  ProgressLine progress(0, total, std::max<int64_t>(1, total / 10), "items");
+  opt.on_item = [&](int64_t items) {
+    progress.show(items, cat(f.task, " | ", int64_t(double(items) / std::max(progress.elapsed(), 1e-9) * 60), " items/min"), false);
+  };
+  const EvalReport r = evaluate(model, tok, config.get(), f.task, opt);
   if (f.json) {
     nlohmann::json j = {{"task", f.task}, {"kind", r.kind}, {"items", r.items}, {"metrics", nlohmann::json::object()}};
     for (const EvalMetric& m : r.metrics) j["metrics"][m.name] = {{"value", m.value}, {"stderr", m.stderr_}};

@@ -15,7 +15,6 @@
 #include "cli/training_run.h"
 #include "core/error.h"
 #include "eval/eval.h"
-#include "eval/rewards.h"
 #include "io/checkpoint.h"
 #include "posttrain/grpo_trainer.h"
 #include "train/plot.h"
@@ -41,7 +40,7 @@ void run(GrpoFlags& f) {
   o.seq = 1;                      // unused: the lengths come from the prompts and answers
   g.prompts = o.batch, g.seed = o.seed;
   g.loss.clip_high = f.clip_high < 0 ? g.loss.clip_low : f.clip_high;
-  if (g.loss.loss_norm != "seq" && g.loss.loss_norm != "token") fail("--loss-norm must be seq or token, not ", g.loss.loss_norm);
+  check_grpo_options(g);  // before anything is read or written
   if (!fs::exists(f.model + "/config.json")) fail("--model: ", f.model, " has no config.json (a Hugging Face checkpoint folder)");
   for (const char* name : {"tokenizer.json", "tokenizer_config.json"})
     if (!fs::exists(f.model + "/" + name)) fail("--model: ", f.model, " has no ", name, " (GRPO reads and writes text)");
@@ -56,7 +55,6 @@ void run(GrpoFlags& f) {
   const ModelConfig c = ModelConfig::parse(config_json, f.model + "/config.json");
   const Tokenizer tok(f.model + "/tokenizer.json");
   const TokenizerConfig chat = load_tokenizer_config(f.model + "/tokenizer_config.json");
-  check_reward_name(g.reward);
   auto tasks = std::make_unique<GrpoTasks>(read_grpo_tasks(f.tasks), o.seed);
   GrpoTasks& task_order = *tasks;
   if (!f.eval_tasks.empty()) read_grpo_tasks(f.eval_tasks);  // malformed held-out tasks fail now, not at the first evaluation

@@ -35,8 +35,10 @@ void run(const TasksFlags& f) {
       conversation["messages"].push_back({{"role", "user"}, {"content", t.prompt}});
       conversation["messages"].push_back({{"role", "assistant"}, {"content", t.solution}});
       out << conversation.dump() << "\n";
-    } else {
+    } else if (f.format == "text") {
       out << t.prompt << " " << t.solution << "\n";
+    } else {
+      out << t.equation << "\n";
     }
   }
   out.close();
@@ -61,8 +63,9 @@ void add_tasks(CLI::App& app) {
   cmd->add_option("--seed", f->seed, "seed of the draw")->capture_default_str();
   cmd->add_option("--format", f->format,
                   "tasks: {\"prompt\", \"answer\"} lines (dsv3 grpo, dsv3 eval); sft: conversations with a worked answer "
-                  "ending in \"#### ANSWER\" (dsv3 sft); text: \"PROMPT WORKED-ANSWER\" lines (dsv3 data --txt-docs line)")
-      ->check(CLI::IsMember({"tasks", "sft", "text"}))
+                  "ending in \"#### ANSWER\" (dsv3 sft); text: \"PROMPT WORKED-ANSWER\" lines; equation: \"347 + 285 = 632\" lines "
+                  "(both for dsv3 data --txt-docs line)")
+      ->check(CLI::IsMember({"tasks", "sft", "text", "equation"}))
       ->capture_default_str();
   cmd->add_option("--out,-o", f->out, "output file")->required();
   cmd->callback([f] { run(*f); });

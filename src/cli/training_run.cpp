@@ -138,8 +138,8 @@ MetricsCsv::MetricsCsv(const std::string& path, const std::string& header, bool 
 
 void MetricsCsv::write(const std::string& row) { out_ << row << "\n" << std::flush; }
 
-ProgressLine::ProgressLine(int64_t first_step, int64_t steps, int64_t log_every)
-    : first_(first_step), steps_(steps), log_every_(std::max<int64_t>(log_every, 1)), tty_(isatty(STDERR_FILENO)) {
+ProgressLine::ProgressLine(int64_t first_step, int64_t steps, int64_t log_every, std::string unit)
+    : first_(first_step), steps_(steps), log_every_(std::max<int64_t>(log_every, 1)), unit_(std::move(unit)), tty_(isatty(STDERR_FILENO)) {
   start_ = std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 
@@ -152,8 +152,8 @@ void ProgressLine::show(int64_t step, const std::string& text, bool keep) {
   const int width = 24, filled = int(double(width) * double(step) / double(std::max<int64_t>(steps_, 1)));
   const std::string bar = std::string(size_t(filled), '#') + std::string(size_t(width - filled), '.');
   char line[768];
-  std::snprintf(line, sizeof(line), "step %ld/%ld [%s] %s | ETA %s", long(step), long(steps_), bar.c_str(), text.c_str(),
-                format_duration(eta).c_str());
+  std::snprintf(line, sizeof(line), "%s %ld/%ld [%s] %s | ETA %s", unit_.c_str(), long(step), long(steps_), bar.c_str(),
+                text.c_str(), format_duration(eta).c_str());
   keep = keep || step == steps_;
   if (tty_) std::fprintf(stderr, "\r%s\033[K%s", line, keep ? "\n" : "");
   else if (step % log_every_ == 0 || keep) std::fprintf(stderr, "%s\n", line);

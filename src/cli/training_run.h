@@ -66,15 +66,16 @@ RunTotals run_reported(Trainer& trainer, const TrainingFlags& f);
 void report_done(const Trainer& trainer, const TrainingFlags& f, const RunTotals& totals);
 
 // "step 12/300 [####....] TEXT | ETA 01:23" on stderr: rewritten in place on a terminal,
-// else one line every log_every steps, and whenever `keep` asks.
+// else one line every log_every steps, and whenever `keep` asks (unit: "step", or "items").
 class ProgressLine {
  public:
-  ProgressLine(int64_t first_step, int64_t steps, int64_t log_every);
+  ProgressLine(int64_t first_step, int64_t steps, int64_t log_every, std::string unit = "step");
   void show(int64_t step, const std::string& text, bool keep);
   double elapsed() const;
 
  private:
   int64_t first_, steps_, log_every_;
+  std::string unit_;
   bool tty_;
   double start_;
 };

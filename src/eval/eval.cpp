@@ -206,6 +206,7 @@ EvalReport evaluate(Transformer& model, const Tokenizer& tok, const TokenizerCon
       doc_tokens.push_back(double(rest.size()));
     }
     ++report.items;
+    if (opt.on_item) opt.on_item(report.items);
   }
   if (report.items == 0) fail(task_path, ": no items");
   if (report.kind == "multiple_choice") {

@@ -18,6 +18,7 @@
 // Uses infer (generation), tokenizer and model.
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -38,6 +39,7 @@ struct EvalOptions {
   bool bos = true;             // BOS first as tokenizer_config.json asks (the harness adds none by default)
   bool chat = false;           // generation: the prompt is a user message in the chat template (assistant turn opened)
   std::string reward;          // generation: scored by this verifier (rewards.h: correct when it gives 1), not text equality
+  std::function<void(int64_t items)> on_item;  // after each item scored (progress)
 };
 
 struct EvalMetric {

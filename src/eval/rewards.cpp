@@ -242,7 +242,7 @@ std::vector<ArithmeticTask> arithmetic_tasks(const std::string& op, int digits, 
       std::string list, ref = std::to_string(value) + ":";
       for (int64_t v : n) list += (list.empty() ? "" : ", ") + std::to_string(v), ref += " " + std::to_string(v);
       out.push_back({"Using the numbers " + list + ", each at most once, with + - * / and parentheses, make " + std::to_string(value) + ".",
-                     ref, "#### " + expr});
+                     ref, "#### " + expr, expr + " = " + std::to_string(value)});
     }
     return out;
   }
@@ -254,8 +254,9 @@ std::vector<ArithmeticTask> arithmetic_tasks(const std::string& op, int digits, 
     if (heldout(a, b) != (split == "heldout") || !seen.insert({a, b}).second) continue;
     const char* sign = op == "add" ? "+" : "*";
     const std::string answer = std::to_string(op == "add" ? a + b : a * b);
-    out.push_back({"What is " + std::to_string(a) + " " + sign + " " + std::to_string(b) + "?", answer,
-                   (op == "add" ? addition_steps(a, b) : "") + "#### " + answer});
+    const std::string question = std::to_string(a) + " " + sign + " " + std::to_string(b);
+    out.push_back({"What is " + question + "?", answer, (op == "add" ? addition_steps(a, b) : "") + "#### " + answer,
+                   question + " = " + answer});
   }
   return out;
 }

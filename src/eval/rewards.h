@@ -36,6 +36,7 @@ struct ArithmeticTask {
   // units, each column's carry added in ("7+5=12, 4+8+1=13, 3+2+1=6. #### 632");
   // multiplication states the answer alone, countdown an expression that reaches the target.
   std::string solution;
+  std::string equation;  // the fact alone, for pre-training text: "347 + 285 = 632", "((41*92)+52)+16 = 3840"
 };
 // count tasks of op ("add" or "mul") on numbers of `digits` digits, or "countdown" (reach a
 // target from 4 numbers of 1..`digits` digits; its answer is countdown_reward's reference),

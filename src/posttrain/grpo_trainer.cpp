@@ -38,6 +38,18 @@ std::vector<GrpoTask> read_grpo_tasks(const std::string& path) {
   return tasks;
 }
 
+void check_grpo_options(const GrpoOptions& opt) {
+  if (opt.group < 2) fail("--group must be >= 2: GRPO's baseline is the other answers to the same prompt, not ", opt.group);
+  if (opt.prompts < 1) fail("--prompts must be >= 1, not ", opt.prompts);
+  if (opt.max_new_tokens < 1) fail("--max-new-tokens must be >= 1, not ", opt.max_new_tokens);
+  if (opt.updates < 1) fail("--updates must be >= 1, not ", opt.updates);
+  if (!(opt.temperature > 0)) fail("--temperature must be > 0: GRPO samples its groups");
+  if (opt.loss.clip_low < 0 || opt.loss.clip_high < 0) fail("--clip and --clip-high must be >= 0");
+  if (opt.loss.beta < 0) fail("--kl must be >= 0, not ", opt.loss.beta);
+  if (opt.loss.loss_norm != "seq" && opt.loss.loss_norm != "token") fail("--loss-norm must be seq or token, not ", opt.loss.loss_norm);
+  check_reward_name(opt.reward);
+}
+
 std::vector<int32_t> GrpoTrainer::encode_prompt(const std::string& prompt) const {
   nlohmann::ordered_json messages = nlohmann::ordered_json::array();
   messages.push_back({{"role", "user"}, {"content", prompt}});
@@ -54,13 +66,8 @@ GrpoTrainer::GrpoTrainer(Trainer& trainer, GrpoTasks& tasks, const Tokenizer& to
       opt_(opt),
       policy_(trainer.config(), trainer.params()),
       ref_pass_(trainer.config()) {
-  if (opt_.group < 2) fail("--group must be >= 2: GRPO's baseline is the other answers to the same prompt, not ", opt_.group);
-  if (opt_.prompts < 1) fail("--prompts must be >= 1, not ", opt_.prompts);
-  if (opt_.max_new_tokens < 1) fail("--max-new-tokens must be >= 1, not ", opt_.max_new_tokens);
-  if (opt_.updates < 1) fail("--updates must be >= 1, not ", opt_.updates);
-  if (!(opt_.temperature > 0)) fail("--temperature must be > 0: GRPO samples its groups");
+  check_grpo_options(opt_);
   if (!chat_.chat_template) fail("GRPO renders prompts with the checkpoint's chat template, and tokenizer_config.json has none");
-  check_reward_name(opt_.reward);
   // Room for the longest prompt of the task file and its answer, every answer of a step at once.
   int64_t longest = 0;
   for (const GrpoTask& t : tasks_.all()) longest = std::max<int64_t>(longest, int64_t(encode_prompt(t.prompt).size()));

@@ -61,6 +61,9 @@ struct GrpoOptions {
   uint64_t seed = 0;
 };
 
+// Error naming the first option out of range (the group, lengths, clip, KL, reward name).
+void check_grpo_options(const GrpoOptions& opt);
+
 struct GrpoStepStats {  // of the samples the last step trained on
   int64_t samples = 0;
   double reward = 0;          // mean
