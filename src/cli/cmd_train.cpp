@@ -23,6 +23,7 @@ namespace fs = std::filesystem;
 struct TrainFlags : TrainingFlags {
   std::string config, data, tokenizer;
   int dp = 0;  // data-parallel ranks (0: every process mpirun started)
+  int ep = 1;  // expert-parallel ranks within them
 };
 
 void run(TrainFlags& f) {
@@ -34,6 +35,8 @@ void run(TrainFlags& f) {
   if (f.dp != world.size())
     fail("--dp ", f.dp, " must equal the number of processes (", world.size(), "; start them with mpirun -np ", f.dp, ")");
   const bool lead = world.rank() == 0;
+  if (f.ep < 1 || f.dp % f.ep != 0)
+    fail("--ep ", f.ep, " must divide the ", f.dp, " data-parallel processes (expert-parallel groups are made of them)");
   const std::string config_json = read_text(f.config);
   if (!fs::is_directory(f.data)) fail("--data: ", f.data, " is not a folder of token shards");
   auto train_shards = open_shards(f.data, "train"), val_shards = open_shards(f.data, "val");
@@ -64,6 +67,10 @@ void run(TrainFlags& f) {
   if (lead) lock_run_folder(f.out);
   Trainer trainer(config_json, o, train, val, f.out);
   trainer.set_data_parallel(world.size() > 1 ? &world : nullptr);
+  // Expert-parallel groups of --ep consecutive ranks: ranks r and r' share experts when r / ep = r' / ep.
+  std::unique_ptr<dist::Communicator> ep_group;
+  if (f.ep > 1) ep_group = world.split(world.rank() / f.ep, world.rank());
+  trainer.set_expert_parallel(ep_group.get());
   const bool resumed = f.resume && trainer.resume();
   refuse_overwrite(f.out, resumed);
   if (!lead) {  // the other ranks train their shares quietly
@@ -75,7 +82,9 @@ void run(TrainFlags& f) {
   int64_t params = 0;
   for (const TensorSlot& s : list_tensors(c, const_cast<ModelWeights&>(trainer.params())))
     if (!s.mtp) params += s.mat->numel();
-  if (world.size() > 1) std::fprintf(stderr, "dsv3 train: data parallel over %d processes\n", world.size());
+  if (world.size() > 1)
+    std::fprintf(stderr, "dsv3 train: data parallel over %d processes%s\n", world.size(),
+                 f.ep > 1 ? cat(", routed experts split over groups of ", f.ep, " (expert parallelism)").c_str() : "");
   std::fprintf(stderr, "dsv3 train: %.2fM parameters (main model), %ld steps of %ld x %ld tokens, %s GEMMs%s, %zu train shards%s\n",
                double(params) / 1e6, long(o.steps), long(o.batch), long(o.seq),
                (f.precision + (f.fp8_accumulator.empty() ? "" : " (" + f.fp8_accumulator + " accumulator)")).c_str(),
@@ -107,6 +116,7 @@ void add_train(CLI::App& app) {
   cmd->add_option("--tokenizer", f->tokenizer, "tokenizer folder copied into checkpoints (default: the one in DATA/data.json)");
   add_training_flags(cmd, *f, RunKind::pretrain);
   cmd->add_option("--dp", f->dp, "data-parallel processes: run under mpirun -np N (default: as many as mpirun started)");
+  cmd->add_option("--ep", f->ep, "expert-parallel processes: the routed experts split over groups of this many data-parallel processes (default 1)");
   cmd->callback([f] { run(*f); });
 }
 

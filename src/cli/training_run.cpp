@@ -170,6 +170,7 @@ RunTotals run_reported(Trainer& trainer, const TrainingFlags& f) {
   std::string header = "step,tokens,batch,loss,mtp_loss,val_loss,lr,grad_norm,tokens_per_s,max_vio";
   for (int64_t l = 0; l < c.num_hidden_layers; ++l)  // max_vio is the largest of these
     if (c.is_moe_layer(l)) header += cat(",max_vio_", l);
+  header += ",a2a_mb";  // expert parallelism: MB this process sent to other processes' experts
   MetricsCsv csv(f.out + "/metrics.csv", header, resumed, trainer.state().step);
   Curve train_curve{"train loss", "#1f77b4", {}, {}}, val_curve{"validation loss", "#d62728", {}, {}};
   double smooth = -1;
@@ -199,13 +200,14 @@ RunTotals run_reported(Trainer& trainer, const TrainingFlags& f) {
                   m.tokens_per_s, m.max_vio);
     std::string row = line;
     for (double v : m.max_vio_layers) row += cat(",", v);
-    csv.write(row);
+    csv.write(row + cat(",", double(m.a2a_bytes) / 1e6));
     train_curve.points.push_back({double(m.step), smooth});
     if (m.val_loss >= 0) val_curve.points.push_back({double(m.step), m.val_loss});
     std::snprintf(line, sizeof(line), "loss %.4f%s | mtp %.3f | lr %.2e | gnorm %.2f | %.0f tok/s | maxvio %.2f", smooth,
                   m.val_loss >= 0 ? cat(" val ", std::to_string(m.val_loss).substr(0, 6)).c_str() : "", m.mtp_loss, m.lr,
                   m.grad_norm, m.tokens_per_s, m.max_vio);
-    progress.show(m.step, line, m.val_loss >= 0);
+    progress.show(m.step, m.a2a_bytes > 0 ? cat(line, " | all-to-all ", std::to_string(double(m.a2a_bytes) / 1e6).substr(0, 5), " MB") : line,
+                  m.val_loss >= 0);
     if (m.val_loss >= 0 || m.step == o.steps)
       write_svg_plot(f.out + "/loss.svg", "dsv3 training loss", {train_curve, val_curve});
   });

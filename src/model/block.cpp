@@ -33,7 +33,7 @@ double block_forward(const BlockContext& ctx, const LayerWeights& w, const Token
   double balance = 0;
   if (w.is_moe)
     balance = moe_forward<T>(c, w.moe, xn, n, arena, delta, ctx.mla.lin, record ? &record->moe : nullptr, ctx.balance,
-                             moe_state);
+                             moe_state, ctx.experts);
   else mlp_forward<T>(w.mlp, xn, n, arena, delta, ctx.mla.lin, record ? &record->mlp : nullptr);
   add_to(h, delta, n * dim);
   return balance;
@@ -55,7 +55,7 @@ void block_backward(const BlockContext& ctx, const LayerWeights& w, const TokenR
   // gradient goes back through norm2 into it.
   rmsnorm_forward(rec.h_mid.data(), w.post_attention_layernorm.as<T>(), xn, inv, n, dim, c.rms_norm_eps);  // recomputed
   std::fill(dxn, dxn + n * dim, T(0));
-  if (w.is_moe) moe_backward<T>(c, w.moe, xn, n, rec.moe, dh, g.moe, dxn, arena, ctx.mla.lin);
+  if (w.is_moe) moe_backward<T>(c, w.moe, xn, n, rec.moe, dh, g.moe, dxn, arena, ctx.mla.lin, ctx.experts);
   else mlp_backward<T>(w.mlp, xn, n, rec.mlp, dh, g.mlp, dxn, arena, ctx.mla.lin);
   rmsnorm_backward(dxn, rec.h_mid.data(), w.post_attention_layernorm.as<T>(), inv, dh,
                    mutable_data<T>(g.post_attention_layernorm), n, dim);

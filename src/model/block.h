@@ -20,6 +20,7 @@ namespace dsv3 {
 struct BlockContext {
   MlaContext mla;            // config, the tokens' RoPE angles, attention form, projection precision
   BalanceLoss balance = {};  // the MoE balance loss of a recorded forward (alpha 0: none)
+  ExpertExchange* experts = nullptr;  // expert parallelism (training, float): the routed experts' exchange
 };
 
 template <typename T>

@@ -4,6 +4,7 @@
 #include "model/moe.h"
 
 #include <algorithm>
+#include <type_traits>
 
 #include "core/error.h"
 #include "model/router.h"
@@ -176,9 +177,55 @@ void dispatch(const std::vector<int32_t>& experts, int64_t n_experts, int64_t k,
   d.offset[0] = 0;
 }
 
+void order_by_expert(ExpertRoute& route, int64_t processes, int64_t here) {
+  const int64_t P = processes, H = here;
+  if (int64_t(route.recv.size()) != P * H) fail("expert exchange: ", route.recv.size(), " counts for ", P, " x ", H);
+  std::vector<int64_t> source_start(size_t(P * H));  // source-major start of (p, e)
+  int64_t at = 0;
+  for (int64_t q = 0; q < P * H; ++q) source_start[size_t(q)] = at, at += route.recv[size_t(q)];
+  route.to_expert.clear();
+  route.offset.assign(size_t(H + 1), 0);
+  for (int64_t e = 0; e < H; ++e) {
+    route.offset[size_t(e)] = int64_t(route.to_expert.size());
+    for (int64_t p = 0; p < P; ++p)
+      for (int64_t r = 0; r < route.recv[size_t(p * H + e)]; ++r) route.to_expert.push_back(source_start[size_t(p * H + e)] + r);
+  }
+  route.offset[size_t(H)] = int64_t(route.to_expert.size());
+  route.to_source.resize(route.to_expert.size());
+  for (size_t i = 0; i < route.to_expert.size(); ++i) route.to_source[size_t(route.to_expert[i])] = int64_t(i);
+}
+
+namespace {
+
+// The rows [n, width] of `rows` sent to their experts' processes and regrouped expert-major
+// (float only: the exchange's type).
+template <typename T>
+T* exchange_to_experts(ExpertExchange& ex, const ExpertRoute& route, const T* rows, int64_t width, Arena& arena) {
+  const int64_t m = route.received();
+  T* source_major = arena.alloc<T>(size_t(m * width));
+  T* expert_major = arena.alloc<T>(size_t(m * width));
+  if constexpr (std::is_same_v<T, float>) ex.to_experts(route, rows, width, source_major);
+  else fail("expert parallelism runs in float");
+  gather_rows(source_major, width, route.to_expert.data(), static_cast<const T*>(nullptr), m, width, expert_major, width);
+  return expert_major;
+}
+
+// The reverse: expert-major rows [received, width] back to the local grouped order in `back`.
+template <typename T>
+void exchange_to_tokens(ExpertExchange& ex, const ExpertRoute& route, const T* rows, int64_t width, T* back, Arena& arena) {
+  const int64_t m = route.received();
+  T* source_major = arena.alloc<T>(size_t(m * width));
+  gather_rows(rows, width, route.to_source.data(), static_cast<const T*>(nullptr), m, width, source_major, width);
+  if constexpr (std::is_same_v<T, float>) ex.to_tokens(route, source_major, width, back);
+  else fail("expert parallelism runs in float");
+}
+
+}  // namespace
+
 template <typename T>
 double moe_forward(const ModelConfig& c, const MoeWeights& w, const T* x, int64_t n, Arena& arena, T* out,
-                   const LinearGemm& lin, MoeRecord<T>* record, const BalanceLoss& balance, MoeState<T>* state) {
+                   const LinearGemm& lin, MoeRecord<T>* record, const BalanceLoss& balance, MoeState<T>* state,
+                   ExpertExchange* ex) {
   const int64_t E = c.n_routed_experts, k = c.num_experts_per_tok, dim = c.hidden_size;
   const int64_t inter = c.moe_intermediate_size, shared_inter = c.n_shared_experts * inter;
   ArenaScope scope(arena);
@@ -191,31 +238,45 @@ double moe_forward(const ModelConfig& c, const MoeWeights& w, const T* x, int64_
   dispatch(st.routing.experts, E, k, st.dispatch);
   T* xe = arena.alloc<T>(size_t(n * k * dim));
   gather_rows(x, dim, d.token.data(), static_cast<const T*>(nullptr), n * k, dim, xe, dim);
+  T* ye = record ? sized(record->ye, n * k * dim) : arena.alloc<T>(size_t(n * k * dim));
+  // Under expert parallelism the rows go to their experts' processes (§3.2.2): the experts
+  // here then run on every process's rows for them, expert-major.
+  ExpertRoute local_route;
+  ExpertRoute& route = record ? record->route : local_route;
+  int64_t first = 0, here = E, m = n * k;  // the experts computed here and their rows
+  const T* xm = xe;
+  T* ym = ye;
+  const std::vector<int64_t>* offset = &d.offset;
+  if (ex) {
+    ex->plan(d.offset, route);
+    order_by_expert(route, ex->processes(), ex->experts_here());
+    first = ex->first_expert(), here = ex->experts_here(), m = route.received(), offset = &route.offset;
+    xm = exchange_to_experts(*ex, route, xe, dim, arena);
+    ym = arena.alloc<T>(size_t(m * dim));
+  }
   // 3. experts: each active one on its rows, the shared ones on every token; the routed
   // experts' SwiGLU inputs in one grouped buffer
-  T* ae = arena.alloc<T>(size_t(n * k * inter));
-  T* be = arena.alloc<T>(size_t(n * k * inter));
-  T* ye = record ? sized(record->ye, n * k * dim) : arena.alloc<T>(size_t(n * k * dim));
-  auto* jobs = arena.alloc_objects<SwigluJob<T>>(size_t(E + 1));
+  T* ae = arena.alloc<T>(size_t(m * inter));
+  T* be = arena.alloc<T>(size_t(m * inter));
+  auto* jobs = arena.alloc_objects<SwigluJob<T>>(size_t(here + 1));
   size_t count = 0;
   if (c.n_shared_experts > 0)
     jobs[count++] = {&w.shared_experts, x, n, arena.alloc<T>(size_t(n * shared_inter)),
                      arena.alloc<T>(size_t(n * shared_inter)), out};
-  for (int64_t e = 0; e < E; ++e) {
-    const int64_t row = d.offset[size_t(e)];
-    if (d.rows(e) > 0)
-      jobs[count++] = {&w.experts[size_t(e)], xe + row * dim, d.rows(e), ae + row * inter, be + row * inter,
-                       ye + row * dim};
+  for (int64_t e = 0; e < here; ++e) {
+    const int64_t row = (*offset)[size_t(e)], rows = (*offset)[size_t(e + 1)] - row;
+    if (rows > 0) jobs[count++] = {&w.experts[size_t(first + e)], xm + row * dim, rows, ae + row * inter, be + row * inter, ym + row * dim};
   }
-  auto* products = arena.alloc_objects<LinearGemm::Job<T>>(size_t(2 * (E + 1)));
+  auto* products = arena.alloc_objects<LinearGemm::Job<T>>(size_t(2 * (here + 1)));
   swiglu_inputs(jobs, count, products, lin);
   if (record) {
     const SavedFormat saved = lin.moe_swiglu_input_format();
-    record->expert_a.save(ae, n * k, inter, saved), record->expert_b.save(be, n * k, inter, saved);
+    record->expert_a.save(ae, m, inter, saved), record->expert_b.save(be, m, inter, saved);
     if (c.n_shared_experts > 0) record->shared.a.save(jobs[0].a, n, shared_inter, saved),
                                 record->shared.b.save(jobs[0].b, n, shared_inter, saved);
   }
   swiglu_outputs(jobs, count, products, lin);
+  if (ex) exchange_to_tokens(*ex, route, ym, dim, ye, arena);  // the outputs back to their tokens' processes
   // 4. combine: out[t] = shared(u) + sum_j g_j expert_j(u), in the grouped order
   if (c.n_shared_experts == 0) std::fill(out, out + n * dim, T(0));
   T* g = arena.alloc<T>(size_t(n * k));
@@ -226,7 +287,7 @@ double moe_forward(const ModelConfig& c, const MoeWeights& w, const T* x, int64_
 
 template <typename T>
 void moe_backward(const ModelConfig& c, const MoeWeights& w, const T* x, int64_t N, const MoeRecord<T>& a,
-                  const T* dout, MoeWeights& g, T* dx, Arena& arena, const LinearGemm& lin) {
+                  const T* dout, MoeWeights& g, T* dx, Arena& arena, const LinearGemm& lin, ExpertExchange* ex) {
   const int64_t E = c.n_routed_experts, k = c.num_experts_per_tok, dim = c.hidden_size;
   const int64_t inter = c.moe_intermediate_size;
   ArenaScope scope(arena);
@@ -248,16 +309,31 @@ void moe_backward(const ModelConfig& c, const MoeWeights& w, const T* x, int64_t
   T* xe = arena.alloc<T>(size_t(N * k * dim));
   gather_rows(x, dim, d.token.data(), static_cast<const T*>(nullptr), N * k, dim, xe, dim);
   T* dxe = arena.alloc<T>(size_t(N * k * dim));
-  std::fill(dxe, dxe + N * k * dim, T(0));
+  // Under expert parallelism the output gradients and the inputs travel to the experts'
+  // processes again (the inputs are not kept: as in the forward's exchange), and the input
+  // gradients come back.
+  int64_t first = 0, here = E, m = N * k;
+  const T* xm = xe;
+  const T* dym = dye;
+  T* dxm = dxe;
+  const std::vector<int64_t>* offset = &d.offset;
+  if (ex) {
+    first = ex->first_expert(), here = ex->experts_here(), m = a.route.received(), offset = &a.route.offset;
+    dym = exchange_to_experts(*ex, a.route, dye, dim, arena);
+    xm = exchange_to_experts(*ex, a.route, xe, dim, arena);
+    dxm = arena.alloc<T>(size_t(m * dim));
+  }
+  std::fill(dxm, dxm + m * dim, T(0));
   const T* ae = a.expert_a.read(arena);
   const T* be = a.expert_b.read(arena);
-  T* work = arena.alloc<T>(size_t(4 * N * k * inter));  // every expert's scratch, by grouped rows
-  for (int64_t e = 0; e < E; ++e) {
-    if (d.rows(e) == 0) continue;
-    const int64_t row = d.offset[size_t(e)];
-    swiglu_mlp_backward(w.experts[size_t(e)], xe + row * dim, d.rows(e), ae + row * inter, be + row * inter,
-                        dye + row * dim, g.experts[size_t(e)], dxe + row * dim, work + 4 * row * inter, lin);
+  T* work = arena.alloc<T>(size_t(4 * m * inter));  // every expert's scratch, by grouped rows
+  for (int64_t e = 0; e < here; ++e) {
+    const int64_t row = (*offset)[size_t(e)], rows = (*offset)[size_t(e + 1)] - row;
+    if (rows == 0) continue;
+    swiglu_mlp_backward(w.experts[size_t(first + e)], xm + row * dim, rows, ae + row * inter, be + row * inter,
+                        dym + row * dim, g.experts[size_t(first + e)], dxm + row * dim, work + 4 * row * inter, lin);
   }
+  if (ex) exchange_to_tokens(*ex, a.route, dxm, dim, dxe, arena);
   scatter_add_rows(dxe, d.token.data(), static_cast<const T*>(nullptr), N * k, dim, dx);
 
   // route, backwards. Gate weights g_j = scale * s_j (/ sum of the chosen s if normalised),
@@ -304,9 +380,10 @@ void moe_backward(const ModelConfig& c, const MoeWeights& w, const T* x, int64_t
                                 T*, Arena&, const LinearGemm&);                                                  \
   template void route_tokens<T>(const ModelConfig&, const MoeWeights&, const T*, int64_t, Routing<T>&, Arena&);  \
   template double moe_forward<T>(const ModelConfig&, const MoeWeights&, const T*, int64_t, Arena&, T*,           \
-                                 const LinearGemm&, MoeRecord<T>*, const BalanceLoss&, MoeState<T>*);             \
+                                 const LinearGemm&, MoeRecord<T>*, const BalanceLoss&, MoeState<T>*,              \
+                                 ExpertExchange*);                                                                 \
   template void moe_backward<T>(const ModelConfig&, const MoeWeights&, const T*, int64_t, const MoeRecord<T>&,   \
-                                const T*, MoeWeights&, T*, Arena&, const LinearGemm&);
+                                const T*, MoeWeights&, T*, Arena&, const LinearGemm&, ExpertExchange*);
 DSV3_INSTANTIATE(float)
 DSV3_INSTANTIATE(double)
 

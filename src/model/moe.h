@@ -87,6 +87,38 @@ struct BalanceLoss {
   int64_t ignored_tail = 0;
 };
 
+// Expert parallelism (§3.2.2), applied from outside the model: a layer's routed experts are
+// spread over the processes of a group, a contiguous range on each, and between dispatch and
+// the experts each grouped row travels to the process holding its expert, the outputs
+// travelling back before the combine (the backward mirrors both). The MoE calls an
+// ExpertExchange at those points; without one, every expert is here. Rows arrive
+// source-major (every process's rows for the experts here, process by process, each in its
+// grouped order) and the MoE regroups them expert-major to run each expert once.
+struct ExpertRoute {  // one layer's exchange, kept for its backward
+  std::vector<int64_t> send;       // [processes] rows sent to each
+  std::vector<int64_t> recv;       // [processes * experts here] rows received from each, per expert
+  std::vector<int64_t> to_expert;  // expert-major row i is source-major row to_expert[i]
+  std::vector<int64_t> to_source;  // source-major row j is expert-major row to_source[j]
+  std::vector<int64_t> offset;     // [experts here + 1]: where each expert's rows start, expert-major
+  int64_t received() const { return int64_t(to_expert.size()); }
+};
+class ExpertExchange {
+ public:
+  virtual ~ExpertExchange() = default;
+  virtual int64_t first_expert() const = 0;  // the experts here: [first, first + count)
+  virtual int64_t experts_here() const = 0;
+  virtual int64_t processes() const = 0;
+  // Fills route.send from the local dispatch (offset [E + 1]) and route.recv from every
+  // process's counts.
+  virtual void plan(const std::vector<int64_t>& offset, ExpertRoute& route) = 0;
+  // rows [sum send, width], local grouped order -> received [sum recv, width], source-major.
+  virtual void to_experts(const ExpertRoute& route, const float* rows, int64_t width, float* received) = 0;
+  // The reverse: rows [sum recv, width] source-major -> back [sum send, width] local grouped order.
+  virtual void to_tokens(const ExpertRoute& route, const float* rows, int64_t width, float* back) = 0;
+};
+// route.to_expert, to_source and offset from route.recv (the regrouping, index arithmetic).
+void order_by_expert(ExpertRoute& route, int64_t processes, int64_t experts_here);
+
 // What the MoE backward needs, and the loads the bias update reads. The routed experts'
 // SwiGLU inputs are kept as one activation over the n*k rows in grouped order (expert e's
 // rows at dispatch.offset[e]), so a record's size depends on (n, k) only, not on routing.
@@ -94,7 +126,10 @@ template <typename T>
 struct MoeRecord {
   MoeState<T> state;                  // routing and dispatch
   std::vector<T> ye;                  // [n*k, hidden] expert outputs, grouped order
-  SavedActivation<T> expert_a, expert_b;  // [n*k, moe_intermediate_size] gate / up outputs, grouped order
+  // [rows, moe_intermediate_size] gate / up outputs of the experts' rows: the n*k grouped rows,
+  // or under expert parallelism the received rows, expert-major
+  SavedActivation<T> expert_a, expert_b;
+  ExpertRoute route;                  // under expert parallelism: the exchange
   MlpRecord<T> shared;
   BalanceLoss balance;                // as given to the forward
   std::vector<int64_t> load;          // per expert: counted tokens routed to it (see BalanceLoss)
@@ -106,12 +141,15 @@ struct MoeRecord {
 // alpha). state: where the routing and dispatch go without a record (null: local storage,
 // allocated for this call; traces and statistics read the routing there). lin: the
 // precision of the experts' GEMMs (the router gate stays in T).
+// experts: expert parallelism (float only; null: every expert here). Under it the weight
+// gradients of the routed experts not here stay untouched.
 template <typename T>
 double moe_forward(const ModelConfig& c, const MoeWeights& w, const T* x, int64_t n, Arena& arena, T* out,
                    const LinearGemm& lin = {}, MoeRecord<T>* record = nullptr, const BalanceLoss& balance = {},
-                   MoeState<T>* state = nullptr);
+                   MoeState<T>* state = nullptr, ExpertExchange* experts = nullptr);
 template <typename T>
 void moe_backward(const ModelConfig& c, const MoeWeights& w, const T* x, int64_t n, const MoeRecord<T>& record,
-                  const T* dout, MoeWeights& g, T* dx, Arena& arena, const LinearGemm& lin = {});
+                  const T* dout, MoeWeights& g, T* dx, Arena& arena, const LinearGemm& lin = {},
+                  ExpertExchange* experts = nullptr);
 
 }  // namespace dsv3

@@ -52,6 +52,11 @@ class TrainingPass {
   // Gradients of the last forward's loss, accumulated into g.
   void backward(const ModelWeights& w, ModelWeights& g);
 
+  // Expert parallelism (float): every MoE layer's routed experts exchanged through ex, which
+  // the caller keeps alive (null: every expert here). The gradients of the routed experts not
+  // here stay untouched; those of the experts here gather every process's tokens.
+  void set_expert_exchange(ExpertExchange* ex) { experts_ = ex; }
+
   double main_loss() const { return main_loss_; }
   double mtp_loss() const { return mtp_loss_; }          // mean over depths, unweighted
   double balance_loss() const { return balance_loss_; }  // summed over layers, with alpha
@@ -73,11 +78,12 @@ class TrainingPass {
  private:
   // ignored_tail: positions per sequence left out of the balance loss and expert loads.
   BlockContext block_context(int64_t ignored_tail = 0) const {
-    return {{c_, angles_, AttnForm::naive, loss_.linear}, {S_, loss_.alpha, ignored_tail}};
+    return {{c_, angles_, AttnForm::naive, loss_.linear}, {S_, loss_.alpha, ignored_tail}, experts_};
   }
 
   const ModelConfig& c_;
   TrainingLoss loss_;
+  ExpertExchange* experts_ = nullptr;
   Rope rope_;
   int64_t B_ = 0, S_ = 0;
   TokenRows rows_;      // B windows of S tokens

@@ -82,6 +82,19 @@ void Trainer::set_data_parallel(dist::Communicator* dp) {
   dp_ = dp && dp->size() > 1 ? dp : nullptr;
 }
 
+void Trainer::set_expert_parallel(dist::Communicator* ep) {
+  if (!ep || ep->size() <= 1) {
+    ep_.reset();
+    pass_.set_expert_exchange(nullptr);
+    return;
+  }
+  if (c_.n_routed_experts == 0) fail("expert parallelism: the model has no routed experts");
+  if (c_.n_routed_experts % ep->size() != 0)
+    fail("--ep ", ep->size(), " must divide the model's ", c_.n_routed_experts, " routed experts");
+  ep_ = std::make_unique<CommExpertExchange>(*ep, c_.n_routed_experts);
+  pass_.set_expert_exchange(ep_.get());
+}
+
 bool Trainer::resume() {
   const auto dir = latest_checkpoint(run_dir_);
   if (!dir) return false;
@@ -127,8 +140,11 @@ const StepMetrics& Trainer::step_with(const Objective& objective) {
   zero_grads(grads_);
   StepMetrics& m = metrics_;
   m = StepMetrics{.max_vio_layers = std::move(m.max_vio_layers)};
+  const int64_t sent_before = ep_ ? ep_->rows_sent_away() : 0;
   double total = objective(m);
   const int64_t step_tokens = m.tokens;
+  if (ep_)
+    m.a2a_bytes = (ep_->rows_sent_away() - sent_before) * c_.hidden_size * int64_t(sizeof(float));
   const int64_t ranks = dp_ ? dp_->size() : 1;
   if (dp_) {
     // ZeRO-1 (§3.4's data parallelism): the gradients are reduce-scattered, each rank

@@ -14,6 +14,7 @@
 #include "model/training.h"
 #include "train/adamw.h"
 #include "train/batch_sampler.h"
+#include "train/expert_parallel.h"
 #include "train/checkpoint.h"
 #include "train/schedule.h"
 
@@ -42,6 +43,7 @@ struct StepMetrics {
   double val_loss = -1;  // when evaluated at this step
   std::vector<double> max_vio_layers;  // MaxVio of each MoE layer of the main model, in order
   int64_t activation_bytes = 0;        // held for the backward pass (TrainingPass::activation_bytes)
+  int64_t a2a_bytes = 0;               // expert parallelism: this process's rows sent to other processes' experts, and their replies
 };
 
 class Trainer {
@@ -67,6 +69,13 @@ class Trainer {
   // sums). Expert loads for the balancing are summed over ranks; checkpoints gather the
   // moments and rank 0 writes them. null: one process.
   void set_data_parallel(dist::Communicator* dp);
+  // Expert parallelism (§3.2.2) inside the data-parallel group: the routed experts of every
+  // MoE layer split over the processes of `ep` (a sub-group of dp), tokens sent to their
+  // experts' processes by all-to-all and back (train/expert_parallel.h). Every process still
+  // holds all the weights (ZeRO-1 gathers them); an expert's gradient is computed on its own
+  // process from every process's tokens, and the data-parallel reduction sums it with the
+  // others' zeros. Error if ep's size does not divide the routed experts. null: off.
+  void set_expert_parallel(dist::Communicator* ep);
   // Continues from the newest checkpoint of run_dir; false if there is none.
   bool resume();
   // What a step descends: it runs pass()'s forward and backward passes, the gradients going
@@ -105,6 +114,7 @@ class Trainer {
   StepMetrics metrics_;  // the last step's (its vector keeps its memory)
   std::vector<int32_t> inputs_, targets_;
   dist::Communicator* dp_ = nullptr;
+  std::unique_ptr<CommExpertExchange> ep_;
   std::vector<double> reduced_;  // loads and losses summed over the data-parallel ranks
   std::vector<std::vector<int64_t>> loads_;  // the whole batch's expert loads
   // ZeRO-1: this rank's flat elements [lo_, hi_), every rank's count, the gradients padded

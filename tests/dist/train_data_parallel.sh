@@ -2,7 +2,9 @@
 # ZeRO-1 data-parallel training (the multi-process issue): `mpirun -np 2` and `-np 4` train
 # the tiny demo model with the same losses, validation losses and gradient norms as one
 # process (to 1e-5 relative: only the order of float sums differs), rank 0 alone writing the
-# run, and a run saved by 2 processes resumes on 4 with the same losses;
+# run, and a run saved by 2 processes resumes on 4 with the same losses; so do expert
+# parallelism over 2 and 4 processes (--ep 2 on 2 and on 4, --ep 4 on 4), which log their
+# all-to-all volume; an --ep that does not divide the processes is an error;
 # a --dp that is not the number of processes, and a batch (or a ramp) that does not split,
 # are errors on every rank; rank 0 failing alone ends the job (MPI_Abort), never a hang.
 #   train_data_parallel.sh DSV3_BINARY PROJECT_ROOT
@@ -26,6 +28,10 @@ train=(train --config "$root/configs/tiny-demo.json" --data "$work/shards" --ste
 "${mpi[@]}" -np 2 "$dsv3" "${train[@]}" --save-every 3 --out "$work/moved" 2>/dev/null
 rm -rf "$work/moved/checkpoint-0000006"
 "${mpi[@]}" -np 4 "$dsv3" "${train[@]}" --save-every 3 --out "$work/moved" --resume 2>/dev/null
+# Expert parallelism: the routed experts split over groups of --ep processes.
+"${mpi[@]}" -np 2 "$dsv3" "${train[@]}" --save-every 6 --out "$work/ep2" --ep 2 2>/dev/null
+"${mpi[@]}" -np 4 "$dsv3" "${train[@]}" --save-every 6 --out "$work/ep2x2" --ep 2 2>/dev/null
+"${mpi[@]}" -np 4 "$dsv3" "${train[@]}" --save-every 6 --out "$work/ep4" --ep 4 2>/dev/null
 python3 - "$work" <<'PY'
 import csv, sys
 work = sys.argv[1]
@@ -34,7 +40,7 @@ def rows(name):
         return list(csv.DictReader(f))
 one = rows("one")
 assert len(one) == 6, one
-for name in ("two", "four", "moved"):
+for name in ("two", "four", "moved", "ep2", "ep2x2", "ep4"):
     other = rows(name)
     assert len(other) == 6, (name, other)
     for a, b in zip(one, other):
@@ -43,12 +49,17 @@ for name in ("two", "four", "moved"):
                 continue
             x, y = float(a[col]), float(b[col])
             assert abs(x - y) <= 1e-5 * max(1.0, abs(x)), f"{name} step {a['step']} {col}: {x} alone, {y} data parallel"
-print("data parallel (ZeRO-1) over 2 and 4 processes, and resumed from 2 onto 4: the losses of one process")
+    if name.startswith("ep"):
+        assert all(float(r["a2a_mb"]) > 0 for r in other), (name, "no all-to-all volume logged")
+assert all(float(r["a2a_mb"]) == 0 for r in one)
+print("data parallel (ZeRO-1) over 2 and 4 processes, resumed from 2 onto 4, and expert parallel over 2 and 4: the losses of one process")
 PY
 for run in two four; do
   [[ -d "$work/$run/checkpoint-0000006" ]] || { echo "no checkpoint from rank 0 in $run"; exit 1; }
 done
 # Errors, named on every rank before any work.
+if out=$("${mpi[@]}" -np 4 "$dsv3" "${train[@]}" --out "$work/bad" --ep 3 2>&1); then echo "--ep 3 on 4 processes ran"; exit 1; fi
+grep -q -- "--ep 3 must divide the 4 data-parallel processes" <<<"$out" || { echo "unexpected: $out"; exit 1; }
 if out=$("${mpi[@]}" -np 2 "$dsv3" "${train[@]}" --out "$work/bad" --dp 3 2>&1); then echo "--dp 3 on 2 processes ran"; exit 1; fi
 grep -q -- "--dp 3 must equal the number of processes (2" <<<"$out" || { echo "unexpected: $out"; exit 1; }
 if out=$("${mpi[@]}" -np 2 "$dsv3" train --config "$root/configs/tiny-demo.json" --data "$work/shards" --steps 2 --batch 3 --seq 32 \
