@@ -432,6 +432,19 @@ TEST(Sft, BatchesPadAndAConversationIgnoresItsNeighbours) {
   const auto& l2 = p2.token_logprobs();
   for (int64_t j = 0; j < S; ++j) EXPECT_NEAR(l1[size_t(r1 * S + j)], l2[size_t(r2 * S + j)], 1e-5) << "position " << j;
   EXPECT_NE(l1[size_t(r1 * S + 2)], 0.0);
+  // Padding counts in no expert's load: the conversations' own positions do (a: 6, b: 5 of
+  // 8), k = 2 choices each.
+  SftBatches batches({a, b}, S, 1, 3);
+  int64_t lengths[2];
+  batches.next_batch(2, in1.data(), tg1.data(), lengths);
+  EXPECT_EQ(lengths[0] + lengths[1], 6 + 5);
+  p1.forward(w, in1.data(), tg1.data(), 2, S, lengths);
+  const int64_t real = 6 + 5;
+  for (const auto& layer : p1.expert_loads()) {
+    int64_t total = 0;
+    for (int64_t n : layer) total += n;
+    if (!layer.empty()) EXPECT_EQ(total, 2 * real);
+  }
 }
 
 TEST(GrpoTasks, BadTaskFilesNameTheLine) {
@@ -532,7 +545,8 @@ TEST_F(GrpoRun, BadSettingsAreNamed) {
            {[](GrpoOptions& g) { g.group = 1; }, "--group must be >= 2"},
            {[](GrpoOptions& g) { g.reward = "vibes"; }, "unknown reward 'vibes'"},
            {[](GrpoOptions& g) { g.max_new_tokens = 5000; }, "exceed the model's"},
-           {[](GrpoOptions& g) { g.updates = 0; }, "--updates must be >= 1"}}) {
+           {[](GrpoOptions& g) { g.updates = 0; }, "--updates must be >= 1"},
+           {[](GrpoOptions& g) { g.reward = "countdown"; }, "task 1: its answer"}}) {
     GrpoOptions g;
     change(g);
     try {

@@ -15,7 +15,6 @@
 #include "cli/training_run.h"
 #include "core/error.h"
 #include "eval/eval.h"
-#include "io/checkpoint.h"
 #include "posttrain/grpo_trainer.h"
 #include "train/plot.h"
 
@@ -41,6 +40,10 @@ void run(GrpoFlags& f) {
   g.prompts = o.batch, g.seed = o.seed;
   g.loss.clip_high = f.clip_high < 0 ? g.loss.clip_low : f.clip_high;
   check_grpo_options(g);  // before anything is read or written
+  // Samples reused over --updates steps are not saved: checkpoints fall between batches, so a
+  // resumed run draws what the whole run would have.
+  if (g.updates > 1 && (o.steps % g.updates != 0 || (o.save_every > 0 && o.save_every % g.updates != 0)))
+    fail("--updates ", g.updates, " needs --steps and --save-every multiples of it (checkpoints between batches of samples)");
   if (!fs::exists(f.model + "/config.json")) fail("--model: ", f.model, " has no config.json (a Hugging Face checkpoint folder)");
   for (const char* name : {"tokenizer.json", "tokenizer_config.json"})
     if (!fs::exists(f.model + "/" + name)) fail("--model: ", f.model, " has no ", name, " (GRPO reads and writes text)");
@@ -61,10 +64,7 @@ void run(GrpoFlags& f) {
 
   // The reference: the starting checkpoint in float32, frozen.
   ModelWeights reference = allocate_weights(c, DType::f32, MtpTying::tied);
-  {
-    const Checkpoint ckpt(f.model);
-    convert_weights(c, load_weights(c, ckpt), reference);
-  }
+  load_float_weights(f.model, c, reference);
   add_tokenizer_files(f.model, "--model", o.extras);
   lock_run_folder(f.out);
   Trainer trainer(config_json, o, std::move(tasks), nullptr, f.out);
@@ -111,9 +111,19 @@ void run(GrpoFlags& f) {
     write_svg_plot(f.out + "/kl.svg", "dsv3 grpo: KL to the reference", {kl});
     write_svg_plot(f.out + "/length.svg", "dsv3 grpo: answer length", {length});
   };
-  for (const auto& cols : csv.kept())
-    if (cols.size() >= 12) add_points(std::atof(cols[0].c_str()), std::atof(cols[2].c_str()), std::atof(cols[4].c_str()),
-                                      std::atof(cols[6].c_str()), cols[10], cols[11]);
+  for (const auto& cols : csv.kept()) {
+    if (cols.size() < 12) continue;
+    if (cols[2].empty()) {  // the step-0 row: the held-out accuracy alone
+      if (!cols[10].empty()) {
+        const double v = std::atof(cols[10].c_str()), e = std::atof(cols[11].c_str());
+        held.points.push_back({0, v});
+        held.band.push_back({v - e, v + e});
+      }
+      continue;
+    }
+    add_points(std::atof(cols[0].c_str()), std::atof(cols[2].c_str()), std::atof(cols[4].c_str()), std::atof(cols[6].c_str()),
+               cols[10], cols[11]);
+  }
   if (!resumed && !f.eval_tasks.empty()) {  // where the policy starts
     const EvalMetric h = heldout();
     std::fprintf(stderr, "held-out accuracy at step 0: %.4f ± %.4f\n", h.value, h.stderr_);

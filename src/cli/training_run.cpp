@@ -10,6 +10,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstring>
+#include <algorithm>
 #include <filesystem>
 
 #include "cli/args.h"
@@ -114,7 +115,12 @@ MetricsCsv::MetricsCsv(const std::string& path, const std::string& header, bool 
     std::ifstream in(path);
     std::string head, line, text;
     std::getline(in, head);
-    text = head + "\n";
+    // A run started by an older dsv3 may lack columns added since at the end: its rows are
+    // padded with empty cells under the new header. Any other difference is another run.
+    if (head != header && header.rfind(head + ",", 0) != 0)
+      fail(path, ": its columns (", head, ") are not this run's; move it aside to resume");
+    const size_t missing = size_t(std::count(header.begin(), header.end(), ',') - std::count(head.begin(), head.end(), ','));
+    text = header + "\n";
     while (std::getline(in, line)) {
       std::vector<std::string> cols;
       for (size_t a = 0, b; a <= line.size(); a = b + 1) {
@@ -123,7 +129,8 @@ MetricsCsv::MetricsCsv(const std::string& path, const std::string& header, bool 
         cols.push_back(line.substr(a, b - a));
       }
       if (cols.empty() || cols[0].empty() || std::atoll(cols[0].c_str()) > resumed_step) continue;
-      text += line + "\n";
+      text += line + std::string(missing, ',') + "\n";
+      cols.resize(cols.size() + missing);
       kept_.push_back(std::move(cols));
     }
     in.close();

@@ -205,8 +205,10 @@ std::vector<ArithmeticTask> arithmetic_tasks(const std::string& op, int digits, 
   const int64_t lo = digits == 1 ? 0 : int64_t(std::pow(10, digits - 1)), hi = int64_t(std::pow(10, digits)) - 1;
   std::mt19937_64 rng(seed);
   std::uniform_int_distribution<int64_t> draw(lo, hi);
-  // A pair's split by a hash of the pair alone: about 1 in 10 pairs is held out, whatever the seed.
+  // A pair's split by a hash of the pair alone, in either order (a + b and b + a have one
+  // answer): about 1 in 10 pairs is held out, whatever the seed.
   auto heldout = [](int64_t a, int64_t b) {
+    if (a > b) std::swap(a, b);
     uint64_t h = uint64_t(a) * 0x9e3779b97f4a7c15ULL ^ (uint64_t(b) + 0x632be59bd9b4e019ULL);
     h ^= h >> 31, h *= 0xbf58476d1ce4e5b9ULL, h ^= h >> 29;
     return h % 10 == 0;
@@ -221,7 +223,10 @@ std::vector<ArithmeticTask> arithmetic_tasks(const std::string& op, int digits, 
       if (tries > 1000 * count + 1000) fail("arithmetic tasks: cannot draw ", count, " distinct ", split, " countdown puzzles");
       std::vector<int64_t> n(4);
       for (int64_t& v : n) v = std::max<int64_t>(1, draw(rng));
-      const uint64_t key = uint64_t(n[0]) * 1000003ULL ^ uint64_t(n[1]) * 999983ULL ^ uint64_t(n[2]) * 1009ULL ^ uint64_t(n[3]);
+      std::vector<int64_t> sorted = n;  // the split by the numbers, in any order
+      std::sort(sorted.begin(), sorted.end());
+      const uint64_t key = uint64_t(sorted[0]) * 1000003ULL ^ uint64_t(sorted[1]) * 999983ULL ^ uint64_t(sorted[2]) * 1009ULL ^
+                           uint64_t(sorted[3]);
       if ((key * 0x9e3779b97f4a7c15ULL >> 60) % 10 == 0) { if (split != "heldout") continue; } else if (split == "heldout") continue;
       int64_t value = n[0];
       std::string expr = std::to_string(n[0]);  // the expression that gives value: a solution

@@ -79,20 +79,28 @@ void swiglu_mlp_backward(const MlpWeights& w, const T* x, int64_t m, const T* a,
 template <typename T>
 double balance_statistics(const ModelConfig& c, int64_t N, const BalanceLoss& balance, MoeRecord<T>& a, Arena& arena) {
   const int64_t E = c.n_routed_experts, k = c.num_experts_per_tok;
-  // Sequences of S tokens, of which the first T count (the rest: MTP placeholders).
+  // Sequences of S tokens, of which the first T count (the rest: MTP placeholders, and
+  // padding after a sequence's real positions).
   const int64_t S = balance.seq_len > 0 ? balance.seq_len : N;
-  const int64_t counted = S - balance.ignored_tail, n_seq = S > 0 ? N / S : 0;
-  if (N <= 0 || N % S != 0 || counted <= 0 || balance.ignored_tail < 0)
+  const int64_t tail_free = S - balance.ignored_tail, n_seq = S > 0 ? N / S : 0;
+  if (N <= 0 || N % S != 0 || tail_free <= 0 || balance.ignored_tail < 0)
     fail("MoE loads and balance loss: ", N, " tokens are not whole sequences of ", S, " with ", balance.ignored_tail,
          " placeholders each");
   a.balance = balance;
+  a.balance.lengths = nullptr;  // not kept: `counted` says it
+  a.counted.resize(size_t(n_seq));
+  int64_t sequences = 0;  // with at least one counted position
+  for (int64_t b = 0; b < n_seq; ++b) {
+    a.counted[size_t(b)] = std::clamp<int64_t>(balance.lengths ? balance.lengths[b] : S, 0, tail_free);
+    sequences += a.counted[size_t(b)] > 0;
+  }
   a.load.assign(size_t(E), 0);
   const std::vector<int32_t>& experts = a.state.routing.experts;
   for (int64_t t = 0; t < N; ++t)
-    if (t % S < counted)
+    if (t % S < a.counted[size_t(t / S)])
       for (int64_t j = 0; j < k; ++j) ++a.load[size_t(experts[size_t(t * k + j)])];
   a.balance_f.clear();
-  if (balance.alpha <= 0) return 0;
+  if (balance.alpha <= 0 || sequences == 0) return 0;
   a.balance_f.assign(size_t(n_seq * E), T(0));
   ArenaScope scope(arena);
   T* s = arena.alloc<T>(size_t(E));
@@ -100,6 +108,8 @@ double balance_statistics(const ModelConfig& c, int64_t N, const BalanceLoss& ba
   double* count = arena.alloc<double>(size_t(E));
   double loss = 0;
   for (int64_t b = 0; b < n_seq; ++b) {
+    const int64_t counted = a.counted[size_t(b)];
+    if (counted == 0) continue;
     T* f = &a.balance_f[size_t(b * E)];
     std::fill(P, P + E, 0.0), std::fill(count, count + E, 0.0);
     for (int64_t t = b * S; t < b * S + counted; ++t) {
@@ -111,8 +121,8 @@ double balance_statistics(const ModelConfig& c, int64_t N, const BalanceLoss& ba
     }
     for (int64_t e = 0; e < E; ++e) {
       const double fi = double(E) / double(k * counted) * count[e];
-      loss += balance.alpha * fi * P[e] / double(n_seq);
-      f[e] = T(balance.alpha * fi / double(counted * n_seq));  // d loss / d s'_{e,t}
+      loss += balance.alpha * fi * P[e] / double(sequences);
+      f[e] = T(balance.alpha * fi / double(counted * sequences));  // d loss / d s'_{e,t}
     }
   }
   return loss;
@@ -126,7 +136,7 @@ int64_t MoeRecord<T>::bytes() const {
   const Dispatch& d = state.dispatch;
   return int64_t((r.logits.size() + r.weights.size() + ye.size() + balance_f.size()) * sizeof(T) +
                  r.experts.size() * sizeof(int32_t) +
-                 (d.offset.size() + d.slot.size() + d.token.size() + load.size()) * sizeof(int64_t)) +
+                 (d.offset.size() + d.slot.size() + d.token.size() + load.size() + counted.size()) * sizeof(int64_t)) +
          expert_a.bytes() + expert_b.bytes() + shared.bytes();
 }
 
@@ -180,7 +190,8 @@ void dispatch(const std::vector<int32_t>& experts, int64_t n_experts, int64_t k,
 void order_by_expert(ExpertRoute& route, int64_t processes, int64_t here) {
   const int64_t P = processes, H = here;
   if (int64_t(route.recv.size()) != P * H) fail("expert exchange: ", route.recv.size(), " counts for ", P, " x ", H);
-  std::vector<int64_t> source_start(size_t(P * H));  // source-major start of (p, e)
+  std::vector<int64_t>& source_start = route.source_start;
+  source_start.resize(size_t(P * H));
   int64_t at = 0;
   for (int64_t q = 0; q < P * H; ++q) source_start[size_t(q)] = at, at += route.recv[size_t(q)];
   route.to_expert.clear();
@@ -353,7 +364,7 @@ void moe_backward(const ModelConfig& c, const MoeWeights& w, const T* x, int64_t
     for (int64_t j = 0; j < k; ++j)  // d g_j / d s_m = scale (delta_jm / sum - s_j / sum^2)
       ds[chosen[j]] += normalised ? scale * (dw[j] / sum - dot / (sum * sum)) : scale * dw[j];
     const int64_t S = a.balance.seq_len > 0 ? a.balance.seq_len : N;
-    if (!a.balance_f.empty() && t % S < S - a.balance.ignored_tail) {
+    if (!a.balance_f.empty() && t % S < a.counted[size_t(t / S)]) {
       // balance loss: s' = s / sum(s);  d/ds_m = (g_m - sum_i g_i s'_i) / sum(s)
       const T* gb = &a.balance_f[size_t((t / S) * E)];
       T all = 0, gs = 0;

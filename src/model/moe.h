@@ -81,10 +81,13 @@ struct MoeState {
 // count neither in this loss nor in the expert loads that drive the bias update. (When a
 // sequence is no longer than k, TrainingPass still counts its first position: that MTP
 // depth has no target at all then, and its block keeps a load.)
+// `lengths` (optional, one per sequence) says how many of a sequence's positions are real:
+// padding after them (SFT and GRPO batches) counts neither.
 struct BalanceLoss {
   int64_t seq_len = 0;  // 0: the whole batch is one sequence
   double alpha = 0;
   int64_t ignored_tail = 0;
+  const int64_t* lengths = nullptr;  // [sequences], valid during the forward; null: all real
 };
 
 // Expert parallelism (§3.2.2), applied from outside the model: a layer's routed experts are
@@ -100,6 +103,7 @@ struct ExpertRoute {  // one layer's exchange, kept for its backward
   std::vector<int64_t> to_expert;  // expert-major row i is source-major row to_expert[i]
   std::vector<int64_t> to_source;  // source-major row j is expert-major row to_source[j]
   std::vector<int64_t> offset;     // [experts here + 1]: where each expert's rows start, expert-major
+  std::vector<int64_t> source_start;  // [processes * experts here]: where (process, expert) starts, source-major
   int64_t received() const { return int64_t(to_expert.size()); }
 };
 class ExpertExchange {
@@ -133,6 +137,7 @@ struct MoeRecord {
   MlpRecord<T> shared;
   BalanceLoss balance;                // as given to the forward
   std::vector<int64_t> load;          // per expert: counted tokens routed to it (see BalanceLoss)
+  std::vector<int64_t> counted;       // per sequence: its positions in the loads and the balance loss
   std::vector<T> balance_f;           // [n / seq_len, E]: alpha * f_i / (T * sequences)
   int64_t bytes() const;
 };

@@ -34,7 +34,7 @@ int64_t MtpActivations<T>::bytes() const {
 
 template <typename T>
 double TrainingPass<T>::forward(const ModelWeights& w, const int32_t* tokens, const int32_t* targets, int64_t B,
-                                int64_t S) {
+                                int64_t S, const int64_t* lengths) {
   const int64_t N = B * S, dim = c_.hidden_size, vocab = c_.vocab_size;
   if (N <= 0) fail("training pass: no tokens");
   for (int64_t i = 0; i < N; ++i) {
@@ -44,6 +44,8 @@ double TrainingPass<T>::forward(const ModelWeights& w, const int32_t* tokens, co
   B_ = B, S_ = S;
   tokens_.assign(tokens, tokens + N);
   targets_.assign(targets, targets + N);
+  if (lengths) lengths_.assign(lengths, lengths + B);
+  else lengths_.assign(size_t(B), S);
   rows_.set_windows(B, S);
   rope_.angles(rows_.pos, angles_);
   arena_.reset();

@@ -47,8 +47,11 @@ class TrainingPass {
  public:
   explicit TrainingPass(const ModelConfig& c, const TrainingLoss& loss = {});
 
-  // The total loss (see above). tokens, targets: [B*S]; target -1 = ignored.
-  double forward(const ModelWeights& w, const int32_t* tokens, const int32_t* targets, int64_t B, int64_t S);
+  // The total loss (see above). tokens, targets: [B*S]; target -1 = ignored. lengths [B]
+  // (optional): each sequence's real positions; the padding after them (SFT and GRPO
+  // batches) counts neither in the balance loss nor in the expert loads.
+  double forward(const ModelWeights& w, const int32_t* tokens, const int32_t* targets, int64_t B, int64_t S,
+                 const int64_t* lengths = nullptr);
   // Gradients of the last forward's loss, accumulated into g.
   void backward(const ModelWeights& w, ModelWeights& g);
 
@@ -57,6 +60,7 @@ class TrainingPass {
   // here stay untouched; those of the experts here gather every process's tokens.
   void set_expert_exchange(ExpertExchange* ex) { experts_ = ex; }
 
+  const TrainingLoss& loss() const { return loss_; }
   double main_loss() const { return main_loss_; }
   double mtp_loss() const { return mtp_loss_; }          // mean over depths, unweighted
   double balance_loss() const { return balance_loss_; }  // summed over layers, with alpha
@@ -78,7 +82,7 @@ class TrainingPass {
  private:
   // ignored_tail: positions per sequence left out of the balance loss and expert loads.
   BlockContext block_context(int64_t ignored_tail = 0) const {
-    return {{c_, angles_, AttnForm::naive, loss_.linear}, {S_, loss_.alpha, ignored_tail}, experts_};
+    return {{c_, angles_, AttnForm::naive, loss_.linear}, {S_, loss_.alpha, ignored_tail, lengths_.data()}, experts_};
   }
 
   const ModelConfig& c_;
@@ -90,6 +94,7 @@ class TrainingPass {
   RopeAngles angles_;   // of rows_.pos
   Arena arena_;         // the modules' scratch
   std::vector<int32_t> tokens_, targets_;
+  std::vector<int64_t> lengths_;  // per sequence: its real positions (after them: padding)
   std::vector<double> token_logp_;
   std::vector<BlockRecord<T>> layers_;
   std::vector<MtpActivations<T>> mtp_;

@@ -65,12 +65,21 @@ GrpoTrainer::GrpoTrainer(Trainer& trainer, GrpoTasks& tasks, const Tokenizer& to
       reference_(reference),
       opt_(opt),
       policy_(trainer.config(), trainer.params()),
-      ref_pass_(trainer.config()) {
+      // The reference in the policy's precision: the same weights give the same log-probabilities.
+      ref_pass_(trainer.config(), {0, 0, trainer.pass().loss().linear}) {
   check_grpo_options(opt_);
   if (!chat_.chat_template) fail("GRPO renders prompts with the checkpoint's chat template, and tokenizer_config.json has none");
   // Room for the longest prompt of the task file and its answer, every answer of a step at once.
   int64_t longest = 0;
-  for (const GrpoTask& t : tasks_.all()) longest = std::max<int64_t>(longest, int64_t(encode_prompt(t.prompt).size()));
+  for (size_t i = 0; i < tasks_.all().size(); ++i) {
+    const GrpoTask& t = tasks_.all()[i];
+    longest = std::max<int64_t>(longest, int64_t(encode_prompt(t.prompt).size()));
+    try {  // a reference the verifier cannot read fails now, not when its task comes up
+      reward(opt_.reward, "", t.answer);
+    } catch (const std::exception& e) {
+      fail("task ", i + 1, ": its answer '", t.answer, "' is not a reference the ", opt_.reward, " reward reads (", e.what(), ")");
+    }
+  }
   const int64_t max_len = longest + opt_.max_new_tokens;
   if (max_len > trainer.config().max_position_embeddings)
     fail("the longest prompt (", longest, " tokens) and --max-new-tokens ", opt_.max_new_tokens, " exceed the model's ",
@@ -141,11 +150,13 @@ double GrpoTrainer::objective(StepMetrics& m) {
     for (size_t j = size_t(s.prompt_len); j < s.tokens.size(); ++j) targets_[size_t(b * S) + j - 1] = s.tokens[j];
   }
   TrainingPass<float>& pass = trainer_.pass();
-  pass.forward(trainer_.params(), inputs_.data(), targets_.data(), B, S);
+  lengths_.resize(size_t(B));
+  for (int64_t b = 0; b < B; ++b) lengths_[size_t(b)] = int64_t(samples_[size_t(b)].tokens.size()) - 1;
+  pass.forward(trainer_.params(), inputs_.data(), targets_.data(), B, S, lengths_.data());
   const std::vector<double>& logp = pass.token_logprobs();
   std::vector<double> ref_logp;
   if (opt_.loss.beta != 0) {
-    ref_pass_.forward(reference_, inputs_.data(), targets_.data(), B, S);
+    ref_pass_.forward(reference_, inputs_.data(), targets_.data(), B, S, lengths_.data());
     ref_logp = ref_pass_.token_logprobs();
   }
   // The loss of each group, averaged over the groups; each token's weight is minus the

@@ -9,7 +9,7 @@
 // frozen; the sampling policy's log-probabilities are the engine's, stored as each token is
 // drawn (at temperature 1 they are the policy's own). With updates > 1 (DeepSeekMath's mu)
 // the same samples serve that many steps, and the clipped ratio keeps each step near the
-// policy that sampled them (a run resumed within such a batch draws a new one). Samples are
+// policy that sampled them (dsv3 grpo keeps checkpoints between such batches). Samples are
 // seeded by the run's seed and their batch's number, so a resumed run continues exactly. The trainer supplies the rest: clipping, AdamW, the bias
 // update, checkpoints and resume. Uses train, infer (batch engine), eval (rewards) and
 // tokenizer (chat template).
@@ -108,6 +108,7 @@ class GrpoTrainer {
   std::vector<Sample> samples_;  // prompts x group, group by group
   GrpoStepStats stats_;
   std::vector<int32_t> inputs_, targets_;
+  std::vector<int64_t> lengths_;  // each sequence's real positions (the rest pads it to the longest)
   std::vector<double> weights_;
 };
 

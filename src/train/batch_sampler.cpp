@@ -32,8 +32,9 @@ const uint32_t* BatchSampler::window(int64_t w) const {
   return streams_[s].data() + (w - first_window_[s]) * seq_;
 }
 
-void BatchSampler::next_batch(int64_t batch, int32_t* inputs, int32_t* targets) {
+void BatchSampler::next_batch(int64_t batch, int32_t* inputs, int32_t* targets, int64_t* lengths) {
   for (int64_t b = 0; b < batch; ++b) {
+    if (lengths) lengths[b] = seq_;
     const uint32_t* w = window(order_.next());
     for (int64_t i = 0; i < seq_; ++i) {
       inputs[b * seq_ + i] = int32_t(w[i]);

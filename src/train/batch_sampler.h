@@ -16,8 +16,8 @@ class BatchSampler : public TrainingData {
   // streams: the shards (spans stay valid while the sampler is used).
   BatchSampler(std::vector<std::span<const uint32_t>> streams, int64_t seq, uint64_t seed);
 
-  // inputs[b*S + i] = window token i, targets[b*S + i] = window token i + 1.
-  void next_batch(int64_t batch, int32_t* inputs, int32_t* targets) override;
+  // inputs[b*S + i] = window token i, targets[b*S + i] = window token i + 1; lengths S.
+  void next_batch(int64_t batch, int32_t* inputs, int32_t* targets, int64_t* lengths = nullptr) override;
   DataPosition position() const override { return order_.position(); }
   void seek(DataPosition p) override { order_.seek(p); }
   int64_t size() const override { return order_.size(); }

@@ -85,10 +85,11 @@ SftBatches::SftBatches(std::vector<SftExample> examples, int64_t seq, int32_t pa
   for (const SftExample& e : examples_) truncated_ += int64_t(e.tokens.size()) > seq;
 }
 
-void SftBatches::next_batch(int64_t batch, int32_t* inputs, int32_t* targets) {
+void SftBatches::next_batch(int64_t batch, int32_t* inputs, int32_t* targets, int64_t* lengths) {
   for (int64_t b = 0; b < batch; ++b) {
     const SftExample& e = examples_[size_t(order_.next())];
     const size_t n = std::min(e.tokens.size(), size_t(seq_));
+    if (lengths) lengths[b] = int64_t(n);
     int32_t* in = inputs + b * seq_;
     int32_t* tg = targets + b * seq_;
     std::copy_n(e.tokens.begin(), n, in);

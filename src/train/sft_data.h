@@ -41,7 +41,7 @@ std::vector<SftExample> read_sft_file(const Tokenizer& tok, const TokenizerConfi
 class SftBatches : public TrainingData {
  public:
   SftBatches(std::vector<SftExample> examples, int64_t seq, int32_t pad, uint64_t seed);
-  void next_batch(int64_t batch, int32_t* inputs, int32_t* targets) override;
+  void next_batch(int64_t batch, int32_t* inputs, int32_t* targets, int64_t* lengths = nullptr) override;
   DataPosition position() const override { return order_.position(); }
   void seek(DataPosition p) override { order_.seek(p); }
   int64_t size() const override { return order_.size(); }

@@ -67,11 +67,20 @@ Trainer::Trainer(const std::string& config_json, const TrainOptions& opt, std::v
     : Trainer(config_json, opt, std::make_unique<BatchSampler>(std::move(train), opt.seq, opt.seed),
               validation_windows(std::move(val), opt), run_dir) {}
 
-void Trainer::init_from(const std::string& dir) {
+void load_float_weights(const std::string& dir, const ModelConfig& c, ModelWeights& dst) {
+  // Read with the checkpoint's own config (an FP8 release's quantization_config says how its
+  // tensors are stored); the run's config, without it, must describe the same tensors.
+  const ModelConfig theirs = ModelConfig::load(dir + "/config.json");
   const Checkpoint ckpt(dir);
-  const ModelWeights stored = load_weights(c_, ckpt);  // names, shapes, dtypes, FP8 scales: this run's model
-  convert_weights(c_, stored, params_);
+  const ModelWeights stored = load_weights(theirs, ckpt);  // names, shapes, dtypes, FP8 scales
+  const auto a = list_tensors(theirs, const_cast<ModelWeights&>(stored)), b = list_tensors(c, dst);
+  if (a.size() != b.size()) fail(dir, ": the checkpoint has ", a.size(), " tensors, this run's model ", b.size());
+  for (size_t i = 0; i < a.size(); ++i)
+    if (a[i].name != b[i].name || a[i].shape != b[i].shape) fail(dir, ": ", a[i].name, " does not fit this run's model");
+  convert_weights(theirs, stored, dst);
 }
+
+void Trainer::init_from(const std::string& dir) { load_float_weights(dir, c_, params_); }
 
 void Trainer::set_data_parallel(dist::Communicator* dp) {
   // Every step's batch (a ramp's too) must split evenly: checked now, not hours in.
@@ -118,13 +127,14 @@ bool Trainer::resume() {
 const StepMetrics& Trainer::step() {
   return step_with([&](StepMetrics& m) {
     const int64_t B = opt_.schedule.batch_at(state_.step + 1), S = opt_.seq;
-    inputs_.resize(size_t(B * S)), targets_.resize(size_t(B * S));
-    train_->next_batch(B, inputs_.data(), targets_.data());
+    inputs_.resize(size_t(B * S)), targets_.resize(size_t(B * S)), lengths_.resize(size_t(B));
+    train_->next_batch(B, inputs_.data(), targets_.data(), lengths_.data());
     // This rank's share of the sequences (all of them in one process).
     const int64_t ranks = dp_ ? dp_->size() : 1, share = B / ranks;
     if (share * ranks != B) fail("step ", state_.step + 1, ": a batch of ", B, " sequences does not split over ", ranks, " data-parallel ranks");
     const int64_t first = (dp_ ? dp_->rank() : 0) * share * S;
-    const double total = pass_.forward(params_, inputs_.data() + first, targets_.data() + first, share, S);
+    const double total = pass_.forward(params_, inputs_.data() + first, targets_.data() + first, share, S,
+                                       lengths_.data() + first / S);
     m.loss = pass_.main_loss();
     m.mtp_loss = pass_.mtp_loss();
     m.activation_bytes = pass_.activation_bytes();
@@ -202,7 +212,7 @@ double Trainer::validation_loss() {
   double total = 0, tokens = 0;
   TrainingPass<float> pass(c_);  // the next-token loss alone
   for (int64_t i = 0; i < n; ++i) {
-    val_->next_batch(1, in.data(), tg.data());
+    val_->next_batch(1, in.data(), tg.data(), nullptr);
     const double counted = double(std::count_if(tg.begin(), tg.end(), [](int32_t t) { return t >= 0; }));
     if (counted == 0) continue;
     total += pass.forward(params_, in.data(), tg.data(), 1, opt_.seq) * counted;

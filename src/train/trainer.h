@@ -113,6 +113,7 @@ class Trainer {
   TrainerState state_;
   StepMetrics metrics_;  // the last step's (its vector keeps its memory)
   std::vector<int32_t> inputs_, targets_;
+  std::vector<int64_t> lengths_;  // each sequence's real positions (SFT pads)
   dist::Communicator* dp_ = nullptr;
   std::unique_ptr<CommExpertExchange> ep_;
   std::vector<double> reduced_;  // loads and losses summed over the data-parallel ranks
@@ -126,6 +127,11 @@ class Trainer {
   std::vector<float> padded_, own_;
   std::vector<FloatSpan> shard_spans_;
 };
+
+// A Hugging Face checkpoint's weights converted to float32 into dst (allocate_weights(c, f32,
+// ...)): BF16 and block-FP8 tensors dequantized, read with the checkpoint's own config.json;
+// Error naming the tensor that does not fit c.
+void load_float_weights(const std::string& dir, const ModelConfig& c, ModelWeights& dst);
 
 // Random initial weights: matrices N(0, std^2), norm weights 1, router biases 0; the MTP
 // modules share the embedding and the output head with the main model.

@@ -36,7 +36,7 @@ int64_t EpochOrder::next() {
   return item;
 }
 
-void TrainingData::next_batch(int64_t, int32_t*, int32_t*) {
+void TrainingData::next_batch(int64_t, int32_t*, int32_t*, int64_t*) {
   fail("this training data has no token batches (it feeds another objective)");
 }
 

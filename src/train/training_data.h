@@ -38,8 +38,9 @@ class TrainingData {
   virtual DataPosition position() const = 0;
   virtual void seek(DataPosition p) = 0;
   // The next `batch` sequences of the source's length S: inputs and targets [batch * S]
-  // (target -1: no loss). Sources that feed another objective (GRPO's prompts) have none.
-  virtual void next_batch(int64_t batch, int32_t* inputs, int32_t* targets);
+  // (target -1: no loss), and each sequence's real positions (lengths [batch]; the rest is
+  // padding). Sources that feed another objective (GRPO's prompts) have none.
+  virtual void next_batch(int64_t batch, int32_t* inputs, int32_t* targets, int64_t* lengths);
 };
 
 }  // namespace dsv3
