@@ -447,6 +447,32 @@ TEST(Sft, BatchesPadAndAConversationIgnoresItsNeighbours) {
   }
 }
 
+// Fine-tuning starts from a block-FP8 release as from a BF16 one: its weights read with its
+// own config.json (the quantization_config) into the float32 layout of the run's config
+// (without it) give the logits the inference model gives from the FP8 files.
+TEST(Sft, StartsFromAnFp8Checkpoint) {
+  const std::string dir = test::golden_dir("tiny-v3-fp8");
+  nlohmann::json j = nlohmann::json::parse(read_text(dir + "/config.json"));
+  j.erase("quantization_config");
+  const ModelConfig c = ModelConfig::parse(j.dump(), "run config");
+  ModelWeights w = allocate_weights(c, DType::f32, MtpTying::tied);
+  load_float_weights(dir, c, w);
+  const std::vector<int32_t> ids = {0, 17, 230, 5, 99, 441, 3, 12};
+  const int64_t n = int64_t(ids.size()), V = c.vocab_size;
+  std::vector<int32_t> targets(ids.size(), -1);
+  TrainingPass<float> pass(c);
+  pass.forward(w, ids.data(), targets.data(), 1, n);
+  Transformer model(dir);
+  KvCache cache(model.config(), n);
+  std::vector<float> logits(size_t(n * V));
+  model.forward(ids.data(), n, cache, logits.data(), true);
+  for (int64_t i = 0; i < n * V; ++i) ASSERT_NEAR(pass.logits()[size_t(i)], logits[size_t(i)], 2e-3 * std::max(1.0f, std::fabs(logits[size_t(i)]))) << i;
+  // A checkpoint of another shape is named.
+  ModelWeights other = allocate_weights(c, DType::f32, MtpTying::tied);
+  EXPECT_THAT([&] { load_float_weights(test::golden_dir("tiny-v3-bf16"), c, other); },
+              testing::ThrowsMessage<Error>(HasSubstr("this run's model")));
+}
+
 TEST(GrpoTasks, BadTaskFilesNameTheLine) {
   const std::string dir = testing::TempDir();
   auto expect_error = [&](const std::string& text, const std::string& says) {
