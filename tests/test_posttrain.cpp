@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <numeric>
 #include <random>
 #include <set>
 #include <sstream>
@@ -261,13 +262,14 @@ TEST(Rewards, ArithmeticTasksSplitAndAnswer) {
 
 
 // A small model for checks through the training pass: sigmoid routing, an MoE layer.
-ModelConfig small_config() {
+ModelConfig small_config(int mtp = 0) {
   return ModelConfig::parse(R"({"vocab_size": 29, "hidden_size": 16, "intermediate_size": 24, "moe_intermediate_size": 8,
     "num_hidden_layers": 2, "num_attention_heads": 2, "qk_nope_head_dim": 4, "qk_rope_head_dim": 4, "v_head_dim": 4,
     "kv_lora_rank": 6, "q_lora_rank": null, "max_position_embeddings": 32, "rope_theta": 10000, "rope_scaling": null,
     "first_k_dense_replace": 1, "n_routed_experts": 4, "num_experts_per_tok": 2, "n_shared_experts": 1,
-    "rms_norm_eps": 1e-6, "num_nextn_predict_layers": 0, "scoring_func": "sigmoid", "topk_method": "noaux_tc",
-    "n_group": 1, "topk_group": 1, "norm_topk_prob": true, "routed_scaling_factor": 1.5, "eos_token_id": 1})",
+    "rms_norm_eps": 1e-6, "num_nextn_predict_layers": )" + std::to_string(mtp) + R"(, "scoring_func": "sigmoid",
+    "topk_method": "noaux_tc", "n_group": 1, "topk_group": 1, "norm_topk_prob": true, "routed_scaling_factor": 1.5,
+    "eos_token_id": 1})",
                             "small config");
 }
 
@@ -440,6 +442,14 @@ TEST(Sft, BatchesPadAndAConversationIgnoresItsNeighbours) {
   EXPECT_EQ(lengths[0] + lengths[1], 6 + 5);
   p1.forward(w, in1.data(), tg1.data(), 2, S, lengths);
   const int64_t real = 6 + 5;
+  // With an MTP module, its layer counts each sequence's real positions but the last (whose
+  // next token is padding), as the balance loss does.
+  const ModelConfig with_mtp = small_config(1);
+  const ModelWeights wm = random_weights<float>(with_mtp, DType::f32, 9);
+  TrainingPass<float> pm(with_mtp, {0.3, 0.01, {}});
+  pm.forward(wm, in1.data(), tg1.data(), 2, S, lengths);
+  const auto& mtp_loads = pm.expert_loads().back();
+  EXPECT_EQ(std::accumulate(mtp_loads.begin(), mtp_loads.end(), int64_t(0)), 2 * (5 + 4));
   for (const auto& layer : p1.expert_loads()) {
     int64_t total = 0;
     for (int64_t n : layer) total += n;

@@ -91,7 +91,9 @@ double balance_statistics(const ModelConfig& c, int64_t N, const BalanceLoss& ba
   a.counted.resize(size_t(n_seq));
   int64_t sequences = 0;  // with at least one counted position
   for (int64_t b = 0; b < n_seq; ++b) {
-    a.counted[size_t(b)] = std::clamp<int64_t>(balance.lengths ? balance.lengths[b] : S, 0, tail_free);
+    // A padded sequence's last real positions read padding at an MTP depth (their next
+    // tokens are past its end): the tail comes off its length as off a whole window.
+    a.counted[size_t(b)] = std::clamp<int64_t>((balance.lengths ? balance.lengths[b] : S) - balance.ignored_tail, 0, tail_free);
     sequences += a.counted[size_t(b)] > 0;
   }
   a.load.assign(size_t(E), 0);
@@ -136,7 +138,9 @@ int64_t MoeRecord<T>::bytes() const {
   const Dispatch& d = state.dispatch;
   return int64_t((r.logits.size() + r.weights.size() + ye.size() + balance_f.size()) * sizeof(T) +
                  r.experts.size() * sizeof(int32_t) +
-                 (d.offset.size() + d.slot.size() + d.token.size() + load.size() + counted.size()) * sizeof(int64_t)) +
+                 (d.offset.size() + d.slot.size() + d.token.size() + load.size() + counted.size() + route.send.size() +
+                  route.recv.size() + route.to_expert.size() + route.to_source.size() + route.offset.size() +
+                  route.source_start.size()) * sizeof(int64_t)) +
          expert_a.bytes() + expert_b.bytes() + shared.bytes();
 }
 

@@ -82,7 +82,9 @@ struct MoeState {
 // sequence is no longer than k, TrainingPass still counts its first position: that MTP
 // depth has no target at all then, and its block keeps a load.)
 // `lengths` (optional, one per sequence) says how many of a sequence's positions are real:
-// padding after them (SFT and GRPO batches) counts neither.
+// padding after them (SFT and GRPO batches) counts neither, nor, at MTP depth k, the last k
+// real positions (their inputs are padding). The loss is the mean over the sequences with a
+// counted position (per process under data parallelism, where no sequence is empty).
 struct BalanceLoss {
   int64_t seq_len = 0;  // 0: the whole batch is one sequence
   double alpha = 0;
