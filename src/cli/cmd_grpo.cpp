@@ -6,9 +6,7 @@
 #include <CLI/CLI.hpp>
 #include <cmath>
 #include <cstdio>
-#include <filesystem>
 #include <memory>
-#include <nlohmann/json.hpp>
 
 #include "cli/args.h"
 #include "cli/commands.h"
@@ -21,8 +19,6 @@
 namespace dsv3::cli {
 
 namespace {
-
-namespace fs = std::filesystem;
 
 struct GrpoFlags : TrainingFlags {
   std::string model, tasks, eval_tasks;
@@ -44,17 +40,7 @@ void run(GrpoFlags& f) {
   // resumed run draws what the whole run would have.
   if (g.updates > 1 && (o.steps % g.updates != 0 || (o.save_every > 0 && o.save_every % g.updates != 0)))
     fail("--updates ", g.updates, " needs --steps and --save-every multiples of it (checkpoints between batches of samples)");
-  if (!fs::exists(f.model + "/config.json")) fail("--model: ", f.model, " has no config.json (a Hugging Face checkpoint folder)");
-  for (const char* name : {"tokenizer.json", "tokenizer_config.json"})
-    if (!fs::exists(f.model + "/" + name)) fail("--model: ", f.model, " has no ", name, " (GRPO reads and writes text)");
-  nlohmann::json config;
-  try {
-    config = nlohmann::json::parse(read_text(f.model + "/config.json"));
-  } catch (const nlohmann::json::exception& e) {
-    fail(f.model, "/config.json: not valid JSON: ", e.what());
-  }
-  if (config.is_object()) config.erase("quantization_config");  // the policy is written in float32
-  const std::string config_json = config.dump(2);
+  const std::string config_json = fine_tuning_config(f.model, "GRPO reads and writes text");
   const ModelConfig c = ModelConfig::parse(config_json, f.model + "/config.json");
   const Tokenizer tok(f.model + "/tokenizer.json");
   const TokenizerConfig chat = load_tokenizer_config(f.model + "/tokenizer_config.json");

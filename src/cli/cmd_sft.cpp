@@ -4,9 +4,7 @@
 // checkpoints and resume are dsv3 train's.
 #include <CLI/CLI.hpp>
 #include <cstdio>
-#include <filesystem>
 #include <memory>
-#include <nlohmann/json.hpp>
 
 #include "cli/commands.h"
 #include "cli/training_run.h"
@@ -17,27 +15,13 @@ namespace dsv3::cli {
 
 namespace {
 
-namespace fs = std::filesystem;
-
 struct SftFlags : TrainingFlags {
   std::string model, data, val;
 };
 
 void run(SftFlags& f) {
   apply_training_flags(f);
-  if (!fs::exists(f.model + "/config.json")) fail("--model: ", f.model, " has no config.json (a Hugging Face checkpoint folder)");
-  for (const char* name : {"tokenizer.json", "tokenizer_config.json"})
-    if (!fs::exists(f.model + "/" + name)) fail("--model: ", f.model, " has no ", name, " (SFT renders conversations with its chat template)");
-  // The fine-tuned weights are float32: a quantization_config (FP8 checkpoints) would
-  // describe tensors the run does not write.
-  nlohmann::json config;
-  try {
-    config = nlohmann::json::parse(read_text(f.model + "/config.json"));
-  } catch (const nlohmann::json::exception& e) {
-    fail(f.model, "/config.json: not valid JSON: ", e.what());
-  }
-  if (config.is_object()) config.erase("quantization_config");
-  const std::string config_json = config.dump(2);
+  const std::string config_json = fine_tuning_config(f.model, "SFT renders conversations with its chat template");
   const ModelConfig c = ModelConfig::parse(config_json, f.model + "/config.json");
 
   const Tokenizer tok(f.model + "/tokenizer.json");

@@ -12,6 +12,7 @@
 #include <cstring>
 #include <algorithm>
 #include <filesystem>
+#include <nlohmann/json.hpp>
 
 #include "cli/args.h"
 #include "core/error.h"
@@ -94,6 +95,20 @@ void add_tokenizer_files(const std::string& folder, const std::string& source, C
   if (!fs::exists(folder + "/tokenizer.json")) fail(source, ": tokenizer folder ", folder, " has no tokenizer.json");
   for (const char* name : {"tokenizer.json", "tokenizer_config.json"})
     if (fs::exists(folder + "/" + name)) extras.files.push_back(folder + "/" + name);
+}
+
+std::string fine_tuning_config(const std::string& dir, const std::string& why) {
+  if (!fs::exists(dir + "/config.json")) fail("--model: ", dir, " has no config.json (a Hugging Face checkpoint folder)");
+  for (const char* name : {"tokenizer.json", "tokenizer_config.json"})
+    if (!fs::exists(dir + "/" + name)) fail("--model: ", dir, " has no ", name, " (", why, ")");
+  nlohmann::json config;
+  try {
+    config = nlohmann::json::parse(read_text(dir + "/config.json"));
+  } catch (const nlohmann::json::exception& e) {
+    fail(dir, "/config.json: not valid JSON: ", e.what());
+  }
+  if (config.is_object()) config.erase("quantization_config");
+  return config.dump(2);
 }
 
 void lock_run_folder(const std::string& out) {

@@ -34,6 +34,11 @@ void apply_training_flags(TrainingFlags& f);
 // tokenizer.json (required) and tokenizer_config.json of `folder` copied into every checkpoint.
 void add_tokenizer_files(const std::string& folder, const std::string& source, CheckpointExtras& extras);
 
+// The config.json of a checkpoint to fine-tune (SFT, GRPO), as the run writes it: without a
+// quantization_config, since the fine-tuned weights are float32. Error if the folder lacks
+// config.json, tokenizer.json or tokenizer_config.json (`why` says what needs them).
+std::string fine_tuning_config(const std::string& model_dir, const std::string& why);
+
 // Creates the run folder and holds its lock for the life of the process: Error if another
 // trainer holds it.
 void lock_run_folder(const std::string& out);
