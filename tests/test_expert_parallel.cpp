@@ -105,7 +105,9 @@ TEST(ExpertParallel, MoeLayerEqualsOneProcess) {
     const auto summed = sum_over(world, a->as<float>(), a->numel());
     expect_close(summed.data(), b->as<float>(), a->numel(), 1e-5, "gate / shared expert");
   }
-  if (P > 1) EXPECT_GT(ex.rows_sent_away(), 0);
+  if (P > 1) {
+    EXPECT_GT(ex.rows_sent_away(), 0);
+  }
 }
 
 // A whole training pass (MTP module included) over each process's sequences = one pass

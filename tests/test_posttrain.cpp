@@ -453,7 +453,9 @@ TEST(Sft, BatchesPadAndAConversationIgnoresItsNeighbours) {
   for (const auto& layer : p1.expert_loads()) {
     int64_t total = 0;
     for (int64_t n : layer) total += n;
-    if (!layer.empty()) EXPECT_EQ(total, 2 * real);
+    if (!layer.empty()) {
+      EXPECT_EQ(total, 2 * real);
+    }
   }
 }
 
@@ -563,7 +565,6 @@ TEST_F(GrpoRun, SamplesMatchTheTrainingPassAndResumeIsExact) {
   ASSERT_EQ(resumed.stats.size(), 1u);
   EXPECT_EQ(resumed.stats[0].reward, whole.stats[2].reward);
   EXPECT_EQ(resumed.params, whole.params);
-  // The reference differs from the trained policy by now.
   std::filesystem::remove_all(root);
 }
 

@@ -211,11 +211,12 @@ template <typename T>
 double cross_entropy(const T* logits, const int32_t* targets, int64_t n, int64_t vocab, T* dlogits, double scale = 1);
 
 // Each row's log-probability of its target (row_logp[i]; 0 where the target is < 0) and,
-// when dlogits is given, the gradient of sum_i weights[i] * -row_logp[i]: dlogits =
-// (softmax - onehot) * weights[i], 0 for ignored rows. A per-token objective (GRPO's)
-// weighs each token's log-probability by its own factor; weights may be negative.
+// when dlogits is given, the gradient of scale * sum_i weights[i] * -row_logp[i]: dlogits =
+// (softmax - onehot) * weights[i] * scale, 0 for ignored rows (weights null: 1). A per-token
+// objective (GRPO's) weighs each token's log-probability by its own factor (of either sign);
+// cross_entropy is the uniform case.
 template <typename T>
 void target_logprobs(const T* logits, const int32_t* targets, int64_t n, int64_t vocab, double* row_logp,
-                     const double* weights = nullptr, T* dlogits = nullptr);
+                     const double* weights = nullptr, T* dlogits = nullptr, double scale = 1);
 
 }  // namespace dsv3

@@ -168,14 +168,7 @@ EvalReport evaluate(Transformer& model, const Tokenizer& tok, const TokenizerCon
           stop.push_back(s);
         }
       }
-      std::vector<int32_t> ids;
-      if (opt.chat) {
-        nlohmann::ordered_json messages = nlohmann::ordered_json::array();
-        messages.push_back({{"role", "user"}, {"content", prompt}});
-        ids = tok.encode(apply_chat_template(*config, messages, true));  // the template writes its own BOS
-      } else {
-        ids = encode(prompt, true);
-      }
+      const std::vector<int32_t> ids = opt.chat ? tok.encode(user_turn(*config, prompt)) : encode(prompt, true);
       GenerateOptions g;
       g.max_tokens = std::min<int64_t>(opt.max_tokens, model.config().max_position_embeddings - int64_t(ids.size()));
       if (g.max_tokens < 1) fail(at, ": the prompt fills the model's context");

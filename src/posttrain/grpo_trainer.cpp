@@ -50,12 +50,6 @@ void check_grpo_options(const GrpoOptions& opt) {
   check_reward_name(opt.reward);
 }
 
-std::vector<int32_t> GrpoTrainer::encode_prompt(const std::string& prompt) const {
-  nlohmann::ordered_json messages = nlohmann::ordered_json::array();
-  messages.push_back({{"role", "user"}, {"content", prompt}});
-  return tok_.encode(apply_chat_template(chat_, messages, true));  // the template writes its own BOS
-}
-
 GrpoTrainer::GrpoTrainer(Trainer& trainer, GrpoTasks& tasks, const Tokenizer& tok, const TokenizerConfig& chat,
                          const ModelWeights& reference, const GrpoOptions& opt)
     : trainer_(trainer),
@@ -70,10 +64,12 @@ GrpoTrainer::GrpoTrainer(Trainer& trainer, GrpoTasks& tasks, const Tokenizer& to
   check_grpo_options(opt_);
   if (!chat_.chat_template) fail("GRPO renders prompts with the checkpoint's chat template, and tokenizer_config.json has none");
   // Room for the longest prompt of the task file and its answer, every answer of a step at once.
+  // Every prompt rendered and encoded once.
   int64_t longest = 0;
   for (size_t i = 0; i < tasks_.all().size(); ++i) {
     const GrpoTask& t = tasks_.all()[i];
-    longest = std::max<int64_t>(longest, int64_t(encode_prompt(t.prompt).size()));
+    prompts_.push_back(tok_.encode(user_turn(chat_, t.prompt)));
+    longest = std::max<int64_t>(longest, int64_t(prompts_.back().size()));
     try {  // a reference the verifier cannot read fails now, not when its task comes up
       reward(opt_.reward, "", t.answer);
     } catch (const std::exception& e) {
@@ -102,9 +98,9 @@ void GrpoTrainer::sample_groups(int64_t batch) {
     return opt_.seed * 0x9e3779b97f4a7c15ULL + uint64_t(batch) * 1000003ULL + uint64_t(p * G + i) + 1;
   };
   for (int64_t p = 0; p < opt_.prompts; ++p) {
-    const GrpoTask& task = tasks_.next();
-    answers[size_t(p)] = task.answer;
-    std::vector<int32_t> prompt = encode_prompt(task.prompt);
+    const int64_t task = tasks_.next();
+    answers[size_t(p)] = tasks_.all()[size_t(task)].answer;
+    const std::vector<int32_t>& prompt = prompts_[size_t(task)];
     for (int64_t i = 0; i < G; ++i) samples_[size_t(p * G + i)].prompt_len = int64_t(prompt.size());
     g.sampling.seed = seed(p, 0);
     const int64_t first = engine_->add(prompt, g);

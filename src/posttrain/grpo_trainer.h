@@ -39,7 +39,7 @@ std::vector<GrpoTask> read_grpo_tasks(const std::string& path);
 class GrpoTasks : public TrainingData {
  public:
   GrpoTasks(std::vector<GrpoTask> tasks, uint64_t seed) : tasks_(std::move(tasks)), order_(int64_t(tasks_.size()), seed) {}
-  const GrpoTask& next() { return tasks_[size_t(order_.next())]; }
+  int64_t next() { return order_.next(); }  // the next task's index in all()
   const std::vector<GrpoTask>& all() const { return tasks_; }
   DataPosition position() const override { return order_.position(); }
   void seek(DataPosition p) override { order_.seek(p); }
@@ -86,7 +86,6 @@ class GrpoTrainer {
   const GrpoStepStats& stats() const { return stats_; }
   // The policy as a model for generation (held-out evaluation between steps).
   Transformer& policy() { return policy_; }
-  std::vector<int32_t> encode_prompt(const std::string& prompt) const;
 
  private:
   struct Sample {
@@ -105,6 +104,7 @@ class GrpoTrainer {
   Transformer policy_;
   std::unique_ptr<BatchEngine> engine_;
   TrainingPass<float> ref_pass_;
+  std::vector<std::vector<int32_t>> prompts_;  // every task's prompt as the model reads it
   std::vector<Sample> samples_;  // prompts x group, group by group
   GrpoStepStats stats_;
   std::vector<int32_t> inputs_, targets_;

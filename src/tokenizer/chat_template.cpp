@@ -2152,4 +2152,10 @@ std::string apply_chat_template(const TokenizerConfig& config, const nlohmann::o
   return t.render(vars);
 }
 
+std::string user_turn(const TokenizerConfig& config, const std::string& content) {
+  nlohmann::ordered_json messages = nlohmann::ordered_json::array();
+  messages.push_back({{"role", "user"}, {"content", content}});
+  return apply_chat_template(config, messages, true);
+}
+
 }  // namespace dsv3

@@ -41,5 +41,8 @@ std::string apply_chat_template(const TokenizerConfig& config, const nlohmann::o
 // The same with more top-level variables (for example `tools`, for templates that render them).
 std::string apply_chat_template(const TokenizerConfig& config, const nlohmann::ordered_json& messages,
                                 bool add_generation_prompt, const nlohmann::ordered_json& extra);
+// One user message with the assistant's turn opened: the prompt a chat model is asked with
+// (dsv3 eval --chat, GRPO's prompts). The template writes its own BOS.
+std::string user_turn(const TokenizerConfig& config, const std::string& content);
 
 }  // namespace dsv3

@@ -92,7 +92,6 @@ class Trainer {
   const StepMetrics& step_with(const Objective& objective);
   TrainingPass<float>& pass() { return pass_; }
   ModelWeights& grads() { return grads_; }
-  TrainingData& data() { return *train_; }
   double validation_loss();
   std::string save();  // checkpoint now
 

@@ -297,40 +297,8 @@ void softmax_backward(const T* p, const T* dp, T* ds, int64_t len) {
 }
 
 template <typename T>
-double cross_entropy(const T* logits, const int32_t* targets, int64_t n, int64_t vocab, T* dlogits, double scale) {
-  int64_t count = 0;
-  for (int64_t i = 0; i < n; ++i) count += targets[i] >= 0;
-  // Each row's loss in its own slot, summed in row order after: the loss does not depend on
-  // the number of threads.
-  thread_local std::vector<double> row_loss_kept;
-  std::vector<double>& row_loss = row_loss_kept;
-  row_loss.assign(size_t(n), 0.0);
-#pragma omp parallel for schedule(static) if (n * vocab > 65536)
-  for (int64_t i = 0; i < n; ++i) {
-    const T* z = logits + i * vocab;
-    T* dz = dlogits ? dlogits + i * vocab : nullptr;
-    if (targets[i] < 0) {
-      if (dz) std::fill(dz, dz + vocab, T(0));
-      continue;
-    }
-    const T mx = *std::max_element(z, z + vocab);
-    double sum = 0;
-    for (int64_t v = 0; v < vocab; ++v) sum += std::exp(double(z[v] - mx));
-    row_loss[size_t(i)] = std::log(sum) + double(mx) - double(z[targets[i]]);
-    if (dz) {
-      const double k = scale / double(std::max<int64_t>(count, 1));
-      for (int64_t v = 0; v < vocab; ++v) dz[v] = T(std::exp(double(z[v] - mx)) / sum * k);
-      dz[targets[i]] -= T(k);
-    }
-  }
-  double total = 0;
-  for (double l : row_loss) total += l;
-  return count ? total / double(count) : 0.0;
-}
-
-template <typename T>
 void target_logprobs(const T* logits, const int32_t* targets, int64_t n, int64_t vocab, double* row_logp,
-                     const double* weights, T* dlogits) {
+                     const double* weights, T* dlogits, double scale) {
 #pragma omp parallel for schedule(static) if (n * vocab > 65536)
   for (int64_t i = 0; i < n; ++i) {
     const T* z = logits + i * vocab;
@@ -343,13 +311,28 @@ void target_logprobs(const T* logits, const int32_t* targets, int64_t n, int64_t
     const T mx = *std::max_element(z, z + vocab);
     double sum = 0;
     for (int64_t v = 0; v < vocab; ++v) sum += std::exp(double(z[v] - mx));
-    row_logp[i] = double(z[targets[i]]) - double(mx) - std::log(sum);
+    row_logp[i] = -(std::log(sum) + double(mx) - double(z[targets[i]]));  // minus the row's cross-entropy, exactly
     if (dz) {
-      const double k = weights ? weights[i] : 1.0;
+      const double k = (weights ? weights[i] : 1.0) * scale;
       for (int64_t v = 0; v < vocab; ++v) dz[v] = T(std::exp(double(z[v] - mx)) / sum * k);
       dz[targets[i]] -= T(k);
     }
   }
+}
+
+template <typename T>
+double cross_entropy(const T* logits, const int32_t* targets, int64_t n, int64_t vocab, T* dlogits, double scale) {
+  int64_t count = 0;
+  for (int64_t i = 0; i < n; ++i) count += targets[i] >= 0;
+  // Each row's loss in its own slot, summed in row order after: the loss does not depend on
+  // the number of threads.
+  thread_local std::vector<double> row_logp_kept;
+  std::vector<double>& row_logp = row_logp_kept;
+  row_logp.resize(size_t(n));
+  target_logprobs(logits, targets, n, vocab, row_logp.data(), nullptr, dlogits, scale / double(std::max<int64_t>(count, 1)));
+  double total = 0;
+  for (double l : row_logp) total += -l;
+  return count ? total / double(count) : 0.0;
 }
 
 #define DSV3_INSTANTIATE(T)                                                                                   \
@@ -371,7 +354,7 @@ void target_logprobs(const T* logits, const int32_t* targets, int64_t n, int64_t
   template void softmax_forward<T>(T*, int64_t);                                                              \
   template void softmax_backward<T>(const T*, const T*, T*, int64_t);                                         \
   template double cross_entropy<T>(const T*, const int32_t*, int64_t, int64_t, T*, double);              \
-  template void target_logprobs<T>(const T*, const int32_t*, int64_t, int64_t, double*, const double*, T*);  \
+  template void target_logprobs<T>(const T*, const int32_t*, int64_t, int64_t, double*, const double*, T*, double);  \
   template void LinearGemm::forward<T>(const T*, const T*, T*, int64_t, int64_t, int64_t) const;             \
   template void LinearGemm::dx<T>(const T*, const T*, T*, int64_t, int64_t, int64_t, bool) const;            \
   template void LinearGemm::dw<T>(const T*, const T*, T*, int64_t, int64_t, int64_t) const;
