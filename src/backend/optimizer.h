@@ -21,6 +21,8 @@ double sum_of_squares(const FloatSpan* spans, size_t count);
 void scale_spans(const FloatSpan* spans, size_t count, float k);
 // x = 0 for every element.
 void zero_spans(const FloatSpan* spans, size_t count);
+// y += x element by element over n elements (gradient halves and micro-batch sums).
+void add_into(float* y, const float* x, int64_t n);
 
 // One tensor of an AdamW step: weights w, gradient g, n elements, and its two moments, in
 // BF16 (m16, v16) or float32 (m32, v32). decay_factor = 1 - lr * weight_decay (1: no decay).

@@ -22,22 +22,51 @@ namespace fs = std::filesystem;
 
 struct TrainFlags : TrainingFlags {
   std::string config, data, tokenizer;
-  int dp = 0;  // data-parallel ranks (0: every process mpirun started)
+  int pp = 1;  // pipeline stages
+  int dp = 0;  // data-parallel ranks per stage (0: the processes mpirun started / pp)
   int ep = 1;  // expert-parallel ranks within them
+  int micro_batches = 0;  // 0: 1, or 2 x pp with a pipeline
+  std::string pp_schedule = "1f1b";
 };
 
-void run(TrainFlags& f) {
+// Every process of the job must run the same command on the same config: the launch's
+// fingerprint (a hash of both) compared across ranks, before any work.
+void check_same_launch(dist::Communicator& world, const std::string& text) {
+  if (world.size() == 1) return;
+  uint64_t h = 1469598103934665603ull;  // FNV-1a
+  for (unsigned char ch : text) h = (h ^ ch) * 1099511628211ull;
+  std::vector<double> all(size_t(2 * world.size()), 0.0);
+  all[size_t(2 * world.rank())] = double(h >> 32), all[size_t(2 * world.rank() + 1)] = double(h & 0xffffffffu);  // exact
+  world.all_reduce(std::span<double>(all));
+  for (int r = 1; r < world.size(); ++r)
+    if (all[size_t(2 * r)] != all[0] || all[size_t(2 * r + 1)] != all[1])
+      fail("rank ", r, " was started with another config or other flags than rank 0: every process of an mpirun job must "
+           "run the same dsv3 train command on the same config.json");
+}
+
+void run(TrainFlags& f, const std::vector<std::string>& argv) {
+  if (f.micro_batches == 0) f.micro_batches = f.pp > 1 ? 2 * f.pp : 1;
+  f.opt.micro_batches = f.micro_batches;
   apply_training_flags(f);
-  // Under mpirun, every process trains its share of each batch (data parallelism); rank 0
-  // alone writes the run folder. A mismatch is an error on every rank before any work.
+  // The process grid (§3.2): world = pp x dp; rank = stage x dp + d, so that the dp ranks of
+  // a stage are consecutive and expert-parallel groups of --ep lie within them. Under mpirun
+  // each stage's dp ranks train their shares of each batch; rank 0 alone writes the run
+  // folder. A mismatch is an error on every rank before any work.
   dist::Communicator& world = dist::world();
-  if (f.dp == 0) f.dp = world.size();
-  if (f.dp != world.size())
-    fail("--dp ", f.dp, " must equal the number of processes (", world.size(), "; start them with mpirun -np ", f.dp, ")");
+  if (f.pp < 1) fail("--pp must be at least 1, not ", f.pp);
+  if (f.dp == 0) f.dp = std::max(world.size() / f.pp, 1);
+  if (f.pp * f.dp != world.size())
+    fail(f.pp > 1 ? cat("--pp ", f.pp, " x ") : "", "--dp ", f.dp, " must equal the number of processes (", world.size(),
+         "; start them with mpirun -np ", f.pp * f.dp, ")");
   const bool lead = world.rank() == 0;
   if (f.ep < 1 || f.dp % f.ep != 0)
     fail("--ep ", f.ep, " must divide the ", f.dp, " data-parallel processes (expert-parallel groups are made of them)");
+  if (f.pp_schedule != "1f1b" && f.pp_schedule != "dualpipe")
+    fail("--pp-schedule must be 1f1b or dualpipe, not '", f.pp_schedule, "'");
   const std::string config_json = read_text(f.config);
+  std::string launch = config_json;
+  for (const std::string& a : argv) launch += "\n" + a;
+  check_same_launch(world, launch);
   if (!fs::is_directory(f.data)) fail("--data: ", f.data, " is not a folder of token shards");
   auto train_shards = open_shards(f.data, "train"), val_shards = open_shards(f.data, "val");
   if (train_shards.empty()) fail("--data: ", f.data, " has no train-*.bin shards (make them with dsv3 data)");
@@ -65,12 +94,18 @@ void run(TrainFlags& f) {
   }
   if (!tok.empty()) add_tokenizer_files(tok, tok_source, o.extras);
   if (lead) lock_run_folder(f.out);
+  if (f.pp > c.num_hidden_layers)
+    fail("--pp ", f.pp, " exceeds the model's ", c.num_hidden_layers, " layers (every pipeline stage needs one)");
   Trainer trainer(config_json, o, train, val, f.out);
-  trainer.set_data_parallel(world.size() > 1 ? &world : nullptr);
-  // Expert-parallel groups of --ep consecutive ranks: ranks r and r' share experts when r / ep = r' / ep.
+  const int stage = world.rank() / f.dp;
+  std::unique_ptr<dist::Communicator> dp_group = world.split(stage, world.rank());
+  std::unique_ptr<dist::Communicator> pp_group = world.split(world.rank() % f.dp, world.rank());
+  trainer.set_data_parallel(f.dp > 1 ? dp_group.get() : nullptr);
+  // Expert-parallel groups of --ep consecutive ranks of a stage: they share its experts.
   std::unique_ptr<dist::Communicator> ep_group;
-  if (f.ep > 1) ep_group = world.split(world.rank() / f.ep, world.rank());
+  if (f.ep > 1) ep_group = dp_group->split(dp_group->rank() / f.ep, dp_group->rank());
   trainer.set_expert_parallel(ep_group.get());
+  trainer.set_pipeline(f.pp > 1 ? pp_group.get() : nullptr, f.pp_schedule);
   const bool resumed = f.resume && trainer.resume();
   refuse_overwrite(f.out, resumed);
   if (!lead) {  // the other ranks train their shares quietly
@@ -82,8 +117,17 @@ void run(TrainFlags& f) {
   int64_t params = 0;
   for (const TensorSlot& s : list_tensors(c, const_cast<ModelWeights&>(trainer.params())))
     if (!s.mtp) params += s.mat->numel();
-  if (world.size() > 1)
-    std::fprintf(stderr, "dsv3 train: data parallel over %d processes%s\n", world.size(),
+  if (f.pp > 1) {
+    std::string stages;
+    for (int s = 0; s < f.pp; ++s) {
+      const StageLayers l = Pipeline::stage_layers(c, f.pp, s);
+      stages += cat(s ? ", " : "", "[", l.begin, ", ", l.end, ")");
+    }
+    std::fprintf(stderr, "dsv3 train: pipeline of %d stages (layers %s; embedding on the first, head and MTP on the last), "
+                 "%s over %d micro-batches\n", f.pp, stages.c_str(), f.pp_schedule.c_str(), f.micro_batches);
+  }
+  if (f.dp > 1)
+    std::fprintf(stderr, "dsv3 train: data parallel over %d processes%s\n", f.dp,
                  f.ep > 1 ? cat(", routed experts split over groups of ", f.ep, " (expert parallelism)").c_str() : "");
   std::fprintf(stderr, "dsv3 train: %.2fM parameters (main model), %ld steps of %ld x %ld tokens, %s GEMMs%s, %zu train shards%s\n",
                double(params) / 1e6, long(o.steps), long(o.batch), long(o.seq),
@@ -115,9 +159,18 @@ void add_train(CLI::App& app) {
   cmd->add_option("--data,-d", f->data, "folder of token shards from dsv3 data (train-*.bin, val-*.bin)")->required();
   cmd->add_option("--tokenizer", f->tokenizer, "tokenizer folder copied into checkpoints (default: the one in DATA/data.json)");
   add_training_flags(cmd, *f, RunKind::pretrain);
-  cmd->add_option("--dp", f->dp, "data-parallel processes: run under mpirun -np N (default: as many as mpirun started)");
+  cmd->add_option("--pp", f->pp, "pipeline stages: the layers split over this many ranks (default 1); mpirun -np pp x dp");
+  cmd->add_option("--dp", f->dp, "data-parallel processes per stage (default: the processes mpirun started / --pp)");
   cmd->add_option("--ep", f->ep, "expert-parallel processes: the routed experts split over groups of this many data-parallel processes (default 1)");
-  cmd->callback([f] { run(*f); });
+  cmd->add_option("--micro-batches", f->micro_batches, "each process's share of a batch runs as this many micro-batches, "
+                  "gradients accumulated (default 1, or 2 x --pp with a pipeline)");
+  cmd->add_option("--pp-schedule", f->pp_schedule, "pipeline schedule: 1f1b, or dualpipe (--pp even, micro-batches even and >= 2 x --pp); default 1f1b");
+  cmd->callback([f, cmd] {
+    std::vector<std::string> argv;  // what every process must have been given alike
+    for (const CLI::Option* o : cmd->get_options())
+      for (const std::string& v : o->results()) argv.push_back(o->get_name() + "=" + v);
+    run(*f, argv);
+  });
 }
 
 }  // namespace dsv3::cli

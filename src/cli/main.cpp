@@ -36,12 +36,11 @@ int main(int argc, char** argv) {
   } catch (const CLI::ParseError& e) {
     return app.exit(e);
   } catch (const dsv3::Error& e) {
-    std::fprintf(stderr, "dsv3: error: %s\n", e.what());
-    dsv3::dist::abort_job(1);  // under mpirun: the other processes would wait for this one
+    // Under mpirun the job ends here: the other processes would wait for this one.
+    dsv3::dist::fail_job(std::string("dsv3: error: ") + e.what(), 1);
     return 1;
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "dsv3: internal error: %s\n", e.what());
-    dsv3::dist::abort_job(2);
+    dsv3::dist::fail_job(std::string("dsv3: internal error: ") + e.what(), 2);
     return 2;
   }
   return 0;

@@ -8,6 +8,7 @@
 #include <CLI/CLI.hpp>
 #include <cerrno>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <algorithm>
@@ -193,6 +194,7 @@ RunTotals run_reported(Trainer& trainer, const TrainingFlags& f) {
   for (int64_t l = 0; l < c.num_hidden_layers; ++l)  // max_vio is the largest of these
     if (c.is_moe_layer(l)) header += cat(",max_vio_", l);
   header += ",a2a_mb";  // expert parallelism: MB this process sent to other processes' experts
+  header += ",bubble,bubble_sim";  // pipeline parallelism: the step's idle fraction, measured and simulated
   MetricsCsv csv(f.out + "/metrics.csv", header, resumed, trainer.state().step);
   Curve train_curve{"train loss", "#1f77b4", {}, {}}, val_curve{"validation loss", "#d62728", {}, {}};
   double smooth = -1;
@@ -222,14 +224,22 @@ RunTotals run_reported(Trainer& trainer, const TrainingFlags& f) {
                   m.tokens_per_s, m.max_vio);
     std::string row = line;
     for (double v : m.max_vio_layers) row += cat(",", v);
-    csv.write(row + cat(",", double(m.a2a_bytes) / 1e6));
+    row += cat(",", double(m.a2a_bytes) / 1e6);
+    row += m.bubble >= 0 ? cat(",", m.bubble, ",", m.bubble_sim) : std::string(",,");
+    csv.write(row);
+    if (m.bubble >= 0 && m.step > first_step + 1) {  // the first step allocates: not counted
+      totals.bubble += m.bubble, totals.bubble_sim += m.bubble_sim;
+      ++totals.bubble_steps;
+    }
     train_curve.points.push_back({double(m.step), smooth});
     if (m.val_loss >= 0) val_curve.points.push_back({double(m.step), m.val_loss});
     std::snprintf(line, sizeof(line), "loss %.4f%s | mtp %.3f | lr %.2e | gnorm %.2f | %.0f tok/s | maxvio %.2f", smooth,
                   m.val_loss >= 0 ? cat(" val ", std::to_string(m.val_loss).substr(0, 6)).c_str() : "", m.mtp_loss, m.lr,
                   m.grad_norm, m.tokens_per_s, m.max_vio);
-    progress.show(m.step, m.a2a_bytes > 0 ? cat(line, " | all-to-all ", std::to_string(double(m.a2a_bytes) / 1e6).substr(0, 5), " MB") : line,
-                  m.val_loss >= 0);
+    std::string text = line;
+    if (m.a2a_bytes > 0) text += cat(" | all-to-all ", std::to_string(double(m.a2a_bytes) / 1e6).substr(0, 5), " MB");
+    if (m.bubble >= 0) text += cat(" | bubble ", int(std::lround(100 * m.bubble)), "% (simulated ", int(std::lround(100 * m.bubble_sim)), "%)");
+    progress.show(m.step, text, m.val_loss >= 0);
     if (m.val_loss >= 0 || m.step == o.steps)
       write_svg_plot(f.out + "/loss.svg", "dsv3 training loss", {train_curve, val_curve});
   });
@@ -238,6 +248,12 @@ RunTotals run_reported(Trainer& trainer, const TrainingFlags& f) {
 }
 
 void report_done(const Trainer& trainer, const TrainingFlags& f, const RunTotals& totals) {
+  if (totals.bubble_steps > 0)
+    std::fprintf(stderr,
+                 "pipeline bubble: %.1f%% of the ranks' time idle, measured (mean of %ld steps after the first); %.1f%% "
+                 "simulated by dsv3 schedule's timeline with the measured chunk times\n",
+                 100 * totals.bubble / double(totals.bubble_steps), long(totals.bubble_steps),
+                 100 * totals.bubble_sim / double(totals.bubble_steps));
   const auto last = latest_checkpoint(f.out);
   std::fprintf(stderr, "done: %ld steps, %ld tokens in %s; checkpoint %s; metrics %s/metrics.csv, plot %s/loss.svg\n",
                long(trainer.state().step), long(trainer.state().tokens), format_duration(totals.wall_seconds).c_str(),

@@ -65,6 +65,8 @@ class MetricsCsv {
 struct RunTotals {
   double step_seconds = 0, wall_seconds = 0;  // in optimizer steps alone (no evaluation, no saving); in all
   int64_t step_tokens = 0;
+  double bubble = 0, bubble_sim = 0;  // pipeline: summed over bubble_steps steps
+  int64_t bubble_steps = 0;
 };
 RunTotals run_reported(Trainer& trainer, const TrainingFlags& f);
 // "done: N steps, T tokens in H:MM:SS; checkpoint ...; metrics ..., plot ..."

@@ -3,7 +3,10 @@
 
 #include <mpi.h>
 
+#include <chrono>
 #include <climits>
+#include <cstdio>
+#include <thread>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -212,6 +215,23 @@ bool launched_by_mpi() {
   for (const char* v : {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"})
     if (const char* s = std::getenv(v)) return std::string(v) == "PMIX_RANK" || std::atoi(s) > 1;
   return false;
+}
+
+void fail_job(const std::string& message, int code) {
+  int initialized = 0, finalized = 0, size = 1, rank = 0;
+  MPI_Initialized(&initialized);
+  MPI_Finalized(&finalized);
+  if (initialized && !finalized) MPI_Comm_size(MPI_COMM_WORLD, &size), MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+  if (size > 1 && rank != 0) {
+    // A bad launch fails on every rank alike: rank 0's message and MPI_Abort come first and
+    // end this process; a failure of this rank alone is printed after the pause.
+    std::this_thread::sleep_for(std::chrono::seconds(2));
+    std::fprintf(stderr, "rank %d: %s\n", rank, message.c_str());
+  } else {
+    std::fprintf(stderr, "%s\n", message.c_str());
+  }
+  std::fflush(stderr);
+  abort_job(code);
 }
 
 void abort_job(int code) {

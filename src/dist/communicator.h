@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <memory>
 #include <span>
+#include <string>
 #include <vector>
 
 namespace dsv3::dist {
@@ -79,6 +80,11 @@ Communicator& world();
 // Ends every process of the job at once (MPI_Abort) when this one fails alone: the others
 // would wait for it in their next collective forever. Returns if there is no such job.
 void abort_job(int code);
+// Prints `message` on stderr and ends the job (abort_job). Under mpirun a process other
+// than rank 0 first waits 2 s, so that an error every rank hits alike (a bad launch) is
+// printed once, by rank 0, whose abort ends the others; one failing alone is printed
+// with its rank.
+void fail_job(const std::string& message, int code);
 // Whether the program runs under an MPI launcher with more than one process.
 bool launched_by_mpi();
 

@@ -45,7 +45,8 @@ double mtp_forward(const BlockContext& ctx, const MtpWeights& w, const int32_t* 
 
 template <typename T>
 void mtp_backward(const BlockContext& ctx, const MtpWeights& w, const int32_t* next_tokens, const TokenRows& tokens,
-                  const MtpRecord<T>& rec, T* dh, MtpWeights& g, Arena& arena) {
+                  const MtpRecord<T>& rec, T* dh, MtpWeights& g, Arena& arena,
+                  const Mat* embedding_grad) {
   const ModelConfig& c = ctx.mla.config;
   const int64_t n = tokens.size(), dim = c.hidden_size;
   if (rec.e.size() != size_t(n * dim) || rec.h_prev.size() != size_t(n * dim))
@@ -67,7 +68,7 @@ void mtp_backward(const BlockContext& ctx, const MtpWeights& w, const int32_t* n
   copy_rows(dcat + dim, 2 * dim, n, dim, dhn, dim);
   std::fill(de, de + n * dim, T(0));
   rmsnorm_backward(den, rec.e.data(), w.enorm.as<T>(), e_inv, de, mutable_data<T>(g.enorm), n, dim);
-  embed_backward(next_tokens, n, de, g.embed_tokens, arena);
+  embed_backward(next_tokens, n, de, embedding_grad ? *embedding_grad : g.embed_tokens, arena);
   std::fill(dh, dh + n * dim, T(0));
   rmsnorm_backward(dhn, rec.h_prev.data(), w.hnorm.as<T>(), h_inv, dh, mutable_data<T>(g.hnorm), n, dim);
 }
@@ -76,7 +77,7 @@ void mtp_backward(const BlockContext& ctx, const MtpWeights& w, const int32_t* n
   template double mtp_forward<T>(const BlockContext&, const MtpWeights&, const int32_t*, const T*, const TokenRows&, \
                                  LayerCache<T>, T*, Arena&, MtpRecord<T>*, MoeState<T>*);                           \
   template void mtp_backward<T>(const BlockContext&, const MtpWeights&, const int32_t*, const TokenRows&,            \
-                                const MtpRecord<T>&, T*, MtpWeights&, Arena&);
+                                const MtpRecord<T>&, T*, MtpWeights&, Arena&, const Mat*);
 DSV3_MTP(float)
 DSV3_MTP(double)
 #undef DSV3_MTP

@@ -32,9 +32,10 @@ double mtp_forward(const BlockContext& ctx, const MtpWeights& w, const int32_t* 
                    MoeState<T>* moe_state = nullptr);
 
 // dh: on entry the gradient of h^k, on return that of h^{k-1} (overwritten). Weight
-// gradients, the embedding's included, are accumulated into g.
+// gradients, the embedding's included, are accumulated into g; the embedding's into
+// embedding_grad instead when given (a pipeline keeps it apart from the first stage's).
 template <typename T>
 void mtp_backward(const BlockContext& ctx, const MtpWeights& w, const int32_t* next_tokens, const TokenRows& tokens,
-                  const MtpRecord<T>& record, T* dh, MtpWeights& g, Arena& arena);
+                  const MtpRecord<T>& record, T* dh, MtpWeights& g, Arena& arena, const Mat* embedding_grad = nullptr);
 
 }  // namespace dsv3

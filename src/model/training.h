@@ -15,6 +15,10 @@
 // and the output head shared with the main model.
 // The blocks, the MTP modules, the embedding and the head are the model's own modules
 // (block.h, mtp.h, head.h), the ones inference runs: training calls them with a record.
+// A pass may run one pipeline stage only (§3.2.1): the blocks [begin, end) of the main
+// model, the first stage embedding the tokens, the last running the final norm, the head
+// and the MTP modules (which share the embedding and head with the main model, as the
+// report places them); the stage's input and output are the residual stream between blocks.
 // T is float (training) or double (gradient checks).
 #pragma once
 #include <cstdint>
@@ -42,18 +46,35 @@ struct TrainingLoss {
   LinearGemm linear;      // precision of the Linear layers' GEMMs (§3.3); fp32 by default
 };
 
+// The main model's blocks a pass runs: [begin, end), end -1 for through the last.
+struct StageLayers {
+  int64_t begin = 0, end = -1;
+};
+
 template <typename T>
 class TrainingPass {
  public:
-  explicit TrainingPass(const ModelConfig& c, const TrainingLoss& loss = {});
+  // Error if the stage's layers are not within the model's (or empty).
+  explicit TrainingPass(const ModelConfig& c, const TrainingLoss& loss = {}, StageLayers stage = {});
 
   // The total loss (see above). tokens, targets: [B*S]; target -1 = ignored. lengths [B]
   // (optional): each sequence's real positions; the padding after them (SFT and GRPO
   // batches) counts neither in the balance loss nor in the expert loads.
+  // A stage after the first reads its input, the previous stage's output [B*S, hidden], from
+  // stage_input; a stage before the last returns its blocks' balance loss only, its output
+  // in stage_output(). Every stage takes the tokens (positions, padding, MTP targets).
   double forward(const ModelWeights& w, const int32_t* tokens, const int32_t* targets, int64_t B, int64_t S,
-                 const int64_t* lengths = nullptr);
-  // Gradients of the last forward's loss, accumulated into g.
-  void backward(const ModelWeights& w, ModelWeights& g);
+                 const int64_t* lengths = nullptr, const T* stage_input = nullptr);
+  // Gradients of the last forward's loss, accumulated into g. A stage before the last starts
+  // from output_grad, the gradient of its output [B*S, hidden]; a stage after the first
+  // leaves that of its input in input_grad(). mtp_embedding_grad (optional, vocab x hidden):
+  // where the MTP modules' gradient of the shared embedding accumulates instead of g's.
+  void backward(const ModelWeights& w, ModelWeights& g, const T* output_grad = nullptr,
+                const Mat* mtp_embedding_grad = nullptr);
+  bool first_stage() const { return begin_ == 0; }
+  bool last_stage() const { return end_ == c_.num_hidden_layers; }
+  const std::vector<T>& stage_output() const { return h_; }
+  const std::vector<T>& input_grad() const { return dh_; }
 
   // Expert parallelism (float): every MoE layer's routed experts exchanged through ex, which
   // the caller keeps alive (null: every expert here). The gradients of the routed experts not
@@ -76,7 +97,8 @@ class TrainingPass {
   int64_t activation_bytes() const;
   // Tokens routed to each expert of each layer in the last forward (empty: dense), without
   // the MTP placeholder positions (see BalanceLoss): the main
-  // model's layers, then the MTP modules' blocks (empty if the MTP loss is off).
+  // model's layers, then the MTP modules' blocks (none if the MTP loss is off); zeros for
+  // the layers of other pipeline stages.
   const std::vector<std::vector<int64_t>>& expert_loads() const { return loads_; }
 
  private:
@@ -87,6 +109,7 @@ class TrainingPass {
 
   const ModelConfig& c_;
   TrainingLoss loss_;
+  int64_t begin_ = 0, end_ = 0;  // the stage's blocks
   ExpertExchange* experts_ = nullptr;
   Rope rope_;
   int64_t B_ = 0, S_ = 0;

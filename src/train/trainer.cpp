@@ -38,12 +38,15 @@ Trainer::Trainer(const std::string& config_json, const TrainOptions& opt, std::u
       adamw_(c_, opt.adamw),
       grad_spans_(adamw_.trainable_spans(grads_)),
       pass_(c_, {opt.mtp_weight, opt.alpha, opt.linear}),
+      pipe_(std::make_unique<Pipeline>(c_, pass_.loss(), nullptr, "1f1b", opt.micro_batches)),
+      micro_(size_t(opt.micro_batches)),
       train_(std::move(train)),
       val_(std::move(val)) {
   if (!train_) fail("training needs data");
   if (opt_.batch <= 0 || opt_.seq <= 0 || opt_.steps < 0) fail("batch, seq and steps must be positive");
   if (opt_.seq > c_.max_position_embeddings) fail("seq ", opt_.seq, " exceeds max_position_embeddings");
   opt_.schedule.batch = opt_.batch;
+  check_batches(1);
   init_weights(c_, params_, opt_.init_std, opt_.seed);
   state_.seed = opt_.seed, state_.seq = opt_.seq, state_.batch = opt_.batch, state_.data_windows = train_->size();
 }
@@ -82,19 +85,35 @@ void load_float_weights(const std::string& dir, const ModelConfig& c, ModelWeigh
 
 void Trainer::init_from(const std::string& dir) { load_float_weights(dir, c_, params_); }
 
-void Trainer::set_data_parallel(dist::Communicator* dp) {
+void Trainer::check_batches(int64_t ranks) const {
   // Every step's batch (a ramp's too) must split evenly: checked now, not hours in.
-  for (int64_t step = 1; dp && step <= std::max<int64_t>(opt_.steps, 1); ++step)
-    if (opt_.schedule.batch_at(step) % dp->size() != 0)
-      fail("data parallelism over ", dp->size(), " processes needs every batch divisible by it; step ", step, "'s batch is ",
-           opt_.schedule.batch_at(step), " (--batch ", opt_.batch, ", or the batch ramp)");
+  const int64_t parts = ranks * opt_.micro_batches;
+  for (int64_t step = 1; parts > 1 && step <= std::max<int64_t>(opt_.steps, 1); ++step)
+    if (opt_.schedule.batch_at(step) % parts != 0) {
+      const std::string over = ranks > 1 ? cat(ranks, " data-parallel processes") : "";
+      const std::string micro = opt_.micro_batches > 1 ? cat(opt_.micro_batches, " micro-batches") : "";
+      fail("a batch split over ", over, ranks > 1 && opt_.micro_batches > 1 ? " x " : "", micro,
+           " must be divisible by ", parts, "; step ", step, "'s batch is ", opt_.schedule.batch_at(step), " (--batch ",
+           opt_.batch, ", or the batch ramp)");
+    }
+}
+
+void Trainer::set_data_parallel(dist::Communicator* dp) {
+  check_batches(dp ? dp->size() : 1);
   dp_ = dp && dp->size() > 1 ? dp : nullptr;
+}
+
+void Trainer::set_pipeline(dist::Communicator* pp, const std::string& schedule) {
+  pipe_ = std::make_unique<Pipeline>(c_, pass_.loss(), pp, schedule, opt_.micro_batches);
+  pipe_->set_expert_exchange(ep_.get());
+  writer_ = !pp || pp->rank() == 0;
 }
 
 void Trainer::set_expert_parallel(dist::Communicator* ep) {
   if (!ep || ep->size() <= 1) {
-    ep_.reset();
     pass_.set_expert_exchange(nullptr);
+    pipe_->set_expert_exchange(nullptr);
+    ep_.reset();
     return;
   }
   if (c_.n_routed_experts == 0) fail("expert parallelism: the model has no routed experts");
@@ -102,6 +121,7 @@ void Trainer::set_expert_parallel(dist::Communicator* ep) {
     fail("--ep ", ep->size(), " must divide the model's ", c_.n_routed_experts, " routed experts");
   ep_ = std::make_unique<CommExpertExchange>(*ep, c_.n_routed_experts);
   pass_.set_expert_exchange(ep_.get());
+  pipe_->set_expert_exchange(ep_.get());
 }
 
 bool Trainer::resume() {
@@ -129,18 +149,26 @@ const StepMetrics& Trainer::step() {
     const int64_t B = opt_.schedule.batch_at(state_.step + 1), S = opt_.seq;
     inputs_.resize(size_t(B * S)), targets_.resize(size_t(B * S)), lengths_.resize(size_t(B));
     train_->next_batch(B, inputs_.data(), targets_.data(), lengths_.data());
-    // This rank's share of the sequences (all of them in one process).
-    const int64_t ranks = dp_ ? dp_->size() : 1, share = B / ranks;
-    if (share * ranks != B) fail("step ", state_.step + 1, ": a batch of ", B, " sequences does not split over ", ranks, " data-parallel ranks");
-    const int64_t first = (dp_ ? dp_->rank() : 0) * share * S;
-    const double total = pass_.forward(params_, inputs_.data() + first, targets_.data() + first, share, S,
-                                       lengths_.data() + first / S);
-    m.loss = pass_.main_loss();
-    m.mtp_loss = pass_.mtp_loss();
-    m.activation_bytes = pass_.activation_bytes();
+    // This rank's share of the sequences (all of them in one process), in micro-batches.
+    const int64_t ranks = dp_ ? dp_->size() : 1, M = opt_.micro_batches, share = B / ranks, per = share / M;
+    if (per * M * ranks != B)
+      fail("step ", state_.step + 1, ": a batch of ", B, " sequences does not split over ", ranks, " data-parallel ranks x ",
+           M, " micro-batches");
+    const int64_t first = (dp_ ? dp_->rank() : 0) * share;
+    for (int64_t j = 0; j < M; ++j) {
+      const int64_t at = first + j * per;
+      micro_[size_t(j)] = {inputs_.data() + at * S, targets_.data() + at * S, lengths_.data() + at, per, S};
+    }
+    const PipelineResult& r = pipe_->run(params_, micro_, grads_);
+    m.loss = r.loss, m.mtp_loss = r.mtp_loss;
+    m.activation_bytes = r.activation_bytes;
     m.batch = B, m.tokens = B * S;
-    pass_.backward(params_, grads_);
-    return total;
+    step_loads_ = &r.loads;
+    if (pipe_->ranks() > 1) {
+      const PipelineTiming& t = pipe_->timing();
+      m.bubble = t.measured_bubble, m.bubble_sim = t.simulated_bubble;
+    }
+    return r.total;
   });
 }
 
@@ -151,7 +179,9 @@ const StepMetrics& Trainer::step_with(const Objective& objective) {
   StepMetrics& m = metrics_;
   m = StepMetrics{.max_vio_layers = std::move(m.max_vio_layers)};
   const int64_t sent_before = ep_ ? ep_->rows_sent_away() : 0;
+  step_loads_ = nullptr;
   double total = objective(m);
+  const auto& step_loads = step_loads_ ? *step_loads_ : pass_.expert_loads();
   const int64_t step_tokens = m.tokens;
   if (ep_)
     m.a2a_bytes = (ep_->rows_sent_away() - sent_before) * c_.hidden_size * int64_t(sizeof(float));
@@ -168,7 +198,7 @@ const StepMetrics& Trainer::step_with(const Objective& objective) {
     const FloatSpan mine{g + lo_, hi_ - lo_};
     scale_spans(&mine, 1, 1.0f / float(ranks));
     reduced_.assign({total, m.loss, m.mtp_loss});
-    for (const auto& layer : pass_.expert_loads())
+    for (const auto& layer : step_loads)
       for (int64_t n : layer) reduced_.push_back(double(n));  // exact in a double
     dp_->all_reduce(std::span<double>(reduced_));
     total = reduced_[0] / double(ranks), m.loss = reduced_[1] / double(ranks), m.mtp_loss = reduced_[2] / double(ranks);
@@ -186,12 +216,12 @@ const StepMetrics& Trainer::step_with(const Objective& objective) {
     dp_->all_gather(std::span<const float>(own_.data(), size_t(hi_ - lo_)), std::span<float>(w, size_t(params_.flat.numel)), counts_);
   }
   if (dp_) {  // the loads of the whole batch
-    loads_ = pass_.expert_loads();
+    loads_ = step_loads;
     size_t at = 3;
     for (auto& layer : loads_)
       for (int64_t& n : layer) n = int64_t(std::llround(reduced_[at++]));
   }
-  update_balance_bias(c_, params_, dp_ ? loads_ : pass_.expert_loads(), opt_.gamma, m.max_vio_layers);
+  update_balance_bias(c_, params_, dp_ ? loads_ : step_loads, opt_.gamma, m.max_vio_layers);
   for (double v : m.max_vio_layers) m.max_vio = std::max(m.max_vio, v);
   state_.step = step;
   state_.tokens += step_tokens;
@@ -258,10 +288,10 @@ double Trainer::clip_sharded() {
 std::string Trainer::save() {
   if (dp_ && adamw_.sharded()) {  // the shards' moments gathered (every rank takes part), rank 0 writes
     AdamW whole = adamw_.gathered(*dp_, counts_);
-    if (dp_->rank() != 0) return "";
+    if (dp_->rank() != 0 || !writer_) return "";
     return save_checkpoint(run_dir_, config_json_, c_, params_, whole, state_, opt_.keep, opt_.extras);
   }
-  if (dp_ && dp_->rank() != 0) return "";  // the ranks hold the same weights: rank 0 writes them
+  if ((dp_ && dp_->rank() != 0) || !writer_) return "";  // the ranks hold the same weights: rank 0 writes them
   return save_checkpoint(run_dir_, config_json_, c_, params_, adamw_, state_, opt_.keep, opt_.extras);
 }
 

@@ -16,6 +16,7 @@
 #include "train/batch_sampler.h"
 #include "train/expert_parallel.h"
 #include "train/checkpoint.h"
+#include "train/pipeline.h"
 #include "train/schedule.h"
 
 namespace dsv3 {
@@ -23,6 +24,7 @@ namespace dsv3 {
 struct TrainOptions {
   int64_t steps = 1000;
   int64_t batch = 8, seq = 128;  // sequences per step (after the ramp), tokens per sequence
+  int micro_batches = 1;         // each process's share of a batch runs as this many micro-batches
   Schedule schedule;             // lr / batch schedules (batch overrides schedule.batch)
   AdamWConfig adamw;
   double clip = 1.0;        // global gradient-norm clip (the paper: 1.0)
@@ -44,6 +46,7 @@ struct StepMetrics {
   std::vector<double> max_vio_layers;  // MaxVio of each MoE layer of the main model, in order
   int64_t activation_bytes = 0;        // held for the backward pass (TrainingPass::activation_bytes)
   int64_t a2a_bytes = 0;               // expert parallelism: this process's rows sent to other processes' experts, and their replies
+  double bubble = -1, bubble_sim = -1; // pipeline parallelism: idle fraction of the step's schedule, measured and simulated
 };
 
 class Trainer {
@@ -76,6 +79,13 @@ class Trainer {
   // process from every process's tokens, and the data-parallel reduction sums it with the
   // others' zeros. Error if ep's size does not divide the routed experts. null: off.
   void set_expert_parallel(dist::Communicator* ep);
+  // Pipeline parallelism (§3.2.1; train/pipeline.h): the layers split into pp's size stages,
+  // this process running the stages its rank holds under `schedule` (1f1b, dualpipe) over
+  // opt.micro_batches micro-batches; every rank still holds (and updates) all the weights,
+  // the gradients summed over the pipeline ranks exactly. Checkpoints are written by
+  // pipeline rank 0. null: every stage here.
+  void set_pipeline(dist::Communicator* pp, const std::string& schedule);
+  const Pipeline& pipeline() const { return *pipe_; }
   // Continues from the newest checkpoint of run_dir; false if there is none.
   bool resume();
   // What a step descends: it runs pass()'s forward and backward passes, the gradients going
@@ -107,7 +117,12 @@ class Trainer {
   ModelWeights params_, grads_;  // flat, the MTP embedding and head tied to the main model's
   AdamW adamw_;                  // its moments, laid out as params_
   std::vector<FloatSpan> grad_spans_;  // grads_'s trainable tensors, listed once for the clip
-  TrainingPass<float> pass_;
+  TrainingPass<float> pass_;    // step_with's objectives (GRPO)
+  std::unique_ptr<Pipeline> pipe_;  // step()'s micro-batches through the stages
+  std::vector<MicroBatch> micro_;
+  bool writer_ = true;              // writes checkpoints (pipeline rank 0)
+  const std::vector<std::vector<int64_t>>* step_loads_ = nullptr;  // the objective's expert loads, if not pass_'s
+  void check_batches(int64_t ranks) const;
   std::unique_ptr<TrainingData> train_, val_;
   TrainerState state_;
   StepMetrics metrics_;  // the last step's (its vector keeps its memory)

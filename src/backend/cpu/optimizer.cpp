@@ -70,6 +70,14 @@ void zero_spans(const FloatSpan* spans, size_t count) {
   }
 }
 
+void add_into(float* y, const float* x, int64_t n) {
+  const FloatSpan whole{y, n};
+  const std::vector<Piece>& work = span_pieces(&whole, 1);
+#pragma omp parallel for schedule(dynamic, 8)
+  for (size_t q = 0; q < work.size(); ++q)
+    for (int64_t i = work[q].begin; i < work[q].end; ++i) y[i] += x[i];
+}
+
 void adamw_step(const AdamWTensor* tensors, size_t count, const AdamWStep& s) {
   const std::vector<Piece>& work = pieces(count, [&](size_t t) { return tensors[t].n; });
 #pragma omp parallel for schedule(dynamic, 8)
