@@ -195,6 +195,7 @@ RunTotals run_reported(Trainer& trainer, const TrainingFlags& f) {
     if (c.is_moe_layer(l)) header += cat(",max_vio_", l);
   header += ",a2a_mb";  // expert parallelism: MB this process sent to other processes' experts
   header += ",bubble,bubble_sim";  // pipeline parallelism: the step's idle fraction, measured and simulated
+  header += ",p2p_mb";             // pipeline parallelism: MB of activations and gradients sent to the neighbouring stages
   MetricsCsv csv(f.out + "/metrics.csv", header, resumed, trainer.state().step);
   Curve train_curve{"train loss", "#1f77b4", {}, {}}, val_curve{"validation loss", "#d62728", {}, {}};
   double smooth = -1;
@@ -219,13 +220,14 @@ RunTotals run_reported(Trainer& trainer, const TrainingFlags& f) {
     totals.step_tokens += m.batch * o.seq;
     smooth = smooth < 0 ? m.loss : 0.9 * smooth + 0.1 * m.loss;
     char line[512];
-    std::snprintf(line, sizeof(line), "%ld,%ld,%ld,%.6f,%.6f,%s,%.6g,%.4f,%.1f,%.4f", long(m.step), long(m.tokens),
+    std::snprintf(line, sizeof(line), "%ld,%ld,%ld,%.6f,%.6f,%s,%.6g,%.6f,%.1f,%.4f", long(m.step), long(m.tokens),
                   long(m.batch), m.loss, m.mtp_loss, m.val_loss >= 0 ? cat(m.val_loss).c_str() : "", m.lr, m.grad_norm,
                   m.tokens_per_s, m.max_vio);
     std::string row = line;
     for (double v : m.max_vio_layers) row += cat(",", v);
     row += cat(",", double(m.a2a_bytes) / 1e6);
     row += m.bubble >= 0 ? cat(",", m.bubble, ",", m.bubble_sim) : std::string(",,");
+    row += cat(",", double(m.p2p_bytes) / 1e6);
     csv.write(row);
     if (m.bubble >= 0 && m.step > first_step + 1) {  // the first step allocates: not counted
       totals.bubble += m.bubble, totals.bubble_sim += m.bubble_sim;
@@ -238,7 +240,9 @@ RunTotals run_reported(Trainer& trainer, const TrainingFlags& f) {
                   m.grad_norm, m.tokens_per_s, m.max_vio);
     std::string text = line;
     if (m.a2a_bytes > 0) text += cat(" | all-to-all ", std::to_string(double(m.a2a_bytes) / 1e6).substr(0, 5), " MB");
-    if (m.bubble >= 0) text += cat(" | bubble ", int(std::lround(100 * m.bubble)), "% (simulated ", int(std::lround(100 * m.bubble_sim)), "%)");
+    if (m.bubble >= 0)
+      text += cat(" | bubble ", int(std::lround(100 * m.bubble)), "% (simulated ", int(std::lround(100 * m.bubble_sim)), "%), sent ",
+                  std::to_string(double(m.p2p_bytes) / 1e6).substr(0, 5), " MB");
     progress.show(m.step, text, m.val_loss >= 0);
     if (m.val_loss >= 0 || m.step == o.steps)
       write_svg_plot(f.out + "/loss.svg", "dsv3 training loss", {train_curve, val_curve});

@@ -31,16 +31,35 @@ int as_int(int64_t n, const char* op) {
   return int(n);
 }
 
+// How long a communication may wait for the other processes: DSV3_COMM_TIMEOUT seconds,
+// 600 by default (a checkpoint or an evaluation on rank 0 makes the others wait).
+double comm_timeout() {
+  static const double seconds = [] {
+    const char* v = std::getenv("DSV3_COMM_TIMEOUT");
+    const double s = v ? std::atof(v) : 600.0;
+    return s > 0 ? s : 600.0;
+  }();
+  return seconds;
+}
+
 class MpiHandle : public Handle {
  public:
   MpiHandle(const char* op) : op_(op) {}
   MPI_Request request = MPI_REQUEST_NULL;
   std::vector<int> counts, displacements, counts2, displacements2;  // alive until done
+  // Polls rather than MPI_Wait: a rank that hung (or died without the launcher noticing)
+  // becomes an Error after comm_timeout() seconds instead of a job waiting forever, and a
+  // waiting process sleeps between polls, leaving the cores to those computing.
   void wait() override {
-    if (request == MPI_REQUEST_NULL) return;
-    const int code = MPI_Wait(&request, MPI_STATUS_IGNORE);
-    if (code != MPI_SUCCESS) request = MPI_REQUEST_NULL;  // failed: nothing left to wait for
-    check(code, op_);
+    const auto start = std::chrono::steady_clock::now();
+    for (int polls = 0; !test(); ++polls) {
+      if (polls < 200) continue;  // a few microseconds of spinning first: most waits are short
+      const double waited = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+      if (waited > comm_timeout())
+        fail("MPI ", op_, ": no answer from the other processes in ", int(waited),
+             " s; a process hung or died (the limit is DSV3_COMM_TIMEOUT, in seconds)");
+      std::this_thread::sleep_for(std::chrono::microseconds(100));
+    }
   }
   bool test() override {
     if (request == MPI_REQUEST_NULL) return true;

@@ -133,8 +133,10 @@ void Pipeline::forward(const ModelWeights& w, int dir, int micro, std::span<cons
   slot.bytes = pass.activation_bytes();
   held_ += slot.bytes;
   result_.activation_bytes = std::max(result_.activation_bytes, held_);
-  if (!pass.last_stage())
+  if (!pass.last_stage()) {
     slot.sends.push_back(pp_->send_async(pass.stage_output(), dir == 0 ? rank_ + 1 : rank_ - 1, tag(0, dir, micro)));
+    result_.p2p_bytes += int64_t(pass.stage_output().size() * sizeof(float));
+  }
 }
 
 void Pipeline::backward(const ModelWeights& w, int dir, int micro, std::span<const MicroBatch> batches,
@@ -159,8 +161,10 @@ void Pipeline::backward(const ModelWeights& w, int dir, int micro, std::span<con
   pass.backward(w, h == 0 ? grads : second_, output_grad, mtp_embed_[h].empty() ? nullptr : &embed);
   const double t = seconds_since(t0);
   times_[size_t(6 * rank_)] += t, times_[size_t(6 * rank_ + 4)] += t, times_[size_t(6 * rank_ + 5)] += 1;
-  if (!pass.first_stage())
+  if (!pass.first_stage()) {
     slot.sends.push_back(pp_->send_async(pass.input_grad(), dir == 0 ? rank_ - 1 : rank_ + 1, tag(1, dir, micro)));
+    result_.p2p_bytes += int64_t(pass.input_grad().size() * sizeof(float));
+  }
   held_ -= slot.bytes;
   inflight_[size_t(j)] = nullptr;
   stages_[size_t(stage_of(dir))]->free.push_back(&slot);
@@ -174,7 +178,7 @@ const PipelineResult& Pipeline::run(const ModelWeights& w, std::span<const Micro
   per_micro_.assign(size_t(3 * M_), 0.0);
   for (auto& layer : result_.loads) std::fill(layer.begin(), layer.end(), 0);
   std::fill(times_.begin(), times_.end(), 0.0);
-  result_.activation_bytes = 0;
+  result_.activation_bytes = result_.p2p_bytes = 0;
   held_ = 0;
   for (const dist::Op& op : schedule_.ranks[size_t(rank_)]) {
     switch (op.kind) {

@@ -42,6 +42,7 @@ struct MicroBatch {
 struct PipelineResult {
   double total = 0, loss = 0, mtp_loss = 0;  // means over the micro-batches
   int64_t activation_bytes = 0;              // the most held at once by this rank
+  int64_t p2p_bytes = 0;                     // activations and their gradients this rank sent to its neighbours
   std::vector<std::vector<int64_t>> loads;   // summed over micro-batches and stages
 };
 

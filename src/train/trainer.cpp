@@ -162,6 +162,7 @@ const StepMetrics& Trainer::step() {
     const PipelineResult& r = pipe_->run(params_, micro_, grads_);
     m.loss = r.loss, m.mtp_loss = r.mtp_loss;
     m.activation_bytes = r.activation_bytes;
+    m.p2p_bytes = r.p2p_bytes;
     m.batch = B, m.tokens = B * S;
     step_loads_ = &r.loads;
     if (pipe_->ranks() > 1) {

@@ -47,6 +47,7 @@ struct StepMetrics {
   int64_t activation_bytes = 0;        // held for the backward pass (TrainingPass::activation_bytes)
   int64_t a2a_bytes = 0;               // expert parallelism: this process's rows sent to other processes' experts, and their replies
   double bubble = -1, bubble_sim = -1; // pipeline parallelism: idle fraction of the step's schedule, measured and simulated
+  int64_t p2p_bytes = 0;               // pipeline parallelism: activations and gradients this process sent to its neighbours
 };
 
 class Trainer {
