@@ -74,6 +74,17 @@ TEST(PipelineSchedule, OneFOneBIsItsTextbookOrder) {
   EXPECT_EQ(text(s.ranks[3]), "F0 B0 F1 B1 F2 B2 F3 B3 F4 B4 F5 B5 ");
   const dist::Timeline t = dist::simulate(s, {1, 2, 1, 2.5});
   EXPECT_DOUBLE_EQ(t.makespan, (6 + 3) * 3.0);  // (M + P - 1)(F + B)
+  // Per-rank costs (what the executed pipeline measures): a slower last stage sets the pace
+  // of the steady state; the first rank's wait is its bubble.
+  std::vector<dist::Costs> costs(4, dist::Costs{1, 2, 1, 2.5});
+  EXPECT_DOUBLE_EQ(dist::simulate(s, costs).makespan, t.makespan);
+  costs[3] = {2, 4, 2, 5};
+  const dist::Timeline slow = dist::simulate(s, costs);
+  // The last rank runs F0 once the first three forwards arrive (t = 3), then its 6 x (2 + 4)
+  // back to back; B5 then travels back through ranks 2, 1, 0 (2 each).
+  EXPECT_DOUBLE_EQ(slow.makespan, 3 + 6 * 6.0 + 3 * 2);
+  EXPECT_DOUBLE_EQ(slow.bubble[0], slow.makespan - 6 * 3.0);
+  EXPECT_THROW(dist::simulate(s, std::vector<dist::Costs>(3)), Error);
 }
 
 TEST(PipelineSchedule, BadSizesAreNamed) {

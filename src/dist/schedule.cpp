@@ -167,8 +167,11 @@ Schedule make_schedule(const std::string& name, int pp, int m) {
   fail("unknown pipeline schedule '", name, "' (1f1b, zb1p, dualpipe)");
 }
 
-Timeline simulate(const Schedule& s, const Costs& c) {
+Timeline simulate(const Schedule& s, const Costs& c) { return simulate(s, std::vector<Costs>(size_t(s.pp), c)); }
+
+Timeline simulate(const Schedule& s, const std::vector<Costs>& per_rank) {
   const int P = s.pp;
+  if (int(per_rank.size()) != P) fail(s.name, ": ", per_rank.size(), " ranks' costs for ", P, " ranks");
   std::map<Key, double> done;
   auto when = [&](int kind, int dir, int micro, int stage) -> double {
     const auto it = done.find({kind, dir, micro, stage});
@@ -208,7 +211,7 @@ Timeline simulate(const Schedule& s, const Costs& c) {
           t = ready(r, op.kind == Chunk::F ? kF : op.kind == Chunk::B ? kB : kW, op.dir, op.micro);
         }
         if (t < 0) break;
-        const double start = std::max(t, free[size_t(r)]), end = start + duration(op, c);
+        const double start = std::max(t, free[size_t(r)]), end = start + duration(op, per_rank[size_t(r)]);
         auto mark = [&](int kind, int dir, int micro) { done[{kind, dir, micro, stage_of(s, r, dir)}] = end; };
         if (op.kind == Chunk::F) mark(kF, op.dir, op.micro);
         if (op.kind == Chunk::B) {

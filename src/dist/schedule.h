@@ -65,6 +65,9 @@ struct Timeline {
 
 // Runs the schedule's op lists; Error if they deadlock (an op waits for one that never runs).
 Timeline simulate(const Schedule& s, const Costs& c);
+// The same with each rank's own chunk costs (measured ones: stages differ, the last one
+// runs the output head).
+Timeline simulate(const Schedule& s, const std::vector<Costs>& per_rank);
 
 // Table 2's closed forms: bubble, parameter copies, activations of the first rank.
 double table2_bubble(const std::string& name, int pp, const Costs& c);

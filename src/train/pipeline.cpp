@@ -236,19 +236,22 @@ const PipelineResult& Pipeline::run(const ModelWeights& w, std::span<const Micro
 
 const PipelineTiming& Pipeline::timing() {
   PipelineTiming& t = timing_;
-  t.busy.assign(size_t(P_), 0), t.window.assign(size_t(P_), 0);
-  double f = 0, nf = 0, b = 0, nb = 0, makespan = 0, busy = 0;
+  t.busy.assign(size_t(P_), 0), t.window.assign(size_t(P_), 0), t.f.assign(size_t(P_), 0), t.b.assign(size_t(P_), 0);
+  std::vector<dist::Costs> costs(static_cast<size_t>(P_));
+  double makespan = 0, busy = 0;
+  bool measured = true;
   for (int r = 0; r < P_; ++r) {
     const double* x = &times_[size_t(6 * r)];
     t.busy[size_t(r)] = x[0], t.window[size_t(r)] = x[1];
-    f += x[2], nf += x[3], b += x[4], nb += x[5];
+    t.f[size_t(r)] = x[3] > 0 ? x[2] / x[3] : 0, t.b[size_t(r)] = x[5] > 0 ? x[4] / x[5] : 0;
+    measured = measured && t.f[size_t(r)] > 0 && t.b[size_t(r)] > 0;
+    costs[size_t(r)] = {t.f[size_t(r)], t.b[size_t(r)], 0, t.f[size_t(r)] + t.b[size_t(r)]};  // W in B; FB = F then B
     makespan = std::max(makespan, x[1]), busy += x[0];
   }
-  t.f = nf > 0 ? f / nf : 0, t.b = nb > 0 ? b / nb : 0;
   t.measured_bubble = makespan > 0 ? 1 - busy / (P_ * makespan) : 0;
   t.simulated_bubble = 0;
-  if (P_ > 1 && t.f > 0 && t.b > 0) {  // W folded into B, FB run as F then B
-    const dist::Timeline sim = dist::simulate(schedule_, {t.f, t.b, 0, t.f + t.b});
+  if (P_ > 1 && measured) {
+    const dist::Timeline sim = dist::simulate(schedule_, costs);
     double idle = 0;
     for (double x : sim.bubble) idle += x;
     t.simulated_bubble = idle / (P_ * sim.makespan);

@@ -47,10 +47,11 @@ struct PipelineResult {
 };
 
 // The last step's measured time on each pipeline rank, and what the schedule's simulation
-// gives for the same chunk costs (dist::simulate with the measured mean F and B, W folded).
+// gives for the same chunk costs (dist::simulate with each rank's measured mean F and B, W
+// folded into B, FB = F + B).
 struct PipelineTiming {
   std::vector<double> busy, window;  // per rank: seconds computing, seconds from the step's start to its end
-  double f = 0, b = 0;               // mean seconds of a forward / backward chunk, over every rank
+  std::vector<double> f, b;          // per rank: mean seconds of a forward / backward chunk
   double measured_bubble = 0;        // idle fraction: sum of (makespan - busy) / (P x makespan)
   double simulated_bubble = 0;       // the same fraction in the simulated timeline
 };
