@@ -18,8 +18,9 @@ mpi=(mpirun --oversubscribe --bind-to none)
 [[ $(wc -l < "$work/corpus.txt") -eq 3000 ]] || { echo "cannot read the bundled corpus"; exit 1; }
 "$dsv3" train-tokenizer --input "$work/corpus.txt" --vocab-size 2048 --out "$work/tok" >/dev/null 2>&1
 "$dsv3" data --tokenizer "$work/tok" --input "$work/corpus.txt" --out "$work/shards" --val-fraction 0.05 >/dev/null 2>&1
-common=(--data "$work/shards" --batch 8 --seq 32 --eval-every 10 --save-every 5 --keep 10 --threads 1)
-train=(train --config "$root/configs/tiny-demo.json" "${common[@]}" --steps 20)
+common=(--data "$work/shards" --batch 8 --seq 32 --eval-every 10 --keep 10 --threads 1)
+base=(train --config "$root/configs/tiny-demo.json" "${common[@]}")
+train=("${base[@]}" --steps 20 --save-every 5)
 
 # The dsv3 processes (not mpirun) of the job writing RUN, the last started last.
 ranks_of() { pgrep -f -- "dsv3 train.*--out $1( |$)" | while read -r p; do [[ $(ps -o comm= -p "$p") == dsv3 ]] && echo "$p"; done; }
@@ -56,6 +57,29 @@ grid=(--pp 2 --dp 2 --ep 2 --micro-batches 2 --pp-schedule 1f1b)
 "${mpi[@]}" -np 4 "$dsv3" "${train[@]}" "${grid[@]}" --out "$work/grid" 2>/dev/null
 "${mpi[@]}" -np 4 "$dsv3" "${train[@]}" "${grid[@]}" --out "$work/grid-again" 2>/dev/null
 same_bits grid grid-again
+# The gathered checkpoint against one process's: within 1e-6 after one step (rounding alone),
+# within 1e-3 after 20 (measured: 4e-8 and 2e-4; expert choices flipped by rounding move the weights).
+"${mpi[@]}" -np 4 "$dsv3" "${base[@]}" "${grid[@]}" --steps 1 --save-every 1 --out "$work/grid-step1" 2>/dev/null
+"$dsv3" "${base[@]}" --micro-batches 4 --steps 1 --save-every 1 --out "$work/one-step1" 2>/dev/null
+weights_within() {  # TOLERANCE CHECKPOINT_A CHECKPOINT_B: relative L2 difference of every weight matrix
+  python3 - "$@" <<'PY'
+import array, json, math, struct, sys
+def load(path):
+    with open(path + "/model.safetensors", "rb") as f:
+        header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+        data = f.read()
+    return {k: array.array("f", data[t["data_offsets"][0]:t["data_offsets"][1]])
+            for k, t in header.items() if k != "__metadata__" and len(t["shape"]) == 2}
+tol, a, b = float(sys.argv[1]), load(sys.argv[2]), load(sys.argv[3])
+assert a.keys() == b.keys() and a
+d = sum((p - q) ** 2 for k in a for p, q in zip(a[k], b[k]))
+n = sum(p * p for k in a for p in a[k])
+print(f"{sys.argv[3]}: weights within {math.sqrt(d / n):.1e} of one process's")
+assert math.sqrt(d / n) <= tol, f"more than {tol}"
+PY
+}
+weights_within 1e-6 "$work/one-step1/checkpoint-0000001" "$work/grid-step1/checkpoint-0000001"
+weights_within 1e-3 "$work/one/checkpoint-0000020" "$work/grid/checkpoint-0000020"
 # Killed: rank 1 of a pp=2 x dp=2 run dies by kill -9 after its 10th step's checkpoint.
 "${mpi[@]}" -np 4 "$dsv3" "${train[@]}" "${grid[@]}" --out "$work/grid-killed" >/dev/null 2>&1 &
 for _ in $(seq 600); do [[ -d "$work/grid-killed/checkpoint-0000010" ]] && break; sleep 0.1; done
@@ -113,8 +137,8 @@ echo "killed with kill -9 and resumed (dualpipe onto dualpipe and one process, p
 
 # A rank that hangs (stopped): the others end the job with an error after DSV3_COMM_TIMEOUT.
 start=$(date +%s)
-DSV3_COMM_TIMEOUT=3 "${mpi[@]}" -x DSV3_COMM_TIMEOUT -np 2 "$dsv3" train --config "$root/configs/tiny-demo.json" "${common[@]}" \
-  --steps 2000 --pp 2 --out "$work/hang" \
+DSV3_COMM_TIMEOUT=3 "${mpi[@]}" -x DSV3_COMM_TIMEOUT -np 2 "$dsv3" "${base[@]}" --steps 2000 --save-every 5 --pp 2 \
+  --out "$work/hang" \
   >"$work/hang.log" 2>&1 &
 for _ in $(seq 600); do [[ -d "$work/hang/checkpoint-0000005" ]] && break; sleep 0.1; done
 victim=$(ranks_of "$work/hang" | tail -1)
@@ -142,6 +166,6 @@ expect_error "--pp-schedule must be 1f1b or dualpipe" "${mpi[@]}" -np 2 "$dsv3" 
 sed 's/"num_hidden_layers": 4/"num_hidden_layers": 2/' "$root/configs/tiny-demo.json" > "$work/other.json"
 ! cmp -s "$root/configs/tiny-demo.json" "$work/other.json" || { echo "could not make another config"; exit 1; }
 expect_error "rank 1 was started with another config or other flags" "${mpi[@]}" -np 1 "$dsv3" "${train[@]}" --out "$work/bad" : \
-  -np 1 "$dsv3" train --config "$work/other.json" "${common[@]}" --steps 20 --out "$work/bad"
+  -np 1 "$dsv3" train --config "$work/other.json" "${common[@]}" --steps 20 --save-every 5 --out "$work/bad"
 [[ ! -e "$work/bad/checkpoint-0000005" ]] || { echo "a bad launch trained"; exit 1; }
 echo "ok"
