@@ -352,13 +352,26 @@ TEST(BackendConformance, EmbeddingOfF32AndBf16Tables) {
 
 // --- router top-k ------------------------------------------------------------------------
 
-// The reference: groups ranked by a full stable sort, then every column sorted by (score
-// descending, index ascending), the first k taken.
+// The reference: nodes, then groups, ranked by a full stable sort, then every column sorted
+// by (score descending, index ascending), the first k taken.
 std::vector<int32_t> reference_top_k(const std::vector<double>& scores, int64_t n, int64_t columns, const TopK& t) {
   std::vector<int32_t> out;
-  const int64_t per = columns / t.groups;
+  const int64_t per = columns / t.groups, per_node = columns / t.nodes;
   for (int64_t r = 0; r < n; ++r) {
     std::vector<double> row(scores.begin() + r * columns, scores.begin() + (r + 1) * columns);
+    if (t.nodes > 1) {
+      std::vector<std::pair<double, int64_t>> d;
+      for (int64_t i = 0; i < t.nodes; ++i) {
+        std::vector<double> members(row.begin() + i * per_node, row.begin() + (i + 1) * per_node);
+        std::sort(members.rbegin(), members.rend());
+        double score = 0;
+        for (int64_t j = 0; j < t.node_best; ++j) score += members[size_t(j)];
+        d.push_back({-score, i});
+      }
+      std::sort(d.begin(), d.end());  // best first, ties to the lower node
+      for (int64_t i = t.top_nodes; i < t.nodes; ++i)
+        for (int64_t j = 0; j < per_node; ++j) row[size_t(d[size_t(i)].second * per_node + j)] = -1e300;
+    }
     if (t.groups > 1) {
       std::vector<std::pair<double, int64_t>> g;
       for (int64_t i = 0; i < t.groups; ++i) {
@@ -387,19 +400,37 @@ void check_top_k() {
   for (double& x : scores) x = double(T(x));
   const std::vector<T> st = as<T>(scores);
   const TopK cases[] = {{1, 1, 1, GroupScore::best},  {6, 1, 1, GroupScore::best},     {24, 1, 1, GroupScore::best},
-                        {4, 4, 2, GroupScore::best_two}, {3, 8, 3, GroupScore::best}, {5, 24, 5, GroupScore::best_two}};
+                        {4, 4, 2, GroupScore::best_two}, {3, 8, 3, GroupScore::best}, {5, 24, 5, GroupScore::best_two},
+                        // node-limited routing: alone, before groups, and covering every node (no limit)
+                        {3, 1, 1, GroupScore::best, 4, 2, 1},   {4, 4, 2, GroupScore::best_two, 2, 1, 4},
+                        {6, 8, 4, GroupScore::best, 4, 2, 3},   {4, 4, 2, GroupScore::best_two, 2, 2, 2}};
   for (const TopK& t : cases) {
     std::vector<int32_t> got(static_cast<size_t>(n * t.k));
     top_k_rows(st.data(), n, columns, t, got.data());
-    EXPECT_EQ(got, reference_top_k(scores, n, columns, t)) << "k " << t.k << " groups " << t.groups << " top " << t.top_groups;
+    EXPECT_EQ(got, reference_top_k(scores, n, columns, t))
+        << "k " << t.k << " groups " << t.groups << " top " << t.top_groups << " nodes " << t.top_nodes << "/" << t.nodes;
+    // Every token's experts on at most top_nodes nodes.
+    for (int64_t r = 0; r < n; ++r) {
+      std::vector<bool> used(static_cast<size_t>(t.nodes), false);
+      for (int64_t j = 0; j < t.k; ++j) used[size_t(got[size_t(r * t.k + j)] / (columns / t.nodes))] = true;
+      EXPECT_LE(std::count(used.begin(), used.end(), true), t.top_nodes);
+    }
   }
+  // Covering every node is today's routing exactly.
+  std::vector<int32_t> all(static_cast<size_t>(n * 4)), plain(all.size());
+  top_k_rows(st.data(), n, columns, TopK{4, 4, 2, GroupScore::best_two, 2, 2, 2}, all.data());
+  top_k_rows(st.data(), n, columns, TopK{4, 4, 2, GroupScore::best_two}, plain.data());
+  EXPECT_EQ(all, plain);
   std::vector<int32_t> out(64);
   EXPECT_ANY_THROW(top_k_rows(st.data(), 1, columns, TopK{25, 1, 1, GroupScore::best}, out.data()));  // k > columns
   EXPECT_ANY_THROW(top_k_rows(st.data(), 1, columns, TopK{2, 5, 1, GroupScore::best}, out.data()));   // uneven groups
   EXPECT_ANY_THROW(top_k_rows(st.data(), 1, columns, TopK{7, 4, 1, GroupScore::best}, out.data()));   // 7 > 1 group of 6
+  EXPECT_ANY_THROW(top_k_rows(st.data(), 1, columns, TopK{7, 1, 1, GroupScore::best, 4, 1, 1}, out.data()));  // 7 > 1 node of 6
+  EXPECT_ANY_THROW(top_k_rows(st.data(), 1, columns, TopK{2, 1, 1, GroupScore::best, 5, 1, 1}, out.data()));  // uneven nodes
+  EXPECT_ANY_THROW(top_k_rows(st.data(), 1, columns, TopK{2, 6, 2, GroupScore::best, 4, 1, 1}, out.data()));  // groups across nodes
 }
 
-TEST(BackendConformance, RouterTopKWithAndWithoutGroupLimits) {
+TEST(BackendConformance, RouterTopKWithAndWithoutGroupAndNodeLimits) {
   check_top_k<float>();
   check_top_k<double>();
 }

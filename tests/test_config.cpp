@@ -189,6 +189,18 @@ TEST_F(ConfigInvalid, TopkGroupExceedsNGroup) {
   EXPECT_THAT(error_after([](json& j) { j["topk_group"] = 5; }), says("field 'topk_group' (5) exceeds n_group (4)"));
 }
 
+TEST_F(ConfigInvalid, NodeLimitedRouting) {
+  EXPECT_THAT(error_after([](json& j) { j["node_limited_routing"] = 2; }), says("field 'node_limited_routing' must be an object"));
+  EXPECT_THAT(error_after([](json& j) { j["node_limited_routing"] = {{"nodes", 3}}; }),
+              says("node_limited_routing: 3 nodes do not divide the 16 routed experts"));
+  EXPECT_THAT(error_after([](json& j) { j["node_limited_routing"] = {{"nodes", 2}, {"max_nodes", 3}}; }),
+              says("node_limited_routing: max_nodes (3) exceeds nodes (2)"));
+  EXPECT_THAT(error_after([](json& j) { j["node_limited_routing"] = {{"nodes", 8}, {"max_nodes", 1}}; }),
+              says("node_limited_routing: 4 experts per token do not fit on 1 nodes of 2"));
+  EXPECT_THAT(error_after([](json& j) { j["node_limited_routing"] = {{"nodes", 8}, {"max_nodes", 4}}; }),
+              says("node_limited_routing: 8 nodes must hold whole expert groups (n_group 4)"));
+}
+
 TEST_F(ConfigInvalid, NGroupDoesNotDivideRoutedExperts) {
   EXPECT_THAT(error_after([](json& j) { j["n_group"] = 3; }),
               says("field 'n_group' (3) does not divide n_routed_experts (16)"));

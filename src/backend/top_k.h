@@ -18,6 +18,10 @@ struct TopK {
   int64_t groups = 1;      // 1: no group limit
   int64_t top_groups = 1;  // groups kept when groups > 1
   GroupScore group_score = GroupScore::best;
+  // Node-limited routing, before the groups: columns in `nodes` equal ranges, the
+  // top_nodes of them kept, a node scored by the sum of its node_best best scores (the
+  // report's "highest K/M affinity scores of the experts on each node"). nodes = 1: off.
+  int64_t nodes = 1, top_nodes = 1, node_best = 1;
 };
 
 // out[n, k] = the chosen columns of each row of scores [n, columns].

@@ -27,7 +27,27 @@ struct TrainFlags : TrainingFlags {
   int ep = 1;  // expert-parallel ranks within them
   int micro_batches = 0;  // 0: 1, or 2 x pp with a pipeline
   std::string pp_schedule = "1f1b";
+  int ep_nodes = 0, max_nodes = 0;  // node-limited routing (0: as the config says)
 };
+
+// The config with node-limited routing (§2.1.2) set: the routed experts on `nodes` nodes
+// (ranges of experts; groups of --ep / nodes expert-parallel ranks), each token's on at most
+// `max_nodes`. Written into the run's config.json, so that inference routes alike.
+std::string with_node_limit(const std::string& config_json, const TrainFlags& f) {
+  if (f.max_nodes > 0 && f.ep_nodes == 0) fail("--max-nodes needs --ep-nodes (how many nodes the experts are on)");
+  if (f.ep_nodes == 0) return config_json;
+  if (f.ep_nodes < 1 || (f.ep > 1 && f.ep % f.ep_nodes != 0))
+    fail("--ep-nodes ", f.ep_nodes, " must divide --ep ", f.ep, " (a node is a group of consecutive expert-parallel ranks)");
+  nlohmann::json j;
+  try {
+    j = nlohmann::json::parse(config_json);
+  } catch (const nlohmann::json::exception& e) {
+    fail(f.config, ": not valid JSON: ", e.what());
+  }
+  if (!j.is_object()) fail(f.config, ": not a JSON object");
+  j["node_limited_routing"] = {{"nodes", f.ep_nodes}, {"max_nodes", f.max_nodes > 0 ? f.max_nodes : f.ep_nodes}};
+  return j.dump(2) + "\n";
+}
 
 // Every process of the job must run the same command on the same config: the launch's
 // fingerprint (a hash of both) compared across ranks, before any work.
@@ -63,7 +83,7 @@ void run(TrainFlags& f, const std::vector<std::string>& argv) {
     fail("--ep ", f.ep, " must divide the ", f.dp, " data-parallel processes (expert-parallel groups are made of them)");
   if (f.pp_schedule != "1f1b" && f.pp_schedule != "dualpipe")
     fail("--pp-schedule must be 1f1b or dualpipe, not '", f.pp_schedule, "'");
-  const std::string config_json = read_text(f.config);
+  const std::string config_json = with_node_limit(read_text(f.config), f);
   std::string launch = config_json;
   for (const std::string& a : argv) launch += "\n" + a;
   check_same_launch(world, launch);
@@ -104,7 +124,7 @@ void run(TrainFlags& f, const std::vector<std::string>& argv) {
   // Expert-parallel groups of --ep consecutive ranks of a stage: they share its experts.
   std::unique_ptr<dist::Communicator> ep_group;
   if (f.ep > 1) ep_group = dp_group->split(dp_group->rank() / f.ep, dp_group->rank());
-  trainer.set_expert_parallel(ep_group.get());
+  trainer.set_expert_parallel(ep_group.get(), f.ep > 1 && f.ep_nodes > 1 ? f.ep_nodes : 1);
   trainer.set_pipeline(f.pp > 1 ? pp_group.get() : nullptr, f.pp_schedule);
   const bool resumed = f.resume && trainer.resume();
   refuse_overwrite(f.out, resumed);
@@ -164,6 +184,10 @@ void add_train(CLI::App& app) {
   cmd->add_option("--ep", f->ep, "expert-parallel processes: the routed experts split over groups of this many data-parallel processes (default 1)");
   cmd->add_option("--micro-batches", f->micro_batches, "each process's share of a batch runs as this many micro-batches, "
                   "gradients accumulated (default 1, or 2 x --pp with a pipeline)");
+  cmd->add_option("--ep-nodes", f->ep_nodes, "node-limited routing (§2.1.2): the routed experts on this many nodes, "
+                  "each a group of --ep / N consecutive expert-parallel ranks (written into the run's config.json)");
+  cmd->add_option("--max-nodes", f->max_nodes, "with --ep-nodes: each token's experts on at most this many nodes, "
+                  "chosen by the sum of each node's highest k / M affinities (default: every node, no limit)");
   cmd->add_option("--pp-schedule", f->pp_schedule, "pipeline schedule: 1f1b, or dualpipe (--pp even, micro-batches even and >= 2 x --pp); default 1f1b");
   cmd->callback([f, cmd] {
     std::vector<std::string> argv;  // what every process must have been given alike

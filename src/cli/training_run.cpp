@@ -196,6 +196,7 @@ RunTotals run_reported(Trainer& trainer, const TrainingFlags& f) {
   header += ",a2a_mb";  // expert parallelism: MB this process sent to other processes' experts
   header += ",bubble,bubble_sim";  // pipeline parallelism: the step's idle fraction, measured and simulated
   header += ",p2p_mb";             // pipeline parallelism: MB of activations and gradients sent to the neighbouring stages
+  header += ",node_mb";            // expert parallelism over nodes: MB of tokens' rows sent to other nodes, once per node
   MetricsCsv csv(f.out + "/metrics.csv", header, resumed, trainer.state().step);
   Curve train_curve{"train loss", "#1f77b4", {}, {}}, val_curve{"validation loss", "#d62728", {}, {}};
   double smooth = -1;
@@ -227,7 +228,7 @@ RunTotals run_reported(Trainer& trainer, const TrainingFlags& f) {
     for (double v : m.max_vio_layers) row += cat(",", v);
     row += cat(",", double(m.a2a_bytes) / 1e6);
     row += m.bubble >= 0 ? cat(",", m.bubble, ",", m.bubble_sim) : std::string(",,");
-    row += cat(",", double(m.p2p_bytes) / 1e6);
+    row += cat(",", double(m.p2p_bytes) / 1e6, ",", double(m.node_bytes) / 1e6);
     csv.write(row);
     if (m.bubble >= 0 && m.step > first_step + 1) {  // the first step allocates: not counted
       totals.bubble += m.bubble, totals.bubble_sim += m.bubble_sim;
@@ -240,6 +241,7 @@ RunTotals run_reported(Trainer& trainer, const TrainingFlags& f) {
                   m.grad_norm, m.tokens_per_s, m.max_vio);
     std::string text = line;
     if (m.a2a_bytes > 0) text += cat(" | all-to-all ", std::to_string(double(m.a2a_bytes) / 1e6).substr(0, 5), " MB");
+    if (m.node_bytes > 0) text += cat(" (", std::to_string(double(m.node_bytes) / 1e6).substr(0, 5), " MB to other nodes)");
     if (m.bubble >= 0)
       text += cat(" | bubble ", int(std::lround(100 * m.bubble)), "% (simulated ", int(std::lround(100 * m.bubble_sim)), "%), sent ",
                   std::to_string(double(m.p2p_bytes) / 1e6).substr(0, 5), " MB");

@@ -161,6 +161,26 @@ ModelConfig ModelConfig::parse(const std::string& text, const std::string& what)
         c.num_experts_per_tok > c.topk_group * (c.n_routed_experts / c.n_group))
       fail(what, ": field 'num_experts_per_tok' (", c.num_experts_per_tok, ") exceeds the experts in topk_group (",
            c.topk_group, ") groups");
+    if (const json* nl = r.get("node_limited_routing")) {
+      if (!nl->is_object()) fail(what, ": field 'node_limited_routing' must be an object");
+      Reader n{*nl, what + ": node_limited_routing"};
+      c.route_nodes = n.integer("nodes", 1);
+      c.route_max_nodes = n.integer_or("max_nodes", 1, c.route_nodes);
+      const int64_t E = c.n_routed_experts, k = c.num_experts_per_tok;
+      if (E % c.route_nodes) fail(what, ": node_limited_routing: ", c.route_nodes, " nodes do not divide the ", E, " routed experts");
+      if (c.route_max_nodes > c.route_nodes)
+        fail(what, ": node_limited_routing: max_nodes (", c.route_max_nodes, ") exceeds nodes (", c.route_nodes, ")");
+      if (k > c.route_max_nodes * (E / c.route_nodes))
+        fail(what, ": node_limited_routing: ", k, " experts per token do not fit on ", c.route_max_nodes, " nodes of ",
+             E / c.route_nodes);
+      if (c.topk_method != TopkMethod::greedy && c.n_group > 1) {
+        if (c.n_group % c.route_nodes)
+          fail(what, ": node_limited_routing: ", c.route_nodes, " nodes must hold whole expert groups (n_group ", c.n_group, ")");
+        if (k > std::min(c.topk_group, c.route_max_nodes * (c.n_group / c.route_nodes)) * (E / c.n_group))
+          fail(what, ": node_limited_routing: ", k, " experts per token do not fit in the groups of ", c.route_max_nodes,
+               " nodes");
+      }
+    }
     if (c.topk_method == TopkMethod::noaux_tc && c.n_routed_experts / c.n_group < 2)
       fail(what, ": topk_method noaux_tc scores groups by their top-2 experts; groups need >= 2 experts");
     if (c.first_k_dense_replace > c.num_hidden_layers)

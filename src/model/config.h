@@ -38,6 +38,12 @@ struct ModelConfig {
   int64_t moe_intermediate_size = 0;
   int64_t first_k_dense_replace = 0, moe_layer_freq = 1;
   int64_t n_group = 1, topk_group = 1;
+  // Node-limited routing (§2.1.2): the routed experts in `nodes` equal ranges (the experts
+  // each node holds), each token's experts on at most max_nodes of them, chosen by the sum
+  // of each node's highest k / max_nodes affinities (+ bias). dsv3's extension of
+  // config.json, "node_limited_routing": {"nodes": N, "max_nodes": M} (dsv3 train
+  // --ep-nodes, --max-nodes); applied before the group limit. nodes = 1: off.
+  int64_t route_nodes = 1, route_max_nodes = 1;
   ScoreFunc scoring_func = ScoreFunc::softmax;
   TopkMethod topk_method = TopkMethod::greedy;
   bool norm_topk_prob = false;

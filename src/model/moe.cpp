@@ -263,7 +263,7 @@ double moe_forward(const ModelConfig& c, const MoeWeights& w, const T* x, int64_
   T* ym = ye;
   const std::vector<int64_t>* offset = &d.offset;
   if (ex) {
-    ex->plan(d.offset, route);
+    ex->plan(d, route);
     order_by_expert(route, ex->processes(), ex->experts_here());
     first = ex->first_expert(), here = ex->experts_here(), m = route.received(), offset = &route.offset;
     xm = exchange_to_experts(*ex, route, xe, dim, arena);

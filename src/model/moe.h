@@ -114,9 +114,9 @@ class ExpertExchange {
   virtual int64_t first_expert() const = 0;  // the experts here: [first, first + count)
   virtual int64_t experts_here() const = 0;
   virtual int64_t processes() const = 0;
-  // Fills route.send from the local dispatch (offset [E + 1]) and route.recv from every
-  // process's counts.
-  virtual void plan(const std::vector<int64_t>& offset, ExpertRoute& route) = 0;
+  // Fills route.send from the local dispatch (its offset [E + 1]; its token of each row for
+  // accounting) and route.recv from every process's counts.
+  virtual void plan(const Dispatch& d, ExpertRoute& route) = 0;
   // rows [sum send, width], local grouped order -> received [sum recv, width], source-major.
   virtual void to_experts(const ExpertRoute& route, const float* rows, int64_t width, float* received) = 0;
   // The reverse: rows [sum recv, width] source-major -> back [sum send, width] local grouped order.

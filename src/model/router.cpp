@@ -41,6 +41,8 @@ void route(const ModelConfig& c, const T* logits, int64_t n, const T* bias, int3
   if (c.topk_method != TopkMethod::greedy && c.n_group > 1)
     top.groups = c.n_group, top.top_groups = c.topk_group,
     top.group_score = c.topk_method == TopkMethod::noaux_tc ? GroupScore::best_two : GroupScore::best;
+  if (c.route_nodes > 1)  // node-limited routing: whole nodes out before the groups (§2.1.2)
+    top.nodes = c.route_nodes, top.top_nodes = c.route_max_nodes, top.node_best = std::max<int64_t>(1, k / c.route_max_nodes);
   top_k_rows(choice, n, E, top, experts);
   // Gate weights: the chosen affinities (not the biased scores), normalised if asked, scaled.
   for (int64_t t = 0; t < n; ++t) {

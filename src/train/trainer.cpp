@@ -109,7 +109,7 @@ void Trainer::set_pipeline(dist::Communicator* pp, const std::string& schedule) 
   writer_ = !pp || pp->rank() == 0;
 }
 
-void Trainer::set_expert_parallel(dist::Communicator* ep) {
+void Trainer::set_expert_parallel(dist::Communicator* ep, int64_t nodes) {
   if (!ep || ep->size() <= 1) {
     pass_.set_expert_exchange(nullptr);
     pipe_->set_expert_exchange(nullptr);
@@ -119,7 +119,7 @@ void Trainer::set_expert_parallel(dist::Communicator* ep) {
   if (c_.n_routed_experts == 0) fail("expert parallelism: the model has no routed experts");
   if (c_.n_routed_experts % ep->size() != 0)
     fail("--ep ", ep->size(), " must divide the model's ", c_.n_routed_experts, " routed experts");
-  ep_ = std::make_unique<CommExpertExchange>(*ep, c_.n_routed_experts);
+  ep_ = std::make_unique<CommExpertExchange>(*ep, c_.n_routed_experts, nodes);
   pass_.set_expert_exchange(ep_.get());
   pipe_->set_expert_exchange(ep_.get());
 }
@@ -179,13 +179,15 @@ const StepMetrics& Trainer::step_with(const Objective& objective) {
   zero_grads(grads_);
   StepMetrics& m = metrics_;
   m = StepMetrics{.max_vio_layers = std::move(m.max_vio_layers)};
-  const int64_t sent_before = ep_ ? ep_->rows_sent_away() : 0;
+  const int64_t sent_before = ep_ ? ep_->rows_sent_away() : 0, node_before = ep_ ? ep_->token_node_sends() : 0;
   step_loads_ = nullptr;
   double total = objective(m);
   const auto& step_loads = step_loads_ ? *step_loads_ : pass_.expert_loads();
   const int64_t step_tokens = m.tokens;
-  if (ep_)
+  if (ep_) {
     m.a2a_bytes = (ep_->rows_sent_away() - sent_before) * c_.hidden_size * int64_t(sizeof(float));
+    m.node_bytes = (ep_->token_node_sends() - node_before) * c_.hidden_size * int64_t(sizeof(float));
+  }
   const int64_t ranks = dp_ ? dp_->size() : 1;
   if (dp_) {
     // ZeRO-1 (§3.4's data parallelism): the gradients are reduce-scattered, each rank

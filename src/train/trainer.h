@@ -48,6 +48,7 @@ struct StepMetrics {
   int64_t a2a_bytes = 0;               // expert parallelism: this process's rows sent to other processes' experts, and their replies
   double bubble = -1, bubble_sim = -1; // pipeline parallelism: idle fraction of the step's schedule, measured and simulated
   int64_t p2p_bytes = 0;               // pipeline parallelism: activations and gradients this process sent to its neighbours
+  int64_t node_bytes = 0;              // expert parallelism over nodes: tokens' rows sent to other nodes, once per token and node
 };
 
 class Trainer {
@@ -79,7 +80,8 @@ class Trainer {
   // holds all the weights (ZeRO-1 gathers them); an expert's gradient is computed on its own
   // process from every process's tokens, and the data-parallel reduction sums it with the
   // others' zeros. Error if ep's size does not divide the routed experts. null: off.
-  void set_expert_parallel(dist::Communicator* ep);
+  // nodes: ep's ranks in that many nodes (node-limited routing), for the inter-node volume.
+  void set_expert_parallel(dist::Communicator* ep, int64_t nodes = 1);
   // Pipeline parallelism (§3.2.1; train/pipeline.h): the layers split into pp's size stages,
   // this process running the stages its rank holds under `schedule` (1f1b, dualpipe) over
   // opt.micro_batches micro-batches; every rank still holds (and updates) all the weights,

@@ -7,6 +7,8 @@
 # all-to-all volume; an --ep that does not divide the processes is an error;
 # a --dp that is not the number of processes, and a batch (or a ramp) that does not split,
 # are errors on every rank; rank 0 failing alone ends the job (MPI_Abort), never a hang.
+# Node-limited routing: covering every node routes as without it; one node of two per token
+# sends less to the other processes.
 #   train_data_parallel.sh DSV3_BINARY PROJECT_ROOT
 set -euo pipefail
 dsv3=$1 root=$2
@@ -32,6 +34,11 @@ rm -rf "$work/moved/checkpoint-0000006"
 "${mpi[@]}" -np 2 "$dsv3" "${train[@]}" --save-every 6 --out "$work/ep2" --ep 2 2>/dev/null
 "${mpi[@]}" -np 4 "$dsv3" "${train[@]}" --save-every 6 --out "$work/ep2x2" --ep 2 2>/dev/null
 "${mpi[@]}" -np 4 "$dsv3" "${train[@]}" --save-every 6 --out "$work/ep4" --ep 4 2>/dev/null
+# Node-limited routing (§2.1.2) over 2 "nodes" of 2 expert-parallel ranks: covering both nodes
+# is the routing above bit for bit; one node per token sends less to other processes.
+"${mpi[@]}" -np 4 "$dsv3" "${train[@]}" --save-every 6 --out "$work/ep4-nodes2" --ep 4 --ep-nodes 2 --max-nodes 2 2>/dev/null
+"${mpi[@]}" -np 4 "$dsv3" "${train[@]}" --save-every 6 --out "$work/ep4-node1" --ep 4 --ep-nodes 2 --max-nodes 1 2>/dev/null
+grep -q '"node_limited_routing"' "$work/ep4-node1/checkpoint-0000006/config.json" || { echo "the node limit is not in the checkpoint's config"; exit 1; }
 python3 - "$work" <<'PY'
 import csv, sys
 work = sys.argv[1]
@@ -52,6 +59,13 @@ for name in ("two", "four", "moved", "ep2", "ep2x2", "ep4"):
     if name.startswith("ep"):
         assert all(float(r["a2a_mb"]) > 0 for r in other), (name, "no all-to-all volume logged")
 assert all(float(r["a2a_mb"]) == 0 for r in one)
+strip = lambda rs: [{k: v for k, v in r.items() if k not in ("tokens_per_s", "node_mb")} for r in rs]
+assert strip(rows("ep4-nodes2")) == strip(rows("ep4")), "covering every node changed the routing"
+node1, node2 = rows("ep4-node1"), rows("ep4-nodes2")
+sent = lambda rs: sum(float(r["node_mb"]) for r in rs)
+assert all(float(r["loss"]) > 0 for r in node1) and 0 < sent(node1) < 0.8 * sent(node2), (sent(node1), sent(node2))
+print(f"node-limited routing over 2 nodes: tokens' rows to the other node {sent(node1):.2f} MB with 1 node per token, "
+      f"{sent(node2):.2f} MB with both")
 print("data parallel (ZeRO-1) over 2 and 4 processes, resumed from 2 onto 4, and expert parallel over 2 and 4: the losses of one process")
 PY
 for run in two four; do
@@ -60,6 +74,10 @@ done
 # Errors, named on every rank before any work.
 if out=$("${mpi[@]}" -np 4 "$dsv3" "${train[@]}" --out "$work/bad" --ep 3 2>&1); then echo "--ep 3 on 4 processes ran"; exit 1; fi
 grep -q -- "--ep 3 must divide the 4 data-parallel processes" <<<"$out" || { echo "unexpected: $out"; exit 1; }
+if out=$("${mpi[@]}" -np 4 "$dsv3" "${train[@]}" --out "$work/bad" --ep 4 --ep-nodes 3 2>&1); then echo "--ep-nodes 3 ran"; exit 1; fi
+grep -q -- "--ep-nodes 3 must divide --ep 4" <<<"$out" || { echo "unexpected: $out"; exit 1; }
+if out=$("$dsv3" "${train[@]}" --out "$work/bad" --max-nodes 1 2>&1); then echo "--max-nodes alone ran"; exit 1; fi
+grep -q -- "--max-nodes needs --ep-nodes" <<<"$out" || { echo "unexpected: $out"; exit 1; }
 if out=$("${mpi[@]}" -np 2 "$dsv3" "${train[@]}" --out "$work/bad" --dp 3 2>&1); then echo "--dp 3 on 2 processes ran"; exit 1; fi
 grep -q -- "--dp 3 must equal the number of processes (2" <<<"$out" || { echo "unexpected: $out"; exit 1; }
 if out=$("${mpi[@]}" -np 2 "$dsv3" train --config "$root/configs/tiny-demo.json" --data "$work/shards" --steps 2 --batch 3 --seq 32 \

@@ -32,7 +32,7 @@ same_bits() {  # RUN_A RUN_B
 import csv, sys
 def rows(path):
     with open(path) as f:
-        return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "bubble", "bubble_sim", "p2p_mb")} for r in csv.DictReader(f)]
+        return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "bubble", "bubble_sim", "p2p_mb", "node_mb")} for r in csv.DictReader(f)]
 a, b = rows(sys.argv[1]), rows(sys.argv[2])
 assert len(a) == 20 and a == b, f"{sys.argv[2]} differs from {sys.argv[1]}: " + str(next(((x, y) for x, y in zip(a, b) if x != y), None))
 PY
