@@ -26,7 +26,7 @@ struct TrainFlags : TrainingFlags {
   int dp = 0;  // data-parallel ranks per stage (0: the processes mpirun started / pp)
   int ep = 1;  // expert-parallel ranks within them
   int micro_batches = 0;  // 0: 1, or 2 x pp with a pipeline
-  std::string pp_schedule = "1f1b";
+  std::string pp_schedule;  // empty: 1f1b
   int ep_nodes = 0, max_nodes = 0;  // node-limited routing (0: as the config says)
 };
 
@@ -74,6 +74,10 @@ void run(TrainFlags& f, const std::vector<std::string>& argv) {
   // folder. A mismatch is an error on every rank before any work.
   dist::Communicator& world = dist::world();
   if (f.pp < 1) fail("--pp must be at least 1, not ", f.pp);
+  if (f.dp == 0 && world.size() % f.pp != 0) {
+    if (world.size() == 1) fail("--pp ", f.pp, " runs a process per stage: start them with mpirun -np ", f.pp, " (x --dp)");
+    fail("--pp ", f.pp, " does not divide the ", world.size(), " processes mpirun started (they are --pp x --dp)");
+  }
   if (f.dp == 0) f.dp = std::max(world.size() / f.pp, 1);
   if (f.pp * f.dp != world.size())
     fail(f.pp > 1 ? cat("--pp ", f.pp, " x ") : "", "--dp ", f.dp, " must equal the number of processes (", world.size(),
@@ -81,6 +85,8 @@ void run(TrainFlags& f, const std::vector<std::string>& argv) {
   const bool lead = world.rank() == 0;
   if (f.ep < 1 || f.dp % f.ep != 0)
     fail("--ep ", f.ep, " must divide the ", f.dp, " data-parallel processes (expert-parallel groups are made of them)");
+  if (!f.pp_schedule.empty() && f.pp == 1) fail("--pp-schedule ", f.pp_schedule, " needs a pipeline (--pp 2 or more)");
+  if (f.pp_schedule.empty()) f.pp_schedule = "1f1b";
   if (f.pp_schedule != "1f1b" && f.pp_schedule != "dualpipe")
     fail("--pp-schedule must be 1f1b or dualpipe, not '", f.pp_schedule, "'");
   const std::string config_json = with_node_limit(read_text(f.config), f);

@@ -5,6 +5,7 @@
 
 #include <chrono>
 #include <climits>
+#include <exception>
 #include <cstdio>
 #include <thread>
 #include <cstdlib>
@@ -42,6 +43,9 @@ double comm_timeout() {
   return seconds;
 }
 
+// Set when a communication timed out: the job is ending, and nothing waits on MPI again.
+bool job_failing = false;
+
 class MpiHandle : public Handle {
  public:
   MpiHandle(const char* op) : op_(op) {}
@@ -51,15 +55,8 @@ class MpiHandle : public Handle {
   // becomes an Error after comm_timeout() seconds instead of a job waiting forever, and a
   // waiting process sleeps between polls, leaving the cores to those computing.
   void wait() override {
-    const auto start = std::chrono::steady_clock::now();
-    for (int polls = 0; !test(); ++polls) {
-      if (polls < 200) continue;  // a few microseconds of spinning first: most waits are short
-      const double waited = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-      if (waited > comm_timeout())
-        fail("MPI ", op_, ": no answer from the other processes in ", int(waited),
-             " s; a process hung or died (the limit is DSV3_COMM_TIMEOUT, in seconds)");
-      std::this_thread::sleep_for(std::chrono::microseconds(100));
-    }
+    if (job_failing && request != MPI_REQUEST_NULL) fail("MPI ", op_, ": not waited for, an earlier communication failed");
+    wait_for(comm_timeout());
   }
   bool test() override {
     if (request == MPI_REQUEST_NULL) return true;
@@ -69,11 +66,31 @@ class MpiHandle : public Handle {
     check(code, op_);
     return flag != 0;
   }
+  // Never leaves MPI writing into freed memory, but while an error unwinds (the job is
+  // ending: main aborts it) waits briefly only, so that the error is printed.
   ~MpiHandle() override {
-    if (request != MPI_REQUEST_NULL) MPI_Wait(&request, MPI_STATUS_IGNORE);  // never leave MPI writing into freed memory
+    if (request == MPI_REQUEST_NULL) return;
+    try {
+      wait_for(job_failing ? 0.1 : std::uncaught_exceptions() > 0 ? 1.0 : comm_timeout());
+    } catch (const Error&) {
+      request = MPI_REQUEST_NULL;  // abandoned
+    }
   }
 
  private:
+  void wait_for(double limit) {
+    const auto start = std::chrono::steady_clock::now();
+    for (int polls = 0; !test(); ++polls) {
+      if (polls < 200) continue;  // a few microseconds of spinning first: most waits are short
+      const double waited = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+      if (waited > limit) {
+        job_failing = true;
+        fail("MPI ", op_, ": no answer from the other processes in ", int(waited),
+             " s; a process hung or died (the limit is DSV3_COMM_TIMEOUT, in seconds)");
+      }
+      std::this_thread::sleep_for(std::chrono::microseconds(100));
+    }
+  }
   const char* op_;
 };
 
@@ -175,7 +192,11 @@ class MpiCommunicator : public Communicator {
     check(MPI_Irecv(data.data(), as_int(int64_t(data.size()), "recv"), MPI_FLOAT, from, tag, comm_, &h->request), "recv");
     return h;
   }
-  void barrier() override { check(MPI_Barrier(comm_), "barrier"); }
+  void barrier() override {
+    MpiHandle h("barrier");
+    check(MPI_Ibarrier(comm_, &h.request), "barrier");
+    h.wait();
+  }
   std::unique_ptr<Communicator> split(int color, int key) override {
     if (color < 0) fail("MPI split: a color must be >= 0, not ", color);
     MPI_Comm sub;
@@ -244,7 +265,7 @@ void fail_job(const std::string& message, int code) {
   if (size > 1 && rank != 0) {
     // A bad launch fails on every rank alike: rank 0's message and MPI_Abort come first and
     // end this process; a failure of this rank alone is printed after the pause.
-    std::this_thread::sleep_for(std::chrono::seconds(2));
+    std::this_thread::sleep_for(std::chrono::seconds(5));
     std::fprintf(stderr, "rank %d: %s\n", rank, message.c_str());
   } else {
     std::fprintf(stderr, "%s\n", message.c_str());

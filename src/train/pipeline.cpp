@@ -55,7 +55,8 @@ Pipeline::Pipeline(const ModelConfig& c, const TrainingLoss& loss, dist::Communi
                    int micro_batches)
     : c_(c), loss_(loss), pp_(pp && pp->size() > 1 ? pp : nullptr), M_(micro_batches) {
   if (M_ < 1) fail("--micro-batches must be at least 1, not ", M_);
-  P_ = pp_ ? pp_->size() : 1, rank_ = pp_ ? pp_->rank() : 0;
+  P_ = pp_ ? pp_->size() : 1;
+  rank_ = pp_ ? pp_->rank() : 0;
   if (P_ > c.num_hidden_layers)
     fail("--pp ", P_, " exceeds the model's ", c.num_hidden_layers, " layers (every stage needs one)");
   if (P_ > 1) {
@@ -70,20 +71,19 @@ Pipeline::Pipeline(const ModelConfig& c, const TrainingLoss& loss, dist::Communi
   stages_.resize(size_t(P_));
   for (int dir = 0; dir < schedule_.stages_per_rank; ++dir) {
     auto& st = stages_[size_t(stage_of(dir))];
-    if (!st) st = std::make_unique<Stage>(), st->layers = stage_layers(c, P_, stage_of(dir));
+    if (st) continue;  // P = 1: one stage for both
+    st = std::make_unique<Stage>();
+    st->layers = stage_layers(c, P_, stage_of(dir));
   }
   inflight_.assign(size_t(M_), nullptr);
   if (M_ > 1) second_ = allocate_weights(c, DType::f32, MtpTying::tied);
   if (loss.mtp_weight > 0 && c.num_nextn_predict_layers > 0)
     for (int h = 0; h < (M_ > 1 ? 2 : 1); ++h) mtp_embed_[h].assign(size_t(c.vocab_size * c.hidden_size), 0.0f);
-  times_.assign(size_t(6 * P_), 0.0);
+  times_.resize(size_t(P_));
 }
 
-Pipeline::~Pipeline() {
-  for (auto& st : stages_)
-    if (st)
-      for (auto& slot : st->slots) slot->settle();
-}
+// A slot's sends end (their handles wait) before its buffers go: Slot declares them last.
+Pipeline::~Pipeline() = default;
 
 void Pipeline::set_expert_exchange(ExpertExchange* ex) {
   experts_ = ex;
@@ -121,9 +121,15 @@ void Pipeline::forward(const ModelWeights& w, int dir, int micro, std::span<cons
   const auto t0 = Clock::now();
   const double total = pass.forward(w, mb.tokens, mb.targets, mb.B, mb.S, mb.lengths, input);
   const double t = seconds_since(t0);
-  times_[size_t(6 * rank_)] += t, times_[size_t(6 * rank_ + 2)] += t, times_[size_t(6 * rank_ + 3)] += 1;
+  RankTimes& mine = times_[size_t(rank_)];
+  mine.busy += t;
+  mine.f += t;
+  mine.f_count += 1;
   per_micro_[size_t(3 * j)] += total;  // the last stage's total, plus the balance loss of the others
-  if (pass.last_stage()) per_micro_[size_t(3 * j + 1)] = pass.main_loss(), per_micro_[size_t(3 * j + 2)] = pass.mtp_loss();
+  if (pass.last_stage()) {
+    per_micro_[size_t(3 * j + 1)] = pass.main_loss();
+    per_micro_[size_t(3 * j + 2)] = pass.mtp_loss();
+  }
   const auto& loads = pass.expert_loads();
   result_.loads.resize(loads.size());
   for (size_t l = 0; l < loads.size(); ++l) {
@@ -160,7 +166,10 @@ void Pipeline::backward(const ModelWeights& w, int dir, int micro, std::span<con
   const auto t0 = Clock::now();
   pass.backward(w, h == 0 ? grads : second_, output_grad, mtp_embed_[h].empty() ? nullptr : &embed);
   const double t = seconds_since(t0);
-  times_[size_t(6 * rank_)] += t, times_[size_t(6 * rank_ + 4)] += t, times_[size_t(6 * rank_ + 5)] += 1;
+  RankTimes& mine = times_[size_t(rank_)];
+  mine.busy += t;
+  mine.b += t;
+  mine.b_count += 1;
   if (!pass.first_stage()) {
     slot.sends.push_back(pp_->send_async(pass.input_grad(), dir == 0 ? rank_ - 1 : rank_ + 1, tag(1, dir, micro)));
     result_.p2p_bytes += int64_t(pass.input_grad().size() * sizeof(float));
@@ -172,13 +181,15 @@ void Pipeline::backward(const ModelWeights& w, int dir, int micro, std::span<con
 
 const PipelineResult& Pipeline::run(const ModelWeights& w, std::span<const MicroBatch> micro, ModelWeights& grads) {
   if (int64_t(micro.size()) != M_) fail("pipeline: ", micro.size(), " micro-batches given, ", M_, " expected");
+  if (pp_) pp_->barrier();  // one start for every rank: the measured bubble is the schedule's alone
   const auto t0 = Clock::now();
   if (M_ > 1) zero_grads(second_);
   for (auto& e : mtp_embed_) std::fill(e.begin(), e.end(), 0.0f);
   per_micro_.assign(size_t(3 * M_), 0.0);
   for (auto& layer : result_.loads) std::fill(layer.begin(), layer.end(), 0);
-  std::fill(times_.begin(), times_.end(), 0.0);
-  result_.activation_bytes = result_.p2p_bytes = 0;
+  std::fill(times_.begin(), times_.end(), RankTimes{});
+  result_.activation_bytes = 0;
+  result_.p2p_bytes = 0;
   held_ = 0;
   for (const dist::Op& op : schedule_.ranks[size_t(rank_)]) {
     switch (op.kind) {
@@ -194,7 +205,7 @@ const PipelineResult& Pipeline::run(const ModelWeights& w, std::span<const Micro
   for (auto& st : stages_)
     if (st)
       for (auto& slot : st->slots) slot->settle();
-  times_[size_t(6 * rank_ + 1)] = seconds_since(t0);
+  times_[size_t(rank_)].window = seconds_since(t0);
 
   // g = (G_0 + E_0) + (G_1 + E_1), each half's elements summed over the pipeline ranks (one
   // of which computed it), then the mean over the micro-batches.
@@ -217,12 +228,15 @@ const PipelineResult& Pipeline::run(const ModelWeights& w, std::span<const Micro
   if (pp_) {
     for (const auto& layer : result_.loads)
       for (int64_t n : layer) per_micro_.push_back(double(n));  // exact in a double
-    per_micro_.insert(per_micro_.end(), times_.begin(), times_.end());
+    for (const RankTimes& r : times_) per_micro_.insert(per_micro_.end(), {r.busy, r.window, r.f, r.f_count, r.b, r.b_count});
     pp_->all_reduce(std::span<double>(per_micro_));
     size_t at = size_t(3 * M_);
     for (auto& layer : result_.loads)
       for (int64_t& n : layer) n = int64_t(per_micro_[at++]);
-    std::copy(per_micro_.begin() + long(at), per_micro_.end(), times_.begin());
+    for (RankTimes& r : times_) {
+      r = {per_micro_[at], per_micro_[at + 1], per_micro_[at + 2], per_micro_[at + 3], per_micro_[at + 4], per_micro_[at + 5]};
+      at += 6;
+    }
   }
   result_.total = result_.loss = result_.mtp_loss = 0;
   for (int j = 0; j < M_; ++j) {  // in micro-batch order, as one process adds them
@@ -230,23 +244,31 @@ const PipelineResult& Pipeline::run(const ModelWeights& w, std::span<const Micro
     result_.loss += per_micro_[size_t(3 * j + 1)];
     result_.mtp_loss += per_micro_[size_t(3 * j + 2)];
   }
-  result_.total /= M_, result_.loss /= M_, result_.mtp_loss /= M_;
+  result_.total /= M_;
+  result_.loss /= M_;
+  result_.mtp_loss /= M_;
   return result_;
 }
 
 const PipelineTiming& Pipeline::timing() {
   PipelineTiming& t = timing_;
-  t.busy.assign(size_t(P_), 0), t.window.assign(size_t(P_), 0), t.f.assign(size_t(P_), 0), t.b.assign(size_t(P_), 0);
+  t.busy.assign(size_t(P_), 0);
+  t.window.assign(size_t(P_), 0);
+  t.f.assign(size_t(P_), 0);
+  t.b.assign(size_t(P_), 0);
   std::vector<dist::Costs> costs(static_cast<size_t>(P_));
   double makespan = 0, busy = 0;
   bool measured = true;
   for (int r = 0; r < P_; ++r) {
-    const double* x = &times_[size_t(6 * r)];
-    t.busy[size_t(r)] = x[0], t.window[size_t(r)] = x[1];
-    t.f[size_t(r)] = x[3] > 0 ? x[2] / x[3] : 0, t.b[size_t(r)] = x[5] > 0 ? x[4] / x[5] : 0;
+    const RankTimes& x = times_[size_t(r)];
+    t.busy[size_t(r)] = x.busy;
+    t.window[size_t(r)] = x.window;
+    t.f[size_t(r)] = x.f_count > 0 ? x.f / x.f_count : 0;
+    t.b[size_t(r)] = x.b_count > 0 ? x.b / x.b_count : 0;
     measured = measured && t.f[size_t(r)] > 0 && t.b[size_t(r)] > 0;
     costs[size_t(r)] = {t.f[size_t(r)], t.b[size_t(r)], 0, t.f[size_t(r)] + t.b[size_t(r)]};  // W in B; FB = F then B
-    makespan = std::max(makespan, x[1]), busy += x[0];
+    makespan = std::max(makespan, x.window);
+    busy += x.busy;
   }
   t.measured_bubble = makespan > 0 ? 1 - busy / (P_ * makespan) : 0;
   t.simulated_bubble = 0;

@@ -38,9 +38,10 @@ struct MicroBatch {
   int64_t B, S;
 };
 
-// The step's results as one process computes them, on every pipeline rank.
+// The step's results, the same on every pipeline rank.
 struct PipelineResult {
-  double total = 0, loss = 0, mtp_loss = 0;  // means over the micro-batches
+  double loss = 0, mtp_loss = 0;             // means over the micro-batches, as one process has them
+  double total = 0;                          // the whole objective (its balance terms summed per stage)
   int64_t activation_bytes = 0;              // the most held at once by this rank
   int64_t p2p_bytes = 0;                     // activations and their gradients this rank sent to its neighbours
   std::vector<std::vector<int64_t>> loads;   // summed over micro-batches and stages
@@ -69,7 +70,7 @@ class Pipeline {
   // gradients summed as above into grads (zeroed by the caller; allocated like w) and divided
   // by the number of micro-batches, the losses and loads gathered over the pipeline ranks.
   const PipelineResult& run(const ModelWeights& w, std::span<const MicroBatch> micro, ModelWeights& grads);
-  // Measured and simulated bubbles of the last run (pipeline ranks > 1; a small all-reduce).
+  // Measured and simulated bubbles of the last run (pipeline ranks > 1).
   const PipelineTiming& timing();
 
   int micro_batches() const { return M_; }
@@ -102,7 +103,10 @@ class Pipeline {
   std::vector<double> per_micro_;               // total, loss, mtp of each micro-batch, then loads
   PipelineResult result_;
   PipelineTiming timing_;
-  std::vector<double> times_;                   // per rank: busy, window, F seconds, F count, B seconds, B count
+  struct RankTimes {  // one rank's step, in seconds; reduced over the ranks as plain doubles
+    double busy = 0, window = 0, f = 0, f_count = 0, b = 0, b_count = 0;
+  };
+  std::vector<RankTimes> times_;                // per pipeline rank (this one's measured, the others' received)
   int64_t held_ = 0;                            // activation bytes of the passes between forward and backward
 };
 

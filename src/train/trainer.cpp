@@ -91,7 +91,8 @@ void Trainer::check_batches(int64_t ranks) const {
   for (int64_t step = 1; parts > 1 && step <= std::max<int64_t>(opt_.steps, 1); ++step)
     if (opt_.schedule.batch_at(step) % parts != 0) {
       const std::string over = ranks > 1 ? cat(ranks, " data-parallel processes") : "";
-      const std::string micro = opt_.micro_batches > 1 ? cat(opt_.micro_batches, " micro-batches") : "";
+      const std::string micro =
+          opt_.micro_batches > 1 ? cat(opt_.micro_batches, " micro-batches (--micro-batches; 2 x --pp unless given)") : "";
       fail("a batch split over ", over, ranks > 1 && opt_.micro_batches > 1 ? " x " : "", micro,
            " must be divisible by ", parts, "; step ", step, "'s batch is ", opt_.schedule.batch_at(step), " (--batch ",
            opt_.batch, ", or the batch ramp)");
@@ -289,12 +290,13 @@ double Trainer::clip_sharded() {
 }
 
 std::string Trainer::save() {
-  if (dp_ && adamw_.sharded()) {  // the shards' moments gathered (every rank takes part), rank 0 writes
+  if (!writer_) return "";  // pipeline ranks after the first hold the same weights and moments
+  if (dp_ && adamw_.sharded()) {  // the shards' moments gathered (every rank of dp takes part), rank 0 writes
     AdamW whole = adamw_.gathered(*dp_, counts_);
-    if (dp_->rank() != 0 || !writer_) return "";
+    if (dp_->rank() != 0) return "";
     return save_checkpoint(run_dir_, config_json_, c_, params_, whole, state_, opt_.keep, opt_.extras);
   }
-  if ((dp_ && dp_->rank() != 0) || !writer_) return "";  // the ranks hold the same weights: rank 0 writes them
+  if (dp_ && dp_->rank() != 0) return "";  // the ranks hold the same weights: rank 0 writes them
   return save_checkpoint(run_dir_, config_json_, c_, params_, adamw_, state_, opt_.keep, opt_.extras);
 }
 
