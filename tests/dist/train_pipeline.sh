@@ -5,7 +5,7 @@
 # pp=2 x dp=2 x ep=2 gives its losses within 1e-6 relative for 15 steps (data-parallel sums
 # change the order of float additions, and the differences grow) and is bit-identical to itself, its checkpoint loads in
 # dsv3 generate; a run whose rank is killed with kill -9 resumes to the same bits, also onto
-# one process, and pp=2 x dp=2 resumes onto dp=4; a rank that hangs ends the job with an
+# one process, and pp=2 x dp=2 resumes onto dp=4 and onto one process; a rank that hangs ends the job with an
 # error; bad launches are refused with one error.
 #   train_pipeline.sh DSV3_BINARY PROJECT_ROOT
 set -euo pipefail
@@ -103,9 +103,11 @@ kill -9 "$(ranks_of "$work/grid-killed" | sed -n 2p)" || true
 wait || true
 [[ ! -d "$work/grid-killed/checkpoint-0000020" ]] || { echo "the killed run finished"; exit 1; }
 cp -r "$work/grid-killed" "$work/grid-on-dp4"
+cp -r "$work/grid-killed" "$work/grid-on-one"
 "${mpi[@]}" -np 4 "$dsv3" "${train[@]}" "${grid[@]}" --out "$work/grid-killed" --resume 2>/dev/null
 same_bits grid grid-killed
 "${mpi[@]}" -np 4 "$dsv3" "${train[@]}" --dp 4 --out "$work/grid-on-dp4" --resume 2>/dev/null
+"$dsv3" "${train[@]}" --micro-batches 4 --out "$work/grid-on-one" --resume 2>/dev/null
 "$dsv3" generate --model "$work/grid/checkpoint-0000020" --prompt "In the beginning" --max-tokens 8 --temperature 0 \
   >"$work/generated.txt" 2>/dev/null
 [[ -s "$work/generated.txt" ]] || { echo "dsv3 generate wrote nothing from the pipeline's checkpoint"; exit 1; }
@@ -116,7 +118,7 @@ def rows(name):
     with open(f"{work}/{name}/metrics.csv") as f:
         return list(csv.DictReader(f))
 one = rows("one")
-for name in ("grid", "grid-on-dp4"):
+for name in ("grid", "grid-on-dp4", "grid-on-one"):
     other = rows(name)
     assert len(other) == 20, (name, len(other))
     worst = 0
@@ -148,7 +150,7 @@ cp -r "$work/dual-killed" "$work/dual-on-one"
 same_bits one dual-killed
 "$dsv3" "${train[@]}" --micro-batches 4 --out "$work/dual-on-one" --resume 2>/dev/null
 same_bits one dual-on-one
-echo "killed with kill -9 and resumed (dualpipe onto dualpipe and one process, pp x dp onto dp=4): as the whole runs"
+echo "killed with kill -9 and resumed (dualpipe onto dualpipe and one process, pp x dp onto dp=4 and one process): as the whole runs"
 
 # A rank that hangs (stopped): the others end the job with an error after DSV3_COMM_TIMEOUT.
 start=$(date +%s)
