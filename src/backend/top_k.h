@@ -1,9 +1,9 @@
 // The selection step of DeepSeekMoE's router (§2.1.2), behind the backend like every other
 // element loop: for each of n rows of `columns` scores, the k best columns, best first,
 // ties to the lower index, optionally among the `top_groups` best of `groups` equal groups
-// of columns only (node-limited routing; DeepSeek's code scores a group by the sum of its
-// two best scores under noaux_tc and by its best under group_limited_greedy, ties to the
-// lower group). Which scores are selected on (the affinities plus the balancing bias) and
+// of columns only (DeepSeek's code scores a group by the sum of its two best scores under
+// noaux_tc and by its best under group_limited_greedy, ties to the lower group), and before
+// that among the `top_nodes` best of `nodes` equal ranges (node-limited routing). Which scores are selected on (the affinities plus the balancing bias) and
 // what the gate weights are stay in the model (model/router.cpp). Implemented in
 // backend/cpu/top_k.cpp. Depends on std only.
 #pragma once

@@ -34,10 +34,12 @@ struct TrainFlags : TrainingFlags {
 // (ranges of experts; groups of --ep / nodes expert-parallel ranks), each token's on at most
 // `max_nodes`. Written into the run's config.json, so that inference routes alike.
 std::string with_node_limit(const std::string& config_json, const TrainFlags& f) {
-  if (f.max_nodes > 0 && f.ep_nodes == 0) fail("--max-nodes needs --ep-nodes (how many nodes the experts are on)");
+  if (f.max_nodes != 0 && f.ep_nodes == 0) fail("--max-nodes needs --ep-nodes (how many nodes the experts are on)");
   if (f.ep_nodes == 0) return config_json;
   if (f.ep_nodes < 1 || (f.ep > 1 && f.ep % f.ep_nodes != 0))
     fail("--ep-nodes ", f.ep_nodes, " must divide --ep ", f.ep, " (a node is a group of consecutive expert-parallel ranks)");
+  if (f.max_nodes < 0 || f.max_nodes > f.ep_nodes)
+    fail("--max-nodes ", f.max_nodes, " must be between 1 and --ep-nodes ", f.ep_nodes);
   nlohmann::json j;
   try {
     j = nlohmann::json::parse(config_json);
@@ -130,7 +132,11 @@ void run(TrainFlags& f, const std::vector<std::string>& argv) {
   // Expert-parallel groups of --ep consecutive ranks of a stage: they share its experts.
   std::unique_ptr<dist::Communicator> ep_group;
   if (f.ep > 1) ep_group = dp_group->split(dp_group->rank() / f.ep, dp_group->rank());
-  trainer.set_expert_parallel(ep_group.get(), f.ep > 1 && f.ep_nodes > 1 ? f.ep_nodes : 1);
+  // The nodes of node-limited routing (the flags', or the config's own) are runs of ep ranks.
+  const int64_t nodes = c.route_nodes;
+  if (f.ep > 1 && nodes > 1 && f.ep % nodes != 0)
+    fail(f.config, ": node_limited_routing's ", nodes, " nodes must divide --ep ", f.ep, " (a node is a run of expert-parallel ranks)");
+  trainer.set_expert_parallel(ep_group.get(), f.ep > 1 ? nodes : 1);
   trainer.set_pipeline(f.pp > 1 ? pp_group.get() : nullptr, f.pp_schedule);
   const bool resumed = f.resume && trainer.resume();
   refuse_overwrite(f.out, resumed);
@@ -193,7 +199,7 @@ void add_train(CLI::App& app) {
   cmd->add_option("--ep-nodes", f->ep_nodes, "node-limited routing (§2.1.2): the routed experts on this many nodes, "
                   "each a group of --ep / N consecutive expert-parallel ranks (written into the run's config.json)");
   cmd->add_option("--max-nodes", f->max_nodes, "with --ep-nodes: each token's experts on at most this many nodes, "
-                  "chosen by the sum of each node's highest k / M affinities (default: every node, no limit)");
+                  "chosen by the sum of each node's floor(k / M) highest affinities (default: every node, no limit)");
   cmd->add_option("--pp-schedule", f->pp_schedule, "pipeline schedule: 1f1b, or dualpipe (--pp even, micro-batches even and >= 2 x --pp); default 1f1b");
   cmd->callback([f, cmd] {
     std::vector<std::string> argv;  // what every process must have been given alike

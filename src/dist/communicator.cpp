@@ -3,6 +3,8 @@
 
 #include <mpi.h>
 
+#include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <climits>
 #include <exception>
@@ -43,8 +45,9 @@ double comm_timeout() {
   return seconds;
 }
 
-// Set when a communication timed out: the job is ending, and nothing waits on MPI again.
-bool job_failing = false;
+// Set when a communication timed out: the job is ending, and nothing waits on MPI again
+// (the process's one piece of shared state: MPI itself is per process).
+std::atomic<bool> job_failing{false};
 
 class MpiHandle : public Handle {
  public:
@@ -66,14 +69,18 @@ class MpiHandle : public Handle {
     check(code, op_);
     return flag != 0;
   }
-  // Never leaves MPI writing into freed memory, but while an error unwinds (the job is
-  // ending: main aborts it) waits briefly only, so that the error is printed.
+  // Waits for the request before its buffers go. While an error unwinds (the job is ending:
+  // main aborts it) it waits briefly only, so that the error is printed; what is then left
+  // in flight is a send (receives and collectives are waited for where they are started),
+  // which only reads its buffer until the abort. A timeout outside an error ends the job here.
   ~MpiHandle() override {
     if (request == MPI_REQUEST_NULL) return;
+    const bool unwinding = job_failing || std::uncaught_exceptions() > 0;
     try {
-      wait_for(job_failing ? 0.1 : std::uncaught_exceptions() > 0 ? 1.0 : comm_timeout());
-    } catch (const Error&) {
+      wait_for(job_failing ? 0.1 : unwinding ? 1.0 : comm_timeout());
+    } catch (const Error& e) {
       request = MPI_REQUEST_NULL;  // abandoned
+      if (!unwinding) fail_job(std::string("dsv3: error: ") + e.what(), 1);
     }
   }
 
@@ -199,6 +206,7 @@ class MpiCommunicator : public Communicator {
   }
   std::unique_ptr<Communicator> split(int color, int key) override {
     if (color < 0) fail("MPI split: a color must be >= 0, not ", color);
+    barrier();  // every rank there (with the deadline) before the blocking MPI_Comm_split
     MPI_Comm sub;
     check(MPI_Comm_split(comm_, color, key, &sub), "split");
     return std::make_unique<MpiCommunicator>(sub);
@@ -265,7 +273,9 @@ void fail_job(const std::string& message, int code) {
   if (size > 1 && rank != 0) {
     // A bad launch fails on every rank alike: rank 0's message and MPI_Abort come first and
     // end this process; a failure of this rank alone is printed after the pause.
-    std::this_thread::sleep_for(std::chrono::seconds(5));
+    // (Shorter than the communication deadline, so that a lone failure is not overtaken by
+    // the others' timeouts.)
+    std::this_thread::sleep_for(std::chrono::duration<double>(std::min(5.0, comm_timeout() / 2)));
     std::fprintf(stderr, "rank %d: %s\n", rank, message.c_str());
   } else {
     std::fprintf(stderr, "%s\n", message.c_str());

@@ -81,7 +81,7 @@ Communicator& world();
 // would wait for it in their next collective forever. Returns if there is no such job.
 void abort_job(int code);
 // Prints `message` on stderr and ends the job (abort_job). Under mpirun a process other
-// than rank 0 first waits 5 s, so that an error every rank hits alike (a bad launch) is
+// than rank 0 first waits 5 s (at most half the communication deadline), so that an error every rank hits alike (a bad launch) is
 // printed once, by rank 0, whose abort ends the others; one failing alone is printed
 // with its rank.
 void fail_job(const std::string& message, int code);

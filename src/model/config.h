@@ -40,9 +40,9 @@ struct ModelConfig {
   int64_t n_group = 1, topk_group = 1;
   // Node-limited routing (§2.1.2): the routed experts in `nodes` equal ranges (the experts
   // each node holds), each token's experts on at most max_nodes of them, chosen by the sum
-  // of each node's highest k / max_nodes affinities (+ bias). dsv3's extension of
-  // config.json, "node_limited_routing": {"nodes": N, "max_nodes": M} (dsv3 train
-  // --ep-nodes, --max-nodes); applied before the group limit. nodes = 1: off.
+  // of each node's floor(k / max_nodes) (at least 1) highest affinities (+ bias). dsv3's
+  // extension of config.json, "node_limited_routing": {"nodes": N, "max_nodes": M} (dsv3
+  // train --ep-nodes, --max-nodes); applied before the group limit. nodes = 1: off.
   int64_t route_nodes = 1, route_max_nodes = 1;
   ScoreFunc scoring_func = ScoreFunc::softmax;
   TopkMethod topk_method = TopkMethod::greedy;

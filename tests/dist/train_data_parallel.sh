@@ -12,14 +12,7 @@
 #   train_data_parallel.sh DSV3_BINARY PROJECT_ROOT
 set -euo pipefail
 dsv3=$1 root=$2
-work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
-export OMP_NUM_THREADS=1 OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
-mpi=(mpirun --oversubscribe --bind-to none)
-{ zcat "$root/data/kjv-verses.txt.gz" || true; } | head -n 3000 > "$work/corpus.txt"  # (zcat stops at head's end)
-[[ $(wc -l < "$work/corpus.txt") -eq 3000 ]] || { echo "cannot read the bundled corpus"; exit 1; }
-"$dsv3" train-tokenizer --input "$work/corpus.txt" --vocab-size 2048 --out "$work/tok" >/dev/null 2>&1
-"$dsv3" data --tokenizer "$work/tok" --input "$work/corpus.txt" --out "$work/shards" --val-fraction 0.05 >/dev/null 2>&1
+source "$root/tests/dist/demo_shards.sh"  # $work, $mpi, $work/shards
 train=(train --config "$root/configs/tiny-demo.json" --data "$work/shards" --steps 6 --batch 4 --seq 32 --eval-every 3
        --threads 1 --keep 5)
 "$dsv3" "${train[@]}" --save-every 6 --out "$work/one" 2>/dev/null
@@ -39,6 +32,8 @@ rm -rf "$work/moved/checkpoint-0000006"
 "${mpi[@]}" -np 4 "$dsv3" "${train[@]}" --save-every 6 --out "$work/ep4-nodes2" --ep 4 --ep-nodes 2 --max-nodes 2 2>/dev/null
 "${mpi[@]}" -np 4 "$dsv3" "${train[@]}" --save-every 6 --out "$work/ep4-node1" --ep 4 --ep-nodes 2 --max-nodes 1 2>/dev/null
 grep -q '"node_limited_routing"' "$work/ep4-node1/checkpoint-0000006/config.json" || { echo "the node limit is not in the checkpoint's config"; exit 1; }
+cmp -s "$work/ep4/checkpoint-0000006/model.safetensors" "$work/ep4-nodes2/checkpoint-0000006/model.safetensors" ||
+  { echo "covering every node changed the weights"; exit 1; }
 python3 - "$work" <<'PY'
 import csv, sys
 work = sys.argv[1]
@@ -78,6 +73,8 @@ if out=$("${mpi[@]}" -np 4 "$dsv3" "${train[@]}" --out "$work/bad" --ep 4 --ep-n
 grep -q -- "--ep-nodes 3 must divide --ep 4" <<<"$out" || { echo "unexpected: $out"; exit 1; }
 if out=$("$dsv3" "${train[@]}" --out "$work/bad" --max-nodes 1 2>&1); then echo "--max-nodes alone ran"; exit 1; fi
 grep -q -- "--max-nodes needs --ep-nodes" <<<"$out" || { echo "unexpected: $out"; exit 1; }
+if out=$("$dsv3" "${train[@]}" --out "$work/bad" --ep-nodes 2 --max-nodes 3 2>&1); then echo "--max-nodes 3 of 2 ran"; exit 1; fi
+grep -q -- "--max-nodes 3 must be between 1 and --ep-nodes 2" <<<"$out" || { echo "unexpected: $out"; exit 1; }
 if out=$("${mpi[@]}" -np 2 "$dsv3" "${train[@]}" --out "$work/bad" --dp 3 2>&1); then echo "--dp 3 on 2 processes ran"; exit 1; fi
 grep -q -- "--dp 3 must equal the number of processes (2" <<<"$out" || { echo "unexpected: $out"; exit 1; }
 if out=$("${mpi[@]}" -np 2 "$dsv3" train --config "$root/configs/tiny-demo.json" --data "$work/shards" --steps 2 --batch 3 --seq 32 \

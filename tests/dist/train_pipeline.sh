@@ -10,14 +10,7 @@
 #   train_pipeline.sh DSV3_BINARY PROJECT_ROOT
 set -euo pipefail
 dsv3=$1 root=$2
-work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
-export OMP_NUM_THREADS=1 OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
-mpi=(mpirun --oversubscribe --bind-to none)
-{ zcat "$root/data/kjv-verses.txt.gz" || true; } | head -n 3000 > "$work/corpus.txt"  # (zcat stops at head's end)
-[[ $(wc -l < "$work/corpus.txt") -eq 3000 ]] || { echo "cannot read the bundled corpus"; exit 1; }
-"$dsv3" train-tokenizer --input "$work/corpus.txt" --vocab-size 2048 --out "$work/tok" >/dev/null 2>&1
-"$dsv3" data --tokenizer "$work/tok" --input "$work/corpus.txt" --out "$work/shards" --val-fraction 0.05 >/dev/null 2>&1
+source "$root/tests/dist/demo_shards.sh"  # $work, $mpi, $work/shards
 common=(--data "$work/shards" --batch 8 --seq 32 --eval-every 10 --keep 10 --threads 1)
 base=(train --config "$root/configs/tiny-demo.json" "${common[@]}")
 train=("${base[@]}" --steps 20 --save-every 5)
