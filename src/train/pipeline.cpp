@@ -18,10 +18,9 @@ double seconds_since(Clock::time_point t0) { return std::chrono::duration<double
 
 }  // namespace
 
-// A training pass with the buffers its micro-batch receives, from forward to backward.
+// A training pass, held by a micro-batch from its forward to its backward.
 struct Pipeline::Slot {
   std::unique_ptr<TrainingPass<float>> pass;
-  std::vector<float> input, output_grad;             // from the previous / next stage's rank
   std::vector<std::unique_ptr<dist::Handle>> sends;  // in flight from this pass's buffers
   int64_t bytes = 0;                                 // activations held since its forward
   void settle() {
@@ -114,9 +113,8 @@ void Pipeline::forward(const ModelWeights& w, int dir, int micro, std::span<cons
   TrainingPass<float>& pass = *slot.pass;
   const float* input = nullptr;
   if (!pass.first_stage()) {  // the previous stage's output: rank - 1 in direction 0, rank + 1 in 1
-    slot.input.resize(size_t(mb.B * mb.S * c_.hidden_size));
-    pp_->recv(slot.input, dir == 0 ? rank_ - 1 : rank_ + 1, tag(0, dir, micro));
-    input = slot.input.data();
+    received_[0][size_t(j)]->wait();  // posted at the step's start
+    input = inbox_[0][size_t(j)].data();
   }
   const auto t0 = Clock::now();
   const double total = pass.forward(w, mb.tokens, mb.targets, mb.B, mb.S, mb.lengths, input);
@@ -145,19 +143,16 @@ void Pipeline::forward(const ModelWeights& w, int dir, int micro, std::span<cons
   }
 }
 
-void Pipeline::backward(const ModelWeights& w, int dir, int micro, std::span<const MicroBatch> batches,
-                        ModelWeights& grads) {
+void Pipeline::backward(const ModelWeights& w, int dir, int micro, ModelWeights& grads) {
   const int j = global_micro(dir, micro);
   Slot* held = inflight_[size_t(j)];
   if (!held) fail("pipeline: the backward of micro-batch ", j, " runs before its forward (schedule ", schedule_.name, ")");
   Slot& slot = *held;
-  const MicroBatch& mb = batches[size_t(j)];
   TrainingPass<float>& pass = *slot.pass;
   const float* output_grad = nullptr;
   if (!pass.last_stage()) {  // the next stage's gradient of this stage's output
-    slot.output_grad.resize(size_t(mb.B * mb.S * c_.hidden_size));
-    pp_->recv(slot.output_grad, dir == 0 ? rank_ + 1 : rank_ - 1, tag(1, dir, micro));
-    output_grad = slot.output_grad.data();
+    received_[1][size_t(j)]->wait();
+    output_grad = inbox_[1][size_t(j)].data();
   }
   const int h = half_of(j);
   Mat embed;  // E_h, the MTP modules' share of the embedding's gradient
@@ -179,6 +174,30 @@ void Pipeline::backward(const ModelWeights& w, int dir, int micro, std::span<con
   stages_[size_t(stage_of(dir))]->free.push_back(&slot);
 }
 
+void Pipeline::post_receives(std::span<const MicroBatch> micro) {
+  // Every input this rank's ops will take, received as soon as its neighbour sends it, so
+  // that the transfer overlaps the computation before the op (and a send never waits for
+  // its receiver to reach the op).
+  if (!pp_) return;
+  for (int kind = 0; kind < 2; ++kind) {
+    received_[kind].resize(size_t(M_));
+    inbox_[kind].resize(size_t(M_));
+  }
+  auto post = [&](int kind, int dir, int mb) {  // kind 0: an F's input, 1: a B's output gradient
+    const int stage = stage_of(dir), j = global_micro(dir, mb);
+    if (kind == 0 ? stage == 0 : stage == P_ - 1) return;  // from the tokens / from the loss
+    std::vector<float>& buf = inbox_[kind][size_t(j)];
+    buf.resize(size_t(micro[size_t(j)].B * micro[size_t(j)].S * c_.hidden_size));
+    const int from = (kind == 0) == (dir == 0) ? rank_ - 1 : rank_ + 1;
+    received_[kind][size_t(j)] = pp_->recv_async(buf, from, tag(kind, dir, mb));
+  };
+  for (const dist::Op& op : schedule_.ranks[size_t(rank_)]) {
+    if (op.kind == dist::Chunk::F || op.kind == dist::Chunk::FB) post(0, op.dir, op.micro);
+    if (op.kind == dist::Chunk::B) post(1, op.dir, op.micro);
+    if (op.kind == dist::Chunk::FB) post(1, op.dir2, op.micro2);
+  }
+}
+
 const PipelineResult& Pipeline::run(const ModelWeights& w, std::span<const MicroBatch> micro, ModelWeights& grads) {
   if (int64_t(micro.size()) != M_) fail("pipeline: ", micro.size(), " micro-batches given, ", M_, " expected");
   if (pp_) pp_->barrier();  // one start for every rank: the measured bubble is the schedule's alone
@@ -191,14 +210,15 @@ const PipelineResult& Pipeline::run(const ModelWeights& w, std::span<const Micro
   result_.activation_bytes = 0;
   result_.p2p_bytes = 0;
   held_ = 0;
+  post_receives(micro);
   for (const dist::Op& op : schedule_.ranks[size_t(rank_)]) {
     switch (op.kind) {
       case dist::Chunk::F: forward(w, op.dir, op.micro, micro); break;
-      case dist::Chunk::B: backward(w, op.dir, op.micro, micro, grads); break;
+      case dist::Chunk::B: backward(w, op.dir, op.micro, grads); break;
       case dist::Chunk::W: break;  // folded into its B
       case dist::Chunk::FB:
         forward(w, op.dir, op.micro, micro);
-        backward(w, op.dir2, op.micro2, micro, grads);
+        backward(w, op.dir2, op.micro2, grads);
         break;
     }
   }

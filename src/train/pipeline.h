@@ -83,8 +83,9 @@ class Pipeline {
   struct Slot;
   struct Stage;
   Slot& acquire(Stage& st);
+  void post_receives(std::span<const MicroBatch> micro);
   void forward(const ModelWeights& w, int dir, int micro, std::span<const MicroBatch> batches);
-  void backward(const ModelWeights& w, int dir, int micro, std::span<const MicroBatch> batches, ModelWeights& grads);
+  void backward(const ModelWeights& w, int dir, int micro, ModelWeights& grads);
   int global_micro(int dir, int micro) const { return dir * (M_ / 2) + micro; }
   int half_of(int j) const { return j < (M_ + 1) / 2 ? 0 : 1; }
   int stage_of(int dir) const { return dir == 0 ? rank_ : P_ - 1 - rank_; }
@@ -97,6 +98,10 @@ class Pipeline {
   dist::Schedule schedule_;
   std::vector<std::unique_ptr<Stage>> stages_;  // the stages this rank holds (by stage index; null if not)
   std::vector<Slot*> inflight_;                 // per global micro-batch: its pass between F and B
+  // Per global micro-batch: the stage input [0] and output gradient [1] it receives, and
+  // their receives, posted at the step's start.
+  std::vector<std::vector<float>> inbox_[2];
+  std::vector<std::unique_ptr<dist::Handle>> received_[2];
   ExpertExchange* experts_ = nullptr;
   ModelWeights second_;                         // G_1 (two or more micro-batches)
   std::vector<float> mtp_embed_[2];             // E_0, E_1 (the MTP loss on)
