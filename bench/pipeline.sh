@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Pipeline parallelism measured (the multi-process issue): configs/bench-20m.json trained
 # for the same steps on the same micro-batches by one process with 2 threads, and by 2
-# processes of 1 thread as a 2-stage pipeline under 1F1B and under DualPipe. Prints for each
+# processes of 1 thread as a pipeline under 1F1B, DualPipe (2 stages, each on both ranks)
+# and DualPipeV (4 stages, two per rank). Prints for each
 # the tokens/s (steps after the first), the bubble measured (the ranks' idle fraction of
 # the pipeline's step) beside the one dist::simulate gives for the measured chunk times,
 # the activations and gradients each rank sent per step, and the speed ratio to one process;
-# checks that the three runs end with the same weights (the schedules change no arithmetic).
+# checks that the runs end with the same weights (the schedules change no arithmetic).
 # Everything lands in out/bench-pipeline/.
 #   bench/pipeline.sh [--steps 12] [--batch 16] [--seq 128] [--micro-batches 8]
 set -euo pipefail
@@ -35,7 +36,9 @@ train=(train --config configs/bench-20m.json --data "$OUT/shards" --steps "$N" -
 mpirun --oversubscribe --bind-to none -np 2 "$dsv3" "${train[@]}" --threads 1 --pp 2 --pp-schedule 1f1b --out "$OUT/1f1b" 2>"$OUT/1f1b.log"
 mpirun --oversubscribe --bind-to none -np 2 "$dsv3" "${train[@]}" --threads 1 --pp 2 --pp-schedule dualpipe --out "$OUT/dualpipe" \
   2>"$OUT/dualpipe.log"
-for run in 1f1b dualpipe; do
+mpirun --oversubscribe --bind-to none -np 2 "$dsv3" "${train[@]}" --threads 1 --pp 2 --pp-schedule dualpipev --out "$OUT/dualpipev" \
+  2>"$OUT/dualpipev.log"
+for run in 1f1b dualpipe dualpipev; do
   cmp -s "$OUT/one/checkpoint-$(printf %07d "$N")/model.safetensors" "$OUT/$run/checkpoint-$(printf %07d "$N")/model.safetensors" ||
     { echo "$run's weights differ from one process's"; exit 1; }
 done
@@ -50,13 +53,13 @@ def speed(rs):  # tokens over seconds
 one = rows("one")
 base = speed(one)
 print(f"one process, 2 threads, {M} micro-batches: {base:.0f} tok/s")
-for run in ("1f1b", "dualpipe"):
+for run in ("1f1b", "dualpipe", "dualpipev"):
     rs = rows(run)
     bubble = sum(float(r["bubble"]) for r in rs) / len(rs)
     sim = sum(float(r["bubble_sim"]) for r in rs) / len(rs)
     sent = sum(float(r["p2p_mb"]) for r in rs) / len(rs)
-    print(f"pp=2 {run:8s} (1 thread per stage): {speed(rs):.0f} tok/s = {speed(rs) / base:.2f} x one process; "
+    print(f"pp=2 {run:9s} (1 thread per rank): {speed(rs):.0f} tok/s = {speed(rs) / base:.2f} x one process; "
           f"bubble measured {100 * bubble:.1f}% vs simulated {100 * sim:.1f}%; "
           f"rank 0 sent {sent:.1f} MB of activations and gradients per step")
-print("weights after the last step: identical in the three runs")
+print("weights after the last step: identical in the four runs")
 PY

@@ -63,6 +63,31 @@ TEST(PipelineSchedule, ReproducesTable2OverAGrid) {
   EXPECT_GT(checked, 300);
 }
 
+TEST(PipelineSchedule, DualPipeVRunsEveryChunkOfTheVOnce) {
+  // DualPipeV: 2P stages, rank r holding r and 2P-1-r; each micro-batch's F, B and W once on
+  // every stage, and the simulation (phase 1 after phase 0 of the same micro-batch) ends.
+  for (int pp : {1, 2, 3, 4, 8})
+    for (int m : {2 * pp, 2 * pp + 1, 3 * pp + 2}) {
+      const dist::Schedule s = dist::dualpipev(pp, m);
+      EXPECT_TRUE(s.v_shape);
+      EXPECT_EQ(s.stages(), 2 * pp);
+      std::map<std::tuple<int, int, int>, int> count;  // (what, stage, micro)
+      for (int r = 0; r < pp; ++r)
+        for (const dist::Op& op : s.ranks[size_t(r)]) {
+          const int f = s.stage_of(r, op.dir), b = s.stage_of(r, op.kind == Chunk::FB ? op.dir2 : op.dir);
+          const int bm = op.kind == Chunk::FB ? op.micro2 : op.micro;
+          if (op.kind == Chunk::F || op.kind == Chunk::FB) ++count[{0, f, op.micro}];
+          if (op.kind == Chunk::B || op.kind == Chunk::FB) ++count[{1, b, bm}];
+          if ((op.kind == Chunk::B && op.full_b) || op.kind == Chunk::FB || op.kind == Chunk::W) ++count[{2, b, bm}];
+        }
+      EXPECT_EQ(count.size(), size_t(3 * 2 * pp * m)) << "P=" << pp << " M=" << m;
+      for (const auto& [key, n] : count) EXPECT_EQ(n, 1) << "P=" << pp << " M=" << m;
+      const dist::Timeline t = dist::simulate(s, {1, 2, 1, 2.5});
+      EXPECT_GT(t.makespan, 0);
+    }
+  EXPECT_THROW(dist::dualpipev(4, 7), Error);  // M < 2P
+}
+
 TEST(PipelineSchedule, OneFOneBIsItsTextbookOrder) {
   const dist::Schedule s = dist::one_f_one_b(4, 6);
   auto text = [](const std::vector<dist::Op>& ops) {

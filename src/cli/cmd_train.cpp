@@ -89,8 +89,8 @@ void run(TrainFlags& f, const std::vector<std::string>& argv) {
     fail("--ep ", f.ep, " must divide the ", f.dp, " data-parallel processes (expert-parallel groups are made of them)");
   if (!f.pp_schedule.empty() && f.pp == 1) fail("--pp-schedule ", f.pp_schedule, " needs a pipeline (--pp 2 or more)");
   if (f.pp_schedule.empty()) f.pp_schedule = "1f1b";
-  if (f.pp_schedule != "1f1b" && f.pp_schedule != "dualpipe")
-    fail("--pp-schedule must be 1f1b or dualpipe, not '", f.pp_schedule, "'");
+  if (f.pp_schedule != "1f1b" && f.pp_schedule != "dualpipe" && f.pp_schedule != "dualpipev")
+    fail("--pp-schedule must be 1f1b, dualpipe or dualpipev, not '", f.pp_schedule, "'");
   const std::string config_json = with_node_limit(read_text(f.config), f);
   std::string launch = config_json;
   for (const std::string& a : argv) launch += "\n" + a;
@@ -151,12 +151,13 @@ void run(TrainFlags& f, const std::vector<std::string>& argv) {
     if (!s.mtp) params += s.mat->numel();
   if (f.pp > 1) {
     std::string stages;
-    for (int s = 0; s < f.pp; ++s) {
-      const StageLayers l = Pipeline::stage_layers(c, f.pp, s);
+    const int n = trainer.pipeline().schedule().stages();  // DualPipeV: 2 x pp
+    for (int s = 0; s < n; ++s) {
+      const StageLayers l = Pipeline::stage_layers(c, n, s);
       stages += cat(s ? ", " : "", "[", l.begin, ", ", l.end, ")");
     }
-    std::fprintf(stderr, "dsv3 train: pipeline of %d stages (layers %s; embedding on the first, head and MTP on the last), "
-                 "%s over %d micro-batches\n", f.pp, stages.c_str(), f.pp_schedule.c_str(), f.micro_batches);
+    std::fprintf(stderr, "dsv3 train: pipeline of %d stages over %d ranks (layers %s; embedding on the first, head and MTP "
+                 "on the last), %s over %d micro-batches\n", n, f.pp, stages.c_str(), f.pp_schedule.c_str(), f.micro_batches);
   }
   if (f.dp > 1)
     std::fprintf(stderr, "dsv3 train: data parallel over %d processes%s\n", f.dp,
@@ -200,7 +201,8 @@ void add_train(CLI::App& app) {
                   "each a group of --ep / N consecutive expert-parallel ranks (written into the run's config.json)");
   cmd->add_option("--max-nodes", f->max_nodes, "with --ep-nodes: each token's experts on at most this many nodes, "
                   "chosen by the sum of each node's floor(k / M) highest affinities (default: every node, no limit)");
-  cmd->add_option("--pp-schedule", f->pp_schedule, "pipeline schedule: 1f1b, or dualpipe (--pp even, micro-batches even and >= 2 x --pp); default 1f1b");
+  cmd->add_option("--pp-schedule", f->pp_schedule, "pipeline schedule: 1f1b (default); dualpipe (--pp even, micro-batches "
+                  "even and >= 2 x --pp); dualpipev (the model in 2 x --pp stages, micro-batches >= 2 x --pp)");
   cmd->callback([f, cmd] {
     std::vector<std::string> argv;  // what every process must have been given alike
     for (const CLI::Option* o : cmd->get_options())

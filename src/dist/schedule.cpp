@@ -24,8 +24,6 @@ Op f_op(int dir, int micro) { return Op{Chunk::F, dir, micro, true, 0, 0}; }
 Op b_op(int dir, int micro, bool full) { return Op{Chunk::B, dir, micro, full, 0, 0}; }
 Op w_op(int dir, int micro) { return Op{Chunk::W, dir, micro, true, 0, 0}; }
 
-// The stage a rank runs for a direction, and back.
-int stage_of(const Schedule& s, int rank, int dir) { return dir == 0 ? rank : s.pp - 1 - rank; }
 
 double duration(const Op& op, const Costs& c) {
   switch (op.kind) {
@@ -45,7 +43,7 @@ constexpr int kF = 0, kB = 1, kW = 2;
 
 Schedule one_f_one_b(int pp, int m) {
   check_sizes("1f1b", pp, m);
-  Schedule s{"1f1b", pp, m, 1, std::vector<std::vector<Op>>(size_t(pp))};
+  Schedule s{"1f1b", pp, m, 1, false, std::vector<std::vector<Op>>(size_t(pp))};
   for (int r = 0; r < pp; ++r) {
     auto& ops = s.ranks[size_t(r)];
     const int warmup = std::min(pp - 1 - r, m);
@@ -63,7 +61,7 @@ Schedule zero_bubble_h1(int pp, int m) {
   // then F (within 1F1B's P - r activations), and fills what would be idle with the oldest
   // pending W; the schedule is the order this gives with unit chunk costs (the paper's
   // F = B = W), found by simulating all ranks together.
-  Schedule s{"zb1p", pp, m, 1, std::vector<std::vector<Op>>(size_t(pp))};
+  Schedule s{"zb1p", pp, m, 1, false, std::vector<std::vector<Op>>(size_t(pp))};
   std::map<Key, double> done;
   std::vector<double> free(size_t(pp), 0);
   std::vector<int> nf(size_t(pp), 0), nb(size_t(pp), 0), nw(size_t(pp), 0);
@@ -110,7 +108,7 @@ Schedule zero_bubble_h1(int pp, int m) {
 Schedule dualpipe(int pp, int m) {
   if (pp < 2 || pp % 2 != 0) fail("dualpipe: the number of pipeline ranks must be even and >= 2, not ", pp);
   if (m < 2 * pp || m % 2 != 0) fail("dualpipe: micro-batches must be even and >= 2 x ranks (", 2 * pp, "), not ", m);
-  Schedule s{"dualpipe", pp, m, 2, std::vector<std::vector<Op>>(size_t(pp))};
+  Schedule s{"dualpipe", pp, m, 2, false, std::vector<std::vector<Op>>(size_t(pp))};
   const int half_ranks = pp / 2, half = m / 2;
   for (int r = 0; r < pp; ++r) {
     auto& ops = s.ranks[size_t(r)];
@@ -160,11 +158,23 @@ Schedule dualpipe(int pp, int m) {
   return s;
 }
 
+Schedule dualpipev(int pp, int m) {
+  if (pp < 1) fail("dualpipev: at least one rank is needed, not ", pp);
+  if (m < 2 * pp) fail("dualpipev: micro-batches must be >= 2 x ranks (", 2 * pp, "), not ", m);
+  // Cut in half: DualPipe's first P of 2P ranks, whose two directions become one stream's
+  // two phases (rank r's second stage, 2P-1-r, is where DualPipe's rank 2P-1-r would be).
+  Schedule whole = dualpipe(2 * pp, 2 * m);
+  Schedule s{"dualpipev", pp, m, 2, true, {}};
+  s.ranks.assign(whole.ranks.begin(), whole.ranks.begin() + pp);
+  return s;
+}
+
 Schedule make_schedule(const std::string& name, int pp, int m) {
   if (name == "1f1b") return one_f_one_b(pp, m);
   if (name == "zb1p") return zero_bubble_h1(pp, m);
   if (name == "dualpipe") return dualpipe(pp, m);
-  fail("unknown pipeline schedule '", name, "' (1f1b, zb1p, dualpipe)");
+  if (name == "dualpipev") return dualpipev(pp, m);
+  fail("unknown pipeline schedule '", name, "' (1f1b, zb1p, dualpipe, dualpipev)");
 }
 
 Timeline simulate(const Schedule& s, const Costs& c) { return simulate(s, std::vector<Costs>(size_t(s.pp), c)); }
@@ -179,16 +189,16 @@ Timeline simulate(const Schedule& s, const std::vector<Costs>& per_rank) {
   };
   // When an op's inputs exist (-1: not yet known).
   auto ready = [&](int rank, int kind, int dir, int micro) -> double {
-    const int stage = stage_of(s, rank, dir);
+    const int stage = s.stage_of(rank, dir), stream = s.stream(dir);
     double t = 0;
     auto need = [&](double x) { t = (t < 0 || x < 0) ? -1 : std::max(t, x); };
     if (kind == kF) {
-      if (stage > 0) need(when(kF, dir, micro, stage - 1));
+      if (stage > 0) need(when(kF, stream, micro, stage - 1));
     } else if (kind == kB) {
-      need(when(kF, dir, micro, stage));
-      if (stage < P - 1) need(when(kB, dir, micro, stage + 1));
+      need(when(kF, stream, micro, stage));
+      if (stage < s.stages() - 1) need(when(kB, stream, micro, stage + 1));
     } else {
-      need(when(kB, dir, micro, stage));
+      need(when(kB, stream, micro, stage));
     }
     return t;
   };
@@ -212,7 +222,7 @@ Timeline simulate(const Schedule& s, const std::vector<Costs>& per_rank) {
         }
         if (t < 0) break;
         const double start = std::max(t, free[size_t(r)]), end = start + duration(op, per_rank[size_t(r)]);
-        auto mark = [&](int kind, int dir, int micro) { done[{kind, dir, micro, stage_of(s, r, dir)}] = end; };
+        auto mark = [&](int kind, int dir, int micro) { done[{kind, s.stream(dir), micro, s.stage_of(r, dir)}] = end; };
         if (op.kind == Chunk::F) mark(kF, op.dir, op.micro);
         if (op.kind == Chunk::B) {
           mark(kB, op.dir, op.micro);

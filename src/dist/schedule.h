@@ -13,6 +13,11 @@
 //             and >= 2P; rank r holds stages r and P-1-r, half of the micro-batches enter at
 //             rank 0 and half at rank P-1, a forward of one direction overlapped with a
 //             backward of the other in the steady state, and the ends use zero-bubble W.
+//   dualpipev DualPipeV, DualPipe cut in half (DeepSeek's DualPipe repository): the model in
+//             2P stages, rank r holding stages r and 2P-1-r; every micro-batch enters at rank
+//             0, runs down the ranks (phase 0) and back up (phase 1, from stage P on rank
+//             P-1), its loss on rank 0. M >= 2P. Rank r's op order is DualPipe's on 2P ranks
+//             with 2M micro-batches, its direction read as the phase of one stream.
 // The simulator ignores communication (as Table 2 does): a chunk starts when its rank is free
 // and its inputs exist (the previous stage's F, the next stage's B, its own F / B).
 // The same op lists are what an executed pipeline will run (the MPI issue). Uses core only.
@@ -27,7 +32,7 @@ enum class Chunk : uint8_t { F, B, W, FB };
 
 struct Op {
   Chunk kind;
-  int dir = 0;         // DualPipe: the direction (0 enters at rank 0, 1 at rank P-1); else 0
+  int dir = 0;         // DualPipe: the direction (0 enters at rank 0, 1 at rank P-1); DualPipeV: the phase; else 0
   int micro = 0;       // the micro-batch (within its direction)
   bool full_b = true;  // B: with its W (no W op follows for it)
   int dir2 = 0, micro2 = 0;  // FB: the backward's direction and micro-batch (the F is dir/micro)
@@ -36,14 +41,22 @@ struct Op {
 struct Schedule {
   std::string name;
   int pp = 0, micro_batches = 0;
-  int stages_per_rank = 1;              // 2 for DualPipe (parameter copies)
+  int stages_per_rank = 1;              // 2 for DualPipe (parameter copies) and DualPipeV (two halves)
+  bool v_shape = false;                 // DualPipeV: the phases are one stream through 2P stages
   std::vector<std::vector<Op>> ranks;   // what each rank runs, in order
+
+  int stages() const { return v_shape ? 2 * pp : pp; }
+  // The stage a rank runs for a direction (phase).
+  int stage_of(int rank, int dir) const { return dir == 0 ? rank : v_shape ? 2 * pp - 1 - rank : pp - 1 - rank; }
+  // The stream a direction's micro-batches belong to (DualPipeV's phases are one stream).
+  int stream(int dir) const { return v_shape ? 0 : dir; }
 };
 
 // Throw Error naming the violated condition (P < 2, M < 1, DualPipe's evenness and M >= 2P).
 Schedule one_f_one_b(int pp, int micro_batches);
 Schedule zero_bubble_h1(int pp, int micro_batches);
 Schedule dualpipe(int pp, int micro_batches);
+Schedule dualpipev(int pp, int micro_batches);
 Schedule make_schedule(const std::string& name, int pp, int micro_batches);
 
 // Chunk costs: F, the full backward B (inputs and weights), its weight part W, and an

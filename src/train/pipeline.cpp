@@ -60,21 +60,24 @@ Pipeline::Pipeline(const ModelConfig& c, const TrainingLoss& loss, dist::Communi
     fail("--pp ", P_, " exceeds the model's ", c.num_hidden_layers, " layers (every stage needs one)");
   if (P_ > 1) {
     schedule_ = dist::make_schedule(schedule, P_, M_);
+    if (schedule_.stages() > c.num_hidden_layers)
+      fail(schedule, " splits the model into ", schedule_.stages(), " stages over --pp ", P_, "; the model has ",
+           c.num_hidden_layers, " layers (every stage needs one)");
   } else {  // one process: each micro-batch's forward, then its backward (gradient accumulation)
-    schedule_ = {"sequential", 1, M_, 1, {{}}};
+    schedule_ = {"sequential", 1, M_, 1, false, {{}}};
     for (int j = 0; j < M_; ++j) {
       schedule_.ranks[0].push_back({dist::Chunk::F, 0, j});
       schedule_.ranks[0].push_back({dist::Chunk::B, 0, j});
     }
   }
-  stages_.resize(size_t(P_));
+  stages_.resize(size_t(schedule_.stages()));
   for (int dir = 0; dir < schedule_.stages_per_rank; ++dir) {
     auto& st = stages_[size_t(stage_of(dir))];
     if (st) continue;  // P = 1: one stage for both
     st = std::make_unique<Stage>();
-    st->layers = stage_layers(c, P_, stage_of(dir));
+    st->layers = stage_layers(c, schedule_.stages(), stage_of(dir));
   }
-  inflight_.assign(size_t(M_), nullptr);
+  inflight_.assign(size_t(2 * M_), nullptr);
   if (M_ > 1) second_ = allocate_weights(c, DType::f32, MtpTying::tied);
   if (loss.mtp_weight > 0 && c.num_nextn_predict_layers > 0)
     for (int h = 0; h < (M_ > 1 ? 2 : 1); ++h) mtp_embed_[h].assign(size_t(c.vocab_size * c.hidden_size), 0.0f);
@@ -106,15 +109,15 @@ Pipeline::Slot& Pipeline::acquire(Stage& st) {
 }
 
 void Pipeline::forward(const ModelWeights& w, int dir, int micro, std::span<const MicroBatch> batches) {
-  const int j = global_micro(dir, micro);
+  const int j = global_micro(dir, micro), k = key(dir, j);
   Slot& slot = acquire(*stages_[size_t(stage_of(dir))]);
-  inflight_[size_t(j)] = &slot;
+  inflight_[size_t(k)] = &slot;
   const MicroBatch& mb = batches[size_t(j)];
   TrainingPass<float>& pass = *slot.pass;
   const float* input = nullptr;
-  if (!pass.first_stage()) {  // the previous stage's output: rank - 1 in direction 0, rank + 1 in 1
-    received_[0][size_t(j)]->wait();  // posted at the step's start
-    input = inbox_[0][size_t(j)].data();
+  if (!pass.first_stage()) {  // the previous stage's output
+    if (received_[0][size_t(k)]) received_[0][size_t(k)]->wait();  // posted at the step's start
+    input = inbox_[0][size_t(k)].data();
   }
   const auto t0 = Clock::now();
   const double total = pass.forward(w, mb.tokens, mb.targets, mb.B, mb.S, mb.lengths, input);
@@ -137,22 +140,29 @@ void Pipeline::forward(const ModelWeights& w, int dir, int micro, std::span<cons
   slot.bytes = pass.activation_bytes();
   held_ += slot.bytes;
   result_.activation_bytes = std::max(result_.activation_bytes, held_);
-  if (!pass.last_stage()) {
-    slot.sends.push_back(pp_->send_async(pass.stage_output(), dir == 0 ? rank_ + 1 : rank_ - 1, tag(0, dir, micro)));
-    result_.p2p_bytes += int64_t(pass.stage_output().size() * sizeof(float));
+  if (!pass.last_stage()) hand_over(0, dir, micro, stage_of(dir) + 1, pass.stage_output(), slot);
+}
+
+void Pipeline::hand_over(int kind, int dir, int micro, int to_stage, const std::vector<float>& data, Slot& slot) {
+  const int to_dir = dir_of(to_stage, dir), to = rank_of(to_stage, to_dir);
+  if (to == rank_) {  // DualPipeV's turn: the stage is this rank's other half
+    inbox_[kind][size_t(key(to_dir, global_micro(dir, micro)))].assign(data.begin(), data.end());
+    return;
   }
+  slot.sends.push_back(pp_->send_async(data, to, tag(kind, dir, micro)));
+  result_.p2p_bytes += int64_t(data.size() * sizeof(float));
 }
 
 void Pipeline::backward(const ModelWeights& w, int dir, int micro, ModelWeights& grads) {
-  const int j = global_micro(dir, micro);
-  Slot* held = inflight_[size_t(j)];
+  const int j = global_micro(dir, micro), k = key(dir, j);
+  Slot* held = inflight_[size_t(k)];
   if (!held) fail("pipeline: the backward of micro-batch ", j, " runs before its forward (schedule ", schedule_.name, ")");
   Slot& slot = *held;
   TrainingPass<float>& pass = *slot.pass;
   const float* output_grad = nullptr;
   if (!pass.last_stage()) {  // the next stage's gradient of this stage's output
-    received_[1][size_t(j)]->wait();
-    output_grad = inbox_[1][size_t(j)].data();
+    if (received_[1][size_t(k)]) received_[1][size_t(k)]->wait();
+    output_grad = inbox_[1][size_t(k)].data();
   }
   const int h = half_of(j);
   Mat embed;  // E_h, the MTP modules' share of the embedding's gradient
@@ -165,12 +175,9 @@ void Pipeline::backward(const ModelWeights& w, int dir, int micro, ModelWeights&
   mine.busy += t;
   mine.b += t;
   mine.b_count += 1;
-  if (!pass.first_stage()) {
-    slot.sends.push_back(pp_->send_async(pass.input_grad(), dir == 0 ? rank_ - 1 : rank_ + 1, tag(1, dir, micro)));
-    result_.p2p_bytes += int64_t(pass.input_grad().size() * sizeof(float));
-  }
+  if (!pass.first_stage()) hand_over(1, dir, micro, stage_of(dir) - 1, pass.input_grad(), slot);
   held_ -= slot.bytes;
-  inflight_[size_t(j)] = nullptr;
+  inflight_[size_t(k)] = nullptr;
   stages_[size_t(stage_of(dir))]->free.push_back(&slot);
 }
 
@@ -180,16 +187,18 @@ void Pipeline::post_receives(std::span<const MicroBatch> micro) {
   // its receiver to reach the op).
   if (!pp_) return;
   for (int kind = 0; kind < 2; ++kind) {
-    received_[kind].resize(size_t(M_));
-    inbox_[kind].resize(size_t(M_));
+    received_[kind].resize(size_t(2 * M_));
+    inbox_[kind].resize(size_t(2 * M_));
+    for (auto& h : received_[kind]) h.reset();
   }
   auto post = [&](int kind, int dir, int mb) {  // kind 0: an F's input, 1: a B's output gradient
-    const int stage = stage_of(dir), j = global_micro(dir, mb);
-    if (kind == 0 ? stage == 0 : stage == P_ - 1) return;  // from the tokens / from the loss
-    std::vector<float>& buf = inbox_[kind][size_t(j)];
+    const int stage = stage_of(dir), j = global_micro(dir, mb), k = key(dir, j);
+    if (kind == 0 ? stage == 0 : stage == schedule_.stages() - 1) return;  // from the tokens / from the loss
+    const int from_stage = kind == 0 ? stage - 1 : stage + 1, from = rank_of(from_stage, dir_of(from_stage, dir));
+    if (from == rank_) return;  // DualPipeV's turn: handed over on this rank
+    std::vector<float>& buf = inbox_[kind][size_t(k)];
     buf.resize(size_t(micro[size_t(j)].B * micro[size_t(j)].S * c_.hidden_size));
-    const int from = (kind == 0) == (dir == 0) ? rank_ - 1 : rank_ + 1;
-    received_[kind][size_t(j)] = pp_->recv_async(buf, from, tag(kind, dir, mb));
+    received_[kind][size_t(k)] = pp_->recv_async(buf, from, tag(kind, dir, mb));
   };
   for (const dist::Op& op : schedule_.ranks[size_t(rank_)]) {
     if (op.kind == dist::Chunk::F || op.kind == dist::Chunk::FB) post(0, op.dir, op.micro);

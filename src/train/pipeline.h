@@ -86,9 +86,19 @@ class Pipeline {
   void post_receives(std::span<const MicroBatch> micro);
   void forward(const ModelWeights& w, int dir, int micro, std::span<const MicroBatch> batches);
   void backward(const ModelWeights& w, int dir, int micro, ModelWeights& grads);
-  int global_micro(int dir, int micro) const { return dir * (M_ / 2) + micro; }
+  void hand_over(int kind, int dir, int micro, int to_stage, const std::vector<float>& data, Slot& slot);
+  // The micro-batch of an op: DualPipe's directions hold halves of them; DualPipeV's phases
+  // are one stream.
+  int global_micro(int dir, int micro) const { return schedule_.v_shape ? micro : dir * (M_ / 2) + micro; }
   int half_of(int j) const { return j < (M_ + 1) / 2 ? 0 : 1; }
-  int stage_of(int dir) const { return dir == 0 ? rank_ : P_ - 1 - rank_; }
+  int stage_of(int dir) const { return schedule_.stage_of(rank_, dir); }
+  // Where a stage runs for a direction's micro-batches, and in which direction (phase).
+  int dir_of(int stage, int dir) const { return schedule_.v_shape ? (stage < P_ ? 0 : 1) : dir; }
+  int rank_of(int stage, int dir) const {
+    if (schedule_.v_shape) return stage < P_ ? stage : 2 * P_ - 1 - stage;
+    return dir == 0 ? stage : P_ - 1 - stage;
+  }
+  int key(int dir, int j) const { return dir * M_ + j; }  // a micro-batch's work in one direction
   int tag(int kind, int dir, int micro) const { return (kind * 2 + dir) * M_ + micro; }
 
   const ModelConfig& c_;
@@ -97,9 +107,9 @@ class Pipeline {
   int P_ = 1, rank_ = 0, M_ = 1;
   dist::Schedule schedule_;
   std::vector<std::unique_ptr<Stage>> stages_;  // the stages this rank holds (by stage index; null if not)
-  std::vector<Slot*> inflight_;                 // per global micro-batch: its pass between F and B
-  // Per global micro-batch: the stage input [0] and output gradient [1] it receives, and
-  // their receives, posted at the step's start.
+  std::vector<Slot*> inflight_;                 // per key(): its pass between F and B
+  // Per key(): the stage input [0] and output gradient [1] it receives, and their receives,
+  // posted at the step's start (none where the neighbouring stage is on this rank).
   std::vector<std::vector<float>> inbox_[2];
   std::vector<std::unique_ptr<dist::Handle>> received_[2];
   ExpertExchange* experts_ = nullptr;

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Pipeline parallelism under mpirun (the multi-process issue, item 7): 20 steps of the demo
-# model with --pp 2 and --pp 4 under 1F1B and under DualPipe (fp8 too at pp=2) give the one-process
+# model with --pp 2 and --pp 4 under 1F1B and under DualPipe (fp8 too at pp=2), and with --pp 2
+# under DualPipeV, give the one-process
 # run on the same micro-batches bit for bit (metrics.csv's rows and every checkpoint file);
 # pp=2 x dp=2 x ep=2 gives its losses within 1e-6 relative for 15 steps (data-parallel sums
 # change the order of float additions, and the differences grow) and is bit-identical to itself, its checkpoint loads in
@@ -40,6 +41,9 @@ same_bits one 1f1b
 "${mpi[@]}" -np 2 "$dsv3" "${train[@]}" --pp 2 --micro-batches 4 --pp-schedule dualpipe --out "$work/dualpipe" 2>"$work/dualpipe.log"
 same_bits one dualpipe
 grep -q "pipeline bubble: .* measured .* simulated" "$work/dualpipe.log" || { echo "no bubble report"; cat "$work/dualpipe.log"; exit 1; }
+# DualPipeV: the 4 layers in 4 stages, rank 0 holding the first and the last.
+"${mpi[@]}" -np 2 "$dsv3" "${train[@]}" --pp 2 --micro-batches 4 --pp-schedule dualpipev --out "$work/dualpipev" 2>/dev/null
+same_bits one dualpipev
 "$dsv3" "${train[@]}" --micro-batches 4 --precision fp8 --out "$work/one-fp8" 2>/dev/null
 "${mpi[@]}" -np 2 "$dsv3" "${train[@]}" --pp 2 --micro-batches 4 --pp-schedule dualpipe --precision fp8 --out "$work/dualpipe-fp8" 2>/dev/null
 same_bits one-fp8 dualpipe-fp8
@@ -52,14 +56,14 @@ same_bits one-m8 1f1b-pp4
 same_bits one-m8 dualpipe-pp4
 python3 - "$work" <<'PY'
 import csv, sys
-for run in ("1f1b", "dualpipe", "1f1b-pp4", "dualpipe-pp4"):
+for run in ("1f1b", "dualpipe", "dualpipev", "1f1b-pp4", "dualpipe-pp4"):
     with open(f"{sys.argv[1]}/{run}/metrics.csv") as f:
         rows = list(csv.DictReader(f))
     assert all(0 <= float(r["bubble"]) < 1 and 0 <= float(r["bubble_sim"]) < 1 and float(r["p2p_mb"]) > 0 for r in rows), run
     if run.startswith("1f1b"):  # 1F1B's fill and drain: (P-1)(F+B) of idle time per rank
         assert all(float(r["bubble_sim"]) > 0.1 for r in rows), run
 PY
-echo "pp=2 and pp=4 under 1f1b and dualpipe (fp32; fp8 at pp=2): bit-identical to one process"
+echo "pp=2 and pp=4 under 1f1b and dualpipe, pp=2 under dualpipev (fp32; dualpipe fp8 at pp=2): bit-identical to one process"
 
 # pp x dp x ep: 4 processes, each stage's 2 data-parallel ranks sharing its experts.
 grid=(--pp 2 --dp 2 --ep 2 --micro-batches 2 --pp-schedule 1f1b)
@@ -178,7 +182,9 @@ expect_error "--pp 2 does not divide the 3 processes" "${mpi[@]}" -np 3 "$dsv3" 
 expect_error "dualpipe: micro-batches must be even and >= 2 x ranks (4), not 2" \
   "${mpi[@]}" -np 2 "$dsv3" "${train[@]}" --pp 2 --micro-batches 2 --pp-schedule dualpipe --out "$work/bad"
 expect_error "--pp 5 exceeds the model's 4 layers" "${mpi[@]}" -np 5 "$dsv3" "${train[@]}" --pp 5 --out "$work/bad"
-expect_error "--pp-schedule must be 1f1b or dualpipe" "${mpi[@]}" -np 2 "$dsv3" "${train[@]}" --pp 2 --pp-schedule zb2 --out "$work/bad"
+expect_error "--pp-schedule must be 1f1b, dualpipe or dualpipev" "${mpi[@]}" -np 2 "$dsv3" "${train[@]}" --pp 2 --pp-schedule zb2 --out "$work/bad"
+expect_error "dualpipev splits the model into 8 stages over --pp 4; the model has 4 layers" \
+  "${mpi[@]}" -np 4 "$dsv3" "${train[@]}" --pp 4 --micro-batches 8 --pp-schedule dualpipev --out "$work/bad"
 sed 's/"num_hidden_layers": 4/"num_hidden_layers": 2/' "$root/configs/tiny-demo.json" > "$work/other.json"
 ! cmp -s "$root/configs/tiny-demo.json" "$work/other.json" || { echo "could not make another config"; exit 1; }
 expect_error "rank 1 was started with another config or other flags" "${mpi[@]}" -np 1 "$dsv3" "${train[@]}" --out "$work/bad" : \
