@@ -70,19 +70,25 @@ class MpiHandle : public Handle {
     return flag != 0;
   }
   // Waits for the request before its buffers go. While an error unwinds (the job is ending:
-  // main aborts it) it waits briefly only, so that the error is printed; what is then left
-  // in flight is a send (receives and collectives are waited for where they are started),
-  // which only reads its buffer until the abort. A timeout outside an error ends the job here.
+  // main aborts it) it waits briefly only, so that the error is printed: a point-to-point
+  // request then left (a pipeline's early receive or send) is cancelled, a collective's
+  // abandoned until the abort. A timeout outside an error ends the job here.
   ~MpiHandle() override {
     if (request == MPI_REQUEST_NULL) return;
     const bool unwinding = job_failing || std::uncaught_exceptions() > 0;
     try {
       wait_for(job_failing ? 0.1 : unwinding ? 1.0 : comm_timeout());
     } catch (const Error& e) {
+      job_failing = true;  // the others left go without waiting long
+      if (point_to_point) {
+        MPI_Cancel(&request);
+        MPI_Request_free(&request);
+      }
       request = MPI_REQUEST_NULL;  // abandoned
       if (!unwinding) fail_job(std::string("dsv3: error: ") + e.what(), 1);
     }
   }
+  bool point_to_point = false;  // a send or receive (MPI_Cancel applies)
 
  private:
   void wait_for(double limit) {
@@ -190,12 +196,14 @@ class MpiCommunicator : public Communicator {
   std::unique_ptr<Handle> send_async(std::span<const float> data, int to, int tag) override {
     if (to < 0 || to >= size_) fail("MPI send: no rank ", to, " among ", size_);
     auto h = std::make_unique<MpiHandle>("send");
+    h->point_to_point = true;
     check(MPI_Isend(data.data(), as_int(int64_t(data.size()), "send"), MPI_FLOAT, to, tag, comm_, &h->request), "send");
     return h;
   }
   std::unique_ptr<Handle> recv_async(std::span<float> data, int from, int tag) override {
     if (from < 0 || from >= size_) fail("MPI recv: no rank ", from, " among ", size_);
     auto h = std::make_unique<MpiHandle>("recv");
+    h->point_to_point = true;
     check(MPI_Irecv(data.data(), as_int(int64_t(data.size()), "recv"), MPI_FLOAT, from, tag, comm_, &h->request), "recv");
     return h;
   }

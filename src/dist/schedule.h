@@ -52,7 +52,8 @@ struct Schedule {
   int stream(int dir) const { return v_shape ? 0 : dir; }
 };
 
-// Throw Error naming the violated condition (P < 2, M < 1, DualPipe's evenness and M >= 2P).
+// Throw Error naming the violated condition (P < 2 but for DualPipeV, M < 1, DualPipe's
+// evenness, M >= 2P for both DualPipes).
 Schedule one_f_one_b(int pp, int micro_batches);
 Schedule zero_bubble_h1(int pp, int micro_batches);
 Schedule dualpipe(int pp, int micro_batches);

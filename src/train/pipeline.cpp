@@ -116,6 +116,7 @@ void Pipeline::forward(const ModelWeights& w, int dir, int micro, std::span<cons
   TrainingPass<float>& pass = *slot.pass;
   const float* input = nullptr;
   if (!pass.first_stage()) {  // the previous stage's output
+    if (!expected_[0][size_t(k)]) fail("pipeline: no input for micro-batch ", j, " at stage ", stage_of(dir), " (", schedule_.name, ")");
     if (received_[0][size_t(k)]) received_[0][size_t(k)]->wait();  // posted at the step's start
     input = inbox_[0][size_t(k)].data();
   }
@@ -146,7 +147,9 @@ void Pipeline::forward(const ModelWeights& w, int dir, int micro, std::span<cons
 void Pipeline::hand_over(int kind, int dir, int micro, int to_stage, const std::vector<float>& data, Slot& slot) {
   const int to_dir = dir_of(to_stage, dir), to = rank_of(to_stage, to_dir);
   if (to == rank_) {  // DualPipeV's turn: the stage is this rank's other half
-    inbox_[kind][size_t(key(to_dir, global_micro(dir, micro)))].assign(data.begin(), data.end());
+    const int k = key(to_dir, global_micro(dir, micro));
+    inbox_[kind][size_t(k)].assign(data.begin(), data.end());
+    expected_[kind][size_t(k)] = 1;
     return;
   }
   slot.sends.push_back(pp_->send_async(data, to, tag(kind, dir, micro)));
@@ -161,6 +164,8 @@ void Pipeline::backward(const ModelWeights& w, int dir, int micro, ModelWeights&
   TrainingPass<float>& pass = *slot.pass;
   const float* output_grad = nullptr;
   if (!pass.last_stage()) {  // the next stage's gradient of this stage's output
+    if (!expected_[1][size_t(k)])
+      fail("pipeline: no output gradient for micro-batch ", j, " at stage ", stage_of(dir), " (", schedule_.name, ")");
     if (received_[1][size_t(k)]) received_[1][size_t(k)]->wait();
     output_grad = inbox_[1][size_t(k)].data();
   }
@@ -185,12 +190,13 @@ void Pipeline::post_receives(std::span<const MicroBatch> micro) {
   // Every input this rank's ops will take, received as soon as its neighbour sends it, so
   // that the transfer overlaps the computation before the op (and a send never waits for
   // its receiver to reach the op).
-  if (!pp_) return;
   for (int kind = 0; kind < 2; ++kind) {
     received_[kind].resize(size_t(2 * M_));
     inbox_[kind].resize(size_t(2 * M_));
+    expected_[kind].assign(size_t(2 * M_), 0);
     for (auto& h : received_[kind]) h.reset();
   }
+  if (!pp_) return;
   auto post = [&](int kind, int dir, int mb) {  // kind 0: an F's input, 1: a B's output gradient
     const int stage = stage_of(dir), j = global_micro(dir, mb), k = key(dir, j);
     if (kind == 0 ? stage == 0 : stage == schedule_.stages() - 1) return;  // from the tokens / from the loss
@@ -199,6 +205,7 @@ void Pipeline::post_receives(std::span<const MicroBatch> micro) {
     std::vector<float>& buf = inbox_[kind][size_t(k)];
     buf.resize(size_t(micro[size_t(j)].B * micro[size_t(j)].S * c_.hidden_size));
     received_[kind][size_t(k)] = pp_->recv_async(buf, from, tag(kind, dir, mb));
+    expected_[kind][size_t(k)] = 1;
   };
   for (const dist::Op& op : schedule_.ranks[size_t(rank_)]) {
     if (op.kind == dist::Chunk::F || op.kind == dist::Chunk::FB) post(0, op.dir, op.micro);

@@ -1,10 +1,12 @@
 // One training step's micro-batches through the pipeline stages (§3.2.1; the multi-process
-// issue, item 5). The main model's layers are split into P stages (the first embeds the
-// tokens; the last runs the final norm, the output head and the MTP modules, which share the
-// embedding and the head with the main model). Each pipeline rank runs the op list
-// dist::Schedule gives it (1F1B: stage r; DualPipe: stages r and P-1-r, half of the
-// micro-batches entering at each end), receiving a stage's input from the previous stage's
-// rank and sending its output on; the backward sends the input's gradient back. With one
+// issue, item 5). The main model's layers are split into stages, P or 2P for P ranks (the
+// first embeds the tokens; the last runs the final norm, the output head and the MTP modules,
+// which share the embedding and the head with the main model). Each pipeline rank runs the
+// op list dist::Schedule gives it (1F1B: stage r; DualPipe: stages r and P-1-r, half of the
+// micro-batches entering at each end; DualPipeV: stages r and 2P-1-r of 2P, every micro-batch
+// down the ranks and back), receiving a stage's input from the previous stage's rank (every
+// receive posted at the step's start) and sending its output on; the backward sends the
+// input's gradient back. With one
 // process (no pipeline group) the same code runs every stage, the micro-batches one after
 // another: gradient accumulation.
 //
@@ -59,8 +61,8 @@ struct PipelineTiming {
 
 class Pipeline {
  public:
-  // pp: the pipeline group (null or one rank: every stage here). schedule: 1f1b or dualpipe.
-  // Error naming the violation: more stages than layers, DualPipe's conditions.
+  // pp: the pipeline group (null or one rank: every stage here). schedule: 1f1b, dualpipe or
+  // dualpipev. Error naming the violation: more stages than layers, the schedule's conditions.
   Pipeline(const ModelConfig& c, const TrainingLoss& loss, dist::Communicator* pp, const std::string& schedule,
            int micro_batches);
   ~Pipeline();
@@ -112,6 +114,7 @@ class Pipeline {
   // posted at the step's start (none where the neighbouring stage is on this rank).
   std::vector<std::vector<float>> inbox_[2];
   std::vector<std::unique_ptr<dist::Handle>> received_[2];
+  std::vector<uint8_t> expected_[2];  // per key(): a receive posted, or handed over on this rank, this step
   ExpertExchange* experts_ = nullptr;
   ModelWeights second_;                         // G_1 (two or more micro-batches)
   std::vector<float> mtp_embed_[2];             // E_0, E_1 (the MTP loss on)

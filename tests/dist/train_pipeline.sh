@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Pipeline parallelism under mpirun (the multi-process issue, item 7): 20 steps of the demo
 # model with --pp 2 and --pp 4 under 1F1B and under DualPipe (fp8 too at pp=2), and with --pp 2
-# under DualPipeV, give the one-process
+# and 3 under DualPipeV, give the one-process
 # run on the same micro-batches bit for bit (metrics.csv's rows and every checkpoint file);
 # pp=2 x dp=2 x ep=2 gives its losses within 1e-6 relative for 15 steps (data-parallel sums
 # change the order of float additions, and the differences grow) and is bit-identical to itself, its checkpoint loads in
@@ -44,6 +44,14 @@ grep -q "pipeline bubble: .* measured .* simulated" "$work/dualpipe.log" || { ec
 # DualPipeV: the 4 layers in 4 stages, rank 0 holding the first and the last.
 "${mpi[@]}" -np 2 "$dsv3" "${train[@]}" --pp 2 --micro-batches 4 --pp-schedule dualpipev --out "$work/dualpipev" 2>/dev/null
 same_bits one dualpipev
+# DualPipeV on 3 ranks of a 6-layer model (6 stages): a middle rank with remote neighbours on
+# both sides, odd P, odd M.
+sed 's/"num_hidden_layers": 4/"num_hidden_layers": 6/' "$root/configs/tiny-demo.json" > "$work/six.json"
+six=(train --config "$work/six.json" --data "$work/shards" --batch 14 --seq 32 --eval-every 0 --keep 10 --threads 1
+     --steps 20 --save-every 20 --micro-batches 7)
+"$dsv3" "${six[@]}" --out "$work/six-one" 2>/dev/null
+"${mpi[@]}" -np 3 "$dsv3" "${six[@]}" --pp 3 --pp-schedule dualpipev --out "$work/six-dualpipev" 2>/dev/null
+same_bits six-one six-dualpipev
 "$dsv3" "${train[@]}" --micro-batches 4 --precision fp8 --out "$work/one-fp8" 2>/dev/null
 "${mpi[@]}" -np 2 "$dsv3" "${train[@]}" --pp 2 --micro-batches 4 --pp-schedule dualpipe --precision fp8 --out "$work/dualpipe-fp8" 2>/dev/null
 same_bits one-fp8 dualpipe-fp8
@@ -63,7 +71,7 @@ for run in ("1f1b", "dualpipe", "dualpipev", "1f1b-pp4", "dualpipe-pp4"):
     if run.startswith("1f1b"):  # 1F1B's fill and drain: (P-1)(F+B) of idle time per rank
         assert all(float(r["bubble_sim"]) > 0.1 for r in rows), run
 PY
-echo "pp=2 and pp=4 under 1f1b and dualpipe, pp=2 under dualpipev (fp32; dualpipe fp8 at pp=2): bit-identical to one process"
+echo "pp=2 and pp=4 under 1f1b and dualpipe, pp=2 and pp=3 under dualpipev (fp32; dualpipe fp8 at pp=2): bit-identical to one process"
 
 # pp x dp x ep: 4 processes, each stage's 2 data-parallel ranks sharing its experts.
 grid=(--pp 2 --dp 2 --ep 2 --micro-batches 2 --pp-schedule 1f1b)
