@@ -171,8 +171,9 @@ void Pipeline::backward(const ModelWeights& w, int dir, int micro, ModelWeights&
   }
   const int h = half_of(j);
   Mat embed;  // E_h, the MTP modules' share of the embedding's gradient
-  if (!mtp_embed_[h].empty())
-    embed.rows = c_.vocab_size, embed.cols = c_.hidden_size, embed.data = reinterpret_cast<const uint8_t*>(mtp_embed_[h].data());
+  embed.rows = c_.vocab_size;
+  embed.cols = c_.hidden_size;
+  embed.data = reinterpret_cast<const uint8_t*>(mtp_embed_[h].data());
   const auto t0 = Clock::now();
   pass.backward(w, h == 0 ? grads : second_, output_grad, mtp_embed_[h].empty() ? nullptr : &embed);
   const double t = seconds_since(t0);
