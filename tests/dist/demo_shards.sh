@@ -6,6 +6,7 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 export OMP_NUM_THREADS=1 OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 mpi=(mpirun --oversubscribe --bind-to none)
+export PYTHONPATH="$root/tests/dist${PYTHONPATH:+:$PYTHONPATH}"  # metrics_rows.py
 { zcat "$root/data/kjv-verses.txt.gz" || true; } | head -n 3000 > "$work/corpus.txt"  # (zcat stops at head's end)
 [[ $(wc -l < "$work/corpus.txt") -eq 3000 ]] || { echo "cannot read the bundled corpus"; exit 1; }
 "$dsv3" train-tokenizer --input "$work/corpus.txt" --vocab-size 2048 --out "$work/tok" >/dev/null 2>&1

@@ -35,11 +35,7 @@ grep -q '"node_limited_routing"' "$work/ep4-node1/checkpoint-0000006/config.json
 cmp -s "$work/ep4/checkpoint-0000006/model.safetensors" "$work/ep4-nodes2/checkpoint-0000006/model.safetensors" ||
   { echo "covering every node changed the weights"; exit 1; }
 python3 - "$work" <<'PY'
-import csv, sys
-work = sys.argv[1]
-def rows(name):
-    with open(f"{work}/{name}/metrics.csv") as f:
-        return list(csv.DictReader(f))
+from metrics_rows import rows
 one = rows("one")
 assert len(one) == 6, one
 for name in ("two", "four", "moved", "ep2", "ep2x2", "ep4"):

@@ -22,13 +22,12 @@ ranks_of() { pgrep -f -- "dsv3 train.*--out $1( |$)" | while read -r p; do [[ $(
 # Bit for bit: the same rows (every column but the speed and the bubbles) and the same files.
 same_bits() {  # RUN_A RUN_B
   local a=$1 b=$2
-  python3 - "$work/$a/metrics.csv" "$work/$b/metrics.csv" <<'PY'
-import csv, sys
-def rows(path):
-    with open(path) as f:
-        return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "bubble", "bubble_sim", "p2p_mb", "node_mb")} for r in csv.DictReader(f)]
-a, b = rows(sys.argv[1]), rows(sys.argv[2])
-assert len(a) == 20 and a == b, f"{sys.argv[2]} differs from {sys.argv[1]}: " + str(next(((x, y) for x, y in zip(a, b) if x != y), None))
+  python3 - "$work" "$a" "$b" <<'PY'
+import sys
+from metrics_rows import rows
+timing = ("tokens_per_s", "bubble", "bubble_sim", "p2p_mb", "node_mb")
+a, b = ([{k: v for k, v in r.items() if k not in timing} for r in rows(name)] for name in sys.argv[2:4])
+assert len(a) == 20 and a == b, f"{sys.argv[3]} differs from {sys.argv[2]}: " + str(next(((x, y) for x, y in zip(a, b) if x != y), None))
 PY
   for f in model.safetensors optimizer.safetensors trainer_state.json; do
     cmp -s "$work/$a/checkpoint-0000020/$f" "$work/$b/checkpoint-0000020/$f" || { echo "$b's $f differs from $a's"; exit 1; }
@@ -63,13 +62,12 @@ same_bits one-m8 1f1b-pp4
 "${mpi[@]}" -np 4 "$dsv3" "${train[@]}" --pp 4 --micro-batches 8 --pp-schedule dualpipe --out "$work/dualpipe-pp4" 2>/dev/null
 same_bits one-m8 dualpipe-pp4
 python3 - "$work" <<'PY'
-import csv, sys
+from metrics_rows import rows
 for run in ("1f1b", "dualpipe", "dualpipev", "1f1b-pp4", "dualpipe-pp4"):
-    with open(f"{sys.argv[1]}/{run}/metrics.csv") as f:
-        rows = list(csv.DictReader(f))
-    assert all(0 <= float(r["bubble"]) < 1 and 0 <= float(r["bubble_sim"]) < 1 and float(r["p2p_mb"]) > 0 for r in rows), run
+    steps = rows(run)
+    assert all(0 <= float(r["bubble"]) < 1 and 0 <= float(r["bubble_sim"]) < 1 and float(r["p2p_mb"]) > 0 for r in steps), run
     if run.startswith("1f1b"):  # 1F1B's fill and drain: (P-1)(F+B) of idle time per rank
-        assert all(float(r["bubble_sim"]) > 0.1 for r in rows), run
+        assert all(float(r["bubble_sim"]) > 0.1 for r in steps), run
 PY
 echo "pp=2 and pp=4 under 1f1b and dualpipe, pp=2 and pp=3 under dualpipev (fp32; dualpipe fp8 at pp=2): bit-identical to one process"
 
@@ -117,11 +115,7 @@ same_bits grid grid-killed
   >"$work/generated.txt" 2>/dev/null
 [[ -s "$work/generated.txt" ]] || { echo "dsv3 generate wrote nothing from the pipeline's checkpoint"; exit 1; }
 python3 - "$work" <<'PY'
-import csv, sys
-work = sys.argv[1]
-def rows(name):
-    with open(f"{work}/{name}/metrics.csv") as f:
-        return list(csv.DictReader(f))
+from metrics_rows import rows
 one = rows("one")
 for name in ("grid", "grid-on-dp4", "grid-on-one"):
     other = rows(name)
